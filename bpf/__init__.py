@@ -1,0 +1,1 @@
+"""eBPF programs that steer enrolled pods' TCP connections into ztunnel, and their loader."""

@@ -1,0 +1,1 @@
+"""Shared code of ztunnel and waypoint: config snapshot, HBONE, TLS, metrics."""

@@ -1,0 +1,1 @@
+"""meshctl: the operator's CLI (CA, lab, waypoints, doctor, bench)."""

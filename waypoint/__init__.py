@@ -1,0 +1,1 @@
+"""The namespace-scoped L7 proxy."""
