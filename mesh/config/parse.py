@@ -663,7 +663,9 @@ def _policy_ports(ctx: _Ctx, v: Any, path: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _authz(doc: Mapping[str, Any], errors: list[ConfigError]) -> AuthorizationPolicy | None:
+def _authz(
+    doc: Mapping[str, Any], errors: list[ConfigError], root_namespace: str
+) -> AuthorizationPolicy | None:
     m = _meta(doc, "AuthorizationPolicy", errors, namespaced=True)
     if m is None:
         return None
@@ -733,8 +735,11 @@ def _authz(doc: Mapping[str, Any], errors: list[ConfigError]) -> AuthorizationPo
         tp = f"{ref_path}[{i}]" if ref_path == "spec.targetRefs" else ref_path
         t = ctx.mapping(t, tp)
         kind = t.get("kind")
-        if kind not in ("Gateway", "Service"):
-            ctx.err(f"{tp}.kind", "must be Gateway or Service")
+        if kind not in ("Gateway", "Service", "GatewayClass"):
+            ctx.err(f"{tp}.kind", "must be Gateway, Service or GatewayClass")
+            continue
+        if kind == "GatewayClass" and ns != root_namespace:
+            ctx.err(f"{tp}.kind", "GatewayClass is allowed only in the root namespace")
             continue
         tname = ctx.dns_label(t.get("name"), f"{tp}.name")
         if tname:
@@ -841,7 +846,7 @@ def parse_objects(
         elif kind == "HTTPRoute" and api.startswith(_GW_GROUP):
             obj, bucket = _http_route(doc, errors), routes
         elif kind == "AuthorizationPolicy" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
-            obj, bucket = _authz(doc, errors), policies
+            obj, bucket = _authz(doc, errors, root_namespace), policies
         elif kind == "PeerAuthentication" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _peer_authn(doc, errors), peers
         else:
