@@ -303,7 +303,9 @@ def _service(doc: Mapping[str, Any], errors: list[ConfigError]) -> Service | Non
         port = ctx.port(p.get("port"), f"{path}.port")
         tp = p.get("targetPort", port)
         target: int | str | None
-        if isinstance(tp, str) and not tp.isdigit():
+        if tp is None:
+            target = None  # defaults to an invalid port, already reported
+        elif isinstance(tp, str) and not tp.isdigit():
             if not _DNS1123_LABEL.match(tp) or len(tp) > 15:
                 ctx.err(f"{path}.targetPort", f"{tp!r} is not a valid port name")
                 target = None
