@@ -141,12 +141,20 @@ class ObservabilityServer:
         return status, "application/json", body, head_only
 
 
-def admin_routes(snapshot: Callable[[], Snapshot]) -> dict[str, JsonHandler]:
+def admin_routes(
+    snapshot: Callable[[], Snapshot],
+    extra: Callable[[], Mapping[str, Any]] | None = None,
+) -> dict[str, JsonHandler]:
     """The admin port's routes: `/config_dump` of the current snapshot and `/logging`
-    (`?level=debug` sets the root level; `?mesh.config=debug` sets one logger)."""
+    (`?level=debug` sets the root level; `?mesh.config=debug` sets one logger).
+
+    `extra` adds proxy-specific sections to the dump (ztunnel: certificates with expiry)."""
 
     def config_dump(_: Mapping[str, str]) -> tuple[int, Any]:
-        return 200, snapshot_to_json(snapshot())
+        dump = snapshot_to_json(snapshot())
+        if extra is not None:
+            dump.update(extra())
+        return 200, dump
 
     def logging_(q: Mapping[str, str]) -> tuple[int, Any]:
         names = logging.getLevelNamesMapping()

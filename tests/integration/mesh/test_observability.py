@@ -32,7 +32,9 @@ async def test_metrics_ready_admin() -> None:
     ready = {"ok": False}
     snap = Snapshot(namespaces=(Namespace("shop"),), version=4)
     async with ObservabilityServer(
-        metrics=metrics, ready=lambda: ready["ok"], routes=admin_routes(lambda: snap)
+        metrics=metrics,
+        ready=lambda: ready["ok"],
+        routes=admin_routes(lambda: snap, lambda: {"certificates": [{"id": "x"}]}),
     ) as srv:
         status, body = await fetch(srv.port, get("/metrics"))
         assert status == 200
@@ -43,6 +45,7 @@ async def test_metrics_ready_admin() -> None:
         assert (await fetch(srv.port, get("/healthz/ready")))[0] == 200
         status, body = await fetch(srv.port, get("/config_dump"))
         assert status == 200 and json.loads(body)["version"] == 4
+        assert json.loads(body)["certificates"] == [{"id": "x"}]
         try:
             status, body = await fetch(srv.port, get("/logging?mesh.config=debug"))
             assert status == 200 and json.loads(body)["changed"] == {"mesh.config": "DEBUG"}
