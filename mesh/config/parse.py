@@ -528,6 +528,8 @@ def _backend(ctx: _Ctx, v: Any, path: str, ns: str, *, filters: bool) -> Backend
     name = ctx.dns_label(b.get("name"), f"{path}.name")
     bns = ctx.dns_label(b.get("namespace", ns), f"{path}.namespace")
     port = ctx.port(b["port"], f"{path}.port") if "port" in b else None
+    if "port" not in b:
+        ctx.err(f"{path}.port", "is required for a Service backend")
     weight = b.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int):
         ctx.err(f"{path}.weight", "must be an integer")
@@ -567,6 +569,10 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
         if pname and pns:
             parents.append(ParentRef(kind, pname, pns, port, str(group)))
     hostnames = ctx.strings(spec.get("hostnames"), "spec.hostnames")
+    for i, h in enumerate(hostnames):
+        bare = h[2:] if h.startswith("*.") else h
+        if len(h) > 253 or not _DNS1123_SUBDOMAIN.match(bare):
+            ctx.err(f"spec.hostnames[{i}]", f"{h!r} is not a valid hostname")
     rules = []
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         p = f"spec.rules[{i}]"

@@ -96,7 +96,18 @@ def test_defaults_and_unknown_kinds_skipped() -> None:
 
 
 def test_weight_error_names_object_and_field() -> None:
-    msgs = errors_of([route({"backendRefs": [{"name": "a"}, {"name": "b", "weight": -1}]})])
+    msgs = errors_of(
+        [
+            route(
+                {
+                    "backendRefs": [
+                        {"name": "a", "port": 80},
+                        {"name": "b", "port": 80, "weight": -1},
+                    ]
+                }
+            )
+        ]
+    )
     assert msgs == ["HTTPRoute default/reviews: spec.rules[0].backendRefs[1].weight must be >= 0"]
 
 
@@ -160,7 +171,16 @@ def test_all_errors_collected() -> None:
 def test_errors_str_lists_each_on_a_line() -> None:
     with pytest.raises(ConfigErrors) as ei:
         parse_objects(
-            [route({"backendRefs": [{"name": "a", "weight": 2_000_000}, {"name": "b", "port": 0}]})]
+            [
+                route(
+                    {
+                        "backendRefs": [
+                            {"name": "a", "port": 80, "weight": 2_000_000},
+                            {"name": "b", "port": 0},
+                        ]
+                    }
+                )
+            ]
         )
     assert str(ei.value).splitlines() == [
         "HTTPRoute default/reviews: spec.rules[0].backendRefs[0].weight must be <= 1000000",
@@ -296,3 +316,13 @@ def test_bad_yaml_names_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as ei:
         load_snapshot([tmp_path])
     assert str(ei.value).startswith(f"file {f}: ")
+
+
+def test_backend_port_required_and_hostnames() -> None:
+    doc = route({"backendRefs": [{"name": "a"}]})
+    doc["spec"]["hostnames"] = ["*.example.com", "bad_host"]
+    assert errors_of([doc]) == [
+        "HTTPRoute default/reviews: spec.hostnames[1] 'bad_host' is not a valid hostname",
+        "HTTPRoute default/reviews: spec.rules[0].backendRefs[0].port "
+        "is required for a Service backend",
+    ]
