@@ -112,24 +112,32 @@ class FileSource:
         self._stamp = _stamp(self.paths)
         return self.store.publish(self._load())
 
-    def poll_once(self) -> bool:
-        """Reload if anything changed; True when a new snapshot was published."""
+    def _reload_if_changed(self) -> Snapshot | None:
+        """Stat and parse (thread-safe: touches no loop state); None when nothing to publish."""
         stamp = _stamp(self.paths)
         if stamp == self._stamp:
-            return False
+            return None
         self._stamp = stamp
         try:
-            snap = self._load()
+            return self._load()
         except ConfigErrors as exc:
             for err in exc.errors:
                 log.error(
                     "config rejected, keeping version %d: %s", self.store.current.version, err
                 )
-            return False
+            return None
+
+    def _publish(self, snap: Snapshot) -> None:
         published = self.store.publish(snap)
-        log.info(
-            "config version %d loaded from %s", published.version, ", ".join(map(str, self.paths))
-        )
+        where = ", ".join(map(str, self.paths))
+        log.info("config version %d loaded from %s", published.version, where)
+
+    def poll_once(self) -> bool:
+        """Reload if anything changed; True when a new snapshot was published."""
+        snap = self._reload_if_changed()
+        if snap is None:
+            return False
+        self._publish(snap)
         return True
 
     async def run(self) -> None:
@@ -138,5 +146,8 @@ class FileSource:
             self.load_initial()
         while True:
             await asyncio.sleep(self.poll_interval)
-            # Parsing is CPU work; large manifests would stall the loop, so use a thread.
-            await asyncio.to_thread(self.poll_once)
+            # Parsing is CPU work that would stall the loop on big manifests: do it in a
+            # thread, but publish here, since waking subscribers must happen on the loop.
+            snap = await asyncio.to_thread(self._reload_if_changed)
+            if snap is not None:
+                self._publish(snap)
