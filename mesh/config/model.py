@@ -340,7 +340,7 @@ class PolicyRule:
 
 @dataclass(frozen=True, slots=True)
 class PolicyTargetRef:
-    kind: str  # "Gateway" or "Service"
+    kind: str  # "Gateway", "Service", or "GatewayClass" (root namespace: every waypoint)
     name: str
     group: str = ""
 

@@ -1,0 +1,65 @@
+"""One structured JSON line per connection or request, on logger "mesh.access".
+
+Written once at close (never per chunk), so the cost is one `json.dumps` per connection. The
+field names mirror Istio's access-log vocabulary so the lines are familiar to read and query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("mesh.access")
+
+__all__ = ["AccessRecord", "log_access"]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRecord:
+    src: str  # "ip:port"
+    dst: str
+    src_identity: str | None
+    dst_identity: str | None
+    service: str | None
+    bytes_sent: int  # toward the destination
+    bytes_received: int
+    duration_s: float
+    verdict: str  # "allow" / "deny" / "error"
+    response_flags: str = "-"
+    policy: str | None = None
+    mtls: bool = False
+    protocol: str = "tcp"
+    method: str | None = None
+    path: str | None = None
+    status: int | None = None
+    reporter: str = "destination"
+
+    def to_json(self) -> str:
+        d = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reporter": self.reporter,
+            "protocol": self.protocol,
+            "src.addr": self.src,
+            "dst.addr": self.dst,
+            "src.identity": self.src_identity,
+            "dst.identity": self.dst_identity,
+            "dst.service": self.service,
+            "bytes_sent": self.bytes_sent,
+            "bytes_recv": self.bytes_received,
+            "duration_ms": round(self.duration_s * 1000.0, 3),
+            "verdict": self.verdict,
+            "response_flags": self.response_flags,
+            "policy": self.policy,
+            "mtls": self.mtls,
+        }
+        if self.protocol != "tcp":
+            d.update(method=self.method, path=self.path, status=self.status)
+        return json.dumps(d, separators=(",", ":"))
+
+
+def log_access(record: AccessRecord) -> None:
+    """Emit the line if the access logger is enabled (skip the JSON work otherwise)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(record.to_json())

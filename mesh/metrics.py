@@ -1,0 +1,216 @@
+"""Istio-named Prometheus metrics shared by ztunnel and the waypoint.
+
+Names and labels are Istio's so existing dashboards work. Callers report once per connection or
+request (`tcp_opened`, `tcp_closed`, `request_done`), never per chunk: proxies count bytes in
+plain ints and hand the totals over at close. `.labels(...)` is slow (it hashes and validates
+every label), so label children are cached per `ConnectionLabels` object value.
+
+Each `MeshMetrics` owns its own CollectorRegistry: several proxies (and tests) live in one
+process and must not share counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mesh.config.model import Pod, Service
+
+__all__ = ["UNKNOWN", "ConnectionLabels", "MeshMetrics"]
+
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLabels:
+    """Istio's standard TCP/HTTP label set. Hashable, so it keys the children cache."""
+
+    reporter: str = "destination"
+    source_workload: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    request_protocol: str = "tcp"
+    response_flags: str = "-"
+    connection_security_policy: str = "none"
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        reporter: str,
+        source: Pod | None = None,
+        source_principal: str | None = None,
+        destination: Pod | None = None,
+        destination_principal: str | None = None,
+        service: Service | None = None,
+        protocol: str = "tcp",
+        mtls: bool = False,
+        response_flags: str = "-",
+        trust_domain: str = "cluster.local",
+    ) -> ConnectionLabels:
+        """Labels from what a proxy knows. Workload names follow Istio: the pod's `app`
+        label (canonical service) or, failing that, the pod name without its hash suffixes."""
+
+        def workload(p: Pod) -> str:
+            parts = p.name.rsplit("-", 2)
+            return parts[0] if len(parts) == 3 else p.name
+
+        def canonical(p: Pod) -> str:
+            lb = p.labels
+            return lb.get("service.istio.io/canonical-name") or lb.get("app") or workload(p)
+
+        def version(p: Pod) -> str:
+            lb = p.labels
+            return lb.get("service.istio.io/canonical-revision") or lb.get("version") or "latest"
+
+        s, d = source, destination
+        return cls(
+            reporter=reporter,
+            source_workload=workload(s) if s else UNKNOWN,
+            source_canonical_service=canonical(s) if s else UNKNOWN,
+            source_workload_namespace=s.namespace if s else UNKNOWN,
+            source_principal=source_principal
+            or (s.identity(trust_domain) if s and mtls else UNKNOWN),
+            source_app=canonical(s) if s else UNKNOWN,
+            source_version=version(s) if s else UNKNOWN,
+            destination_workload=workload(d) if d else UNKNOWN,
+            destination_workload_namespace=d.namespace if d else UNKNOWN,
+            destination_principal=destination_principal
+            or (d.identity(trust_domain) if d and mtls else UNKNOWN),
+            destination_app=canonical(d) if d else UNKNOWN,
+            destination_version=version(d) if d else UNKNOWN,
+            destination_service=service.hostname if service else UNKNOWN,
+            destination_service_namespace=service.namespace if service else UNKNOWN,
+            destination_service_name=service.name if service else UNKNOWN,
+            request_protocol=protocol,
+            response_flags=response_flags,
+            connection_security_policy="mutual_tls" if mtls else "none",
+        )
+
+
+LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ConnectionLabels))
+_HTTP_LABELS = (*LABEL_NAMES, "response_code")
+# Istio's default buckets for request duration (ms) and sizes (bytes).
+_DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+_SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
+
+class MeshMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # prometheus_client appends "_total" to counter names itself.
+        self.tcp_opened_c = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", LABEL_NAMES, registry=r
+        )
+        self.tcp_closed_c = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", LABEL_NAMES, registry=r
+        )
+        self.tcp_sent_c = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent to the destination", LABEL_NAMES, registry=r
+        )
+        self.tcp_received_c = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination",
+            LABEL_NAMES,
+            registry=r,
+        )
+        self.requests_c = Counter("istio_requests", "HTTP requests", _HTTP_LABELS, registry=r)
+        self.duration_h = Histogram(
+            "istio_request_duration_milliseconds",
+            "HTTP request duration",
+            _HTTP_LABELS,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.req_bytes_h = Histogram(
+            "istio_request_bytes",
+            "HTTP request sizes",
+            _HTTP_LABELS,
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.resp_bytes_h = Histogram(
+            "istio_response_bytes",
+            "HTTP response sizes",
+            _HTTP_LABELS,
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.ktls_enabled = Gauge(
+            "ambientmesh_ktls_enabled", "1 when TLS records are handled by the kernel", registry=r
+        )
+        self.info = Gauge(
+            "ambientmesh_build_info",
+            "Proxy role and version",
+            ("component", "version"),
+            registry=r,
+        )
+        self._tcp: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
+        self._http: dict[tuple[ConnectionLabels, int], tuple[Any, Any, Any, Any]] = {}
+
+    def _tcp_children(self, labels: ConnectionLabels) -> tuple[Any, Any, Any, Any]:
+        ch = self._tcp.get(labels)
+        if ch is None:
+            values = astuple(labels)
+            ch = (
+                self.tcp_opened_c.labels(*values),
+                self.tcp_closed_c.labels(*values),
+                self.tcp_sent_c.labels(*values),
+                self.tcp_received_c.labels(*values),
+            )
+            self._tcp[labels] = ch
+        return ch
+
+    def tcp_opened(self, labels: ConnectionLabels) -> None:
+        self._tcp_children(labels)[0].inc()
+
+    def tcp_closed(self, labels: ConnectionLabels, sent: int, received: int) -> None:
+        """`sent`: bytes toward the destination; `received`: bytes back from it."""
+        _, closed, tx, rx = self._tcp_children(labels)
+        closed.inc()
+        if sent:
+            tx.inc(sent)
+        if received:
+            rx.inc(received)
+
+    def request_done(
+        self,
+        labels: ConnectionLabels,
+        code: int,
+        duration_s: float,
+        req_bytes: int,
+        resp_bytes: int,
+    ) -> None:
+        key = (labels, code)
+        ch = self._http.get(key)
+        if ch is None:
+            values = (*astuple(labels), str(code))
+            ch = (
+                self.requests_c.labels(*values),
+                self.duration_h.labels(*values),
+                self.req_bytes_h.labels(*values),
+                self.resp_bytes_h.labels(*values),
+            )
+            self._http[key] = ch
+        ch[0].inc()
+        ch[1].observe(duration_s * 1000.0)
+        ch[2].observe(req_bytes)
+        ch[3].observe(resp_bytes)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format, for `/metrics`."""
+        return generate_latest(self.registry)

@@ -1,0 +1,172 @@
+"""The small HTTP/1.1 servers both proxies expose: metrics, readiness, admin.
+
+Not a hot path, so it stays simple: asyncio streams, one request per connection
+(`Connection: close`), GET/HEAD only. It must never crash the proxy: every malformed or
+oversized request gets a 4xx and the connection is closed; a failing handler is a 500.
+Admin defaults to loopback (DESIGN.md: 15000 is loopback-only) because `/logging` changes state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from mesh.config.dump import snapshot_to_json
+from mesh.config.snapshot import Snapshot
+from mesh.metrics import MeshMetrics
+
+log = logging.getLogger("mesh.observability")
+
+__all__ = ["JsonHandler", "ObservabilityServer", "admin_routes"]
+
+# A route handler gets the query parameters and returns (status, JSON-able body).
+JsonHandler = Callable[[Mapping[str, str]], tuple[int, Any]]
+
+_MAX_HEAD = 16 * 1024
+_READ_TIMEOUT = 10.0
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class ObservabilityServer:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        metrics: MeshMetrics | None = None,
+        ready: Callable[[], bool] | None = None,
+        routes: Mapping[str, JsonHandler] | None = None,
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.metrics = metrics
+        self.ready = ready
+        self.routes = dict(routes or {})
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.requested_port, limit=_MAX_HEAD
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> ObservabilityServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, ctype, body, head_only = await self._respond(reader)
+            reason = _REASONS.get(status, "Unknown")
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            writer.write(head if head_only else head + body)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the client went away; nothing to answer
+        except Exception:  # never let one request take the server down
+            log.exception("observability request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
+        text = "text/plain; charset=utf-8"
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+        except TimeoutError:
+            return 408, text, b"request timeout\n", False
+        except asyncio.LimitOverrunError:
+            return 431, text, b"request head too large\n", False
+        except asyncio.IncompleteReadError:
+            return 400, text, b"incomplete request\n", False
+        try:
+            line = raw.split(b"\r\n", 1)[0].decode("ascii")
+            method, target, version = line.split(" ")
+        except (UnicodeDecodeError, ValueError):
+            return 400, text, b"malformed request line\n", False
+        if not version.startswith("HTTP/1."):
+            return 400, text, b"unsupported HTTP version\n", False
+        if method not in ("GET", "HEAD"):
+            return 405, text, b"only GET and HEAD\n", False
+        head_only = method == "HEAD"
+        url = urlsplit(target)
+        path = url.path
+        if path == "/metrics" and self.metrics is not None:
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            return 200, ctype, self.metrics.exposition(), head_only
+        if path == "/healthz/ready" and self.ready is not None:
+            ok = self.ready()
+            return (200 if ok else 503), text, (b"ready\n" if ok else b"not ready\n"), head_only
+        handler = self.routes.get(path)
+        if handler is None:
+            return 404, text, b"not found\n", head_only
+        try:
+            status, obj = handler(dict(parse_qsl(url.query)))
+            body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        except Exception as exc:
+            log.exception("admin handler %s failed", path)
+            return 500, text, f"{type(exc).__name__}\n".encode(), head_only
+        return status, "application/json", body, head_only
+
+
+def admin_routes(
+    snapshot: Callable[[], Snapshot],
+    extra: Callable[[], Mapping[str, Any]] | None = None,
+) -> dict[str, JsonHandler]:
+    """The admin port's routes: `/config_dump` of the current snapshot and `/logging`
+    (`?level=debug` sets the root level; `?mesh.config=debug` sets one logger).
+
+    `extra` adds proxy-specific sections to the dump (ztunnel: certificates with expiry)."""
+
+    def config_dump(_: Mapping[str, str]) -> tuple[int, Any]:
+        dump = snapshot_to_json(snapshot())
+        if extra is not None:
+            dump.update(extra())
+        return 200, dump
+
+    def logging_(q: Mapping[str, str]) -> tuple[int, Any]:
+        names = logging.getLevelNamesMapping()
+        changed = {}
+        for key, value in q.items():
+            level = names.get(value.upper())
+            if level is None:
+                return 400, {"error": f"unknown level {value!r}", "levels": sorted(names)}
+            logger = logging.getLogger(None if key == "level" else key)
+            logger.setLevel(level)
+            changed[logger.name] = logging.getLevelName(level)
+        root = logging.getLogger()
+        return 200, {"changed": changed, "root": logging.getLevelName(root.level)}
+
+    return {"/config_dump": config_dump, "/logging": logging_}
