@@ -162,6 +162,13 @@ class Http1Stream:
         self._authorize = authorize
         self._on_request = on_request
         self._rng = rng or random.Random()
+        # Keep-alive upstream connections per backend: a connect per request costs more than
+        # the whole routing decision.
+        self._idle: dict[
+            BackendRef | None, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        ] = {}
+
+    max_idle = 64
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = MessageReader()
@@ -282,7 +289,25 @@ class Http1Stream:
             await asyncio.sleep(retry.backoff * (2 ** (attempt - 1)))
 
     async def _once(self, backend: BackendRef | None, raw: bytes) -> Outcome:
+        """One try on a pooled keep-alive connection; a stale pooled one is replaced once."""
+        idle = self._idle.get(backend)
+        if idle:
+            r, w = idle.pop()
+            try:
+                return await self._exchange(backend, r, w, raw)
+            except (OSError, BadMessage):
+                pass  # the backend closed an idle connection: try a fresh one
         r, w = await self._connect(backend)
+        return await self._exchange(backend, r, w, raw)
+
+    async def _exchange(
+        self,
+        backend: BackendRef | None,
+        r: asyncio.StreamReader,
+        w: asyncio.StreamWriter,
+        raw: bytes,
+    ) -> Outcome:
+        reuse = False
         try:
             w.write(raw)
             await w.drain()
@@ -293,9 +318,14 @@ class Http1Stream:
                     raise BadMessage("upstream closed before a complete response")
                 parser.feed(data)
             m = parser.done.popleft()
+            reuse = m.keep_alive and not parser.done
             return Outcome(m.status, m.headers, bytes(m.body))
         finally:
-            w.close()
+            pool = self._idle.setdefault(backend, [])
+            if reuse and len(pool) < self.max_idle:
+                pool.append((r, w))
+            else:
+                w.close()
 
     async def _mirror(self, backend: BackendRef, raw: bytes) -> None:
         """A mirror's response is discarded and its failure never touches the main request."""

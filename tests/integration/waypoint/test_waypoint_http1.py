@@ -210,3 +210,30 @@ async def test_weighted_split_through_proxy(servers: dict[str, asyncio.Server]) 
         assert 120 <= seen["v1"] <= 190 and seen["v2"] > 10
     finally:
         wp.close()
+
+
+async def test_upstream_connections_are_pooled() -> None:
+    accepted = 0
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while True:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    s = {"echo": await asyncio.start_server(serve, "127.0.0.1", 0)}
+    wp = await start_waypoint(rt(), s)
+    try:
+        for _ in range(5):
+            assert (await get(wp, "/"))[0] == 200
+        assert accepted == 1
+    finally:
+        wp.close()
+        s["echo"].close()
