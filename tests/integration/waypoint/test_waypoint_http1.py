@@ -237,3 +237,49 @@ async def test_upstream_connections_are_pooled() -> None:
     finally:
         wp.close()
         s["echo"].close()
+
+
+async def test_chunked_request_body_reaches_backend_and_mirror_is_owned() -> None:
+    from mesh.config.model import FilterType, RequestMirror, RouteFilter
+
+    bodies: dict[str, bytes] = {}
+    mirrored = asyncio.Event()
+
+    async def body_server(name: str) -> asyncio.Server:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                head = await r.readuntil(b"\r\n\r\n")
+                cl = next(
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length")
+                )
+                bodies[name] = await r.readexactly(cl)
+                if name == "mirror":
+                    mirrored.set()
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await w.drain()
+            finally:
+                w.close()
+
+        return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+    s = {"echo": await body_server("main"), "mirror": await body_server("mirror")}
+    mirror = RouteFilter(FilterType.REQUEST_MIRROR, request_mirror=RequestMirror(ref("mirror")))
+    wp = await start_waypoint(rt(RouteRule(filters=(mirror,), backend_refs=(ref("echo"),))), s)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port(wp))
+        w.write(
+            b"POST /up HTTP/1.1\r\nhost: echo\r\ntransfer-encoding: chunked\r\n"
+            b"connection: close\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        data = await r.read(-1)
+        w.close()
+        assert data.startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(mirrored.wait(), 5)
+        assert bodies == {"main": b"hello world", "mirror": b"hello world"}
+    finally:
+        wp.close()
+        for x in s.values():
+            x.close()
