@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 
 from mesh.config.model import (
     BackendRef,
+    ConfigError,
     FilterType,
     HeaderModifier,
     HTTPRoute,
@@ -172,6 +173,16 @@ class RouteDecision:
     chooser: BackendChooser | None
 
 
+def _regex(route: HTTPRoute, field_path: str, value: str) -> re.Pattern[str]:
+    """Compile a match regex; a bad one is a ConfigError naming the route and field."""
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ConfigError(
+            f"HTTPRoute {route.key}", field_path, f"invalid regular expression {value!r}: {exc}"
+        ) from exc
+
+
 class RouteTable:
     """All matches of all routes attached to one Service, in precedence order."""
 
@@ -182,28 +193,29 @@ class RouteTable:
             for ri, rule in enumerate(route.rules):
                 self._choosers[(route.key, ri)] = BackendChooser(rule.backend_refs)
                 for mi, m in enumerate(rule.matches):
+                    where = f"spec.rules[{ri}].matches[{mi}]"
                     prx = None
                     if m.path is not None and m.path.type is PathMatchType.REGULAR_EXPRESSION:
-                        prx = re.compile(m.path.value)
+                        prx = _regex(route, f"{where}.path.value", m.path.value)
                     hdr = tuple(
                         (
                             h.name.lower(),
-                            re.compile(h.value)
+                            _regex(route, f"{where}.headers[{i}].value", h.value)
                             if h.type is ValueMatchType.REGULAR_EXPRESSION
                             else None,
                             h.value,
                         )
-                        for h in m.headers
+                        for i, h in enumerate(m.headers)
                     )
                     qry = tuple(
                         (
                             q.name,
-                            re.compile(q.value)
+                            _regex(route, f"{where}.queryParams[{i}].value", q.value)
                             if q.type is ValueMatchType.REGULAR_EXPRESSION
                             else None,
                             q.value,
                         )
-                        for q in m.query_params
+                        for i, q in enumerate(m.query_params)
                     )
                     compiled.append(
                         _CompiledMatch(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from mesh.config.model import BackendRef, HTTPRoute, Service
+from mesh.config.model import BackendRef, ConfigError, HTTPRoute, Service
 from mesh.config.snapshot import Snapshot
 from waypoint.routing import RouteTable
 
@@ -38,6 +38,7 @@ class ServiceRoutes:
         self.snapshot = snapshot
         self._tables: dict[tuple[str, int], RouteTable] = {}
         self._rr = itertools.count()
+        self.errors: list[str] = []  # routes this snapshot could not compile, for logs/config dump
 
     def for_authority(self, authority: str) -> tuple[Service, int, RouteTable] | None:
         host, _, port_s = authority.rpartition(":")
@@ -64,8 +65,20 @@ class ServiceRoutes:
                     for p in r.parent_refs
                 )
             ]
-            t = self._tables[key] = RouteTable(routes)
+            t = self._tables[key] = self._compile(routes)
         return t
+
+    def _compile(self, routes: list[HTTPRoute]) -> RouteTable:
+        """Drop a route that does not compile (and say why) rather than fail the service."""
+        good: list[HTTPRoute] = []
+        for r in routes:
+            try:
+                RouteTable([r])
+            except ConfigError as exc:
+                self.errors.append(str(exc))
+                continue
+            good.append(r)
+        return RouteTable(good)
 
     def pick(self, default: Service, default_port: int, ref: BackendRef | None) -> Target:
         if ref is None:

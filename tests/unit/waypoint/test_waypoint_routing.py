@@ -305,3 +305,24 @@ def test_weighted_split_80_20_statistical() -> None:
     # 5 sigma of a binomial(10k, 0.2) is ±2 %: inside the ±3 % the issue asks for.
     assert abs(share - 0.2) <= 5 * math.sqrt(0.2 * 0.8 / n)
     assert abs(share - 0.2) <= 0.03
+
+
+def test_invalid_regex_names_route_and_field() -> None:
+    import pytest
+
+    from mesh.config.model import ConfigError
+
+    bad = route(
+        "bad",
+        RouteRule(
+            matches=(
+                RouteMatch(headers=(ValueMatch("x", "(", ValueMatchType.REGULAR_EXPRESSION),)),
+            )
+        ),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"HTTPRoute gateway-conformance-mesh/bad: "
+        r"spec.rules\[0\].matches\[0\].headers\[0\].value",
+    ):
+        RouteTable([bad])

@@ -78,3 +78,28 @@ def test_no_endpoints_and_missing_service_name_the_problem() -> None:
         sr.pick(empty, 80, None)
     with pytest.raises(NoBackend, match="bookinfo/ghost does not exist"):
         sr.pick(empty, 80, BackendRef("ghost", NS, 80))
+
+
+def test_bad_route_is_dropped_and_reported_while_good_ones_serve() -> None:
+    from mesh.config.model import PathMatch, PathMatchType, RouteMatch
+
+    s = snap()
+    bad = HTTPRoute(
+        NS,
+        "broken",
+        (ParentRef("Service", "reviews", NS, 9080),),
+        rules=(
+            RouteRule(matches=(RouteMatch(path=PathMatch(PathMatchType.REGULAR_EXPRESSION, "[")),)),
+        ),
+    )
+    sr = ServiceRoutes(
+        Snapshot(pods=s.pods, services=s.services, http_routes=(*s.http_routes, bad))
+    )
+    found = sr.for_authority("10.96.0.10:9080")
+    assert found is not None
+    d = found[2].route(Request.from_target("GET", "/"))
+    assert d is not None and d.route is not None and d.route.name == "reviews"
+    assert (
+        sr.errors
+        and "HTTPRoute bookinfo/broken: spec.rules[0].matches[0].path.value" in sr.errors[0]
+    )
