@@ -283,3 +283,36 @@ async def test_chunked_request_body_reaches_backend_and_mirror_is_owned() -> Non
         wp.close()
         for x in s.values():
             x.close()
+
+
+async def test_redirect_and_response_header_modifier(servers: dict[str, asyncio.Server]) -> None:
+    from mesh.config.model import FilterType, HeaderModifier, RequestRedirect, RouteFilter
+
+    redirect = RouteFilter(
+        FilterType.REQUEST_REDIRECT,
+        request_redirect=RequestRedirect(hostname="example.org", status_code=301),
+    )
+    resp_mod = RouteFilter(
+        FilterType.RESPONSE_HEADER_MODIFIER,
+        response_header_modifier=HeaderModifier(
+            set=(("x-backend", "hidden"),), add=(("x-added", "1"),)
+        ),
+    )
+    t = rt(
+        RouteRule(
+            matches=(RouteMatch(path=PathMatch(PathMatchType.PATH_PREFIX, "/old")),),
+            filters=(redirect,),
+        ),
+        RouteRule(filters=(resp_mod,), backend_refs=(ref("v1"),)),
+    )
+    wp = await start_waypoint(t, servers)
+    try:
+        status, head, _ = await get(wp, "/old/page")
+        assert status == 301 and b"location: http://example.org/old/page" in head
+        status, head, body = await get(wp, "/new")
+        assert status == 200 and body == b"v1 /new"
+        assert (
+            b"x-backend: hidden" in head and b"x-added: 1" in head and b"x-backend: v1" not in head
+        )
+    finally:
+        wp.close()
