@@ -316,3 +316,30 @@ async def test_redirect_and_response_header_modifier(servers: dict[str, asyncio.
         )
     finally:
         wp.close()
+
+
+async def test_rewrite_path_reaches_backend(servers: dict[str, asyncio.Server]) -> None:
+    from mesh.config.model import (
+        FilterType,
+        PathModifier,
+        PathModifierType,
+        RouteFilter,
+        URLRewrite,
+    )
+
+    rw = RouteFilter(
+        FilterType.URL_REWRITE,
+        url_rewrite=URLRewrite(path=PathModifier(PathModifierType.REPLACE_PREFIX_MATCH, "/one")),
+    )
+    t = rt(
+        RouteRule(
+            matches=(RouteMatch(path=PathMatch(PathMatchType.PATH_PREFIX, "/prefix/one")),),
+            filters=(rw,),
+            backend_refs=(ref("v1"),),
+        )
+    )
+    wp = await start_waypoint(t, servers)
+    try:
+        assert (await get(wp, "/prefix/one/two?x=1"))[2] == b"v1 /one/two?x=1"
+    finally:
+        wp.close()
