@@ -77,6 +77,9 @@ class MessageReader:
         except httptools.HttpParserUpgrade as exc:
             raise BadMessage("upgrade not supported") from exc
         except httptools.HttpParserError as exc:
+            # A callback's own BadMessage (e.g. body too large) says more than the wrapper.
+            if isinstance(exc.__context__, BadMessage):
+                raise exc.__context__ from None
             raise BadMessage(str(exc)) from exc
 
     # httptools callbacks
@@ -117,11 +120,24 @@ REASONS = {
 }
 
 
+def _hop_by_hop(headers: list[tuple[str, str]]) -> frozenset[str]:
+    """The fixed hop-by-hop set plus any header a Connection header names (RFC 9110 7.6.1)."""
+    named = [
+        t.strip().lower()
+        for k, v in headers
+        if k == "connection"
+        for t in v.split(",")
+        if t.strip()
+    ]
+    return HOP_BY_HOP.union(named) if named else HOP_BY_HOP
+
+
 def serialize_response(
     status: int, headers: list[tuple[str, str]], body: bytes, keep_alive: bool
 ) -> bytes:
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
-    lines.extend(f"{k}: {v}" for k, v in headers if k not in HOP_BY_HOP)
+    hop = _hop_by_hop(headers)
+    lines.extend(f"{k}: {v}" for k, v in headers if k not in hop)
     lines.append(f"content-length: {len(body)}")
     if not keep_alive:
         lines.append("connection: close")
@@ -132,7 +148,8 @@ def serialize_request(
     method: str, target: str, headers: list[tuple[str, str]], body: bytes
 ) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{k}: {v}" for k, v in headers if k not in HOP_BY_HOP)
+    hop = _hop_by_hop(headers)
+    lines.extend(f"{k}: {v}" for k, v in headers if k not in hop)
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"content-length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
