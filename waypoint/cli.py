@@ -1,0 +1,143 @@
+"""`meshctl waypoint apply|list|delete`: declare waypoints as Gateway objects on disk.
+
+The mesh reads its config directory (the lab's generated dir, or any directory a FileSource
+watches), so declaring a waypoint is writing one Gateway manifest there: the same YAML applies
+unchanged with `kubectl apply` to a real cluster. Starting the process is the lab's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshctl.cli import UsageError
+
+DEFAULT_NAME = "waypoint"
+CONFIG_DIR_ENV = "AMBIENTMESH_CONFIG_DIR"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def gateway_manifest(namespace: str, name: str) -> dict[str, Any]:
+    """The waypoint Gateway as Istio ambient declares it (class waypoint, HBONE on 15008)."""
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"istio.io/waypoint-for": "service"},
+        },
+        "spec": {
+            "gatewayClassName": "waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    raw = args.config_dir or os.environ.get(CONFIG_DIR_ENV)
+    if not raw:
+        raise UsageError(f"no config directory: pass --config-dir or set {CONFIG_DIR_ENV}")
+    d = Path(raw)
+    if not d.is_dir():
+        raise UsageError(f"--config-dir {d}: not a directory")
+    return d
+
+
+def _check_name(flag: str, value: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise UsageError(f"{flag} {value!r}: must be a DNS-1123 label (lower-case a-z, 0-9, '-')")
+    return value
+
+
+def _path(d: Path, namespace: str, name: str) -> Path:
+    return d / f"waypoint-{namespace}-{name}.yaml"
+
+
+def _waypoints_in(d: Path) -> list[tuple[str, str, Path]]:
+    found: list[tuple[str, str, Path]] = []
+    for p in sorted(d.glob("*.y*ml")):
+        try:
+            docs = list(yaml.safe_load_all(p.read_text()))
+        except (OSError, yaml.YAMLError):
+            continue  # not ours to judge; the config loader reports broken files
+        for doc in docs:
+            if (
+                isinstance(doc, dict)
+                and doc.get("kind") == "Gateway"
+                and isinstance(doc.get("spec"), dict)
+                and doc["spec"].get("gatewayClassName") == "waypoint"
+                and isinstance(doc.get("metadata"), dict)
+            ):
+                md = doc["metadata"]
+                found.append((str(md.get("namespace", "default")), str(md.get("name", "")), p))
+    return found
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    ns = _check_name("-n", args.namespace)
+    name = _check_name("--name", args.name)
+    d = _config_dir(args)
+    p = _path(d, ns, name)
+    tmp = p.with_suffix(".yaml.tmp")
+    # Write then rename: a watching FileSource never reads half a manifest.
+    tmp.write_text(yaml.safe_dump(gateway_manifest(ns, name), sort_keys=False))
+    tmp.replace(p)
+    print(f"waypoint {ns}/{name} applied ({p})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    d = _config_dir(args)
+    rows = _waypoints_in(d)
+    if args.namespace:
+        rows = [r for r in rows if r[0] == args.namespace]
+    print(f"{'NAMESPACE':<24}{'NAME':<24}FILE")
+    for ns, name, p in rows:
+        print(f"{ns:<24}{name:<24}{p.name}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    ns = _check_name("-n", args.namespace)
+    name = _check_name("--name", args.name)
+    d = _config_dir(args)
+    matches = [p for wns, wname, p in _waypoints_in(d) if (wns, wname) == (ns, name)]
+    if not matches:
+        raise UsageError(f"waypoint {ns}/{name}: not found in {d}")
+    for p in matches:
+        p.unlink()
+    print(f"waypoint {ns}/{name} deleted")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    wp = subparsers.add_parser("waypoint", help="declare, list and remove namespace waypoints")
+    sub = wp.add_subparsers(dest="waypoint_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config-dir", help=f"config directory the mesh reads (or ${CONFIG_DIR_ENV})"
+        )
+
+    a = sub.add_parser("apply", help="write the waypoint Gateway for a namespace")
+    a.add_argument("-n", "--namespace", required=True)
+    a.add_argument("--name", default=DEFAULT_NAME)
+    common(a)
+    a.set_defaults(func=cmd_apply)
+
+    ls = sub.add_parser("list", help="list declared waypoints")
+    ls.add_argument("-n", "--namespace")
+    common(ls)
+    ls.set_defaults(func=cmd_list)
+
+    rm = sub.add_parser("delete", help="remove a waypoint Gateway")
+    rm.add_argument("-n", "--namespace", required=True)
+    rm.add_argument("--name", default=DEFAULT_NAME)
+    common(rm)
+    rm.set_defaults(func=cmd_delete)

@@ -1,0 +1,96 @@
+"""From a config snapshot to what one waypoint stream needs: a route table and backend picks.
+
+The HBONE `:authority` names a Service VIP:port; `ServiceRoutes.for_authority` turns that into
+the compiled `RouteTable` of the routes attached to that Service (and port), and `pick` turns a
+chosen BackendRef (or None: no route matched, so the Service itself) into one ready endpoint.
+Tables are compiled once per snapshot and dropped with it: the snapshot is swapped, never
+mutated, so a cache keyed by the snapshot object is always consistent.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from mesh.config.model import BackendRef, ConfigError, HTTPRoute, Service
+from mesh.config.snapshot import Snapshot
+from waypoint.routing import RouteTable
+
+
+class NoBackend(Exception):
+    """The chosen backend has no ready endpoint (the proxy answers 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one try goes: the pod's address and port, and its node (for HBONE)."""
+
+    ip: str
+    port: int
+    node: str | None
+    service: str
+
+
+class ServiceRoutes:
+    """Per-snapshot view: route tables per (service, port) and round-robin endpoint choice."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self._tables: dict[tuple[str, int], RouteTable] = {}
+        self._rr = itertools.count()
+        self.errors: list[str] = []  # routes this snapshot could not compile, for logs/config dump
+
+    def for_authority(self, authority: str) -> tuple[Service, int, RouteTable] | None:
+        host, _, port_s = authority.rpartition(":")
+        if not port_s.isdigit():
+            return None
+        found = self.snapshot.service_by_vip(host.strip("[]"), int(port_s))
+        if found is None:
+            return None
+        svc, sp = found
+        return svc, sp.port, self.table(svc, sp.port)
+
+    def table(self, svc: Service, port: int) -> RouteTable:
+        key = (svc.key, port)
+        t = self._tables.get(key)
+        if t is None:
+            routes: list[HTTPRoute] = [
+                r
+                for r in self.snapshot.routes_for_service(svc)
+                if any(
+                    p.kind == "Service"
+                    and p.name == svc.name
+                    and p.namespace == svc.namespace
+                    and p.port in (None, port)
+                    for p in r.parent_refs
+                )
+            ]
+            t = self._tables[key] = self._compile(routes)
+        return t
+
+    def _compile(self, routes: list[HTTPRoute]) -> RouteTable:
+        """Drop a route that does not compile (and say why) rather than fail the service."""
+        good: list[HTTPRoute] = []
+        for r in routes:
+            try:
+                RouteTable([r])
+            except ConfigError as exc:
+                self.errors.append(str(exc))
+                continue
+            good.append(r)
+        return RouteTable(good)
+
+    def pick(self, default: Service, default_port: int, ref: BackendRef | None) -> Target:
+        if ref is None:
+            svc, port = default, default_port
+        else:
+            found = self.snapshot.service(ref.namespace, ref.name)
+            if found is None:
+                raise NoBackend(f"backend service {ref.namespace}/{ref.name} does not exist")
+            svc, port = found, ref.port if ref.port is not None else default_port
+        eps = self.snapshot.endpoints(svc, port)
+        if not eps:
+            raise NoBackend(f"service {svc.key} port {port} has no ready endpoints")
+        ep = eps[next(self._rr) % len(eps)]
+        assert ep.pod.ip is not None  # endpoints only hold pods with an IP
+        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key)
