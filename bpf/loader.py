@@ -64,11 +64,15 @@ class BpfRedirector:
         self,
         pin_root: str = DEFAULT_PIN_ROOT,
         proxy_port: int = 15001,
+        inbound_port: int = 15006,
+        hbone_port: int = 15008,
         ztunnel_cgroup: str = DEFAULT_CGROUP_ROOT,
         excluded_ports: tuple[int, ...] = DEFAULT_EXCLUDED_PORTS,
     ) -> None:
         self.pin_root = pin_root
         self.proxy_port = proxy_port
+        self.inbound_port = inbound_port
+        self.hbone_port = hbone_port
         self.ztunnel_cgroup = ztunnel_cgroup
         self.excluded_ports = excluded_ports
         self._bpf: Any = None
@@ -133,10 +137,34 @@ class BpfRedirector:
         self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"), detach=True)
         shutil.rmtree(self.pin_root, ignore_errors=True)
 
+    def _inbound_rule(self) -> list[str]:
+        skip = ",".join(str(p) for p in (self.hbone_port, self.inbound_port, self.proxy_port))
+        return [
+            "PREROUTING", "-p", "tcp", "!", "-i", "lo", "-m", "multiport", "!", "--dports",
+            skip, "-m", "comment", "--comment", "ambientmesh-inbound",
+            "-j", "REDIRECT", "--to-ports", str(self.inbound_port),
+        ]  # fmt: skip
+
+    def _iptables(self, netns_path: str, op: str) -> int:
+        cmd = ["nsenter", f"--net={netns_path}", "iptables", "-w", "-t", "nat", op]
+        res = subprocess.run(cmd + self._inbound_rule(), capture_output=True, text=True)
+        if res.returncode not in (0, 1):
+            raise BpfUnavailable(
+                f"iptables in {netns_path} failed: {res.stderr.strip()}; "
+                "fix: apt-get install -y iptables"
+            )
+        return res.returncode
+
     def enrol(self, cgroup_path: str, netns_path: str) -> None:
+        """Attach outbound redirect to the pod cgroup and capture inbound plaintext to 15006."""
         self._load()
         self._attach(cgroup_path, ("connect4", "getpeername4"))
+        if self._iptables(netns_path, "-C") != 0 and self._iptables(netns_path, "-A") != 0:
+            raise BpfUnavailable(f"iptables could not add the inbound rule in {netns_path}")
 
     def unenrol(self, cgroup_path: str, netns_path: str) -> None:
         self._load()
         self._attach(cgroup_path, ("connect4", "getpeername4"), detach=True)
+        if os.path.exists(netns_path):
+            while self._iptables(netns_path, "-C") == 0:
+                self._iptables(netns_path, "-D")

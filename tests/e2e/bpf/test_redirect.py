@@ -175,3 +175,45 @@ def test_unenrol_stops_redirect(lab: tuple[str, str, BpfRedirector]) -> None:
     finally:
         srv.kill()
         srv.wait()
+
+
+INBOUND = textwrap.dedent(
+    """
+    import socket, struct
+    l = socket.create_server(("0.0.0.0", 15006)); print("ready", flush=True)
+    c, _ = l.accept(); raw = c.getsockopt(socket.SOL_IP, 80, 16)
+    port, = struct.unpack("!H", raw[2:4]); print(socket.inet_ntoa(raw[4:8]), port)
+    """
+)
+
+
+def test_inbound_capture_to_15006(lab: tuple[str, str, BpfRedirector]) -> None:
+    """A connection from another netns to the pod's :8080 lands on 15006 (conntrack dst)."""
+    ns, _, _ = lab
+    peer = ns[:-3] + "cli"
+    subprocess.run(["ip", "netns", "add", peer], check=True)
+    try:
+        for cmd in (
+            ["ip", "link", "add", f"{ns[:8]}a", "netns", ns, "type", "veth", "peer", "name",
+             f"{ns[:8]}b", "netns", peer],
+            ["ip", "-n", ns, "addr", "add", "10.78.0.1/24", "dev", f"{ns[:8]}a"],
+            ["ip", "-n", peer, "addr", "add", "10.78.0.2/24", "dev", f"{ns[:8]}b"],
+            ["ip", "-n", ns, "link", "set", f"{ns[:8]}a", "up"],
+            ["ip", "-n", peer, "link", "set", f"{ns[:8]}b", "up"],
+        ):  # fmt: skip
+            subprocess.run(cmd, check=True)
+        srv = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", INBOUND],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+            assert _run(peer, "-", "10.78.0.1", "8080") == "connected"
+            out, _ = srv.communicate(timeout=10)
+            assert out.split() == ["10.78.0.1", "8080"]
+        finally:
+            srv.kill()
+            srv.wait()
+    finally:
+        subprocess.run(["ip", "netns", "del", peer], check=False)
