@@ -217,3 +217,16 @@ def test_inbound_capture_to_15006(lab: tuple[str, str, BpfRedirector]) -> None:
             srv.wait()
     finally:
         subprocess.run(["ip", "netns", "del", peer], check=False)
+
+
+def test_uninstall_leaves_no_pins_or_attachments(lab: tuple[str, str, BpfRedirector]) -> None:
+    ns, cg, r = lab
+    r.unenrol(cg, f"/run/netns/{ns}")
+    r.uninstall()
+    assert not os.path.exists(r.pin_root)
+    srv = _listen(ns)
+    try:  # nothing attached any more: the pod's connect goes to the real (closed) port
+        assert _run(ns, cg, "10.77.0.2", "80") == "refused"
+    finally:
+        srv.kill()
+        srv.wait()
