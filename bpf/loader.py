@@ -66,6 +66,7 @@ class BpfRedirector:
         proxy_port: int = 15001,
         inbound_port: int = 15006,
         hbone_port: int = 15008,
+        fastpath: bool = False,
         ztunnel_cgroup: str = DEFAULT_CGROUP_ROOT,
         excluded_ports: tuple[int, ...] = DEFAULT_EXCLUDED_PORTS,
     ) -> None:
@@ -73,6 +74,7 @@ class BpfRedirector:
         self.proxy_port = proxy_port
         self.inbound_port = inbound_port
         self.hbone_port = hbone_port
+        self.fastpath = fastpath
         self.ztunnel_cgroup = ztunnel_cgroup
         self.excluded_ports = excluded_ports
         self._bpf: Any = None
@@ -85,7 +87,10 @@ class BpfRedirector:
         _ensure_bpffs(os.path.dirname(self.pin_root.rstrip("/")) or "/")
         os.makedirs(self.pin_root, exist_ok=True)
         text = _SRC.read_text().replace("PIN_ROOT", self.pin_root)
-        self._bpf = b = bcc.BPF(text=text, cflags=[f"-DPROXY_PORT={self.proxy_port}"])
+        self._bpf = b = bcc.BPF(
+            text=text,
+            cflags=[f"-DPROXY_PORT={self.proxy_port}", f"-DFASTPATH={int(self.fastpath)}"],
+        )
         at = bcc.BPFAttachType
         self._fns = {
             "connect4": b.load_func(
@@ -101,6 +106,13 @@ class BpfRedirector:
                 "getsockopt", bcc.BPFProgType.CGROUP_SOCKOPT, attach_type=at.CGROUP_GETSOCKOPT
             ),
         }
+        if self.fastpath:
+            msg = b.load_func("sk_msg_fast", bcc.BPFProgType.SK_MSG)
+            # BCC's Python tables do not wrap sockhash; take its fd from the module
+            from bcc.libbcc import lib  # type: ignore[import-not-found, unused-ignore]
+
+            hash_fd = lib.bpf_table_fd(b.module, b"fastpath")
+            bcc.BPF.attach_func(msg, hash_fd, at.SK_MSG_VERDICT)
         ports = b["excluded_ports"]
         for p in self.excluded_ports:
             ports[ports.Key(p)] = ports.Leaf(1)

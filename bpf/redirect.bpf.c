@@ -38,7 +38,29 @@ int getpeername4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
+struct tuple4 { u32 sip; u32 dip; u32 sport; u32 dport; };
+BPF_SOCKHASH(fastpath, struct tuple4, 65536);
+
+static __always_inline void fastpath_add(struct bpf_sock_ops *skops) {
+    /* key: this socket's (local, remote); host-order local port, network-order remote */
+    struct tuple4 k = {.sip = skops->local_ip4, .dip = skops->remote_ip4,
+                       .sport = skops->local_port, .dport = bpf_ntohl(skops->remote_port)};
+    fastpath.sock_hash_update(skops, &k, BPF_ANY);
+}
+
+int sk_msg_fast(struct sk_msg_md *msg) {
+    /* peer socket's key is ours reversed */
+    struct tuple4 k = {.sip = msg->remote_ip4, .dip = msg->local_ip4,
+                       .sport = bpf_ntohl(msg->remote_port), .dport = msg->local_port};
+    fastpath.msg_redirect_hash(msg, &k, BPF_F_INGRESS);
+    return SK_PASS;
+}
+
 int sockops(struct bpf_sock_ops *skops) {
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        if (skops->local_port == PROXY_PORT && skops->local_ip4 == PROXY_IP) fastpath_add(skops);
+        return 1;
+    }
     if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) return 1;
     u64 cookie = bpf_get_socket_cookie(skops);
     struct orig_dst *od = orig_by_cookie.lookup(&cookie);
@@ -46,6 +68,7 @@ int sockops(struct bpf_sock_ops *skops) {
     struct client_key k = {.ip = skops->local_ip4, .port = skops->local_port};
     struct orig_dst v = *od;
     orig_by_client.update(&k, &v);
+    if (FASTPATH) fastpath_add(skops);
     return 1;
 }
 

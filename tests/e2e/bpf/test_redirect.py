@@ -36,14 +36,14 @@ SERVER = textwrap.dedent(
 
 
 @pytest.fixture
-def lab() -> Iterator[tuple[str, str, BpfRedirector]]:
+def lab(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, BpfRedirector]]:
     sfx = secrets.token_hex(2)
     ns = f"am-{sfx}-pod"
     cg = f"/sys/fs/cgroup/unified/ambientmesh-test-{sfx}"
     pins = f"/sys/fs/bpf/ambientmesh-test-{sfx}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     os.mkdir(cg)
-    r = BpfRedirector(pin_root=pins)
+    r = BpfRedirector(pin_root=pins, fastpath=getattr(request, "param", False))
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.2/32", "dev", "lo"], check=True)
@@ -227,6 +227,57 @@ def test_uninstall_leaves_no_pins_or_attachments(lab: tuple[str, str, BpfRedirec
     srv = _listen(ns)
     try:  # nothing attached any more: the pod's connect goes to the real (closed) port
         assert _run(ns, cg, "10.77.0.2", "80") == "refused"
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+BULK_SERVER = textwrap.dedent(
+    """
+    import hashlib, socket
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("127.0.0.1", 15001)); l.listen(); print("ready", flush=True)
+    c, _ = l.accept(); h = hashlib.sha256(); n = 0
+    while n < 32 << 20:
+        d = c.recv(1 << 20); h.update(d); n += len(d)
+    c.sendall(h.digest() * 4096); c.close()
+    """
+)
+BULK_CLIENT = textwrap.dedent(
+    """
+    import hashlib, os, socket, sys
+    open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+    s = socket.create_connection(("10.77.0.2", 80), timeout=20)
+    blob = os.urandom(1 << 20); h = hashlib.sha256()
+    for i in range(32):
+        h.update(blob); s.sendall(blob)
+    back = b""
+    while len(back) < 32 * 4096:
+        d = s.recv(1 << 16)
+        if not d: break
+        back += d
+    print(back == h.digest() * 4096)
+    """
+)
+
+
+@pytest.mark.parametrize("lab", [True], indirect=True)
+def test_fastpath_bytes_intact_both_ways(lab: tuple[str, str, BpfRedirector]) -> None:
+    ns, cg, _ = lab
+    srv = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", BULK_SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        cli = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", BULK_CLIENT, cg],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.stdout.strip() == "True", cli.stderr
     finally:
         srv.kill()
         srv.wait()
