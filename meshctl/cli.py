@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands; each has `register(subparsers) -> None`.
-COMMAND_MODULES: tuple[str, ...] = ("mesh.config.cli", "waypoint.cli")
+COMMAND_MODULES: tuple[str, ...] = ("mesh.config.cli", "waypoint.cli", "bpf.cli")
 
 
 class UsageError(Exception):
