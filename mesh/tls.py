@@ -1,0 +1,100 @@
+"""TLS contexts for mesh connections, and the SPIFFE checks OpenSSL cannot do for us.
+
+OpenSSL verifies the chain against the trust bundle and the validity period; it knows nothing
+of SPIFFE, so hostname checking is off and every caller checks the peer's URI SAN with
+`check_peer` after the handshake. Keys go to OpenSSL through an anonymous memory file
+(`memfd_create`), because `SSLContext.load_cert_chain` only takes paths and keys must never
+touch disk (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Collection
+
+from cryptography import x509
+
+from certs.spiffe import SpiffeId
+from certs.svid import Svid
+
+ALPN_H2 = "h2"
+
+
+class PeerIdentityError(Exception):
+    """The peer's certificate is valid but does not name an identity we accept."""
+
+
+def _load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
+    fd = os.memfd_create("svid", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, svid.key_pem() + svid.chain_pem())
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _base(purpose: ssl.Purpose, svid: Svid, bundle_pem: bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    ctx.set_alpn_protocols([ALPN_H2])
+    _load_svid(ctx, svid)
+    return ctx
+
+
+def server_context(svid: Svid, bundle_pem: bytes) -> ssl.SSLContext:
+    """Mutual TLS 1.3 server. No session tickets: with none, both directions' record
+    sequence numbers start at 0 after the handshake, which kTLS offload relies on."""
+    ctx = _base(ssl.Purpose.CLIENT_AUTH, svid, bundle_pem)
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(svid: Svid, bundle_pem: bytes) -> ssl.SSLContext:
+    return _base(ssl.Purpose.SERVER_AUTH, svid, bundle_pem)
+
+
+def identity_from_der(der: bytes) -> str | None:
+    """The certificate's single URI SAN, or None when it has none or several."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else None
+
+
+def peer_identity(ssl_obj: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    der = ssl_obj.getpeercert(binary_form=True)
+    return identity_from_der(der) if der else None
+
+
+def check_peer(
+    ssl_obj: ssl.SSLObject | ssl.SSLSocket,
+    expected: Collection[str] | None,
+    trust_domain: str,
+) -> str:
+    """The peer's SPIFFE ID, if it is in our trust domain and (when given) in `expected`."""
+    return check_identity(peer_identity(ssl_obj), expected, trust_domain)
+
+
+def check_identity(
+    identity: str | None, expected: Collection[str] | None, trust_domain: str
+) -> str:
+    if identity is None:
+        raise PeerIdentityError("peer certificate has no single SPIFFE URI SAN")
+    try:
+        sid = SpiffeId.parse(identity)
+    except ValueError as exc:
+        raise PeerIdentityError(str(exc)) from None
+    if sid.trust_domain != trust_domain:
+        raise PeerIdentityError(f"peer {identity} is not in trust domain {trust_domain}")
+    if expected is not None and identity not in expected:
+        raise PeerIdentityError(f"peer {identity} is not the expected {sorted(expected)}")
+    return identity
