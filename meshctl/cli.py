@@ -12,12 +12,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from meshctl.errors import UsageError
+
+__all__ = ["UsageError", "build_parser", "main"]
+
 # Modules that contribute subcommands; each has `register(subparsers) -> None`.
-COMMAND_MODULES: tuple[str, ...] = ("mesh.config.cli", "waypoint.cli", "bpf.cli")
-
-
-class UsageError(Exception):
-    """Bad input from the operator: printed as one line, exit status 2."""
+COMMAND_MODULES: tuple[str, ...] = ("certs.cli", "mesh.config.cli", "waypoint.cli", "bpf.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from meshctl.cli import UsageError
+from meshctl.errors import UsageError
 
 DEFAULT_NAME = "waypoint"
 CONFIG_DIR_ENV = "AMBIENTMESH_CONFIG_DIR"
