@@ -1,21 +1,24 @@
 """`python -m waypoint.main`: the namespace waypoint process.
 
 This build serves HTTP/1.1 on a plaintext development listener (`--http-addr`, one Service
-authority given by `--authority`) plus readiness; the HBONE listener (`--hbone-addr`), SVID
-options and metrics attach when the core, certs and config helpers' modules are in main. The
-config comes from `--config` YAML through mesh.config.parse once that lands; without it the
-snapshot is empty and every request gets the Service-not-found answer.
+authority given by `--authority`) plus readiness and metrics; the HBONE listener
+(`--hbone-addr`) and SVID options attach when the HBONE core is in. Config comes from
+`--config` YAML files, reloaded live: a bad update is logged and the last good one keeps
+serving; a bad config at start is an error naming the object and field.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
-from mesh.config.snapshot import Snapshot
+from mesh.config.model import ConfigError
+from mesh.config.source import ConfigStore, FileSource
+from mesh.metrics import MeshMetrics
+from mesh.observability import ObservabilityServer
 from waypoint.http1 import serialize_response
 from waypoint.proxy import WaypointStreams
 from waypoint.service import ServiceRoutes, Target
@@ -42,35 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_snapshot(paths: Sequence[str]) -> Snapshot:
-    if not paths:
-        return Snapshot()
-    try:
-        parse = importlib.import_module("mesh.config.parse")  # from the config helper
-    except ImportError as exc:
-        raise SystemExit("waypoint: --config needs mesh.config.parse, not in this build") from exc
-    snap: Snapshot = parse.load_snapshot(paths)
-    return snap
+class Routes:
+    """The route tables of the current snapshot, rebuilt only when the snapshot changes."""
+
+    def __init__(self, store: ConfigStore) -> None:
+        self.store = store
+        self._routes = ServiceRoutes(store.current)
+
+    def __call__(self) -> ServiceRoutes:
+        snap = self.store.current
+        if self._routes.snapshot is not snap:
+            self._routes = ServiceRoutes(snap)
+            for err in self._routes.errors:
+                logging.getLogger("waypoint").error("route dropped: %s", err)
+        return self._routes
 
 
 async def run(args: argparse.Namespace) -> None:
-    routes = ServiceRoutes(load_snapshot(args.config))
+    store = ConfigStore()
+    source = FileSource(args.config, store, trust_domain=args.trust_domain) if args.config else None
+    if source is not None:
+        source.load_initial()
+    routes = Routes(store)
 
     async def dial(t: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(t.ip, t.port)
 
-    streams = WaypointStreams(lambda: routes, dial)
-
-    async def ready(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            line = await r.readline()
-            ok = line.split(b" ")[1:2] == [b"/healthz/ready"]
-            w.write(serialize_response(200 if ok else 404, [], b"ready\n" if ok else b"", False))
-            await w.drain()
-        except (ConnectionError, IndexError):
-            pass
-        finally:
-            w.close()
+    streams = WaypointStreams(routes, dial)
 
     async def http(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         s = streams.for_authority(args.authority or "")
@@ -82,18 +83,20 @@ async def run(args: argparse.Namespace) -> None:
             return
         await s.serve(r, w)
 
-    servers = [
-        await asyncio.start_server(ready, *parse_addr("--readiness-addr", args.readiness_addr))
-    ]
-    if args.http_addr:
-        servers.append(await asyncio.start_server(http, *parse_addr("--http-addr", args.http_addr)))
-    names = ["readiness", "http"]
-    for name, s in zip(names, servers, strict=False):
-        print(
-            f"waypoint {args.namespace}/{args.name}: {name} on {s.sockets[0].getsockname()[1]}",
-            flush=True,
-        )
-    await asyncio.Event().wait()
+    obs = ObservabilityServer(
+        *parse_addr("--readiness-addr", args.readiness_addr),
+        metrics=MeshMetrics(),
+        ready=lambda: True,
+    )
+    async with obs, asyncio.TaskGroup() as tg:
+        print(f"waypoint {args.namespace}/{args.name}: readiness on {obs.port}", flush=True)
+        if args.http_addr:
+            server = await asyncio.start_server(http, *parse_addr("--http-addr", args.http_addr))
+            port = server.sockets[0].getsockname()[1]
+            print(f"waypoint {args.namespace}/{args.name}: http on {port}", flush=True)
+        if source is not None:
+            tg.create_task(source.run())
+        await asyncio.Event().wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run(args))
+    except ConfigError as exc:
+        print(f"waypoint: invalid config:\n{exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
