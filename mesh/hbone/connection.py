@@ -1,0 +1,460 @@
+"""HBONE: TCP streams tunnelled as HTTP/2 CONNECT over mutual TLS (Istio's wire protocol).
+
+One `HboneConnection` is one TLS connection carrying many CONNECT streams; each stream is a
+`mesh.stream.Endpoint`, so a tunnel is spliced to a TCP socket with callbacks only.
+
+Flow control is the back-pressure: received DATA is acknowledged (credit returned to the
+sender) only while the joined endpoint is not paused, so a slow reader stops the sender at the
+stream window instead of growing buffers. Sends are queued per stream and released as the
+peer's windows allow. Output is flushed once per event-loop turn, not once per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from mesh.stream import Endpoint
+from mesh.tls import PeerIdentityError, check_identity, peer_identity
+
+log = logging.getLogger("mesh.hbone")
+
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME = 256 * 1024  # what we accept; what we send is bounded by the peer's setting
+SEND_HIGH_WATER = 1 << 20
+SEND_LOW_WATER = 1 << 18
+
+
+class HboneError(Exception):
+    """A CONNECT that did not open; `status` is the HTTP status (0 when the connection died)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HboneStream:
+    """One CONNECT stream as an Endpoint."""
+
+    def __init__(self, conn: HboneConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self._peer: Endpoint | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._pending: list[memoryview] = []
+        self._pending_bytes = 0
+        self._eof_pending = False
+        self._paused = False  # our peer asked us to stop delivering
+        self._unacked = 0  # bytes delivered while paused, not yet credited back
+        self._peer_paused = False  # we asked the peer to stop (our send queue is full)
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._recv = 0
+        self._sent = 0
+        self._ended_in = False
+        self._ended_out = False
+        self.response: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    # -- events from the connection ---------------------------------------------------------
+
+    def _on_data(self, data: bytes, flow_len: int) -> None:
+        self._recv += len(data)
+        if self._peer is not None:
+            self._peer.write(data)
+        else:
+            self._early.append(data)
+        if self._paused:
+            self._unacked += flow_len
+        else:
+            self.conn._ack(self.stream_id, flow_len)
+
+    def _on_end(self) -> None:
+        self._ended_in = True
+        if self._peer is not None:
+            self._peer.write_eof()
+        else:
+            self._early_eof = True
+        self._check_done()
+
+    def _on_reset(self) -> None:
+        if self._peer is not None:
+            self._peer.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.conn._streams.pop(self.stream_id, None)
+        if self.conn.client_side and not self.response.done():
+            self.response.set_exception(HboneError(0, "stream reset"))
+        if not self._done.done():
+            self._done.set_result(None)
+            self.conn._stream_finished()
+
+    def _check_done(self) -> None:
+        if self._ended_in and self._ended_out:
+            self._finish()
+
+    def _drain(self) -> None:
+        """Send what the peer's windows allow; called on writes and on WINDOW_UPDATE."""
+        h2c = self.conn.h2
+        while self._pending:
+            chunk = self._pending[0]
+            try:
+                window = h2c.local_flow_control_window(self.stream_id)
+                if window <= 0:
+                    break
+                n = min(window, h2c.max_outbound_frame_size, len(chunk))
+                whole = n == len(chunk) and isinstance(chunk.obj, bytes) and len(chunk.obj) == n
+                # A whole received chunk goes out without a copy.
+                h2c.send_data(
+                    self.stream_id, cast(bytes, chunk.obj) if whole else chunk[:n].tobytes()
+                )
+            except h2.exceptions.ProtocolError:  # stream or connection already closed
+                self._pending.clear()
+                self._pending_bytes = 0
+                return
+            self._sent += n
+            self._pending_bytes -= n
+            if n == len(chunk):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = chunk[n:]
+        if not self._pending and self._eof_pending:
+            self._eof_pending = False
+            self._end_out()
+        if self._peer_paused and self._pending_bytes <= SEND_LOW_WATER and self._peer:
+            self._peer_paused = False
+            self._peer.resume_reading()
+        self.conn._schedule_flush()
+
+    def _end_out(self) -> None:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.h2.end_stream(self.stream_id)
+        self._ended_out = True
+        self.conn._schedule_flush()
+        self._check_done()
+
+    # -- Endpoint --------------------------------------------------------------------------
+
+    def join(self, peer: Endpoint) -> None:
+        self._peer = peer
+        for chunk in self._early:
+            peer.write(chunk)
+        self._early.clear()
+        if self._early_eof:
+            peer.write_eof()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._done.done() or self._ended_out or not data:
+            return
+        self._pending.append(memoryview(data if isinstance(data, bytes) else bytes(data)))
+        self._pending_bytes += len(data)
+        self._drain()
+        if self._pending_bytes > SEND_HIGH_WATER and not self._peer_paused and self._peer:
+            self._peer_paused = True
+            self._peer.pause_reading()
+
+    def write_eof(self) -> None:
+        if self._done.done() or self._ended_out:
+            return
+        if self._pending:
+            self._eof_pending = True
+        else:
+            self._end_out()
+
+    def abort(self) -> None:
+        if self._done.done():
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.h2.reset_stream(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.conn._schedule_flush()
+        self._finish()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        if self._unacked:
+            self.conn._ack(self.stream_id, self._unacked)
+            self._unacked = 0
+
+    @property
+    def done(self) -> asyncio.Future[None]:
+        return self._done
+
+    @property
+    def bytes_received(self) -> int:
+        return self._recv
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent
+
+
+@dataclass
+class ConnectRequest:
+    """An inbound CONNECT, handed to the server's handler, which must `accept` or `reject`."""
+
+    stream: HboneStream
+    authority: str
+    headers: dict[str, str]
+    peer_identity: str
+    peer_address: tuple[str, int] | None
+    _answered: bool = field(default=False, repr=False)
+
+    def accept(self) -> HboneStream:
+        self._answered = True
+        self.stream.conn._respond(self.stream.stream_id, 200, end=False)
+        return self.stream
+
+    def reject(self, status: int, reason: str = "") -> None:
+        self._answered = True
+        headers = [("x-hbone-error", reason)] if reason else []
+        self.stream.conn._respond(self.stream.stream_id, status, end=True, extra=headers)
+        self.stream._finish()
+
+
+Handler = Callable[[ConnectRequest], Awaitable[None]]
+
+
+class HboneConnection(asyncio.Protocol):
+    """Both ends of an HBONE TLS connection; `client_side` decides the role."""
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        trust_domain: str,
+        expected_peers: frozenset[str] | None = None,
+        handler: Handler | None = None,
+        on_idle: Callable[[HboneConnection], None] | None = None,
+    ) -> None:
+        self.client_side = client_side
+        self.trust_domain = trust_domain
+        self.expected_peers = expected_peers
+        self.handler = handler
+        self.on_idle = on_idle
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        )
+        self.transport: asyncio.Transport | None = None
+        self.peer_identity = ""
+        self.peer_address: tuple[str, int] | None = None
+        self._streams: dict[int, HboneStream] = {}
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.streams_opened = 0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer_address = transport.get_extra_info("peername")
+        ssl_obj = transport.get_extra_info("ssl_object")
+        try:
+            if ssl_obj is None:
+                raise PeerIdentityError("HBONE requires TLS")
+            if ssl_obj.selected_alpn_protocol() != "h2":
+                raise PeerIdentityError("peer did not negotiate ALPN h2")
+            self.peer_identity = check_identity(
+                peer_identity(ssl_obj), self.expected_peers, self.trust_domain
+            )
+        except PeerIdentityError as exc:
+            log.warning("hbone: refusing peer %s: %s", self.peer_address, exc)
+            if not self.ready.done():
+                self.ready.set_exception(HboneError(0, str(exc)))
+            self.transport.abort()
+            return
+        self.h2.initiate_connection()
+        # Through update_settings, not initial values: h2 applies a larger inbound frame size
+        # and window only when the peer acknowledges them.
+        self.h2.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
+            }
+        )
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.warning("hbone: protocol error from %s: %s", self.peer_address, exc)
+            self._flush()
+            if self.transport:
+                self.transport.close()
+            return
+        for ev in events:
+            self._dispatch(ev)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for s in list(self._streams.values()):
+            s._on_reset()
+        for t in self._tasks:
+            t.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(HboneError(0, f"connection lost: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- h2 events -------------------------------------------------------------------------
+
+    def _dispatch(self, ev: Any) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            s = self._streams.get(ev.stream_id)
+            if s is not None:
+                s._on_data(ev.data, ev.flow_controlled_length)
+            else:
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.WindowUpdated):
+            if ev.stream_id:
+                s = self._streams.get(ev.stream_id)
+                if s is not None:
+                    s._drain()
+            else:
+                for s in list(self._streams.values()):
+                    s._drain()
+        elif isinstance(ev, h2.events.StreamEnded):
+            s = self._streams.get(ev.stream_id)
+            if s is not None:
+                s._on_end()
+        elif isinstance(ev, h2.events.StreamReset):
+            s = self._streams.get(ev.stream_id)
+            if s is not None:
+                s._on_reset()
+        elif isinstance(ev, h2.events.RequestReceived):
+            self._on_request(ev)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            s = self._streams.get(ev.stream_id)
+            if s is not None and not s.response.done():
+                hdrs = [(str(k), str(v)) for k, v in ev.headers]
+                status = int(dict(hdrs).get(":status", "0"))
+                s.response.set_result((status, hdrs))
+        elif isinstance(ev, h2.events.ConnectionTerminated) and self.transport:
+            self.transport.close()
+
+    def _on_request(self, ev: h2.events.RequestReceived) -> None:
+        headers = {str(k): str(v) for k, v in ev.headers}
+        stream = HboneStream(self, ev.stream_id)
+        self._streams[ev.stream_id] = stream
+        authority = headers.get(":authority", "")
+        if headers.get(":method") != "CONNECT" or not authority or self.handler is None:
+            self._respond(ev.stream_id, 405 if headers.get(":method") != "CONNECT" else 400, True)
+            stream._finish()
+            return
+        req = ConnectRequest(stream, authority, headers, self.peer_identity, self.peer_address)
+        task = asyncio.get_running_loop().create_task(self._handle(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, req: ConnectRequest) -> None:
+        assert self.handler is not None
+        try:
+            await self.handler(req)
+        except Exception:  # one bad stream never takes the connection down
+            log.exception("hbone: handler failed for %s", req.authority)
+            if not req._answered:
+                req.reject(500, "internal error")
+            else:
+                req.stream.abort()
+        else:
+            if not req._answered:
+                req.reject(500, "handler did not answer")
+
+    # -- helpers for streams ---------------------------------------------------------------
+
+    def _respond(
+        self, stream_id: int, status: int, end: bool, extra: list[tuple[str, str]] | None = None
+    ) -> None:
+        try:
+            self.h2.send_headers(
+                stream_id, [(":status", str(status)), *(extra or [])], end_stream=end
+            )
+        except h2.exceptions.ProtocolError:
+            return
+        self._schedule_flush()
+
+    def _ack(self, stream_id: int, n: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(n, stream_id)
+        except h2.exceptions.ProtocolError:
+            return
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _stream_finished(self) -> None:
+        if not self._streams and self.on_idle is not None:
+            self.on_idle(self)
+
+    # -- client API ------------------------------------------------------------------------
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self.ready.done()
+            and not self.ready.exception()
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> HboneStream:
+        """Send CONNECT and wait for the answer; raise HboneError unless it is 200."""
+        await self.ready
+        sid = self.h2.get_next_available_stream_id()
+        stream = HboneStream(self, sid)
+        self._streams[sid] = stream
+        self.streams_opened += 1
+        self.h2.send_headers(
+            sid, [(":method", "CONNECT"), (":authority", authority), *headers], end_stream=False
+        )
+        self._flush()
+        status, hdrs = await stream.response
+        if status != 200:
+            reason = dict(hdrs).get("x-hbone-error", "")
+            stream._finish()
+            raise HboneError(status, f"CONNECT {authority}: {status} {reason}".rstrip())
+        return stream
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.h2.close_connection()
+            self._flush()
+            self.transport.close()
