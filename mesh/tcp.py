@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import cast
 
 from mesh.stream import Endpoint
@@ -17,7 +18,8 @@ LOW_WATER = 1 << 18
 
 
 class TcpEndpoint(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, on_made: Callable[[TcpEndpoint], None] | None = None) -> None:
+        self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self._peer: Endpoint | None = None
         self._early: list[bytes] = []  # bytes received before join()
@@ -37,6 +39,8 @@ class TcpEndpoint(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._on_made is not None:
+            self._on_made(self)  # e.g. a listener deciding where this connection goes
 
     def data_received(self, data: bytes) -> None:
         self._recv += len(data)

@@ -1,0 +1,169 @@
+"""Two ztunnels on loopback, each with its node identity, real TLS, h2 and sockets:
+app (node 1) → outbound → HBONE → inbound (node 2) → app. Node 2 lives on 127.0.0.2.
+
+The original destination comes from an injected resolver here (BPF and netfilter answer it in
+the e2e tests); everything after that is the production path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certs.ca import CertificateAuthority
+from mesh.config.parse import parse_objects
+from mesh.config.snapshot import Snapshot
+from mesh.hbone import serve
+from mesh.metrics import MeshMetrics
+from ztunnel.proxy import Identities, InboundHbone, InboundPlaintext, Node, Outbound
+
+VIP = "10.96.0.10"
+WEB = "spiffe://cluster.local/ns/shop/sa/web"
+
+
+def manifest(echo_port: int, *, deny: bool = False, strict: bool = False) -> list[dict[str, Any]]:
+    amb = {"istio.io/dataplane-mode": "ambient"}
+    docs: list[dict[str, Any]] = [
+        {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"},
+         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}},
+        {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n2"},
+         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]}},
+        {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": "shop", "labels": amb}},
+        {"kind": "Pod", "apiVersion": "v1",
+         "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+         "spec": {"nodeName": "n1", "serviceAccountName": "web"},
+         "status": {"podIP": "127.0.0.1"}},
+        {"kind": "Pod", "apiVersion": "v1",
+         "metadata": {"name": "echo", "namespace": "shop", "labels": {"app": "echo"}},
+         "spec": {"nodeName": "n2", "serviceAccountName": "echo"},
+         "status": {"podIP": "127.0.0.3"}},
+        {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "echo", "namespace": "shop"},
+         "spec": {"clusterIP": VIP, "selector": {"app": "echo"},
+                  "ports": [{"port": 80, "targetPort": echo_port}]}},
+    ]  # fmt: skip
+    if deny:
+        docs.append(
+            {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+             "metadata": {"name": "no-web", "namespace": "shop"},
+             "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
+                      "rules": [{"from": [{"source": {"principals": [WEB[9:]]}}]}]}}
+        )  # fmt: skip
+    if strict:
+        docs.append(
+            {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+             "metadata": {"name": "strict", "namespace": "shop"},
+             "spec": {"mtls": {"mode": "STRICT"}}}
+        )  # fmt: skip
+    return docs
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+@dataclass
+class Lab:
+    snap: list[Snapshot]
+    echo_port: int
+    n1: Node
+    n2: Node
+    outbound_port: int
+    plaintext_port: int
+
+    def reconfigure(self, **kw: bool) -> None:
+        self.snap[0] = parse_objects(manifest(self.echo_port, **kw))
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    echo_srv = await asyncio.start_server(echo, "127.0.0.3", 0)
+    echo_port = echo_srv.sockets[0].getsockname()[1]
+    snap = [parse_objects(manifest(echo_port))]
+    ids = Identities(ca)
+    n2 = Node("n2", lambda: snap[0], ids, MeshMetrics())
+    hbone = await serve(
+        "127.0.0.2",
+        0,
+        ids.server_context(n2.identity),
+        InboundHbone(n2),
+        trust_domain="cluster.local",
+    )
+    n1 = Node(
+        "n1", lambda: snap[0], ids, MeshMetrics(), hbone_port=hbone.sockets[0].getsockname()[1]
+    )
+    dst: list[tuple[str, int]] = [(VIP, 80)]
+    resolve: Callable[[socket.socket], tuple[str, int]] = lambda _s: dst[0]  # noqa: E731
+    loop = asyncio.get_running_loop()
+    out = await loop.create_server(Outbound(n1, resolve).protocol, "127.0.0.1", 0)
+    plain = await loop.create_server(
+        InboundPlaintext(n2, lambda _s: ("127.0.0.3", echo_port)).protocol, "127.0.0.2", 0
+    )
+    yield Lab(
+        snap, echo_port, n1, n2,
+        out.sockets[0].getsockname()[1], plain.sockets[0].getsockname()[1],
+    )  # fmt: skip
+    for s in (out, plain, hbone, echo_srv):
+        s.close()
+    n1.pool.close()
+    for t in (*n1.tasks, *n2.tasks):
+        t.cancel()
+
+
+async def talk(host: str, port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    try:
+        data = await asyncio.wait_for(reader.read(-1), 10)
+    except ConnectionError:
+        data = b""
+    writer.close()
+    return data
+
+
+def sample(metrics: MeshMetrics, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in metrics.exposition().decode().splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_service_call_crosses_nodes_over_mtls(lab: Lab) -> None:
+    payload = b"hello mesh" * 1000
+    assert await talk("127.0.0.1", lab.outbound_port, payload) == payload
+    for _ in range(50):  # metrics are recorded when the stream finishes
+        if sample(lab.n2.metrics, "istio_tcp_connections_closed_total"):
+            break
+        await asyncio.sleep(0.05)
+    assert sample(
+        lab.n2.metrics, "istio_tcp_connections_opened_total",
+        reporter="destination", source_principal=WEB, connection_security_policy="mutual_tls",
+        destination_workload="echo",
+    ) == 1  # fmt: skip
+    assert sample(lab.n1.metrics, "istio_tcp_connections_opened_total", reporter="source",
+                  destination_service="echo.shop.svc.cluster.local") == 1  # fmt: skip
+    assert sample(lab.n2.metrics, "istio_tcp_received_bytes_total") == len(payload)
+
+
+async def test_deny_policy_refuses_with_no_bytes(lab: Lab) -> None:
+    lab.reconfigure(deny=True)
+    assert await talk("127.0.0.1", lab.outbound_port, b"secret") == b""
+    assert sample(lab.n2.metrics, "istio_tcp_connections_opened_total", response_flags="DENY") == 1
+
+
+async def test_strict_refuses_plaintext_permissive_delivers(lab: Lab) -> None:
+    assert await talk("127.0.0.2", lab.plaintext_port, b"plain") == b"plain"
+    lab.reconfigure(strict=True)
+    assert await talk("127.0.0.2", lab.plaintext_port, b"plain") == b""
