@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -76,6 +77,11 @@ async def run(args: argparse.Namespace) -> None:
     async def http(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         s = streams.for_authority(args.authority or "")
         if s is None:
+            # Read the request head first: closing with unread input makes the kernel send a
+            # RST, which can destroy the 503 before the client reads it.
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                                     ConnectionError, TimeoutError):  # fmt: skip
+                await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
             body = f"service {args.authority} not found in config\n".encode()
             w.write(serialize_response(503, [("content-type", "text/plain")], body, False))
             await w.drain()

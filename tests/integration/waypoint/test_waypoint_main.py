@@ -103,10 +103,14 @@ spec:
 
 async def test_config_change_applies_live(tmp_path: Path) -> None:
     async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await r.readuntil(b"\r\n\r\n")
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nbackend")
-        await w.drain()
-        w.close()
+        # Keep-alive, as the waypoint's upstream pool expects of a backend.
+        try:
+            while True:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nbackend")
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
 
     server = await asyncio.start_server(backend, "127.0.0.1", 0)
     cfg = tmp_path / "mesh.yaml"
