@@ -68,7 +68,7 @@ async def run(args: argparse.Namespace) -> None:
         await serve(
             args.hbone_addr[0],
             args.hbone_addr[1],
-            ids.server_context(node.identity),
+            ids.listener_context(node.identity),
             InboundHbone(node),
             trust_domain=args.trust_domain,
         )

@@ -17,6 +17,7 @@ import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from certs.ca import CertificateAuthority
 from certs.spiffe import SpiffeId, node_id
@@ -49,8 +50,9 @@ class Identities:
 
     The CA-service client with rotation slots in behind the same two methods."""
 
-    def __init__(self, ca: CertificateAuthority) -> None:
+    def __init__(self, ca: CertificateAuthority, ttl: timedelta = timedelta(hours=24)) -> None:
         self.ca = ca
+        self.ttl = ttl
         self._svids: dict[str, Svid] = {}
         self._client: dict[str, ssl.SSLContext] = {}
         self._server: dict[str, ssl.SSLContext] = {}
@@ -58,7 +60,9 @@ class Identities:
     def svid(self, identity: str) -> Svid:
         s = self._svids.get(identity)
         if s is None or time.time() >= s.refresh_at.timestamp():
-            s = self._svids[identity] = self.ca.issue(identity)
+            # Rotation at half life: new connections get the new certificate; live ones keep
+            # the session they negotiated, so nothing in flight breaks.
+            s = self._svids[identity] = self.ca.issue(identity, self.ttl)
             self._client.pop(identity, None)
             self._server.pop(identity, None)
         return s
@@ -76,6 +80,18 @@ class Identities:
         if ctx is None:
             ctx = self._server[identity] = server_context(svid, self.ca.bundle_pem)
         return ctx
+
+    def listener_context(self, identity: str) -> ssl.SSLContext:
+        """For a listener that outlives certificates: every handshake switches to the context
+        of the identity's current SVID, so new connections get the rotated certificate while
+        live ones keep theirs. (Our clients always send SNI, which triggers the switch.)"""
+        base = self.server_context(identity)
+
+        def switch(obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _c: object) -> None:
+            obj.context = self.server_context(identity)
+
+        base.sni_callback = switch
+        return base
 
     def dump(self) -> list[dict[str, str]]:
         return [
