@@ -27,6 +27,10 @@ Decisions, and why:
   else the cgroup v2 path of a process already inside the pod's netns (the sandbox's pause
   process), else null and ztunnel resolves it itself.
 
+The module uses only the standard library (PyYAML only for a hand-written YAML kubeconfig):
+the installer copies this very file to the host's CNI bin dir, where the runtime executes it
+with the host's `python3`.
+
 Network config keys (all optional): `enrolSocket` (default /run/ambientmesh/enrol.sock),
 `timeoutSeconds` (5), `excludeNamespaces`, `kubeconfig`, `cgroupRoot` (/sys/fs/cgroup),
 `logFile`.
@@ -215,10 +219,14 @@ def _api_get(kubeconfig: str, path: str, timeout: float) -> Mapping[str, str]:
     import tempfile
     import urllib.request
 
-    import yaml
-
     with open(kubeconfig, encoding="utf-8") as f:
-        kc = yaml.safe_load(f)
+        text = f.read()
+    try:  # the installer writes JSON (valid YAML), so the host needs nothing beyond stdlib
+        kc = json.loads(text)
+    except ValueError:
+        import yaml  # a hand-written YAML kubeconfig, where PyYAML is at hand
+
+        kc = yaml.safe_load(text)
     ctx_name = kc.get("current-context")
     contexts = {c["name"]: c["context"] for c in kc.get("contexts", [])}
     ctx = contexts.get(ctx_name) or next(iter(contexts.values()))
