@@ -17,7 +17,13 @@ from meshctl.errors import UsageError
 __all__ = ["UsageError", "build_parser", "main"]
 
 # Modules that contribute subcommands; each has `register(subparsers) -> None`.
-COMMAND_MODULES: tuple[str, ...] = ("certs.cli", "mesh.config.cli", "waypoint.cli", "bpf.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "certs.cli",
+    "mesh.config.cli",
+    "waypoint.cli",
+    "bpf.cli",
+    "meshctl.lab.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
