@@ -427,6 +427,23 @@ class Lab:
         pid = self._spawn(podexec_argv(str(info["netns"]), str(info["cgroup"]), pod.command),
                           log, env)  # fmt: skip
         self.state.add_proc(ProcRecord("pod", pod.key, pid, proc_start_time(pid) or 0, str(log)))
+        self._wait_in_pod(pod.key, pid, str(info["netns"]), Path(str(info["cgroup"])), log)
+
+    def _wait_in_pod(self, key: str, pid: int, netns: str, cgroup: Path, log: Path) -> None:
+        """`up` returns only once every pod process sits in its cgroup and netns, so callers
+        (and enrolment) never race the shim."""
+        want = os.stat(netns_path(netns)).st_ino
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            try:
+                joined = str(pid) in (cgroup / "cgroup.procs").read_text().split()
+                inside = os.stat(f"/proc/{pid}/ns/net").st_ino == want
+            except OSError:
+                raise LabError(f"pod {key} exited at start:\n{self._tail(str(log))}") from None
+            if joined and inside:
+                return
+            time.sleep(0.01)
+        raise LabError(f"pod {key}: process {pid} never entered its netns and cgroup")
 
     def _record_pods(self, snap: Snapshot) -> None:
         for pod in snap.pods:
