@@ -189,7 +189,9 @@ class CertificateAuthority:
         if ttl <= timedelta(0) or ttl > MAX_TTL:
             raise CertificateError(f"ttl {ttl} out of range (0, {MAX_TTL}]")
         now = datetime.now(UTC)
-        nb = not_before or now - BACKDATE
+        # Backdated for clock skew, but by at most a quarter of the lifetime: the half-life
+        # refresh point must stay in the future for short-lived certificates too.
+        nb = not_before or now - min(BACKDATE, ttl / 4)
         na = not_after or now + ttl
         leaf = (
             x509.CertificateBuilder()

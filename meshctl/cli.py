@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mesh.config.cli",
     "waypoint.cli",
     "bpf.cli",
+    "meshctl.install",
     "meshctl.lab.cli",
 )
 

@@ -11,10 +11,12 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
@@ -167,3 +169,50 @@ async def test_strict_refuses_plaintext_permissive_delivers(lab: Lab) -> None:
     assert await talk("127.0.0.2", lab.plaintext_port, b"plain") == b"plain"
     lab.reconfigure(strict=True)
     assert await talk("127.0.0.2", lab.plaintext_port, b"plain") == b""
+
+
+async def test_rotation_during_a_live_stream_keeps_it_flowing(tmp_path: Path) -> None:
+    """Certificates that live 4 s rotate at 2 s: a stream open across the rotation keeps
+    flowing, and a connection opened after it presents the new certificate."""
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    ids = Identities(ca, ttl=timedelta(seconds=4))
+    echo_srv = await asyncio.start_server(echo, "127.0.0.3", 0)
+    snap = parse_objects(manifest(echo_srv.sockets[0].getsockname()[1]))
+    n2 = Node("n2", lambda: snap, ids, MeshMetrics())
+    first_serial = ids.svid(n2.identity).serial
+    hbone = await serve(
+        "127.0.0.2", 0, ids.listener_context(n2.identity), InboundHbone(n2),
+        trust_domain="cluster.local",
+    )  # fmt: skip
+    hbone_port = hbone.sockets[0].getsockname()[1]
+    n1 = Node("n1", lambda: snap, ids, MeshMetrics(), hbone_port=hbone_port)
+
+    async def server_serial() -> int:
+        """The serial a new connection to node 2 is shown."""
+        _, w = await asyncio.open_connection(
+            "127.0.0.2", hbone_port, ssl=ids.client_context(WEB), server_hostname="hbone.mesh"
+        )
+        der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        w.close()
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+    assert await server_serial() == first_serial
+    out = await asyncio.get_running_loop().create_server(
+        Outbound(n1, lambda _s: (VIP, 80)).protocol, "127.0.0.1", 0
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", out.sockets[0].getsockname()[1])
+        for i in range(12):  # 3 s of traffic, across the 2 s rotation point
+            msg = f"tick {i}".encode()
+            writer.write(msg)
+            assert await asyncio.wait_for(reader.readexactly(len(msg)), 5) == msg
+            await asyncio.sleep(0.25)
+        writer.close()
+        rotated = await server_serial()
+        assert rotated != first_serial
+        assert rotated == ids.svid(n2.identity).serial
+    finally:
+        out.close()
+        hbone.close()
+        echo_srv.close()
+        n1.pool.close()
