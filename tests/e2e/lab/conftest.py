@@ -136,11 +136,11 @@ LabFactory = Callable[..., Lab]
 def lab_factory(tmp_path: Path) -> Iterator[LabFactory]:
     made: list[Lab] = []
 
-    def make(*, mesh: bool, manifest: str = MANIFEST) -> Lab:
+    def make(*, mesh: bool, capture: str = "auto", manifest: str = MANIFEST) -> Lab:
         paths = unique_paths()
         f = tmp_path / f"{paths.lab}.yaml"
         f.write_text(manifest)
-        lab = Lab(paths, mesh=mesh, out=lambda _m: None)
+        lab = Lab(paths, mesh=mesh, capture=capture, out=lambda _m: None)
         made.append(lab)
         lab.up(f)
         return lab
