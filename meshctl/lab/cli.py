@@ -23,7 +23,7 @@ from meshctl.lab.names import (
 from meshctl.lab.system import LabError
 
 
-def _lab(args: argparse.Namespace, *, mesh: bool = True) -> Lab:
+def _lab(args: argparse.Namespace, *, mesh: bool = True, capture: str = "auto") -> Lab:
     try:
         name = check_lab_name(args.name)
     except ValueError as exc:
@@ -34,7 +34,7 @@ def _lab(args: argparse.Namespace, *, mesh: bool = True) -> Lab:
         cgroup_root=Path(args.cgroup_root),
         pin_root=Path(args.pin_root),
     )
-    return Lab(paths, mesh=mesh)
+    return Lab(paths, mesh=mesh, capture=capture)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def _guard_signals() -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = _lab(args, mesh=not args.no_mesh)
+    lab = _lab(args, mesh=not args.no_mesh, capture=args.capture)
     _guard_signals()
     try:
         lab.up(args.manifest, keep_on_error=args.keep_on_error)
@@ -156,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from meshctl.lab.demo import run_demo
 
     _guard_signals()
-    return run_demo(_lab(args), Path(args.manifest), keep=args.keep)
+    return run_demo(_lab(args, capture=args.capture), Path(args.manifest), keep=args.keep)
 
 
 def register(subparsers: Any) -> None:
@@ -166,6 +166,13 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("up", help="bring a lab up from a manifest")
     p.add_argument("manifest")
     p.add_argument("--no-mesh", action="store_true", help="no CA, no ztunnel: plain pods")
+    p.add_argument(
+        "--capture",
+        choices=["auto", "enrol", "node"],
+        default="auto",
+        help="enrol: BPF + in-pod listeners via ztunnel's enrolment socket; node: netfilter "
+        "REDIRECT in the node netns; auto: enrol when ztunnel supports it",
+    )
     p.add_argument("--keep-on-error", action="store_true", help="leave a failed lab for study")
     _common(p)
     p.set_defaults(func=cmd_up)
@@ -209,5 +216,6 @@ def register(subparsers: Any) -> None:
         default=str(Path(__file__).resolve().parents[2] / "deploy" / "examples" / "demo.yaml"),
     )
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p.add_argument("--capture", choices=["auto", "enrol", "node"], default="auto")
     _common(p)
     p.set_defaults(func=cmd_demo, name="demo")

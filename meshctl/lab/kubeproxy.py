@@ -42,11 +42,46 @@ def _chain(prefix: str, *parts: object) -> str:
     return f"{prefix}{h}"
 
 
-def nat_table(rules: Iterable[ServiceRule], local_pod_cidr: str) -> str:
-    """The node's whole nat table in iptables-restore format."""
+@dataclass(frozen=True, slots=True)
+class NodeCapture:
+    """Node-level capture for the enrolled pods of one node (the lab's `node` capture mode,
+    used when ztunnel cannot open listeners inside pods): their outbound TCP goes to the
+    node's ztunnel :15001, and plaintext arriving for them to its :15006. ztunnel's own
+    connections start in the node (OUTPUT), never in PREROUTING, so they are never captured."""
+
+    sources: tuple[str, ...]  # enrolled pod IPs on this node
+    destinations: tuple[str, ...]  # the same pods, as destinations of inbound plaintext
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    hbone_port: int = 15008
+
+
+def _capture_lines(cap: NodeCapture) -> list[str]:
+    out = []
+    for ip in cap.sources:
+        out.append(
+            f'-A AM-CAPTURE -s {ip}/32 -p tcp -m comment --comment "ambientmesh outbound" '
+            f"-j REDIRECT --to-ports {cap.outbound_port}"
+        )
+    for ip in cap.destinations:
+        out.append(
+            f"-A AM-CAPTURE -d {ip}/32 -p tcp -m tcp ! --dport {cap.hbone_port} "
+            f'-m comment --comment "ambientmesh inbound plaintext" '
+            f"-j REDIRECT --to-ports {cap.inbound_port}"
+        )
+    return out
+
+
+def nat_table(
+    rules: Iterable[ServiceRule], local_pod_cidr: str, capture: NodeCapture | None = None
+) -> str:
+    """The node's whole nat table in iptables-restore format. Capture comes before the
+    service rules: an enrolled pod's connect to a VIP must reach ztunnel with the VIP as its
+    original destination, not an endpoint kube-proxy already picked."""
     chains = [":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    chains += [":POSTROUTING ACCEPT [0:0]", ":AM-SERVICES - [0:0]"]
+    chains += [":POSTROUTING ACCEPT [0:0]", ":AM-CAPTURE - [0:0]", ":AM-SERVICES - [0:0]"]
     body = [
+        '-A PREROUTING -m comment --comment "ambientmesh lab capture" -j AM-CAPTURE',
         '-A PREROUTING -m comment --comment "ambientmesh lab services" -j AM-SERVICES',
         '-A OUTPUT -m comment --comment "ambientmesh lab services" -j AM-SERVICES',
         # hairpin: a pod reaching a VIP that lands on its own bridge would get the reply
@@ -54,6 +89,8 @@ def nat_table(rules: Iterable[ServiceRule], local_pod_cidr: str) -> str:
         f"-A POSTROUTING -s {local_pod_cidr} -d {local_pod_cidr} -m conntrack --ctstate DNAT "
         '-m comment --comment "ambientmesh lab hairpin" -j MASQUERADE',
     ]
+    if capture is not None:
+        body += _capture_lines(capture)
     for r in rules:
         if not r.endpoints:
             continue

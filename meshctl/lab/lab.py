@@ -117,11 +117,15 @@ class Lab:
         *,
         out: Callable[[str], None] = print,
         mesh: bool = True,
+        capture: str = "auto",
     ) -> None:
         check_lab_name(paths.lab)
+        if capture not in ("auto", "enrol", "node"):
+            raise ValueError(f"capture {capture!r}: expected auto, enrol or node")
         self.paths = paths
         self.out = out
         self.mesh = mesh
+        self.requested_capture = capture
         self._state: LabState | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -237,6 +241,8 @@ class Lab:
         snap = parse_objects(generated)
         manifest.write_atomic(p.config_file, manifest.dump(generated))
         self.out(f"config: {p.config_file}")
+        st.info["capture"] = self._choose_capture()
+        st.save()
         self._apply_service_rules(snap)
 
         if self.mesh:
@@ -280,15 +286,49 @@ class Lab:
         self.out(f"pod {key}: netns {ns}, {ip} on {node}")
         return ip
 
+    @property
+    def capture(self) -> str:
+        """How enrolled pods' traffic reaches ztunnel: "enrol" (ztunnel's enrolment socket:
+        BPF in the pod's cgroup, listeners in the pod's netns) or "node" (netfilter REDIRECT
+        in the node's netns to ztunnel's node-level listeners), or "none" (no mesh)."""
+        return str(self.state.info.get("capture", "none"))
+
     def _apply_service_rules(self, snap: Snapshot) -> None:
         rules = kubeproxy.service_rules(snap)
-        for _node, info in self.state.nodes.items():
-            table = kubeproxy.nat_table(rules, str(info["cidr"]))
+        for node, info in self.state.nodes.items():
+            cap = None
+            if self.capture == "node":
+                ips = tuple(p.ip for p in snap.pods_on_node(node) if p.ip and snap.is_ambient(p))
+                cap = kubeproxy.NodeCapture(ips, ips)
+            table = kubeproxy.nat_table(rules, str(info["cidr"]), cap)
             run(in_netns(str(info["netns"]), "iptables-restore", "-w"), stdin=table)
         n = sum(1 for r in rules if r.endpoints)
         self.out(f"service rules (kube-proxy style) on {len(self.state.nodes)} nodes: {n} VIPs")
 
     # -- mesh ----------------------------------------------------------------------------
+
+    def _choose_capture(self) -> str:
+        if not self.mesh:
+            return "none"
+        feats = ZtunnelFeatures.probe()
+        self.state.info["ztunnel_features"] = {
+            "enrol_socket": feats.enrol_socket,
+            "redirect": feats.redirect,
+        }
+        want = self.requested_capture
+        if want == "enrol" and not feats.enrol_socket:
+            raise LabError("capture 'enrol' needs a ztunnel with --enrol-socket (not this one)")
+        if want == "auto":
+            want = "enrol" if feats.enrol_socket else "node"
+        self.out(
+            "capture: "
+            + (
+                "BPF in each enrolled pod's cgroup, ztunnel listeners inside the pod"
+                if want == "enrol"
+                else "netfilter REDIRECT in the node netns to ztunnel's node listeners"
+            )
+        )
+        return want
 
     def _start_mesh(self, snap: Snapshot) -> None:
         from certs.ca import CertificateAuthority
@@ -298,16 +338,6 @@ class Lab:
             CertificateAuthority.init(p.ca_dir, snap.trust_domain)
         self.out(f"mesh CA: {p.ca_dir} (trust domain {snap.trust_domain})")
         feats = ZtunnelFeatures.probe()
-        st.info["ztunnel_features"] = {
-            "enrol_socket": feats.enrol_socket,
-            "redirect": feats.redirect,
-        }
-        st.save()
-        if not feats.enrol_socket:
-            self.out(
-                "note: this ztunnel has no enrolment socket yet; ambient pods are not captured "
-                "(their traffic flows like non-mesh pods)"
-            )
         for node in st.nodes:
             self._start_ztunnel(node, feats)
         for node in st.nodes:
@@ -325,12 +355,15 @@ class Lab:
             "--metrics-addr", f"0.0.0.0:{METRICS_PORT}",
             "--readiness-addr", f"0.0.0.0:{READINESS_PORT}",
         ]  # fmt: skip
-        if feats.enrol_socket:
+        if self.capture == "enrol":
             args += ["--enrol-socket", str(p.enrol_socket(node))]
-        if feats.redirect:
-            args += ["--redirect", "bpf"]
-        if feats.pin_root_flag:
-            args += [feats.pin_root_flag, str(p.lab_pins)]
+            if feats.redirect:
+                args += ["--redirect", "bpf"]
+            if feats.pin_root_flag:
+                args += [feats.pin_root_flag, str(p.lab_pins)]
+        elif self.capture == "node":
+            args += ["--outbound-addr", "0.0.0.0:15001", "--inbound-plaintext-addr",
+                     "0.0.0.0:15006"]  # fmt: skip
         return args
 
     def _start_ztunnel(self, node: str, feats: ZtunnelFeatures | None = None) -> int:
@@ -365,8 +398,7 @@ class Lab:
             try:
                 http_get_in_netns(str(info["netns"]), str(info["ip"]), READINESS_PORT,
                                   "/healthz/ready", timeout=1.0)  # fmt: skip
-                wants_sock = self.state.info.get("ztunnel_features", {}).get("enrol_socket")
-                if wants_sock and not self.paths.enrol_socket(node).exists():
+                if self.capture == "enrol" and not self.paths.enrol_socket(node).exists():
                     raise OSError("enrolment socket not there yet")
                 return
             except OSError as exc:
@@ -376,7 +408,7 @@ class Lab:
 
     def _enrol(self, namespace: str, name: str, *, add: bool) -> None:
         st = self.state
-        if not st.info.get("ztunnel_features", {}).get("enrol_socket"):
+        if self.capture != "enrol":
             return
         pod = st.pods[f"{namespace}/{name}"]
         msg = {
@@ -427,6 +459,23 @@ class Lab:
         pid = self._spawn(podexec_argv(str(info["netns"]), str(info["cgroup"]), pod.command),
                           log, env)  # fmt: skip
         self.state.add_proc(ProcRecord("pod", pod.key, pid, proc_start_time(pid) or 0, str(log)))
+        self._wait_in_pod(pod.key, pid, str(info["netns"]), Path(str(info["cgroup"])), log)
+
+    def _wait_in_pod(self, key: str, pid: int, netns: str, cgroup: Path, log: Path) -> None:
+        """`up` returns only once every pod process sits in its cgroup and netns, so callers
+        (and enrolment) never race the shim."""
+        want = os.stat(netns_path(netns)).st_ino
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            try:
+                joined = str(pid) in (cgroup / "cgroup.procs").read_text().split()
+                inside = os.stat(f"/proc/{pid}/ns/net").st_ino == want
+            except OSError:
+                raise LabError(f"pod {key} exited at start:\n{self._tail(str(log))}") from None
+            if joined and inside:
+                return
+            time.sleep(0.01)
+        raise LabError(f"pod {key}: process {pid} never entered its netns and cgroup")
 
     def _record_pods(self, snap: Snapshot) -> None:
         for pod in snap.pods:
