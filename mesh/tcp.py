@@ -11,24 +11,19 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from mesh.stream import Endpoint
+from mesh.stream import Endpoint, EndpointBase
 
 HIGH_WATER = 1 << 20
 LOW_WATER = 1 << 18
 
 
-class TcpEndpoint(asyncio.Protocol):
+class TcpEndpoint(EndpointBase, asyncio.Protocol):
     def __init__(self, on_made: Callable[[TcpEndpoint], None] | None = None) -> None:
+        super().__init__()
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
-        self._peer: Endpoint | None = None
-        self._early: list[bytes] = []  # bytes received before join()
-        self._early_eof = False
         self._eof_in = False
         self._eof_out = False
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._recv = 0
-        self._sent = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -74,14 +69,6 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- Endpoint --------------------------------------------------------------------------
 
-    def join(self, peer: Endpoint) -> None:
-        self._peer = peer
-        for chunk in self._early:
-            peer.write(chunk)
-        self._early.clear()
-        if self._early_eof:
-            peer.write_eof()
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self._sent += len(data)
@@ -118,18 +105,6 @@ class TcpEndpoint(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-    @property
-    def done(self) -> asyncio.Future[None]:
-        return self._done
-
-    @property
-    def bytes_received(self) -> int:
-        return self._recv
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._sent
 
 
 def join(a: Endpoint, b: Endpoint) -> None:

@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mesh.config.model import ConfigError
+from mesh import process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer
@@ -113,24 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except argparse.ArgumentTypeError as exc:
             print(f"waypoint: {exc}", file=sys.stderr)
             return 2
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        asyncio.run(run(args))
-    except ConfigError as exc:
-        print(f"waypoint: invalid config:\n{exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        print(f"waypoint: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return process.run("waypoint", run(args), log_level="info")
 
 
 if __name__ == "__main__":

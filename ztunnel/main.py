@@ -14,8 +14,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from certs.ca import CertificateAuthority, CertificateError
-from mesh.config.model import ConfigError
+from certs.ca import CertificateAuthority
+from mesh import process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
@@ -117,29 +117,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(run(args))
-    except ConfigError as exc:
-        print(f"ztunnel: invalid config:\n{exc}", file=sys.stderr)
-        return 2
-    except CertificateError as exc:
-        print(f"ztunnel: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        print(f"ztunnel: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return process.run("ztunnel", run(args), log_level=args.log_level)
 
 
 if __name__ == "__main__":

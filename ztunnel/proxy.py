@@ -272,8 +272,12 @@ def route_outbound(
     return Route("hbone", ip, port, (ip, hbone_port), snap.identity(dst), svc, dst)
 
 
-class Outbound:
-    """:15001: each accepted connection is tunnelled or passed through, by the snapshot."""
+class _Redirected:
+    """A listener for redirected connections: finds where each was originally going, then
+    hands it to the role's `handle`. Outbound (15001) and plaintext inbound (15006) differ
+    only in what they do next."""
+
+    role = "redirected"
 
     def __init__(
         self,
@@ -295,9 +299,25 @@ class Outbound:
         try:
             dst_ip, dst_port = self.resolve(t.get_extra_info("socket"))
         except OSError as exc:
-            log.warning("outbound from %s: no original destination: %s", src_ip, exc)
+            log.warning("%s from %s: no original destination: %s", self.role, src_ip, exc)
             ep.abort()
             return
+        await self.handle(ep, src_ip, dst_ip, dst_port, started)
+
+    async def handle(
+        self, ep: TcpEndpoint, src_ip: str, dst_ip: str, dst_port: int, started: float
+    ) -> None:
+        raise NotImplementedError
+
+
+class Outbound(_Redirected):
+    """:15001: each accepted connection is tunnelled or passed through, by the snapshot."""
+
+    role = "outbound"
+
+    async def handle(
+        self, ep: TcpEndpoint, src_ip: str, dst_ip: str, dst_port: int, started: float
+    ) -> None:
         snap = self.node.snapshot()
         src = snap.pod_by_ip(src_ip)
         r = route_outbound(snap, src, dst_ip, dst_port, self.node.hbone_port)
@@ -347,33 +367,16 @@ class Outbound:
         _finish(self.node, labels, ep, upstream, started, {**record, "verdict": "allow"})
 
 
-class InboundPlaintext:
+class InboundPlaintext(_Redirected):
     """:15006: traffic to a local pod that did not come through the mesh.
 
     STRICT refuses it; PERMISSIVE applies L4 policy with no principal and delivers."""
 
-    def __init__(
-        self,
-        node: Node,
-        resolve: Callable[[socket.socket], tuple[str, int]] = original_dst,
+    role = "plaintext"
+
+    async def handle(
+        self, ep: TcpEndpoint, src_ip: str, dst_ip: str, dst_port: int, started: float
     ) -> None:
-        self.node = node
-        self.resolve = resolve
-
-    def protocol(self) -> TcpEndpoint:
-        return TcpEndpoint(on_made=lambda ep: self.node.spawn(self._serve(ep)))
-
-    async def _serve(self, ep: TcpEndpoint) -> None:
-        t = ep.transport
-        if t is None:
-            return
-        started = time.monotonic()
-        src_ip = (t.get_extra_info("peername") or ("", 0))[0]
-        try:
-            dst_ip, dst_port = self.resolve(t.get_extra_info("socket"))
-        except OSError:
-            ep.abort()
-            return
         snap = self.node.snapshot()
         pod = snap.pod_by_ip(dst_ip)
         record: dict[str, object] = {

@@ -25,7 +25,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from mesh.stream import Endpoint
+from mesh.stream import EndpointBase
 from mesh.tls import PeerIdentityError, check_identity, peer_identity
 
 log = logging.getLogger("mesh.hbone")
@@ -45,24 +45,19 @@ class HboneError(Exception):
         self.status = status
 
 
-class HboneStream:
+class HboneStream(EndpointBase):
     """One CONNECT stream as an Endpoint."""
 
     def __init__(self, conn: HboneConnection, stream_id: int) -> None:
+        super().__init__()
         self.conn = conn
         self.stream_id = stream_id
-        self._peer: Endpoint | None = None
-        self._early: list[bytes] = []
-        self._early_eof = False
         self._pending: list[memoryview] = []
         self._pending_bytes = 0
         self._eof_pending = False
         self._paused = False  # our peer asked us to stop delivering
         self._unacked = 0  # bytes delivered while paused, not yet credited back
         self._peer_paused = False  # we asked the peer to stop (our send queue is full)
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._recv = 0
-        self._sent = 0
         self._ended_in = False
         self._ended_out = False
         self.response: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
@@ -149,14 +144,6 @@ class HboneStream:
 
     # -- Endpoint --------------------------------------------------------------------------
 
-    def join(self, peer: Endpoint) -> None:
-        self._peer = peer
-        for chunk in self._early:
-            peer.write(chunk)
-        self._early.clear()
-        if self._early_eof:
-            peer.write_eof()
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._done.done() or self._ended_out or not data:
             return
@@ -191,18 +178,6 @@ class HboneStream:
         if self._unacked:
             self.conn._ack(self.stream_id, self._unacked)
             self._unacked = 0
-
-    @property
-    def done(self) -> asyncio.Future[None]:
-        return self._done
-
-    @property
-    def bytes_received(self) -> int:
-        return self._recv
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._sent
 
 
 @dataclass
