@@ -112,6 +112,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) for assertions
         self.watch_count = 0
         self.fail_next: list[int] = []  # status codes to return on the next list/watch calls
+        self.next_ip = 100
         self.missing: set[str] = set()  # plurals answered 404, as when a CRD is not installed
         self._watchers: set[_Watcher] = set()
         self._runner: web.AppRunner | None = None
@@ -386,6 +387,11 @@ class FakeApiServer:
         if key in self.objects[resource]:
             msg = f'{resource[1]} "{key[1]}" already exists'
             return web.json_response(_status(409, "AlreadyExists", msg), status=409)
+        if kind == "Service":  # the real server allocates the cluster IP
+            spec = body.setdefault("spec", {})
+            if not spec.get("clusterIP"):
+                self.next_ip += 1
+                spec["clusterIP"] = f"10.96.{self.next_ip // 250}.{self.next_ip % 250 + 1}"
         return web.json_response(self.put(body), status=201)
 
     async def _item(
@@ -418,7 +424,10 @@ class FakeApiServer:
             return web.json_response(self._replace(cur, new))
         if request.method == "PATCH":
             ctype = request.headers.get("Content-Type", "")
-            if "merge-patch" not in ctype and "strategic-merge-patch" not in ctype:
+            builtin = resource[0] in ("v1", "apps/v1", "discovery.k8s.io/v1")
+            strategic = "strategic-merge-patch" in ctype
+            # Custom resources take no strategic merge patch, as on a real server.
+            if "merge-patch" not in ctype or (strategic and not builtin):
                 return web.json_response(_status(415, "UnsupportedMediaType", ctype), status=415)
             if sub == "status":
                 body = {"status": body.get("status")}

@@ -1,0 +1,133 @@
+"""The waypoint controller against the fake API server: Gateway → ServiceAccount, Deployment,
+Service, and status on the Gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from fake_apiserver import FakeApiServer
+from kubernetes_asyncio import client as k8s
+
+from waypoint.controller import HASH_ANNOTATION, WaypointController
+
+IMAGE = "ghcr.io/ambientmesh/ambientmesh:test"
+
+
+def gateway(
+    name: str, ns: str = "shop", cls: str = "waypoint", port: int = 15008
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "gatewayClassName": cls,
+            "listeners": [{"name": "mesh", "port": port, "protocol": "HBONE"}],
+        },
+    }
+
+
+@pytest.fixture
+async def controller(api_client: k8s.ApiClient) -> AsyncIterator[WaypointController]:
+    ctl = WaypointController(api_client, image=IMAGE, resync=0.3, debounce=0.02)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(ctl.run())
+        try:
+            yield ctl
+        finally:
+            task.cancel()
+
+
+async def until(pred: Callable[[], Any], wait: float = 10.0) -> Any:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait
+    while loop.time() < end:
+        v = pred()
+        if v:
+            return v
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met")
+
+
+async def test_gateway_becomes_deployment_service_and_status(
+    apiserver: FakeApiServer, controller: WaypointController
+) -> None:
+    gw = apiserver.put(gateway("waypoint"))
+    apiserver.put(gateway("ingress", cls="istio"))  # not ours
+    dep = await until(lambda: apiserver.get("Deployment", "waypoint", "shop"))
+    svc = await until(lambda: apiserver.get("Service", "waypoint", "shop"))
+    sa = await until(lambda: apiserver.get("ServiceAccount", "waypoint", "shop"))
+    for o in (dep, svc, sa):
+        (ref,) = o["metadata"]["ownerReferences"]
+        assert ref["kind"] == "Gateway" and ref["uid"] == gw["metadata"]["uid"]
+        assert ref["controller"] is True
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == "waypoint"
+    assert pod["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
+    assert pod["spec"]["serviceAccountName"] == "waypoint"
+    (c,) = pod["spec"]["containers"]
+    assert c["image"] == IMAGE and c["readinessProbe"]["httpGet"]["port"] == 15021
+    assert svc["spec"]["ports"][0]["port"] == 15008
+    assert svc["spec"]["selector"] == {"gateway.networking.k8s.io/gateway-name": "waypoint"}
+
+    def status() -> dict[str, Any] | None:
+        g = apiserver.get("Gateway", "waypoint", "shop")
+        assert g is not None
+        st: dict[str, Any] | None = g.get("status")
+        return st if st and st.get("addresses") else None
+
+    st = await until(status)
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Accepted"]["status"] == "True"
+    assert conds["Programmed"]["status"] == "True"
+    assert conds["Programmed"]["observedGeneration"] == 1
+    assert st["addresses"] == [{"type": "IPAddress", "value": svc["spec"]["clusterIP"]}]
+    assert apiserver.get("Deployment", "ingress", "shop") is None
+    assert controller.ready()
+
+
+async def test_spec_change_updates_and_steady_state_writes_nothing(
+    apiserver: FakeApiServer, controller: WaypointController
+) -> None:
+    apiserver.put(gateway("waypoint"))
+    await until(lambda: (apiserver.get("Gateway", "waypoint", "shop") or {}).get("status"))
+    # Several resyncs with nothing changed: no PATCH/POST/PUT at all.
+    start = controller.reconciles
+    writes_before = [r for r in apiserver.requests if r[0] != "GET"]
+    await until(lambda: controller.reconciles >= start + 2)
+    assert [r for r in apiserver.requests if r[0] != "GET"] == writes_before
+
+    g = apiserver.get("Gateway", "waypoint", "shop")
+    assert g is not None
+    g["spec"]["listeners"][0]["port"] = 15009
+    g["metadata"]["generation"] = 2
+    apiserver.put(g)
+    svc = await until(
+        lambda: (
+            (s := apiserver.get("Service", "waypoint", "shop"))
+            and s["spec"]["ports"][0]["port"] == 15009
+            and s
+        )
+    )
+    assert svc["metadata"]["annotations"][HASH_ANNOTATION]
+    dep = apiserver.get("Deployment", "waypoint", "shop")
+    assert dep is not None
+    assert "0.0.0.0:15009" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    await until(
+        lambda: all(
+            c["observedGeneration"] == 2
+            for c in (apiserver.get("Gateway", "waypoint", "shop") or {})["status"]["conditions"]
+        )
+    )
+
+
+async def test_resync_recreates_a_deleted_deployment(
+    apiserver: FakeApiServer, controller: WaypointController
+) -> None:
+    apiserver.put(gateway("waypoint", ns="other"))
+    await until(lambda: apiserver.get("Deployment", "waypoint", "other"))
+    apiserver.delete("Deployment", "waypoint", "other")
+    await until(lambda: apiserver.get("Deployment", "waypoint", "other"))
