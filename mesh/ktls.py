@@ -23,7 +23,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -534,21 +534,29 @@ def interpret(record_type: int, payload: bytes) -> RecordAction:
 # -- socket glue ---------------------------------------------------------------------------
 
 
-def install(sock: socket.socket, keys: TrafficKeys) -> None:
-    """Hand the record layer to the kernel; the socket carries plaintext from now on."""
+def install(sock: socket.socket, keys: TrafficKeys) -> bool:
+    """Hand the record layer to the kernel; the socket carries plaintext from now on.
+
+    False when the ULP would not attach, before anything changed: TCP must still be
+    ESTABLISHED, so a peer that already sent FIN (it wrote and half-closed right after its
+    Finished) leaves the socket in CLOSE_WAIT and this connection stays in user space.
+    A failure after the ULP attached cannot be undone and is an error."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
-        sock.setsockopt(
-            SOL_TLS, TLS_TX, keys.spec.crypto_info(keys.tx.key, keys.tx.iv, keys.tx.seq)
-        )
-        sock.setsockopt(
-            SOL_TLS, TLS_RX, keys.spec.crypto_info(keys.rx.key, keys.rx.iv, keys.rx.seq)
-        )
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise KtlsError(f"attaching the TLS ULP failed: {exc}") from None
+    try:
+        tx, rx = keys.tx, keys.rx
+        sock.setsockopt(SOL_TLS, TLS_TX, keys.spec.crypto_info(tx.key, tx.iv, tx.seq))
+        sock.setsockopt(SOL_TLS, TLS_RX, keys.spec.crypto_info(rx.key, rx.iv, rx.seq))
     except OSError as exc:
         raise KtlsError(f"installing {keys.spec.suite} keys in the kernel failed: {exc}") from None
     # Lets the kernel decrypt TLS 1.3 records in place (6.0+); an optimisation only.
     with contextlib.suppress(OSError):
         sock.setsockopt(SOL_TLS, TLS_RX_EXPECT_NO_PAD, 1)
+    return True
 
 
 TLS_RX_EXPECT_NO_PAD = 4
@@ -585,6 +593,12 @@ class KtlsSession:
     peer_der: bytes | None
     tx_seq: int
     rx_seq: int
+    # Set when the keys could not go to the kernel: the record layer stays in OpenSSL.
+    user_space: SSL.Connection | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.user_space is None
 
     def selected_alpn_protocol(self) -> str | None:
         return self.alpn
@@ -605,7 +619,9 @@ async def handshake(
     sock: socket.socket, ctx: KtlsContext, *, offload: bool = True
 ) -> tuple[KtlsSession, Handshake]:
     """Run the TLS 1.3 handshake on a connected non-blocking socket and, with `offload`,
-    install the keys. The caller bounds it with a timeout and closes `sock` on error."""
+    install the keys; without (or when the kernel would not take them) the session carries
+    the OpenSSL connection for a user-space record layer. The caller bounds it with a timeout
+    and closes `sock` on error."""
     loop = asyncio.get_running_loop()
     hs = Handshake(ctx)
     record: bytes | None = None
@@ -624,9 +640,17 @@ async def handshake(
             break
         record = await _read_record(loop, sock)
     keys = hs.keys()
-    if offload:
-        install(sock, keys)
-    session = KtlsSession(keys.spec.suite, hs.alpn(), hs.peer_der(), keys.tx.seq, keys.rx.seq)
+    in_kernel = install(sock, keys) if offload else False
+    session = KtlsSession(
+        keys.spec.suite,
+        hs.alpn(),
+        hs.peer_der(),
+        keys.tx.seq,
+        keys.rx.seq,
+        None if in_kernel else hs.conn,
+    )
+    if offload and not in_kernel:
+        log.debug("ktls: peer half-closed during the handshake; this one stays in user space")
     return session, hs
 
 
@@ -682,7 +706,7 @@ class KtlsTransport(asyncio.Transport):
                 "peername": _peername(sock),
                 "sockname": sock.getsockname(),
                 "ssl_object": session,
-                "ktls": True,
+                "ktls": session.offloaded,
                 "cipher": session.cipher(),
             }
         )
@@ -746,6 +770,9 @@ class KtlsTransport(asyncio.Transport):
             return
         if not data:
             return
+        self._write_wire(data)
+
+    def _write_wire(self, data: bytes | bytearray | memoryview) -> None:
         if not self._wbuf:
             try:
                 n = self._sock.send(data)
@@ -884,6 +911,100 @@ class KtlsTransport(asyncio.Transport):
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
 
+class UserTlsTransport(KtlsTransport):
+    """The same transport with OpenSSL doing the record layer, for the connection whose keys
+    could not go to the kernel (see `install`). Ciphertext moves through the socket; the
+    handshake's own pyOpenSSL connection, still holding its keys and sequence numbers,
+    encrypts and decrypts."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: asyncio.Protocol,
+        session: KtlsSession,
+    ) -> None:
+        assert session.user_space is not None
+        self._tls = session.user_space
+        super().__init__(loop, sock, protocol, session)
+
+    def _ciphertext(self) -> bytes:
+        out = bytearray()
+        while True:
+            try:
+                chunk = self._tls.bio_read(READ_SIZE)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._lost or self._closing or self._eof_sent or not data:
+            return
+        self._tls.sendall(bytes(data))  # into the memory BIO: never blocks
+        self._write_wire(self._ciphertext())
+
+    def _read_ready(self) -> None:
+        try:
+            wire = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(KtlsError(f"receive failed: {exc}"), alert=None)
+            return
+        if not wire:
+            self._eof()
+            return
+        self._tls.bio_write(wire)
+        plain = bytearray()
+        end: Exception | None = None
+        eof = False
+        while True:
+            try:
+                plain += self._tls.recv(READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                eof = True
+                break
+            except SSL.Error as exc:
+                end = KtlsError(f"TLS record refused: {_ssl_reason(exc)}")
+                break
+        if plain:
+            self._protocol.data_received(bytes(plain))
+        if self._lost:
+            return
+        if end is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(self._ciphertext())  # OpenSSL's fatal alert
+            self._finish(end)
+        elif eof:
+            self._eof()
+
+    def _send_close_notify(self) -> None:
+        with contextlib.suppress(SSL.Error):
+            self._tls.shutdown()
+        with contextlib.suppress(OSError):
+            self._sock.send(self._ciphertext())
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def _fatal(self, exc: Exception, alert: int | None) -> None:
+        self._finish(exc)
+
+
+def transport_for(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    protocol: asyncio.Protocol,
+    session: KtlsSession,
+) -> KtlsTransport:
+    cls = KtlsTransport if session.offloaded else UserTlsTransport
+    return cls(loop, sock, protocol, session)
+
+
 def _peername(sock: socket.socket) -> Any:
     try:
         return sock.getpeername()
@@ -917,7 +1038,7 @@ async def create_connection(
         sock.close()
         raise
     protocol = protocol_factory()
-    return KtlsTransport(loop, sock, protocol, session), protocol
+    return transport_for(loop, sock, protocol, session), protocol
 
 
 class KtlsServer(asyncio.AbstractServer):
@@ -975,7 +1096,7 @@ class KtlsServer(asyncio.AbstractServer):
         except BaseException:
             conn.close()
             raise
-        KtlsTransport(self._loop, conn, self._factory(), session)
+        transport_for(self._loop, conn, self._factory(), session)
 
     def close(self) -> None:
         if self._closed.done():

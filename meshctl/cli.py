@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "waypoint.cli",
     "bpf.cli",
     "meshctl.install",
+    "meshctl.lab.cli",
 )
 
 

@@ -1,0 +1,190 @@
+"""The lab's built-in app: an HTTP/1.1 echo that reports who called it, or a raw TCP echo.
+
+Manifests need no image: a pod runs `python -m mesh.apps.echo`, and every answer says which
+address the caller came from (as the kernel reports it to the app), which pod answered, and
+what the request looked like. That is what the demo and the end-to-end tests assert on: the
+peer address shows whether traffic went through the mesh, the pod name shows load balancing.
+
+One asyncio Protocol per connection, httptools for parsing, keep-alive; no per-request logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import cast
+
+import httptools
+
+
+def _fmt(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+class HttpEcho(asyncio.Protocol):
+    """Answers each request with a JSON description of the request and its caller."""
+
+    __slots__ = (
+        "_body_len",
+        "_headers",
+        "_ident",
+        "_local",
+        "_parser",
+        "_peer",
+        "_transport",
+        "_url",
+    )
+
+    def __init__(self, ident: dict[str, str]) -> None:
+        self._ident = ident
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._headers: dict[str, str] = {}
+        self._url = b""
+        self._body_len = 0
+        self._peer = ""
+        self._local = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only compatible
+        self._transport = t = cast(asyncio.Transport, transport)
+        self._peer = _fmt(t.get_extra_info("peername"))
+        self._local = _fmt(t.get_extra_info("sockname"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reply(400, b'{"error":"upgrade not supported"}', close=True)
+        except httptools.HttpParserError as exc:
+            msg = json.dumps({"error": f"bad request: {exc}"}).encode()
+            self._reply(400, msg, close=True)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._headers = {}
+        self._url = b""
+        self._body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+
+    def on_message_complete(self) -> None:
+        method = self._parser.get_method().decode()
+        body = {
+            "pod": self._ident["pod"],
+            "namespace": self._ident["namespace"],
+            "peer": self._peer,
+            "local": self._local,
+            "method": method,
+            "path": self._url.decode("latin-1"),
+            "headers": self._headers,
+            "body_bytes": self._body_len,
+        }
+        payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        self._reply(200, payload, close=not self._parser.should_keep_alive(), head=method == "HEAD")
+
+    def _reply(self, status: int, payload: bytes, *, close: bool, head: bool = False) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        reason = b"OK" if status == 200 else b"Bad Request"
+        head_bytes = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            % (
+                status,
+                reason,
+                len(payload),
+            )
+        )
+        head_bytes += b"connection: close\r\n\r\n" if close else b"\r\n"
+        t.write(head_bytes if head else head_bytes + payload)
+        if close:
+            t.close()
+
+
+class TcpEcho(asyncio.Protocol):
+    """Sends back every byte; pauses reading while the peer is slow to take them."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=256 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def pause_writing(self) -> None:
+        assert self._transport is not None
+        self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self._transport is not None
+        self._transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        assert self._transport is not None
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+        return True
+
+
+async def serve(host: str, port: int, mode: str) -> None:
+    ident = {
+        "pod": os.environ.get("POD_NAME", os.uname().nodename),
+        "namespace": os.environ.get("POD_NAMESPACE", ""),
+    }
+    loop = asyncio.get_running_loop()
+    if mode == "http":
+        server = await loop.create_server(lambda: HttpEcho(ident), host, port, backlog=1024)
+    else:
+        server = await loop.create_server(TcpEcho, host, port, backlog=1024)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bound = server.sockets[0].getsockname()
+    print(f"echo ({mode}) listening on {bound[0]}:{bound[1]}", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="echo", description="HTTP/TCP echo for the lab")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--mode", choices=["http", "tcp"], default="http")
+    args = p.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(args.host, args.port, args.mode))
+    except OSError as exc:
+        print(f"echo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
