@@ -1048,7 +1048,7 @@ class KtlsServer(asyncio.AbstractServer):
     def __init__(
         self,
         sock: socket.socket,
-        ctx: KtlsContext,
+        ctx: KtlsContext | Callable[[], KtlsContext],
         protocol_factory: Callable[[], asyncio.Protocol],
         *,
         timeout: float = HANDSHAKE_TIMEOUT,
@@ -1062,6 +1062,8 @@ class KtlsServer(asyncio.AbstractServer):
         self._closed = self._loop.create_future()
         self._accept = self._loop.create_task(self._accept_loop())
         self.handshake_failures = 0
+        self.offloaded = 0  # connections whose records the kernel handles
+        self.user_space = 0  # connections the kernel would not take (see `install`)
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -1087,7 +1089,10 @@ class KtlsServer(asyncio.AbstractServer):
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(self._timeout):
-                session = await server_handshake(conn, self._ctx)
+                # A provider is asked per connection: rotated certificates reach new
+                # connections while live ones keep the keys they negotiated.
+                ctx = self._ctx if isinstance(self._ctx, KtlsContext) else self._ctx()
+                session = await server_handshake(conn, ctx)
         except (KtlsError, OSError, TimeoutError) as exc:
             self.handshake_failures += 1
             log.warning("ktls: handshake with %s failed: %s", _peername(conn), exc)
@@ -1096,6 +1101,10 @@ class KtlsServer(asyncio.AbstractServer):
         except BaseException:
             conn.close()
             raise
+        if session.offloaded:
+            self.offloaded += 1
+        else:
+            self.user_space += 1
         transport_for(self._loop, conn, self._factory(), session)
 
     def close(self) -> None:
@@ -1130,7 +1139,7 @@ async def start_server(
     protocol_factory: Callable[[], asyncio.Protocol],
     host: str,
     port: int,
-    ctx: KtlsContext,
+    ctx: KtlsContext | Callable[[], KtlsContext],
     *,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> KtlsServer:

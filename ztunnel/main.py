@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from certs.ca import CertificateAuthority
-from mesh import process
+from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", type=addr, default=("0.0.0.0", 15020))
     p.add_argument("--readiness-addr", type=addr, default=("0.0.0.0", 15021))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--ktls",
+        default="auto",
+        choices=[m.value for m in ktls.KtlsMode],
+        help="TLS record layer in the kernel: auto (when it can), on (or refuse to start), off",
+    )
     return p
 
 
@@ -53,8 +59,9 @@ async def run(args: argparse.Namespace) -> None:
     source = FileSource(args.config, store, trust_domain=args.trust_domain)
     source.load_initial()
     ca = CertificateAuthority.load(args.ca_dir)
-    ids = Identities(ca)
+    ids = Identities(ca, ktls=args.ktls_enabled)
     metrics = MeshMetrics()
+    metrics.ktls_enabled.set(1 if args.ktls_enabled else 0)
     node = Node(
         args.node,
         lambda: store.current,
@@ -84,7 +91,11 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     routes = admin_routes(
         lambda: store.current,
-        extra=lambda: {"node": args.node, "certificates": ids.dump()},
+        extra=lambda: {
+            "node": args.node,
+            "certificates": ids.dump(),
+            "ktls": ktls.describe(args.ktls),
+        },
     )
     async with (
         ObservabilityServer(*args.admin_addr, routes=routes) as admin,
@@ -117,6 +128,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args.ktls_enabled = ktls.resolve(args.ktls)
+    except ktls.KtlsUnavailableError as exc:
+        print(f"ztunnel: {exc}", file=sys.stderr)
+        return 2
     return process.run("ztunnel", run(args), log_level=args.log_level)
 
 

@@ -18,15 +18,18 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import cast
 
 from certs.ca import CertificateAuthority
 from certs.spiffe import SpiffeId, node_id
 from certs.svid import Svid
+from mesh import ktls
 from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import MtlsMode, Pod, Service
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import ConnectRequest, HboneError, HbonePool
+from mesh.hbone.pool import ClientContext, ListenerContext
 from mesh.metrics import ConnectionLabels, MeshMetrics
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint, join
@@ -48,14 +51,18 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 class Identities:
     """SVIDs and TLS contexts per identity, from a local CA (single host and tests).
 
-    The CA-service client with rotation slots in behind the same two methods."""
+    The CA-service client with rotation slots in behind the same two methods. With `ktls`,
+    contexts are kTLS ones (mesh.ktls): same checks, records handled by the kernel."""
 
-    def __init__(self, ca: CertificateAuthority, ttl: timedelta = timedelta(hours=24)) -> None:
+    def __init__(
+        self, ca: CertificateAuthority, ttl: timedelta = timedelta(hours=24), *, ktls: bool = False
+    ) -> None:
         self.ca = ca
         self.ttl = ttl
+        self.ktls = ktls
         self._svids: dict[str, Svid] = {}
-        self._client: dict[str, ssl.SSLContext] = {}
-        self._server: dict[str, ssl.SSLContext] = {}
+        self._client: dict[str, ClientContext] = {}
+        self._server: dict[str, ClientContext] = {}
 
     def svid(self, identity: str) -> Svid:
         s = self._svids.get(identity)
@@ -67,28 +74,33 @@ class Identities:
             self._server.pop(identity, None)
         return s
 
-    def client_context(self, identity: str) -> ssl.SSLContext:
+    def client_context(self, identity: str) -> ClientContext:
         svid = self.svid(identity)
         ctx = self._client.get(identity)
         if ctx is None:
-            ctx = self._client[identity] = client_context(svid, self.ca.bundle_pem)
+            make = ktls.client_context if self.ktls else client_context
+            ctx = self._client[identity] = make(svid, self.ca.bundle_pem)
         return ctx
 
-    def server_context(self, identity: str) -> ssl.SSLContext:
+    def server_context(self, identity: str) -> ClientContext:
         svid = self.svid(identity)
         ctx = self._server.get(identity)
         if ctx is None:
-            ctx = self._server[identity] = server_context(svid, self.ca.bundle_pem)
+            make = ktls.server_context if self.ktls else server_context
+            ctx = self._server[identity] = make(svid, self.ca.bundle_pem)
         return ctx
 
-    def listener_context(self, identity: str) -> ssl.SSLContext:
+    def listener_context(self, identity: str) -> ListenerContext:
         """For a listener that outlives certificates: every handshake switches to the context
         of the identity's current SVID, so new connections get the rotated certificate while
         live ones keep theirs. (Our clients always send SNI, which triggers the switch.)"""
+        if self.ktls:
+            return lambda: cast(ktls.KtlsContext, self.server_context(identity))
         base = self.server_context(identity)
+        assert isinstance(base, ssl.SSLContext)
 
         def switch(obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _c: object) -> None:
-            obj.context = self.server_context(identity)
+            obj.context = cast(ssl.SSLContext, self.server_context(identity))
 
         base.sni_callback = switch
         return base

@@ -12,17 +12,22 @@ import asyncio
 import ssl
 from collections.abc import Callable, Sequence
 
+from mesh import ktls
 from mesh.hbone.connection import Handler, HboneConnection, HboneError, HboneStream
 
 DEFAULT_STREAM_CAP = 100
 CONNECT_TIMEOUT = 10.0
 
 PoolKey = tuple[str, tuple[str, int]]  # (source identity, destination ip:port)
+# A stdlib context (user-space TLS) or a kTLS one (handshake in user space, records in the
+# kernel); a listener may take a kTLS context provider, asked once per accepted connection.
+ClientContext = ssl.SSLContext | ktls.KtlsContext
+ListenerContext = ssl.SSLContext | ktls.KtlsContext | Callable[[], ktls.KtlsContext]
 
 
 async def dial(
     address: tuple[str, int],
-    ctx: ssl.SSLContext,
+    ctx: ClientContext,
     *,
     trust_domain: str,
     expected_peers: frozenset[str] | None,
@@ -36,11 +41,14 @@ async def dial(
     )
     try:
         async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(
-                lambda: conn, address[0], address[1], ssl=ctx, server_hostname="hbone.mesh"
-            )
+            if isinstance(ctx, ktls.KtlsContext):
+                await ktls.create_connection(lambda: conn, address, ctx)
+            else:
+                await loop.create_connection(
+                    lambda: conn, address[0], address[1], ssl=ctx, server_hostname="hbone.mesh"
+                )
             await conn.ready
-    except (OSError, ssl.SSLError, TimeoutError) as exc:
+    except (OSError, ssl.SSLError, TimeoutError, ktls.KtlsError) as exc:
         conn.close()
         raise HboneError(0, f"HBONE {address[0]}:{address[1]}: {exc}") from exc
     return conn
@@ -49,20 +57,20 @@ async def dial(
 async def serve(
     host: str,
     port: int,
-    ctx: ssl.SSLContext,
+    ctx: ListenerContext,
     handler: Handler,
     *,
     trust_domain: str,
-) -> asyncio.Server:
+) -> asyncio.Server | ktls.KtlsServer:
     """An HBONE listener (:15008). `handler` gets every CONNECT and must accept or reject."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: HboneConnection(client_side=False, trust_domain=trust_domain, handler=handler),
-        host,
-        port,
-        ssl=ctx,
-        reuse_address=True,
-    )
+
+    def factory() -> HboneConnection:
+        return HboneConnection(client_side=False, trust_domain=trust_domain, handler=handler)
+
+    if not isinstance(ctx, ssl.SSLContext):
+        return await ktls.start_server(factory, host, port, ctx)
+    return await loop.create_server(factory, host, port, ssl=ctx, reuse_address=True)
 
 
 class HbonePool:
@@ -70,7 +78,7 @@ class HbonePool:
 
     def __init__(
         self,
-        ctx_for: Callable[[str], ssl.SSLContext],
+        ctx_for: Callable[[str], ClientContext],
         *,
         trust_domain: str,
         stream_cap: int = DEFAULT_STREAM_CAP,
