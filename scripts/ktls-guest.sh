@@ -27,18 +27,15 @@ vng=$(command -v vng) || fail "vng not found: pip install virtme-ng (scripts/set
 kernel=${KTLS_GUEST_KERNEL:-$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n 1)}
 [ -n "$kernel" ] && [ -r "$kernel" ] || fail "no Debian guest kernel in /boot: apt-get install linux-image-amd64"
 
-args=""
-[ $# -gt 0 ] && args=$(printf ' %q' "$@")
-guest="modprobe tls 2>/dev/null; cd $(printf %q "$root") && export PYTHONPATH=$(printf %q "$root") \
-  && $(printf %q "$py") -m pytest -q -p no:cacheprovider -m ktls --durations=8 tests/ktls$args; rc=\$?"
-if [ "$bench" = 1 ]; then
-  guest="$guest; $(printf %q "$py") -m benchmarks.ktls_bench || rc=1"
-fi
-guest="$guest; exit \$rc"
+pyargs=""
+[ "$bench" = 1 ] && pyargs=" --bench"
+[ $# -gt 0 ] && pyargs="$pyargs$(printf ' %q' "$@")"
+guest="modprobe tls 2>/dev/null; cd $(printf %q "$root") && PYTHONPATH=$(printf %q "$root") \
+  $(printf %q "$py") -m tests.ktls.guest_main$pyargs"
 
 echo "ktls-guest: booting $(basename "$kernel") under QEMU (TCG, no KVM)"
 start=$(date +%s)
-"$vng" --run "$kernel" --user root --disable-kvm --cpus 2 --memory 2G --exec "$guest" 2>&1 | tee /dev/stderr >/dev/null
+"$vng" --run "$kernel" --user root --disable-kvm --cpus 2 --memory 2G --exec "$guest" 2>&1 | tee
 rc=${PIPESTATUS[0]}
 echo "ktls-guest: guest finished with status $rc in $(( $(date +%s) - start )) s"
 exit "$rc"
