@@ -229,8 +229,11 @@ class WaypointController:
         while True:
             self._kick.clear()
             await self.reconcile_all()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # races the inner wait completing, and this loop would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.resync)
+                async with asyncio.timeout(self.resync):
+                    await self._kick.wait()
 
     async def reconcile_all(self) -> None:
         self.reconciles += 1

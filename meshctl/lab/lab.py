@@ -8,14 +8,17 @@ also scans for the lab's name prefix to catch anything a crash kept out of the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -564,7 +567,14 @@ class Lab:
     # -- down ----------------------------------------------------------------------------
 
     def down(self, *, quiet: bool = False) -> list[str]:
-        """Remove everything of this lab, recorded or found by prefix. Idempotent."""
+        """Remove everything of this lab, recorded or found by prefix. Idempotent.
+
+        Ctrl-C and SIGTERM are held off meanwhile: an impatient second signal must not leave
+        half a lab behind (every step has its own timeout instead)."""
+        with _signals_deferred():
+            return self._down(quiet)
+
+    def _down(self, quiet: bool) -> list[str]:
         say = (lambda _m: None) if quiet else self.out
         p = self.paths
         st = LabState.load(p.state_file)
@@ -669,6 +679,25 @@ class Lab:
             except ValueError:
                 continue
         return out
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {sig: signal.signal(sig, lambda n, _f: got.append(n)) for sig in _DEFERRED}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if got:
+            raise KeyboardInterrupt
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
 def _rm_pins(path: Path) -> None:

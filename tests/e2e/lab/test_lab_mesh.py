@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LabFactory, leftovers, remove_roots, unique_paths
+from labkit import LabFactory, leftovers, remove_roots, unique_paths
 
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app

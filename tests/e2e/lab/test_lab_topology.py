@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import MANIFEST, LabFactory, leftovers, remove_roots, unique_paths
+from labkit import MANIFEST, LabFactory, leftovers, remove_roots, unique_paths
 
 from meshctl.lab.demo import wait_for_app
 from meshctl.lab.lab import REPO_ROOT, Lab

@@ -115,6 +115,7 @@ class FakeApiServer:
         self.next_ip = 100
         self.missing: set[str] = set()  # plurals answered 404, as when a CRD is not installed
         self._watchers: set[_Watcher] = set()
+        self.closing = False
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -134,6 +135,7 @@ class FakeApiServer:
         self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        self.closing = True
         self.drop_watches()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -283,9 +285,11 @@ class FakeApiServer:
         timeout = request.query.get("timeoutSeconds")
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
-        await resp.prepare(request)
+        # Registered before the first await, so drop_watches()/stop() can never miss a watch.
         watcher = _Watcher(resource, bookmarks, request)
         self._watchers.add(watcher)
+        if self.closing:
+            watcher.abort()
 
         def in_scope(o: Mapping[str, Any] | None) -> bool:
             if o is None:
@@ -299,6 +303,7 @@ class FakeApiServer:
             await resp.write(line.encode())
 
         try:
+            await resp.prepare(request)
             if rv_param in ("", "0"):
                 start = self.rv
                 for _key, o in sorted(self.objects[resource].items()):
