@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,19 +60,12 @@ def _iptables() -> Check:
 
 
 def _ktls() -> Check:
-    srv = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(srv.getsockname())
-    b, _ = srv.accept()
-    srv.close()
-    try:
-        a.setsockopt(socket.IPPROTO_TCP, 31, b"tls")  # TCP_ULP
-        ok, detail = True, ""
-    except OSError as exc:
-        ok, detail = False, str(exc)
-    finally:
-        a.close()
-        b.close()
-    return Check("kTLS", ok, detail, "modprobe tls (userspace TLS is used otherwise)", False)
+    from mesh import ktls  # the same probe ztunnel's `--ktls auto` decides with
+
+    support = ktls.probe()
+    detail = ", ".join(support.ciphers) if support.available else support.reason
+    fix = "modprobe tls (user-space TLS otherwise)"
+    return Check("kTLS", support.available, detail, fix, False)
 
 
 def _bpffs() -> Check:
