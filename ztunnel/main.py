@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpf-pin-root", help="with --redirect bpf: bpffs directory for pins")
     p.add_argument(
         "--bpf-cgroup",
-        help="with --redirect bpf: cgroup holding pods and ztunnel for sockops/getsockopt",
+        help="with --redirect bpf: the cgroup of ztunnel's own sockets (default: its own)",
     )
     p.add_argument("--stream-cap", type=int, default=100, help="HBONE streams per connection")
     p.add_argument("--pool-idle", type=positive, default=60.0, help="idle HBONE connection (s)")
@@ -201,14 +201,9 @@ async def build_identities(args: argparse.Namespace) -> Identities:
 def build_redirector(args: argparse.Namespace) -> Redirector | None:
     if args.redirect == "none":
         return None
-    from bpf.loader import BpfRedirector
+    from ztunnel.redirect import NodeRedirector
 
-    kw: dict[str, Any] = {}
-    if args.bpf_pin_root:
-        kw["pin_root"] = args.bpf_pin_root
-    if args.bpf_cgroup:
-        kw["ztunnel_cgroup"] = args.bpf_cgroup
-    r = BpfRedirector(**kw)
+    r = NodeRedirector(args.node, args.bpf_pin_root, args.bpf_cgroup)
     r.install()  # compiles and attaches once; enrolment then only attaches per pod
     return r
 
