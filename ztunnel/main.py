@@ -1,28 +1,46 @@
 """`ztunnel`: the node proxy process.
 
-This build takes SVIDs from a local CA directory (`--ca-dir`: single host, lab, tests); the CA
-service client with rotation plugs into `ztunnel.proxy.Identities`. Listeners are node-level;
-in-pod listeners (opened inside each pod's netns at enrolment) come with the enrolment API.
+Config comes from YAML files (`--config`, live reload) or the Kubernetes API (`--kube`).
+Certificates come from a local CA (`--ca-dir`: single host, the lab, tests) or the CA service
+(`--ca HOST:PORT` with the node's own certificate from `meshctl ca issue-node`). Listeners:
+HBONE :15008 on the node; optional node-level outbound / plaintext listeners; and, through
+the enrolment socket, 15001/15006/15008 inside each enrolled pod's netns. Readiness turns
+true once config and certificates are loaded and every listener is open. SIGTERM stops
+accepting, lets live connections drain, and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
 
-from certs.ca import CertificateAuthority
+from certs.ca import CertificateAuthority, CertificateError
+from certs.spiffe import node_id
+from certs.svid import Svid
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.hbone import serve
+from mesh.hbone.pool import Listener
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
-from ztunnel.proxy import Identities, InboundHbone, InboundPlaintext, Node, Outbound
+from ztunnel.enrol import EnrolServer
+from ztunnel.identity import Identities
+from ztunnel.inpod import Redirector, WorkloadManager
+from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 
 log = logging.getLogger("ztunnel")
+
+DEFAULT_ENROL_SOCKET = "/run/ambientmesh/enrol.sock"
 
 
 def addr(value: str) -> tuple[str, int]:
@@ -32,19 +50,67 @@ def addr(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def positive(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a number") from None
+    if f <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be > 0")
+    return f
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ztunnel", description="ambientmesh node proxy")
-    p.add_argument("--node", required=True, help="this node's name, as pods' spec.nodeName")
-    p.add_argument("--config", nargs="+", required=True, help="YAML files or directories")
-    p.add_argument("--ca-dir", required=True, help="local CA directory (meshctl ca init)")
+    p.add_argument(
+        "--node",
+        default=os.environ.get("NODE_NAME"),
+        required="NODE_NAME" not in os.environ,
+        help="this node's name, as pods' spec.nodeName (default $NODE_NAME)",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", nargs="+", help="YAML files or directories (reloaded live)")
+    src.add_argument("--kube", action="store_true", help="watch the Kubernetes API for config")
+    p.add_argument("--kubeconfig", help="with --kube: a kubeconfig (default: in-cluster)")
     p.add_argument("--trust-domain", default="cluster.local")
+    ca = p.add_mutually_exclusive_group(required=True)
+    ca.add_argument("--ca-dir", help="local CA directory (meshctl ca init): sign directly")
+    ca.add_argument("--ca", "--ca-address", dest="ca", type=addr, help="CA service HOST:PORT")
+    p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
+    p.add_argument(
+        "--node-cert",
+        metavar="PREFIX",
+        help="with --ca: PREFIX-key.pem and PREFIX-chain.pem from `meshctl ca issue-node`",
+    )
+    p.add_argument("--cert-ttl", type=positive, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", type=addr, default=("0.0.0.0", 15008))
     p.add_argument("--outbound-addr", type=addr, help="node-level outbound listener (15001)")
     p.add_argument("--inbound-plaintext-addr", type=addr, help="node-level 15006 listener")
     p.add_argument("--admin-addr", type=addr, default=("127.0.0.1", 15000))
     p.add_argument("--metrics-addr", type=addr, default=("0.0.0.0", 15020))
     p.add_argument("--readiness-addr", type=addr, default=("0.0.0.0", 15021))
+    p.add_argument(
+        "--enrol-socket",
+        metavar="PATH",
+        help=f"enrolment API unix socket (in-pod listeners), e.g. {DEFAULT_ENROL_SOCKET}",
+    )
+    p.add_argument(
+        "--redirect",
+        choices=["bpf", "none"],
+        default="none",
+        help="how enrolled pods' traffic is steered in: bpf (cgroup programs), none (someone "
+        "else does it, e.g. netfilter rules)",
+    )
+    p.add_argument("--bpf-pin-root", help="with --redirect bpf: bpffs directory for pins")
+    p.add_argument(
+        "--bpf-cgroup",
+        help="with --redirect bpf: the cgroup of ztunnel's own sockets (default: its own)",
+    )
+    p.add_argument("--stream-cap", type=int, default=100, help="HBONE streams per connection")
+    p.add_argument("--pool-idle", type=positive, default=60.0, help="idle HBONE connection (s)")
+    p.add_argument("--drain-timeout", type=positive, default=5.0, help="SIGTERM drain (s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument(
         "--ktls",
         default="auto",
@@ -54,86 +120,253 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run(args: argparse.Namespace) -> None:
-    store = ConfigStore()
-    source = FileSource(args.config, store, trust_domain=args.trust_domain)
-    source.load_initial()
-    ca = CertificateAuthority.load(args.ca_dir)
-    ids = Identities(ca, ktls=args.ktls_enabled)
-    metrics = MeshMetrics()
-    metrics.ktls_enabled.set(1 if args.ktls_enabled else 0)
-    node = Node(
-        args.node,
-        lambda: store.current,
-        ids,
-        metrics,
-        trust_domain=args.trust_domain,
-        hbone_port=args.hbone_addr[1],
-    )
-    loop = asyncio.get_running_loop()
-    servers = [
-        await serve(
-            args.hbone_addr[0],
-            args.hbone_addr[1],
-            ids.listener_context(node.identity),
-            InboundHbone(node),
-            trust_domain=args.trust_domain,
-        )
-    ]
-    if args.outbound_addr:
-        servers.append(await loop.create_server(Outbound(node).protocol, *args.outbound_addr))
-    if args.inbound_plaintext_addr:
-        servers.append(
-            await loop.create_server(InboundPlaintext(node).protocol, *args.inbound_plaintext_addr)
-        )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    routes = admin_routes(
-        lambda: store.current,
-        extra=lambda: {
-            "node": args.node,
-            "certificates": ids.dump(),
-            "ktls": ktls.describe(args.ktls),
-        },
-    )
-    async with (
-        ObservabilityServer(*args.admin_addr, routes=routes) as admin,
-        ObservabilityServer(*args.metrics_addr, metrics=metrics) as met,
-        ObservabilityServer(*args.readiness_addr, ready=lambda: True) as ready,
-        asyncio.TaskGroup() as tg,
-    ):
-        watcher = tg.create_task(source.run())
-        log.info(
-            "ztunnel %s ready: hbone %s, admin %d, metrics %d, readiness %d",
-            args.node,
-            servers[0].sockets[0].getsockname()[1],
-            admin.port,
-            met.port,
-            ready.port,
-        )
-        print(
-            f"ready hbone={servers[0].sockets[0].getsockname()[1]} admin={admin.port} "
-            f"metrics={met.port} readiness={ready.port}",
-            flush=True,
-        )
-        await stop.wait()
-        for s in servers:
-            s.close()
-        for t in node.tasks:
-            t.cancel()
-        node.pool.close()
-        watcher.cancel()
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. Access-log records (already JSON) are merged, not nested,
+    so a log pipeline sees their fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        msg = record.getMessage()
+        if record.name == "mesh.access" and msg.startswith("{"):
+            try:
+                out.update(json.loads(msg))
+            except ValueError:
+                out["msg"] = msg
+        else:
+            out["msg"] = msg
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _read_node_svid(prefix: str, identity: str) -> Svid:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key_path, chain_path = Path(f"{prefix}-key.pem"), Path(f"{prefix}-chain.pem")
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        chain = tuple(x509.load_pem_x509_certificates(chain_path.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise CertificateError(f"--node-cert {prefix}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not chain:
+        raise CertificateError(f"--node-cert {prefix}: expected an EC key and a chain")
+    svid = Svid(identity, key, chain)
+    from mesh.tls import identity_from_der
+
+    got = identity_from_der(svid.leaf.public_bytes(serialization.Encoding.DER))
+    if got != identity:
+        raise CertificateError(f"--node-cert {prefix}: certificate is for {got}, not {identity}")
+    return svid
+
+
+async def build_identities(args: argparse.Namespace) -> Identities:
+    from datetime import timedelta
+
+    ttl = timedelta(seconds=args.cert_ttl)
+    if args.ca_dir:
+        return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
+    if not args.ca_bundle or not args.node_cert:
+        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX")
+    from certs.service import CaClient
+
+    try:
+        bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
+    except OSError as exc:
+        raise CertificateError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
+    node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
+    ids = Identities(CaClient(args.ca, node_svid, bundle), ttl, bundle_pem=bundle,
+                     ktls=args.ktls_enabled)  # fmt: skip
+    ids.add(node_svid)
+    return ids
+
+
+def build_redirector(args: argparse.Namespace) -> Redirector | None:
+    if args.redirect == "none":
+        return None
+    from ztunnel.redirect import NodeRedirector
+
+    r = NodeRedirector(args.node, args.bpf_pin_root, args.bpf_cgroup)
+    r.install()  # compiles and attaches once; enrolment then only attaches per pod
+    return r
+
+
+class Ztunnel:
+    """The process: everything `run` opens, so that shutdown closes it in one place."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.store = ConfigStore()
+        self.metrics = MeshMetrics()
+        self.ready = False
+        self.servers: list[Listener] = []
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run until SIGTERM. A startup failure (bad config, certificate, port taken) leaves
+        as its own exception, not wrapped in the TaskGroup's group, so `process.run` turns
+        it into the right exit code and a one-line message."""
+        try:
+            await self._run()
+        except BaseExceptionGroup as eg:
+            leaves = _leaves(eg)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+
+    async def _run(self) -> None:
+        args = self.args
+        bg: list[asyncio.Task[Any]] = []
+        self.metrics.ktls_enabled.set(1 if args.ktls_enabled else 0)
+        self.metrics.info.labels("ztunnel", "0.1.0").set(1)
+        async with AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
+            # Observability first: readiness answers "not ready" while we load.
+            ready_srv = ObservabilityServer(*args.readiness_addr, ready=lambda: self.ready)
+            met_srv = ObservabilityServer(*args.metrics_addr, metrics=self.metrics)
+            await stack.enter_async_context(ready_srv)
+            await stack.enter_async_context(met_srv)
+
+            refresh = None
+            if args.kube:
+                from mesh.config.kube import KubeSource, load_api_client
+
+                api = await load_api_client(args.kubeconfig)
+                stack.push_async_callback(api.close)
+                ksrc = KubeSource(api, self.store, node_name=args.node,
+                                  trust_domain=args.trust_domain)  # fmt: skip
+                bg.append(tg.create_task(ksrc.run()))
+                await ksrc.ready.wait()
+            else:
+                fsrc = FileSource(args.config, self.store, trust_domain=args.trust_domain)
+                fsrc.load_initial()
+
+                async def poll() -> None:
+                    fsrc.poll_once()
+
+                refresh = poll
+                bg.append(tg.create_task(fsrc.run()))
+
+            ids = await build_identities(args)
+            node = Node(
+                args.node, lambda: self.store.current, ids, self.metrics,
+                trust_domain=args.trust_domain, hbone_port=args.hbone_addr[1],
+                stream_cap=args.stream_cap, idle_timeout=args.pool_idle,
+            )  # fmt: skip
+            await ids.ensure(node.identity)
+            bg.append(tg.create_task(ids.run()))
+
+            redirector = await asyncio.to_thread(build_redirector, args)
+            manager = WorkloadManager(node, redirector, refresh=refresh)
+            bg.append(tg.create_task(manager.run(self.store.subscribe)))
+
+            loop = asyncio.get_running_loop()
+            self.servers.append(
+                await serve(
+                    args.hbone_addr[0],
+                    args.hbone_addr[1],
+                    ids.listener_context(node.identity),
+                    InboundHbone(node),
+                    trust_domain=args.trust_domain,
+                )
+            )
+            if args.outbound_addr:
+                self.servers.append(
+                    await loop.create_server(Outbound(node).protocol, *args.outbound_addr)
+                )
+            if args.inbound_plaintext_addr:
+                plain = InboundPlaintext(node).protocol
+                self.servers.append(await loop.create_server(plain, *args.inbound_plaintext_addr))
+            enrol = None
+            if args.enrol_socket:
+                enrol = EnrolServer(args.enrol_socket, manager)
+                await enrol.start()
+
+            routes = admin_routes(
+                lambda: self.store.current,
+                extra=lambda: {
+                    "node": args.node,
+                    "certificates": ids.dump(),
+                    "ktls": ktls.describe(args.ktls),
+                    "workloads_enrolled": manager.dump(),
+                    "hbone_pool": node.pool.stats(),
+                    "redirect": args.redirect,
+                },
+            )
+            admin = await stack.enter_async_context(
+                ObservabilityServer(*args.admin_addr, routes=routes)
+            )
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
+            self.ready = True
+            hbone_port = self.servers[0].sockets[0].getsockname()[1]
+            log.info(
+                "ztunnel %s ready: hbone %d, admin %d, metrics %d, readiness %d%s",
+                args.node, hbone_port, admin.port, met_srv.port, ready_srv.port,
+                f", enrolment {args.enrol_socket}" if enrol else "",
+            )  # fmt: skip
+            print(
+                f"ready hbone={hbone_port} admin={admin.port} metrics={met_srv.port} "
+                f"readiness={ready_srv.port}",
+                flush=True,
+            )
+            await self.stop.wait()
+
+            log.info("ztunnel %s stopping: no new connections, draining", args.node)
+            self.ready = False
+            if enrol is not None:
+                await enrol.close()
+            for s in self.servers:
+                s.close()
+            await manager.close()
+            cut = await node.drain(args.drain_timeout)
+            if cut:
+                log.warning("cut %d connections still open after %.1fs", cut, args.drain_timeout)
+            for t in bg:
+                t.cancel()
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            out += _leaves(e)
+        elif not isinstance(e, asyncio.CancelledError):
+            out.append(e)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.ca and (not args.ca_bundle or not args.node_cert):
+        print("ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX", file=sys.stderr)
+        return 2
+    if args.stream_cap < 1:
+        print("ztunnel: --stream-cap must be >= 1", file=sys.stderr)
+        return 2
     try:
         args.ktls_enabled = ktls.resolve(args.ktls)
     except ktls.KtlsUnavailableError as exc:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
-    return process.run("ztunnel", run(args), log_level=args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    return process.run("ztunnel", Ztunnel(args).run(), log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 256 * 1024  # what we accept; what we send is bounded by the peer's setting
 SEND_HIGH_WATER = 1 << 20
 SEND_LOW_WATER = 1 << 18
+# Sent by a waypoint to the destination's ztunnel: the SPIFFE ID of the caller it acts for.
+# The receiver believes it only when the TLS peer is a waypoint serving that destination.
+SOURCE_PRINCIPAL_HEADER = "x-ambientmesh-source-principal"
 
 
 class HboneError(Exception):
@@ -94,6 +97,7 @@ class HboneStream(EndpointBase):
         self.conn._streams.pop(self.stream_id, None)
         if self.conn.client_side and not self.response.done():
             self.response.set_exception(HboneError(0, "stream reset"))
+            self.response.exception()  # whoever awaits still gets it; nobody must
         if not self._done.done():
             self._done.set_result(None)
             self.conn._stream_finished()
@@ -409,19 +413,39 @@ class HboneConnection(asyncio.Protocol):
         )
 
     async def open_stream(
-        self, authority: str, headers: Sequence[tuple[str, str]] = ()
+        self,
+        authority: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        response_timeout: float | None = None,
     ) -> HboneStream:
-        """Send CONNECT and wait for the answer; raise HboneError unless it is 200."""
+        """Send CONNECT and wait for the answer; raise HboneError unless it is 200.
+
+        No answer within `response_timeout` resets the stream and raises HboneError(504)."""
         await self.ready
-        sid = self.h2.get_next_available_stream_id()
-        stream = HboneStream(self, sid)
+        try:
+            sid = self.h2.get_next_available_stream_id()
+            stream = HboneStream(self, sid)
+            self.h2.send_headers(
+                sid,
+                [(":method", "CONNECT"), (":authority", authority), *headers],
+                end_stream=False,
+            )
+        except h2.exceptions.H2Error as exc:
+            raise HboneError(0, f"CONNECT {authority}: {exc}") from exc
         self._streams[sid] = stream
         self.streams_opened += 1
-        self.h2.send_headers(
-            sid, [(":method", "CONNECT"), (":authority", authority), *headers], end_stream=False
-        )
         self._flush()
-        status, hdrs = await stream.response
+        try:
+            async with asyncio.timeout(response_timeout):
+                status, hdrs = await stream.response
+        except TimeoutError:
+            stream.abort()
+            why = f"CONNECT {authority}: no answer in {response_timeout}s"
+            raise HboneError(504, why) from None
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
         if status != 200:
             reason = dict(hdrs).get("x-hbone-error", "")
             stream._finish()

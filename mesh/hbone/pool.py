@@ -9,13 +9,18 @@ same dial instead of opening one connection each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
+import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from mesh import ktls
 from mesh.hbone.connection import Handler, HboneConnection, HboneError, HboneStream
 
 DEFAULT_STREAM_CAP = 100
+DEFAULT_IDLE_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 
 PoolKey = tuple[str, tuple[str, int]]  # (source identity, destination ip:port)
@@ -23,6 +28,9 @@ PoolKey = tuple[str, tuple[str, int]]  # (source identity, destination ip:port)
 # kernel); a listener may take a kTLS context provider, asked once per accepted connection.
 ClientContext = ssl.SSLContext | ktls.KtlsContext
 ListenerContext = ssl.SSLContext | ktls.KtlsContext | Callable[[], ktls.KtlsContext]
+Listener = asyncio.Server | ktls.KtlsServer
+# Gives the client context of a source identity, maybe after signing its certificate.
+ContextFor = Callable[[str], ClientContext | Awaitable[ClientContext]]
 
 
 async def dial(
@@ -61,44 +69,71 @@ async def serve(
     handler: Handler,
     *,
     trust_domain: str,
-) -> asyncio.Server | ktls.KtlsServer:
-    """An HBONE listener (:15008). `handler` gets every CONNECT and must accept or reject."""
+    sock: socket.socket | None = None,
+) -> Listener:
+    """An HBONE listener (:15008). `handler` gets every CONNECT and must accept or reject.
+    With `sock` (a listening socket made elsewhere, e.g. inside a pod's netns), `host` and
+    `port` are ignored."""
     loop = asyncio.get_running_loop()
 
     def factory() -> HboneConnection:
         return HboneConnection(client_side=False, trust_domain=trust_domain, handler=handler)
 
     if not isinstance(ctx, ssl.SSLContext):
+        if sock is not None:
+            return ktls.KtlsServer(sock, ctx, factory)
         return await ktls.start_server(factory, host, port, ctx)
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, ssl=ctx)
     return await loop.create_server(factory, host, port, ssl=ctx, reuse_address=True)
 
 
 class HbonePool:
-    """Pooled HBONE connections; `ctx_for(identity)` gives the client context of a source."""
+    """Pooled HBONE connections keyed by (source identity, destination HBONE address).
+
+    `ctx_for(identity)` gives the client context of a source identity; it may be a coroutine
+    function (a certificate manager signing on first use). A connection takes new streams up
+    to `stream_cap` (and the peer's MAX_CONCURRENT_STREAMS); past that a second one opens.
+    One that has carried no stream for `idle_timeout` seconds is closed; one that failed or
+    was closed by the peer leaves the pool at once, so the next stream dials afresh."""
 
     def __init__(
         self,
-        ctx_for: Callable[[str], ClientContext],
+        ctx_for: ContextFor,
         *,
         trust_domain: str,
         stream_cap: int = DEFAULT_STREAM_CAP,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.ctx_for = ctx_for
         self.trust_domain = trust_domain
         self.stream_cap = stream_cap
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
         self._conns: dict[PoolKey, list[HboneConnection]] = {}
         self._dialing: dict[PoolKey, asyncio.Future[HboneConnection]] = {}
+        self._idle: dict[HboneConnection, asyncio.TimerHandle] = {}
         self.dials = 0
+
+    def _has_room(self, c: HboneConnection) -> bool:
+        cap = min(self.stream_cap, c.h2.remote_settings.max_concurrent_streams)
+        return c.usable and c.active_streams < cap
 
     def _usable(self, key: PoolKey) -> HboneConnection | None:
         conns = self._conns.get(key)
         if not conns:
             return None
-        conns[:] = [c for c in conns if c.usable]
         for c in conns:
-            if c.active_streams < self.stream_cap:
+            if self._has_room(c):
                 return c
         return None
+
+    async def _context(self, identity: str) -> ClientContext:
+        ctx = self.ctx_for(identity)
+        if inspect.isawaitable(ctx):
+            return await ctx
+        return ctx
 
     async def _get(self, key: PoolKey, expected_peers: frozenset[str] | None) -> HboneConnection:
         while True:
@@ -107,7 +142,10 @@ class HbonePool:
                 return conn
             pending = self._dialing.get(key)
             if pending is not None:
-                await asyncio.shield(pending)
+                # Another caller is dialing this key: wait for it instead of opening a second
+                # connection, then re-check (it may already be full, or have failed).
+                with contextlib.suppress(HboneError):
+                    await asyncio.shield(pending)
                 continue
             fut: asyncio.Future[HboneConnection] = asyncio.get_running_loop().create_future()
             self._dialing[key] = fut
@@ -115,19 +153,50 @@ class HbonePool:
                 self.dials += 1
                 conn = await dial(
                     key[1],
-                    self.ctx_for(key[0]),
+                    await self._context(key[0]),
                     trust_domain=self.trust_domain,
                     expected_peers=expected_peers,
+                    on_idle=self._on_idle,
+                    connect_timeout=self.connect_timeout,
                 )
                 self._conns.setdefault(key, []).append(conn)
+                conn.closed.add_done_callback(functools.partial(self._evicted, key, conn))
                 fut.set_result(conn)
                 return conn
             except BaseException as exc:
-                fut.set_exception(exc)
+                fut.set_exception(
+                    exc if isinstance(exc, HboneError) else HboneError(0, f"dial failed: {exc}")
+                )
                 fut.exception()  # retrieved: waiters re-check and dial themselves
                 raise
             finally:
                 del self._dialing[key]
+
+    def _evicted(self, key: PoolKey, conn: HboneConnection, _f: object) -> None:
+        self._evict(key, conn)
+
+    def _evict(self, key: PoolKey, conn: HboneConnection) -> None:
+        conns = self._conns.get(key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[key]
+        timer = self._idle.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _on_idle(self, conn: HboneConnection) -> None:
+        old = self._idle.pop(conn, None)
+        if old is not None:
+            old.cancel()
+        self._idle[conn] = asyncio.get_running_loop().call_later(
+            self.idle_timeout, self._expire, conn
+        )
+
+    def _expire(self, conn: HboneConnection) -> None:
+        self._idle.pop(conn, None)
+        if conn.active_streams == 0:
+            conn.close()  # `closed` fires and evicts it
 
     async def connect(
         self,
@@ -138,18 +207,40 @@ class HbonePool:
         expected_peers: frozenset[str] | None,
         headers: Sequence[tuple[str, str]] = (),
     ) -> HboneStream:
-        """Open a CONNECT stream to `authority` through the node at `address`."""
+        """Open a CONNECT stream to `authority` through the HBONE peer at `address`."""
         key: PoolKey = (source_identity, address)
         conn = await self._get(key, expected_peers)
         if expected_peers is not None and conn.peer_identity not in expected_peers:
+            # The pool is keyed by address; a different identity expected at the same address
+            # (a pod moved, a node re-keyed) must never ride an old connection.
             raise HboneError(0, f"pooled peer {conn.peer_identity} is not {sorted(expected_peers)}")
-        return await conn.open_stream(authority, headers)
+        timer = self._idle.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        return await conn.open_stream(authority, headers, response_timeout=self.connect_timeout)
 
     def connections(self, source_identity: str, address: tuple[str, int]) -> int:
         return len(self._conns.get((source_identity, address), []))
 
+    def stats(self) -> list[dict[str, object]]:
+        """For the admin dump: what is pooled, to whom, how busy."""
+        return [
+            {
+                "source": k[0],
+                "address": f"{k[1][0]}:{k[1][1]}",
+                "peer": c.peer_identity,
+                "active_streams": c.active_streams,
+                "streams_opened": c.streams_opened,
+            }
+            for k, conns in self._conns.items()
+            for c in conns
+        ]
+
     def close(self) -> None:
-        for conns in self._conns.values():
-            for c in conns:
+        for timer in self._idle.values():
+            timer.cancel()
+        self._idle.clear()
+        for conns in list(self._conns.values()):
+            for c in list(conns):
                 c.close()
         self._conns.clear()

@@ -1,0 +1,136 @@
+"""Inbound HBONE (:15008): the caller is already verified by TLS; authorize, then deliver.
+
+Answers follow Istio's ztunnel, so callers (and Envoy) see familiar codes: 400 for a request
+that is not a CONNECT to a workload on this node, 401 when AuthorizationPolicy denies, 503
+when the application refused or cannot be reached, 504 when connecting to it timed out.
+
+A waypoint calling on behalf of someone: the peer is then the waypoint, and policy would only
+see the waypoint's identity. When (and only when) the peer's identity is a pod of the
+waypoint that serves the destination, the original caller's SPIFFE ID is taken from the
+`x-ambientmesh-source-principal` request header (`SOURCE_PRINCIPAL_HEADER`). From any other
+peer the header is ignored: a workload cannot claim to be someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+from certs.spiffe import SpiffeId
+from mesh.authz import AuthzRequest, authorize
+from mesh.config.model import Pod
+from mesh.config.snapshot import Snapshot, selector_matches
+from mesh.hbone import ConnectRequest
+from mesh.hbone.connection import SOURCE_PRINCIPAL_HEADER
+from mesh.metrics import ConnectionLabels
+from mesh.netns import NetNs
+from ztunnel.proxy.node import Accounting, Node, forwarded_for, splice
+
+log = logging.getLogger("ztunnel.inbound")
+
+__all__ = ["SOURCE_PRINCIPAL_HEADER", "InboundHbone", "waypoint_identities_for"]
+
+
+def waypoint_identities_for(snap: Snapshot, pod: Pod) -> frozenset[str]:
+    """Identities of the waypoint pods serving any service that selects `pod`."""
+    ids: set[str] = set()
+    for svc in snap.services:
+        if svc.namespace != pod.namespace or not svc.selector:
+            continue
+        if not selector_matches(svc.selector, pod.labels):
+            continue
+        wp = snap.waypoint_for_service(svc)
+        if wp is not None:
+            ids.update(snap.identity(p) for p in snap.waypoint_pods(wp))
+    return frozenset(ids)
+
+
+class InboundHbone:
+    """The CONNECT handler. Node-level (`pod_key=None`): any pod scheduled on this node;
+    in-pod (the :15008 listener inside one pod's netns): that pod only."""
+
+    def __init__(self, node: Node, *, pod_key: str | None = None, netns: NetNs | None = None):
+        self.node = node
+        self.pod_key = pod_key
+        self.netns = netns
+
+    async def __call__(self, req: ConnectRequest) -> None:
+        node = self.node
+        snap = node.snapshot()
+        host, _, port_s = req.authority.rpartition(":")
+        try:
+            port = int(port_s)
+            ipaddress.IPv4Address(host)
+            if not 0 < port < 65536:
+                raise ValueError(port_s)
+        except ValueError:
+            log.info("inbound from %s: bad authority %r", req.peer_identity, req.authority)
+            req.reject(400, f"bad authority {req.authority!r}: expected ip:port")
+            return
+        pod = snap.pod_by_ip(host)
+        if pod is None:
+            req.reject(400, f"{host} is not a known workload")
+            return
+        if self.pod_key is not None and pod.key != self.pod_key:
+            req.reject(400, f"{host} is not {self.pod_key}, the pod this listener serves")
+            return
+        if self.pod_key is None and pod.node != node.name:
+            req.reject(400, f"{host} ({pod.key}) is not on node {node.name}")
+            return
+
+        principal = req.peer_identity
+        claimed = req.headers.get(SOURCE_PRINCIPAL_HEADER)
+        if claimed and principal in waypoint_identities_for(snap, pod):
+            principal = claimed  # the waypoint vouches for its caller
+        try:
+            src_ns: str | None = SpiffeId.parse(principal).namespace
+        except ValueError:
+            req.reject(400, f"{SOURCE_PRINCIPAL_HEADER} {claimed!r} is not a SPIFFE ID")
+            return
+        src_ip = forwarded_for(req.headers.get("forwarded", "")) or (
+            req.peer_address[0] if req.peer_address else ""
+        )
+        decision = authorize(
+            snap.policies_for(pod), AuthzRequest(principal, src_ns, src_ip, port), l7=False
+        )
+        acct = Accounting(
+            node.metrics,
+            ConnectionLabels.build(
+                reporter="destination",
+                source=snap.pod_by_ip(src_ip),
+                source_principal=principal,
+                destination=pod,
+                mtls=True,
+                response_flags="-" if decision.allowed else "DENY",
+                trust_domain=snap.trust_domain,
+            ),
+            reporter="destination",
+            src=src_ip,
+            dst=req.authority,
+            src_identity=principal,
+            dst_identity=snap.identity(pod),
+            service=None,
+            mtls=True,
+            policy=decision.policy,
+        )
+        if not decision.allowed:
+            log.info("inbound %s -> %s denied: %s", principal, req.authority, decision.reason)
+            req.reject(401, f"denied: {decision.reason}")
+            acct.refused("deny", "DENY")
+            return
+        netns = self.netns if self.netns is not None else node.netns_of(pod.key)
+        try:
+            app = await node.connect_tcp(host, port, netns)
+        except TimeoutError:
+            req.reject(504, f"{req.authority}: connect timed out")
+            acct.refused("error", "UF")
+            return
+        except OSError as exc:
+            req.reject(503, f"{req.authority}: {exc.strerror or exc}")
+            acct.refused("error", "UF")
+            return
+        except asyncio.CancelledError:
+            acct.refused("error", "DC")
+            raise
+        await splice(req.accept(), app, acct)

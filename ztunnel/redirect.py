@@ -1,0 +1,64 @@
+"""Wiring the BPF redirector for one node's ztunnel (`--redirect bpf`).
+
+Several ztunnels can share a machine (the lab runs one per node), each loading its own copy of
+the programs with its own maps. So nothing may be attached where another node's programs would
+be replaced or would shadow ours:
+- pins live under `<pin root>/<node>`: two ztunnels never race to pin the same map;
+- `getsockopt` (answers SO_ORIGINAL_DST) goes on *this ztunnel's own* cgroup, which is where
+  its accepted sockets are accounted;
+- `sockops` (moves the remembered destination from the app socket to its address) goes on
+  each enrolled pod's cgroup, beside connect4/getpeername4, at enrolment.
+Nothing is attached to the cgroup root, where it would catch every process on the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ztunnel.redirect")
+
+CGROUP2_ROOT = "/sys/fs/cgroup/unified"
+
+
+def own_cgroup(root: str = CGROUP2_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> str:
+    """This process's cgroup v2 directory (the `0::` line), under `root`."""
+    for line in Path(proc_cgroup).read_text().splitlines():
+        if line.startswith("0::"):
+            return os.path.join(root, line[3:].strip().lstrip("/")).rstrip("/") or root
+    raise RuntimeError(f"{proc_cgroup} has no cgroup v2 entry")
+
+
+class NodeRedirector:
+    """`ztunnel.inpod.Redirector` on top of `bpf.loader.BpfRedirector`."""
+
+    def __init__(
+        self, node: str, pin_root: str | None = None, ztunnel_cgroup: str | None = None
+    ) -> None:
+        from bpf.loader import DEFAULT_CGROUP_ROOT, DEFAULT_PIN_ROOT, BpfRedirector
+
+        root = DEFAULT_CGROUP_ROOT if os.path.isdir(DEFAULT_CGROUP_ROOT) else "/sys/fs/cgroup"
+        self.cgroup = ztunnel_cgroup or own_cgroup(root)
+        if not ztunnel_cgroup and os.path.realpath(self.cgroup) == os.path.realpath(root):
+            raise RuntimeError(
+                "ztunnel runs in the root cgroup: its SO_ORIGINAL_DST program would apply to "
+                "every process; run it in a cgroup of its own or pass --bpf-cgroup"
+            )
+        self.pin_root = os.path.join(pin_root or DEFAULT_PIN_ROOT, node)
+        self.bpf: Any = BpfRedirector(pin_root=self.pin_root, ztunnel_cgroup=self.cgroup)
+
+    def install(self) -> None:
+        self.bpf._load()
+        self.bpf._attach(self.cgroup, ("getsockopt", "sockops"))
+        log.info("redirect programs loaded (pins %s, cgroup %s)", self.pin_root, self.cgroup)
+
+    def enrol(self, cgroup_path: str, netns_path: str) -> None:
+        self.bpf.enrol(cgroup_path, netns_path)
+        self.bpf._attach(cgroup_path, ("sockops",))
+
+    def unenrol(self, cgroup_path: str, netns_path: str) -> None:
+        if os.path.isdir(cgroup_path):
+            self.bpf._attach(cgroup_path, ("sockops",), detach=True)
+        self.bpf.unenrol(cgroup_path, netns_path)
