@@ -47,7 +47,7 @@ def _bcc_and_compile() -> Check:
         bcc = import_bcc()
         text = _SRC.read_text().replace("BPF_TABLE_PINNED(", "BPF_TABLE_PINNED_OFF(")
         text = "#define BPF_TABLE_PINNED_OFF(a, b, c, n, m, p) BPF_TABLE(a, b, c, n, m)\n" + text
-        bcc.BPF(text=text, cflags=["-DPROXY_PORT=15001", "-DFASTPATH=1"])
+        bcc.BPF(text=text.encode(), cflags=["-DPROXY_PORT=15001", "-DFASTPATH=1"])
     except (BpfUnavailable, Exception) as exc:
         fix = "apt-get install -y python3-bpfcc bpfcc-tools linux-headers-amd64"
         return Check("BCC importable, programs compile", False, str(exc)[:200], fix)

@@ -86,7 +86,8 @@ class BpfRedirector:
         bcc = import_bcc()
         _ensure_bpffs(os.path.dirname(self.pin_root.rstrip("/")) or "/")
         os.makedirs(self.pin_root, exist_ok=True)
-        text = _SRC.read_text().replace("PIN_ROOT", self.pin_root)
+        # BCC wants bytes (str works but warns on every load)
+        text = _SRC.read_text().replace("PIN_ROOT", self.pin_root).encode()
         self._bpf = b = bcc.BPF(
             text=text,
             cflags=[f"-DPROXY_PORT={self.proxy_port}", f"-DFASTPATH={int(self.fastpath)}"],
@@ -94,20 +95,20 @@ class BpfRedirector:
         at = bcc.BPFAttachType
         self._fns = {
             "connect4": b.load_func(
-                "connect4", bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=at.CGROUP_INET4_CONNECT
+                b"connect4", bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=at.CGROUP_INET4_CONNECT
             ),
             "getpeername4": b.load_func(
-                "getpeername4",
+                b"getpeername4",
                 bcc.BPFProgType.CGROUP_SOCK_ADDR,
                 attach_type=at.CGROUP_INET4_GETPEERNAME,
             ),
-            "sockops": b.load_func("sockops", bcc.BPFProgType.SOCK_OPS),
+            "sockops": b.load_func(b"sockops", bcc.BPFProgType.SOCK_OPS),
             "getsockopt": b.load_func(
-                "getsockopt", bcc.BPFProgType.CGROUP_SOCKOPT, attach_type=at.CGROUP_GETSOCKOPT
+                b"getsockopt", bcc.BPFProgType.CGROUP_SOCKOPT, attach_type=at.CGROUP_GETSOCKOPT
             ),
         }
         if self.fastpath:
-            msg = b.load_func("sk_msg_fast", bcc.BPFProgType.SK_MSG)
+            msg = b.load_func(b"sk_msg_fast", bcc.BPFProgType.SK_MSG)
             # BCC's Python tables do not wrap sockhash; take its fd from the module
             from bcc.libbcc import lib  # type: ignore[import-not-found, unused-ignore]
 
