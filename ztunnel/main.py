@@ -2,7 +2,8 @@
 
 Config comes from YAML files (`--config`, live reload) or the Kubernetes API (`--kube`).
 Certificates come from a local CA (`--ca-dir`: single host, the lab, tests) or the CA service
-(`--ca HOST:PORT` with the node's own certificate from `meshctl ca issue-node`). Listeners:
+(`--ca HOST:PORT` with the node's own certificate from `meshctl ca issue-node`, or on
+Kubernetes with `--ca-token`, the node proxy's projected service-account token). Listeners:
 HBONE :15008 on the node; optional node-level outbound / plaintext listeners; and, through
 the enrolment socket, 15001/15006/15008 inside each enrolled pod's netns. Readiness turns
 true once config and certificates are loaded and every listener is open. SIGTERM stops
@@ -41,6 +42,7 @@ from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 log = logging.getLogger("ztunnel")
 
 DEFAULT_ENROL_SOCKET = "/run/ambientmesh/enrol.sock"
+CA_USAGE = "--ca needs --ca-bundle FILE and one of --node-cert PREFIX or --ca-token FILE"
 
 
 def addr(value: str) -> tuple[str, int]:
@@ -77,10 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--ca-dir", help="local CA directory (meshctl ca init): sign directly")
     ca.add_argument("--ca", "--ca-address", dest="ca", type=addr, help="CA service HOST:PORT")
     p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
-    p.add_argument(
+    ca_auth = p.add_mutually_exclusive_group()
+    ca_auth.add_argument(
         "--node-cert",
         metavar="PREFIX",
         help="with --ca: PREFIX-key.pem and PREFIX-chain.pem from `meshctl ca issue-node`",
+    )
+    ca_auth.add_argument(
+        "--ca-token",
+        metavar="FILE",
+        help="with --ca: a projected service-account token (audience of the CA), re-read on "
+        "every request because the kubelet rotates it",
     )
     p.add_argument("--cert-ttl", type=positive, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", type=addr, default=("0.0.0.0", 15008))
@@ -183,14 +192,19 @@ async def build_identities(args: argparse.Namespace) -> Identities:
     ttl = timedelta(seconds=args.cert_ttl)
     if args.ca_dir:
         return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
-    if not args.ca_bundle or not args.node_cert:
-        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX")
+    if not args.ca_bundle or not (args.node_cert or args.ca_token):
+        raise CertificateError(CA_USAGE)
     from certs.service import CaClient
 
     try:
         bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
     except OSError as exc:
         raise CertificateError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
+    if args.ca_token:
+        # No node certificate: the CA gets our token, and issues our node identity too.
+        client = CaClient(args.ca, None, bundle, token_file=args.ca_token,
+                          trust_domain=args.trust_domain)  # fmt: skip
+        return Identities(client, ttl, bundle_pem=bundle, ktls=args.ktls_enabled)
     node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
     ids = Identities(CaClient(args.ca, node_svid, bundle), ttl, bundle_pem=bundle,
                      ktls=args.ktls_enabled)  # fmt: skip
@@ -354,8 +368,8 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.ca and (not args.ca_bundle or not args.node_cert):
-        print("ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX", file=sys.stderr)
+    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
+        print(f"ztunnel: {CA_USAGE}", file=sys.stderr)
         return 2
     if args.stream_cap < 1:
         print("ztunnel: --stream-cap must be >= 1", file=sys.stderr)
