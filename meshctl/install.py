@@ -75,6 +75,7 @@ DEFAULT_VALUES: Obj = {
         "replicas": 2,
         "port": 15012,
         "secretName": "ambientmesh-ca",
+        "rootCertConfigMap": "ambientmesh-ca-root",
         "tokenAudience": "ambientmesh-ca",
         "resources": {
             "requests": {"cpu": "100m", "memory": "128Mi"},
@@ -94,6 +95,10 @@ READY_PORT = 15021
 METRICS_PORT = 15020
 HBONE_PORT = 15008
 ENROL_SOCKET_DIR = "/run/ambientmesh"
+BPF_PIN_ROOT = "/sys/fs/bpf/ambientmesh"
+CA_ROOT_DIR = "/etc/ambientmesh/ca-root"
+TOKEN_DIR = "/var/run/secrets/tokens"
+MESH_UID = 1337
 
 
 # -- values ----------------------------------------------------------------------------------
@@ -235,7 +240,7 @@ def _security(privileged: bool = False) -> Obj:
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
-        "runAsUser": 1337,
+        "runAsUser": MESH_UID,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
@@ -304,7 +309,19 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
             },
         },
     ]
-    mounts.append({"name": "ca-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True})
+    # The trust bundle only (public): never the CA Secret, which would put the CA key within
+    # reach of every node.
+    volumes.append(
+        {
+            "name": "ca-root",
+            "configMap": {
+                "name": v["ca"]["rootCertConfigMap"],
+                "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}],
+            },
+        }
+    )
+    mounts.append({"name": "ca-token", "mountPath": TOKEN_DIR, "readOnly": True})
+    mounts.append({"name": "ca-root", "mountPath": CA_ROOT_DIR, "readOnly": True})
     ca_addr = f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}"
     ztunnel_c: Obj = {
         "name": "ztunnel",
@@ -319,10 +336,16 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
             v["trustDomain"],
             "--ca-address",
             ca_addr,
+            "--ca-bundle",
+            f"{CA_ROOT_DIR}/root-cert.pem",
             "--ca-token",
-            "/var/run/secrets/tokens/ca-token",
+            f"{TOKEN_DIR}/ca-token",
             "--enrol-socket",
             f"{ENROL_SOCKET_DIR}/enrol.sock",
+            "--redirect",
+            "bpf",
+            "--bpf-pin-root",
+            BPF_PIN_ROOT,
             "--log-level",
             v["logLevel"],
             *zt["extraArgs"],
@@ -430,6 +453,8 @@ def _ca(v: Mapping[str, Any]) -> list[Obj]:
                 "metadata": {"labels": _labels(name)},
                 "spec": {
                     "serviceAccountName": name,
+                    # the CA Secret's files become group-readable by the CA's user, no one else
+                    "securityContext": {"fsGroup": MESH_UID},
                     "affinity": {
                         "podAntiAffinity": {
                             "preferredDuringSchedulingIgnoredDuringExecution": [
@@ -462,6 +487,10 @@ def _ca(v: Mapping[str, Any]) -> list[Obj]:
                                 ca["tokenAudience"],
                                 "--ztunnel-service-account",
                                 f"{ns}/ztunnel",
+                                "--readiness-addr",
+                                f"0.0.0.0:{READY_PORT}",
+                                "--log-level",
+                                v["logLevel"],
                             ],
                             "ports": [
                                 {"name": "grpc-ca", "containerPort": ca["port"]},
@@ -538,6 +567,8 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
                                 v["trustDomain"],
                                 "--readiness-addr",
                                 f"0.0.0.0:{READY_PORT}",
+                                "--log-level",
+                                v["logLevel"],
                             ],
                             "ports": [{"name": "http-ready", "containerPort": READY_PORT}],
                             **_probes(),

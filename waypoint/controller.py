@@ -45,7 +45,7 @@ from mesh.config.source import ConfigStore
 
 log = logging.getLogger("waypoint.controller")
 
-__all__ = ["CONTROLLER_NAME", "WaypointController", "desired_objects", "main"]
+__all__ = ["CONTROLLER_NAME", "WaypointController", "build_parser", "desired_objects", "main"]
 
 CONTROLLER_NAME = "ambientmesh.io/waypoint-controller"
 HASH_ANNOTATION = "ambientmesh.io/config-hash"
@@ -369,15 +369,19 @@ async def _amain(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="waypoint-controller", description=__doc__.split("\n")[0])
     p.add_argument("--image", required=True, help="waypoint image for the Deployments")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
     p.add_argument("--readiness-addr", default="0.0.0.0:15021")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full resyncs")
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
