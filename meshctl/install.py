@@ -414,6 +414,9 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
                 "spec": {
                     "serviceAccountName": name,
                     "hostNetwork": True,
+                    # node pids: pods running before the install are found by their cgroup's
+                    # processes (ztunnel.existing)
+                    "hostPID": True,
                     "dnsPolicy": "ClusterFirstWithHostNet",
                     "priorityClassName": "system-node-critical",
                     "terminationGracePeriodSeconds": 30,

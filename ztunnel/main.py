@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--bpf-cgroup",
         help="with --redirect bpf: the cgroup of ztunnel's own sockets (default: its own)",
     )
+    p.add_argument(
+        "--existing-pods",
+        choices=["auto", "discover", "ignore"],
+        default="auto",
+        help="find ambient pods that were running before ztunnel (no CNI ADD for them) from "
+        "their cgroup and netns; auto = discover with --kube and --enrol-socket",
+    )
+    p.add_argument(
+        "--cgroup-root", default="/sys/fs/cgroup", help="cgroup v2 mount, for --existing-pods"
+    )
     p.add_argument("--stream-cap", type=int, default=100, help="HBONE streams per connection")
     p.add_argument("--pool-idle", type=positive, default=60.0, help="idle HBONE connection (s)")
     p.add_argument("--drain-timeout", type=positive, default=5.0, help="SIGTERM drain (s)")
@@ -289,6 +299,15 @@ class Ztunnel:
             redirector = await asyncio.to_thread(build_redirector, args)
             manager = WorkloadManager(node, redirector, refresh=refresh)
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
+            if args.existing_pods == "discover" or (
+                args.existing_pods == "auto" and args.kube and args.enrol_socket
+            ):
+                from functools import partial
+
+                from ztunnel.existing import ExistingPods, find_sandbox
+
+                finder = partial(find_sandbox, cgroup_root=args.cgroup_root)
+                bg.append(tg.create_task(ExistingPods(manager, find=finder).run(self.store)))
 
             loop = asyncio.get_running_loop()
             self.servers.append(
