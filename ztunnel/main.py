@@ -198,6 +198,13 @@ async def build_identities(args: argparse.Namespace) -> Identities:
     return ids
 
 
+def enrol_state_path(socket_path: str) -> Path:
+    """Where the pods asked for through `socket_path` are remembered across restarts: beside
+    the socket, on the same tmpfs (/run), which a reboot clears along with the pods' netns."""
+    sock = Path(socket_path)
+    return sock.with_name(sock.name + ".pods.json")
+
+
 def build_redirector(args: argparse.Namespace) -> Redirector | None:
     if args.redirect == "none":
         return None
@@ -273,7 +280,8 @@ class Ztunnel:
             bg.append(tg.create_task(ids.run()))
 
             redirector = await asyncio.to_thread(build_redirector, args)
-            manager = WorkloadManager(node, redirector, refresh=refresh)
+            state = enrol_state_path(args.enrol_socket) if args.enrol_socket else None
+            manager = WorkloadManager(node, redirector, refresh=refresh, state_path=state)
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
 
             loop = asyncio.get_running_loop()
@@ -297,6 +305,7 @@ class Ztunnel:
             if args.enrol_socket:
                 enrol = EnrolServer(args.enrol_socket, manager)
                 await enrol.start()
+                await manager.restore()  # before readiness: pods from a previous run first
 
             routes = admin_routes(
                 lambda: self.store.current,
