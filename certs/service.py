@@ -131,8 +131,14 @@ class CaClient:
 
     def __init__(self, address: tuple[str, int], node_svid: Svid, bundle_pem: bytes) -> None:
         self.address = address
-        self.ctx: ssl.SSLContext = client_context(node_svid, bundle_pem)
-        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.node_svid = node_svid
+        self.bundle_pem = bundle_pem  # the latest trust bundle the CA answered with
+        self.ctx = self._context()
+
+    def _context(self) -> ssl.SSLContext:
+        ctx = client_context(self.node_svid, self.bundle_pem)
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
 
     async def sign(self, identity: str, ttl: timedelta = timedelta(hours=24)) -> Svid:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -170,4 +176,11 @@ class CaClient:
         if status != 200:
             raise CaError(status, f"CA refused {identity}: {answer.get('error')}")
         chain = tuple(x509.load_pem_x509_certificate(p.encode()) for p in answer["chain"])
+        bundle = answer.get("bundle")
+        if isinstance(bundle, str) and bundle.encode() != self.bundle_pem:
+            # a root added for rotation: trust it from now on, here and (through
+            # `Identities`) on every mesh connection
+            x509.load_pem_x509_certificates(bundle.encode())  # refuse garbage before using it
+            self.bundle_pem = bundle.encode()
+            self.ctx = self._context()
         return Svid(identity, key, chain)

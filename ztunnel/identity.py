@@ -89,7 +89,21 @@ class Identities:
 
     # -- the cache -------------------------------------------------------------------------
 
+    def _refresh_bundle(self) -> None:
+        """Adopt the trust bundle the CA last answered with (a remote signer carries it): a
+        new root added for rotation is trusted from the next handshake on. Cached contexts
+        are dropped, so every identity's next connection is built on the new bundle; the
+        listeners pick it up through `listener_context`'s per-handshake switch."""
+        bundle = getattr(self.signer, "bundle_pem", None)
+        if not isinstance(bundle, bytes) or bundle == self.bundle_pem:
+            return
+        self.bundle_pem = bundle
+        self._client.clear()
+        self._server.clear()
+        log.info("trust bundle updated from the CA (%d bytes)", len(bundle))
+
     def _install(self, svid: Svid) -> Svid:
+        self._refresh_bundle()
         old = self._svids.get(svid.identity)
         self._svids[svid.identity] = svid
         self._client.pop(svid.identity, None)

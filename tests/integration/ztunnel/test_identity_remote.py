@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -18,6 +20,7 @@ from certs.service import CaClient, CaService, SnapshotAuthorizer
 from certs.spiffe import node_id
 from certs.svid import Svid
 from mesh.config.parse import parse_objects
+from mesh.tls import server_context
 from ztunnel.identity import Identities
 
 WEB = "spiffe://cluster.local/ns/shop/sa/web"
@@ -33,6 +36,10 @@ class Counting:
     async def sign(self, identity: str, ttl: timedelta) -> Svid:
         self.calls += 1
         return await self.inner.sign(identity, ttl)
+
+    @property
+    def bundle_pem(self) -> bytes:
+        return self.inner.bundle_pem
 
 
 @dataclass
@@ -120,3 +127,36 @@ async def test_ca_outage_keeps_the_current_certificate_and_recovers(
         assert ids.svid(WEB).serial != first.serial  # recovered without anyone's help
     finally:
         rotation.cancel()
+
+
+async def handshake_ok(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> bool:
+    async def serve(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    try:
+        _, w = await asyncio.open_connection(
+            "127.0.0.1", srv.sockets[0].getsockname()[1], ssl=client_ctx, server_hostname="x"
+        )
+        w.close()
+        return True
+    except (ssl.SSLError, ConnectionError):
+        return False
+    finally:
+        srv.close()
+
+
+async def test_trust_bundle_from_the_ca_is_adopted(ca: Ca, tmp_path: Path) -> None:
+    """Root rotation: the CA starts handing out a bundle with a second root; after the next
+    signing, this node trusts peers whose certificates chain to the new root."""
+    ids, _ = identities(ca, timedelta(hours=1))
+    await ids.ensure(WEB)
+    new_root = CertificateAuthority.init(tmp_path / "new-root")
+    peer = new_root.issue(node_id("cluster.local", "n2"))
+    peer_ctx = server_context(peer, ca.ca.bundle_pem + new_root.bundle_pem)
+    assert not await handshake_ok(peer_ctx, cast(ssl.SSLContext, ids.client_context(WEB)))
+
+    ca.ca.bundle_pem += new_root.bundle_pem  # the operator adds the next root
+    await ids.ensure(node_id("cluster.local", "n1"))  # any signing carries the bundle back
+    assert new_root.bundle_pem in ids.bundle_pem
+    assert await handshake_ok(peer_ctx, cast(ssl.SSLContext, ids.client_context(WEB)))
