@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="with --ca: PREFIX-key.pem and PREFIX-chain.pem from `meshctl ca issue-node`",
     )
+    p.add_argument(
+        "--ca-token",
+        metavar="FILE",
+        help="with --ca, instead of --node-cert: a projected service-account token the CA "
+        "reviews with the API server (re-read on every request: the kubelet rotates it)",
+    )
     p.add_argument("--cert-ttl", type=positive, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", type=addr, default=("0.0.0.0", 15008))
     p.add_argument("--outbound-addr", type=addr, help="node-level outbound listener (15001)")
@@ -183,18 +189,23 @@ async def build_identities(args: argparse.Namespace) -> Identities:
     ttl = timedelta(seconds=args.cert_ttl)
     if args.ca_dir:
         return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
-    if not args.ca_bundle or not args.node_cert:
-        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX")
+    if not args.ca_bundle or not (args.node_cert or args.ca_token):
+        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token")
     from certs.service import CaClient
 
     try:
         bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
     except OSError as exc:
         raise CertificateError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
-    node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
-    ids = Identities(CaClient(args.ca, node_svid, bundle), ttl, bundle_pem=bundle,
-                     ktls=args.ktls_enabled)  # fmt: skip
-    ids.add(node_svid)
+    if args.node_cert:
+        node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
+        client = CaClient(args.ca, node_svid, bundle)
+    else:
+        # the node's own certificate comes from the CA too (`ensure(node.identity)` at start)
+        client = CaClient(args.ca, None, bundle, token_file=args.ca_token)
+    ids = Identities(client, ttl, bundle_pem=bundle, ktls=args.ktls_enabled)
+    if args.node_cert:
+        ids.add(node_svid)
     return ids
 
 
