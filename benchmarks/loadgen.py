@@ -60,7 +60,8 @@ def percentile(sorted_ns: list[int], pct: float) -> float:
     """Nearest-rank percentile, in milliseconds."""
     if not sorted_ns:
         return math.nan
-    rank = max(1, math.ceil(pct / 100.0 * len(sorted_ns)))
+    # rounded first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, not 999
+    rank = max(1, math.ceil(round(pct / 100.0 * len(sorted_ns), 9)))
     return sorted_ns[rank - 1] / 1e6
 
 

@@ -24,7 +24,8 @@ def percentile(values: Sequence[float], pct: float) -> float:
     if not 0.0 < pct <= 100.0:
         raise ValueError(f"percentile {pct}: must be in (0, 100]")
     ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    # rounded first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, not 999
+    rank = max(1, math.ceil(round(pct / 100.0 * len(ordered), 9)))
     return float(ordered[rank - 1])
 
 
