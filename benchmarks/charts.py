@@ -24,30 +24,40 @@ def _ok_modes(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 
 
 def latency_vs_rate(results: Mapping[str, Any], path: Path) -> Path:
-    """One panel per (protocol, body): p50 (solid) and p99 (dashed) against the achieved rate,
-    one colour per mode; the maximum-rate run is the rightmost point."""
+    """One panel per (protocol, body): p50 (solid) and p99 (dashed) per target rate, one
+    colour per mode. Target rates are categories ("max" last): at a fixed rate every mode
+    carries the same load, which is what makes the latencies comparable."""
     plt = _plt()
     modes = _ok_modes(results)
     combos = sorted(
         {(str(r["protocol"]), int(r["body_size"])) for m in modes.values() for r in m["runs"]}
     )
     n = max(1, len(combos))
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 4.2), squeeze=False)
     for ax, (proto, body) in zip(axes[0], combos, strict=False):
+        rates = sorted(
+            {float(r["target_rate"]) for m in modes.values() for r in m["runs"]
+             if r["protocol"] == proto and int(r["body_size"]) == body},
+            key=lambda x: (x == 0, x),
+        )  # fmt: skip
+        pos = {rate: i for i, rate in enumerate(rates)}
         for i, (name, m) in enumerate(modes.items()):
-            runs = sorted(
-                (r for r in m["runs"] if r["protocol"] == proto and int(r["body_size"]) == body),
-                key=lambda r: float(r.get("achieved_rate") or 0),
-            )
-            runs = [r for r in runs if r.get("completed")]
+            runs = [
+                r
+                for r in m["runs"]
+                if r["protocol"] == proto and int(r["body_size"]) == body and r.get("completed")
+            ]
+            runs.sort(key=lambda r: pos[float(r["target_rate"])])
             if not runs:
                 continue
-            x = [float(r["achieved_rate"]) for r in runs]
+            x = [pos[float(r["target_rate"])] for r in runs]
             color = f"C{i}"
             ax.plot(x, [r["latency_ms"]["p50"] for r in runs], "o-", color=color, label=name)
             ax.plot(x, [r["latency_ms"]["p99"] for r in runs], "s--", color=color, alpha=0.7)
-        ax.set_title(f"{proto}, {body} B body (solid p50, dashed p99)")
-        ax.set_xlabel("achieved requests/s")
+        ax.set_xticks(range(len(rates)))
+        ax.set_xticklabels(["max" if r == 0 else f"{r:g}" for r in rates])
+        ax.set_title(f"{proto}, {body} B body\n(solid p50, dashed p99)", fontsize=10)
+        ax.set_xlabel("target requests/s")
         ax.set_ylabel("latency (ms)")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)

@@ -259,7 +259,8 @@ def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str,
         return latency(find_run(m, protocol="http/1.1", body_size=0, rate=reference_rate), "p99")
 
     oa, os_ = overhead(p99(amb), p99(base)), overhead(p99(side), p99(base))
-    if oa is not None and os_ is not None and os_[0] > 0:
+    # a ratio of overheads means something only when both are above the baseline's p99
+    if oa is not None and os_ is not None and oa[0] > 0 and os_[0] > 0:
         out["p99_overhead"] = oa[0] / os_[0]
     out["cpu_per_request"] = ratio(cpu_per_1k(amb), cpu_per_1k(side))
     ma, ms = memory(amb, density), memory(side, density)
@@ -289,13 +290,19 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
     ]
     r = ratios(results, reference_rate=reference_rate, density=max(densities))
     if any(v is not None for v in r.values()):
-        parts += [
-            "ambient / sidecar: "
-            + ", ".join(
-                f"{k.replace('_', ' ')} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()
-            ),
-            "",
-        ]
+        names = {
+            "p99_overhead": "p99 overhead",
+            "cpu_per_request": "CPU per request",
+            "memory_per_pod": f"memory per pod ({max(densities)} pods/node)",
+        }
+        cells = [f"{names[k]} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()]
+        parts += ["ambient / sidecar: " + ", ".join(cells), ""]
+        if r["p99_overhead"] is None:
+            parts += [
+                "(p99 overhead ratio: '-' when a mesh's p99 is not above no mesh's in this run:"
+                " the difference is inside the machine's noise)",
+                "",
+            ]
     parts += ["## All latency runs", "", detail_table(results), "", "## Other measures", ""]
     parts += [other_table(results), ""]
     return "\n".join(parts)

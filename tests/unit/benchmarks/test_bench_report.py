@@ -95,13 +95,15 @@ def test_ratios_ambient_over_sidecar() -> None:
     assert r["cpu_per_request"] == pytest.approx(0.3 / 0.4)
     assert r["memory_per_pod"] == pytest.approx(128.0 / 1024.0)
     res = results()
+    res["modes"]["ambient"]["runs"][0]["latency_ms"]["p99"] = 0.9  # below no mesh: noise
+    assert report.ratios(res, reference_rate=1000.0, density=20)["p99_overhead"] is None
     del res["modes"]["sidecar"]
     assert all(v is None for v in report.ratios(res, reference_rate=1000.0, density=20).values())
 
 
 def test_render_has_every_section_and_skip_reasons() -> None:
     md = report.render(results(), reference_rate=1000.0, densities=[2, 20])
-    assert "ambient / sidecar: p99 overhead 0.50x, cpu per request 0.75x" in md
+    assert "ambient / sidecar: p99 overhead 0.50x, CPU per request 0.75x" in md
     assert "## All latency runs" in md and "| nomesh | http/1.1 | 0 B" in md.replace("  ", " ")
     assert "no HBONE in the waypoint yet" in md
     assert "| max " in md.replace("  ", " ")
