@@ -374,8 +374,11 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.ca and (not args.ca_bundle or not args.node_cert):
-        print("ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX", file=sys.stderr)
+    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
+        print(
+            "ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token FILE",
+            file=sys.stderr,
+        )
         return 2
     if args.stream_cap < 1:
         print("ztunnel: --stream-cap must be >= 1", file=sys.stderr)
