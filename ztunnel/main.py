@@ -317,6 +317,13 @@ class Ztunnel:
                 enrol = EnrolServer(args.enrol_socket, manager)
                 await enrol.start()
                 await manager.restore()  # before readiness: pods from a previous run first
+                if args.kube:
+                    # pods that were running before the install: no CNI ADD will come for them
+                    from ztunnel.discover import Discoverer
+
+                    disc = Discoverer(manager)
+                    await disc.sweep(self.store.current)
+                    bg.append(tg.create_task(disc.run(self.store.subscribe)))
 
             routes = admin_routes(
                 lambda: self.store.current,
