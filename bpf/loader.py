@@ -157,7 +157,7 @@ class BpfRedirector:
 
             hash_fd = lib.bpf_table_fd(b.module, b"fastpath")
             bcc.BPF.attach_func(msg, hash_fd, at.SK_MSG_VERDICT)
-        ports = b["excluded_ports"]
+        ports = b[b"excluded_ports"]
         for p in self.excluded_ports:
             ports[ports.Key(p)] = ports.Leaf(1)
 

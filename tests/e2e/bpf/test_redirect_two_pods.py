@@ -112,8 +112,8 @@ def test_same_client_port_in_two_pods_keeps_each_original_destination(
     # both sockets closed: their entries are gone, not left to fill the maps
     bpf = r._bpf
     for _ in range(50):
-        if not list(bpf["orig_by_client"].items()) and not list(bpf["orig_by_cookie"].items()):
+        if not list(bpf[b"orig_by_client"].items()) and not list(bpf[b"orig_by_cookie"].items()):
             break
         time.sleep(0.05)
-    assert list(bpf["orig_by_client"].items()) == []
-    assert list(bpf["orig_by_cookie"].items()) == []
+    assert list(bpf[b"orig_by_client"].items()) == []
+    assert list(bpf[b"orig_by_cookie"].items()) == []
