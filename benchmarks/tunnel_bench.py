@@ -21,6 +21,7 @@ exported with `git archive`), measured interleaved with the first: before/after 
 
     python -m benchmarks.tunnel_bench [--rounds 3] [--bulk-mib 1024] [--seconds 5]
     python -m benchmarks.tunnel_bench --base /tmp/before   # before/after
+    python -m benchmarks.tunnel_bench --profile /tmp/prof  # py-spy stacks of each ztunnel
 
 Needs root (network namespace, netfilter).
 """
@@ -33,6 +34,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -274,6 +276,7 @@ def run_load(mode: Mode, kind: str, a: argparse.Namespace) -> dict[str, Any]:
 def inside_main(a: argparse.Namespace) -> None:
     trees = [("hbone", ROOT)] + ([("base", Path(a.base).resolve())] if a.base else [])
     procs: list[subprocess.Popen[str]] = []
+    spies: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
             ca = Path(tmp) / "ca"
@@ -306,6 +309,14 @@ def inside_main(a: argparse.Namespace) -> None:
                     wait_line(p, f"ztunnel {node} ({name})")
                 # Client-side process first in the CPU columns.
                 modes.append(Mode(name, vip(i), 80, (zt[1].pid, zt[0].pid)))
+                if a.profile:
+                    for node, p in (("n1", zt[1]), ("n2", zt[0])):
+                        out = Path(a.profile) / f"{name}-{node}.txt"
+                        spies.append(subprocess.Popen(
+                            ["py-spy", "record", "--pid", str(p.pid), "--format", "raw",
+                             "--rate", "200", "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        ))  # fmt: skip
             for m in modes:  # warm-up: pooled HBONE connection, TLS, windows, caches
                 run_load(m, "bulk", argparse.Namespace(bulk_mib=64, bulk_seconds=5))
                 run_load(m, "rr", argparse.Namespace(seconds=0.5, conns=a.conns))
@@ -316,6 +327,9 @@ def inside_main(a: argparse.Namespace) -> None:
                     m.rr.append(run_load(m, "rr", a))
                 print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
         finally:
+            for spy in spies:  # py-spy writes its profile on SIGINT
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
             for p in procs:
                 p.terminate()
             for p in procs:
@@ -415,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="request/response duration")
     p.add_argument("--conns", type=int, default=16)
     p.add_argument("--base", help="a source tree to run as a second ztunnel pair (before)")
+    p.add_argument("--profile", help="a directory for py-spy profiles of each ztunnel (raw)")
     p.add_argument("--json", action="store_true", help="also print every sample as JSON")
     p.add_argument("--role", choices=["inside", "echo", "bulk", "rr"], help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
