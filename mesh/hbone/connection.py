@@ -47,6 +47,7 @@ SEND_LOW_WATER = 1 << 18
 # Credit for received DATA is returned in batches (one WINDOW_UPDATE per quarter window), not
 # per frame: a 1 KiB request then costs no extra frame and no extra TLS record.
 STREAM_UPDATE_AT = STREAM_WINDOW // 4
+WRITELINES_AT = 1 << 16
 CONNECTION_UPDATE_AT = CONNECTION_WINDOW // 4
 # Sent by a waypoint to the destination's ztunnel: the SPIFFE ID of the caller it acts for.
 # The receiver believes it only when the TLS peer is a waypoint serving that destination.
@@ -505,13 +506,19 @@ class HboneConnection(asyncio.Protocol):
         self._flush_scheduled = False
         data = self.h2.data_to_send()
         out = self._out
+        t = self.transport
         if out:
             if data:
                 out.append(data)
-            data = b"".join(out)
-            out.clear()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self._out = []
+            if t is None or t.is_closing():
+                return
+            if len(out) > 2 and len(out[1]) >= WRITELINES_AT:
+                t.writelines(out)  # big payloads: no join copy; a header is a tiny record
+            else:
+                t.write(b"".join(out))
+        elif data and t is not None and not t.is_closing():
+            t.write(data)
 
     def _stream_finished(self) -> None:
         if not self._streams and self.on_idle is not None:
