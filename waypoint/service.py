@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from mesh.config.model import BackendRef, ConfigError, HTTPRoute, Service
+from mesh.config.model import BackendRef, ConfigError, HTTPRoute, Pod, Service, ServicePort
 from mesh.config.snapshot import Snapshot
 from waypoint.routing import RouteTable
 
@@ -29,6 +29,10 @@ class Target:
     port: int
     node: str | None
     service: str
+    pod: Pod | None = None
+    # "h2" when the service port declares HTTP/2 (appProtocol or port name grpc/http2/h2c),
+    # "http/1.1" when it declares HTTP, "" when it says nothing (use the client's protocol).
+    protocol: str = ""
 
 
 class ServiceRoutes:
@@ -93,4 +97,22 @@ class ServiceRoutes:
             raise NoBackend(f"service {svc.key} port {port} has no ready endpoints")
         ep = eps[next(self._rr) % len(eps)]
         assert ep.pod.ip is not None  # endpoints only hold pods with an IP
-        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key)
+        sp = next((p for p in svc.ports if p.port == port), None)
+        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key, ep.pod, port_protocol(sp))
+
+
+_H2_NAMES = frozenset({"grpc", "grpc-web", "http2", "h2c", "kubernetes.io/h2c"})
+
+
+def port_protocol(sp: ServicePort | None) -> str:
+    """What a Service port declares about its protocol, Istio's way: `appProtocol` first,
+    then the port name's prefix (`grpc-foo`, `http2`, `http-web`)."""
+    if sp is None:
+        return ""
+    ap = sp.app_protocol.lower()
+    name = sp.name.lower().split("-", 1)[0]
+    if ap in _H2_NAMES or (not ap and name in _H2_NAMES):
+        return "h2"
+    if ap in ("http", "http/1.1") or (not ap and name == "http"):
+        return "http/1.1"
+    return ""
