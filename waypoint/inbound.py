@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from certs.spiffe import SpiffeId
 from mesh.authz import waypoint_policies
 from mesh.config.model import Service
 from mesh.config.snapshot import Snapshot
@@ -117,7 +118,11 @@ class WaypointInbound:
 
     async def __call__(self, req: ConnectRequest) -> None:
         sr = self.routes()
-        found = sr.for_authority(req.authority)
+        try:
+            caller_ns = SpiffeId.parse(req.peer_identity).namespace
+        except ValueError:
+            caller_ns = None
+        found = sr.for_authority(req.authority, caller_ns)
         if found is None:
             req.reject(400, f"{req.authority} is not a service VIP:port")
             return

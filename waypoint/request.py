@@ -148,6 +148,10 @@ class RequestHandler:
             await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
             return
         route = ctx.table.route(req)
+        if route is None and ctx.table:
+            # Routes are attached but none matches: Gateway API says 404, not "the Service".
+            await self._local(ex, out, 404, "route not found\n", flag="NR")
+            return
         timeouts, retry = RouteTimeouts(), RouteRetry()
         resp_mods: list[HeaderModifier] = []
         backend: BackendRef | None = None

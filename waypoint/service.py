@@ -40,11 +40,13 @@ class ServiceRoutes:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self._tables: dict[tuple[str, int], RouteTable] = {}
+        self._tables: dict[tuple[str, int, str | None], RouteTable] = {}
         self._rr = itertools.count()
         self.errors: list[str] = []  # routes this snapshot could not compile, for logs/config dump
 
-    def for_authority(self, authority: str) -> tuple[Service, int, RouteTable] | None:
+    def for_authority(
+        self, authority: str, consumer_ns: str | None = None
+    ) -> tuple[Service, int, RouteTable] | None:
         host, _, port_s = authority.rpartition(":")
         if not port_s.isdigit():
             return None
@@ -52,13 +54,18 @@ class ServiceRoutes:
         if found is None:
             return None
         svc, sp = found
-        return svc, sp.port, self.table(svc, sp.port)
+        return svc, sp.port, self.table(svc, sp.port, consumer_ns)
 
-    def table(self, svc: Service, port: int) -> RouteTable:
-        key = (svc.key, port)
+    def table(self, svc: Service, port: int, consumer_ns: str | None = None) -> RouteTable:
+        """The routes for calls from `consumer_ns` to `svc:port`.
+
+        Gateway API mesh (GEP-1294): a route in the Service's own namespace is a producer
+        route and applies to every caller; a route in another namespace is a consumer route
+        and applies only to callers from that namespace, instead of the producer routes."""
+        key = (svc.key, port, consumer_ns if consumer_ns != svc.namespace else None)
         t = self._tables.get(key)
         if t is None:
-            routes: list[HTTPRoute] = [
+            attached: list[HTTPRoute] = [
                 r
                 for r in self.snapshot.routes_for_service(svc)
                 if any(
@@ -69,7 +76,9 @@ class ServiceRoutes:
                     for p in r.parent_refs
                 )
             ]
-            t = self._tables[key] = self._compile(routes)
+            consumer = [r for r in attached if key[2] is not None and r.namespace == key[2]]
+            producer = [r for r in attached if r.namespace == svc.namespace]
+            t = self._tables[key] = self._compile(consumer or producer)
         return t
 
     def _compile(self, routes: list[HTTPRoute]) -> RouteTable:

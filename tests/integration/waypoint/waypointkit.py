@@ -45,6 +45,10 @@ ECHO_V1_VIP = "10.96.0.11"
 ECHO_V2_VIP = "10.96.0.12"
 GRPC_VIP = "10.96.0.20"
 PLAIN_VIP = "10.96.0.30"  # a service opted out of the waypoint: the L4 path
+CLIENT_IP = "127.0.0.1"
+CONSUMER_NS = "consumer"
+CONSUMER_IP = "127.0.0.7"  # a client pod in another namespace (consumer routes)
+ECHO_V2_IP = "127.0.0.4"
 
 Doc = dict[str, Any]
 
@@ -221,8 +225,9 @@ class HttpClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int) -> HttpClient:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, source: str = "127.0.0.1") -> HttpClient:
+        """`source`: the client pod's address (ztunnel finds the source pod by it)."""
+        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
         return cls(r, w)
 
     async def request(
@@ -290,6 +295,12 @@ def base_manifest(wp_port: int, echo_port: int, grpc_port: int) -> list[Doc]:
         {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"},
          "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]}},
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": amb}},
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": CONSUMER_NS, "labels": {"istio.io/dataplane-mode": "ambient"}}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "consumer", "namespace": CONSUMER_NS, "labels": {"app": "c"}},
+         "spec": {"nodeName": "n1", "serviceAccountName": "consumer"},
+         "status": {"podIP": CONSUMER_IP}},
         {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
          "metadata": {"name": "waypoint", "namespace": NS},
          "spec": {"gatewayClassName": "waypoint",
@@ -305,9 +316,11 @@ def base_manifest(wp_port: int, echo_port: int, grpc_port: int) -> list[Doc]:
             [{"name": "http", "port": 80, "targetPort": echo_port, **http},
              {"name": "http-alt", "port": 8080, "targetPort": echo_port, **http}]),
         svc("echo-v1", ECHO_V1_VIP, {"app": "echo", "version": "v1"},
-            [{"port": 80, "targetPort": echo_port, **http}]),
+            [{"name": "http", "port": 80, "targetPort": echo_port, **http},
+             {"name": "http-alt", "port": 8080, "targetPort": echo_port, **http}]),
         svc("echo-v2", ECHO_V2_VIP, {"app": "echo", "version": "v2"},
-            [{"port": 80, "targetPort": echo_port, **http}]),
+            [{"name": "http", "port": 80, "targetPort": echo_port, **http},
+             {"name": "http-alt", "port": 8080, "targetPort": echo_port, **http}]),
         svc("grpc", GRPC_VIP, {"app": "grpc"},
             [{"name": "grpc", "port": 50051, "targetPort": grpc_port, "appProtocol": "grpc"}]),
         svc("plain", PLAIN_VIP, {"app": "echo"}, [{"port": 80, "targetPort": echo_port}],
@@ -344,11 +357,20 @@ class Mesh:
             self._outbound[key] = srv.sockets[0].getsockname()[1]
         return self._outbound[key]
 
-    async def client(self, vip: str = ECHO_VIP, port: int = 80) -> HttpClient:
-        return await HttpClient.connect(await self.port_for(vip, port))
+    async def client(
+        self, vip: str = ECHO_VIP, port: int = 80, source: str = CLIENT_IP
+    ) -> HttpClient:
+        return await HttpClient.connect(await self.port_for(vip, port), source)
 
-    async def get(self, path: str, vip: str = ECHO_VIP, port: int = 80, **kw: Any) -> Response:
-        c = await self.client(vip, port)
+    async def get(
+        self,
+        path: str,
+        vip: str = ECHO_VIP,
+        port: int = 80,
+        source: str = CLIENT_IP,
+        **kw: Any,
+    ) -> Response:
+        c = await self.client(vip, port, source)
         try:
             return await c.request(path, **kw)
         finally:
