@@ -381,6 +381,9 @@ class H2Server(H2Conn):
                 ex.reset()
         except StreamReset:
             ex.reset()
+        except Exception:  # a bug in one request never takes the connection down
+            log.exception("h2: request on stream %d failed", ex.st.sid)
+            ex.reset()
         finally:
             self._tasks.pop(ex.st.sid, None)
             if not self._tasks:

@@ -99,6 +99,10 @@ class RequestHandler:
         self.retry_buffer = retry_buffer
         self._mirrors: set[asyncio.Task[None]] = set()
         self.in_flight = 0  # requests started and not yet accounted
+        # Labels per (caller address, caller, service, pod, protocol, flags): building them
+        # costs more than the rest of the accounting, and the set of combinations is small.
+        self._labels: dict[tuple[object, ...], ConnectionLabels] = {}
+        self._labels_snap: object = None
 
     async def __call__(self, ctx: StreamContext, ex: ServerExchange) -> None:
         t0 = time.monotonic()
@@ -361,6 +365,8 @@ class RequestHandler:
         by this handler (`close` cancels them) and bounded in number."""
         if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT or body.rec.overflow:
             return
+        if not body.rec.complete:
+            return  # the answer came before the request ended: there is no whole copy
         data = b"".join(body.rec.chunks)
         copy = RequestHead(
             head.method,
@@ -414,17 +420,26 @@ class RequestHandler:
         snap = ctx.routes.snapshot
         t = out.target
         grpc = any(k == "content-type" and v.startswith("application/grpc") for k, v in req.headers)
-        labels = ConnectionLabels.build(
-            reporter="waypoint",
-            source=snap.pod_by_ip(ctx.src_ip),
-            source_principal=ctx.caller,
-            destination=t.pod if t is not None else None,
-            service=ctx.service,
-            protocol="grpc" if grpc else "http",
-            mtls=True,
-            response_flags=out.flag,
-            trust_domain=snap.trust_domain,
-        )
+        dst = t.pod if t is not None else None
+        if snap is not self._labels_snap:
+            self._labels.clear()  # pods and services may have new labels
+            self._labels_snap = snap
+        key = (ctx.src_ip, ctx.caller, ctx.service.key, dst.key if dst else "", grpc, out.flag)
+        labels = self._labels.get(key)
+        if labels is None:
+            if len(self._labels) > 10_000:
+                self._labels.clear()  # many callers: never grow without bound
+            labels = self._labels[key] = ConnectionLabels.build(
+                reporter="waypoint",
+                source=snap.pod_by_ip(ctx.src_ip),
+                source_principal=ctx.caller,
+                destination=dst,
+                service=ctx.service,
+                protocol="grpc" if grpc else "http",
+                mtls=True,
+                response_flags=out.flag,
+                trust_domain=snap.trust_domain,
+            )
         req_bytes = body.rec.size
         resp_bytes = ex.bytes_sent
         self.metrics.request_done(labels, out.status, duration, req_bytes, resp_bytes)

@@ -480,3 +480,18 @@ async def test_client_can_use_another_client_connection_meanwhile(mesh: Mesh) ->
     finally:
         a.close()
         b.close()
+
+
+async def test_request_mirror_copies_to_another_backend(mesh: Mesh) -> None:
+    mirror = {"type": "RequestMirror",
+              "requestMirror": {"backendRef": {"name": "echo-v2", "port": 80}}}  # fmt: skip
+    mesh.apply(
+        [route("mirror", [{"filters": [mirror], "backendRefs": [{"name": "echo-v1", "port": 80}]}])]
+    )
+    r = await mesh.get("/mirrored", method="POST", body=b"copy me")
+    assert r.status == 200 and r.json()["pod"] == "echo-v1"
+    for _ in range(100):
+        if mesh.stats["echo-v2"].requests:
+            break
+        await asyncio.sleep(0.01)
+    assert mesh.stats["echo-v2"].requests == 1 and mesh.stats["echo-v1"].requests == 1
