@@ -38,10 +38,11 @@ def _manifest(wp_port: int, backend_port: int) -> list[dict[str, Any]]:
                 "spec": {"nodeName": node, "serviceAccountName": name},
                 "status": {"podIP": ip}}  # fmt: skip
 
-    def svc(name: str, vip: str, sel: dict[str, str], **labels: str) -> dict[str, Any]:
+    def svc(
+        name: str, vip: str, sel: dict[str, str], labels: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": name, "namespace": "bench",
-                             "labels": {k.replace("_", "."): v for k, v in labels.items()}},
+                "metadata": {"name": name, "namespace": "bench", "labels": labels or {}},
                 "spec": {"clusterIP": vip, "selector": sel,
                          "ports": [{"port": 80, "targetPort": backend_port,
                                     "appProtocol": "http"}]}}  # fmt: skip
@@ -66,7 +67,7 @@ def _manifest(wp_port: int, backend_port: int) -> list[dict[str, Any]]:
         svc("backend", WP_VIP, {"app": "backend"}),
         svc("v1", "10.96.0.11", {"version": "v1"}),
         svc("v2", "10.96.0.12", {"version": "v2"}),
-        svc("backend-l4", L4_VIP, {"app": "backend"}, istio_io_use_waypoint="none"),
+        svc("backend-l4", L4_VIP, {"app": "backend"}, {"istio.io/use-waypoint": "none"}),
         {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
          "metadata": {"name": "split", "namespace": "bench"},
          "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "backend"}],
@@ -121,6 +122,10 @@ async def _serve() -> None:
         wp = Waypoint("bench", "waypoint", lambda: snap[0], ids, node_ports={"n2": h2port})
         await wp.listen("127.0.0.9", 0)
         snap[0] = parse_objects(_manifest(wp.port, bport))
+        for vip, via_waypoint in ((WP_VIP, True), (L4_VIP, False)):
+            found = snap[0].service_by_vip(vip, 80)
+            assert found is not None
+            assert (snap[0].waypoint_for_service(found[0]) is not None) == via_waypoint
         n1 = Node("n1", lambda: snap[0], ids, MeshMetrics(), hbone_port=h2port)
         ports = {}
         for name, vip in (("waypoint", WP_VIP), ("l4", L4_VIP)):
@@ -158,7 +163,7 @@ def _via(port: int) -> str | None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n")
         data = b""
-        while chunk := s.recv(65536):
+        while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
             data += chunk
     for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
         k, _, v = line.decode().partition(":")

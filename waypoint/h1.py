@@ -125,7 +125,7 @@ class H1ServerExchange:
     def head_sent(self) -> bool:
         return self._head_sent
 
-    async def send_head(self, head: ResponseHead) -> None:
+    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
         self._head_sent = True
         extra: list[str] = []
         hs = [(k, v) for k, v in head.headers if k != "content-length"]
@@ -152,7 +152,11 @@ class H1ServerExchange:
         if not self.keep_alive:
             extra.append("connection: close")
         reason = REASONS.get(head.status, "Status")
-        self.conn.send(_head_bytes(f"HTTP/1.1 {head.status} {reason}", hs, extra))
+        out = _head_bytes(f"HTTP/1.1 {head.status} {reason}", hs, extra)
+        if first and not self._no_body:
+            self._sent += len(first)
+            out += _chunk(first) if self._chunked else first
+        self.conn.send(out)
         await self.conn.drain()
 
     async def send_data(self, data: bytes) -> None:
@@ -390,7 +394,8 @@ class H1Client(WireConn):
         if head.te_trailers:
             extra.append("te: trailers")
         hs = [(k, v) for k, v in head.headers if k != "content-length"]  # framing is ours
-        self.send(_head_bytes(f"{head.method} {head.target} HTTP/1.1", hs, extra))
+        # Held until the first body bytes or the end, so a small request is one write.
+        ex.corked = _head_bytes(f"{head.method} {head.target} HTTP/1.1", hs, extra)
         return ex
 
     def _die(self, why: str) -> None:
@@ -514,6 +519,7 @@ class H1ClientExchange:
         self.released = False
         self.close_delimited = False
         self.sent = 0
+        self.corked = b""
 
     async def send_data(self, data: bytes) -> None:
         if not data:
@@ -524,12 +530,18 @@ class H1ClientExchange:
             # A body the head did not announce: we cannot frame it on this connection.
             raise StreamReset("request body after a head without one")
         self.sent += len(data)
-        self.conn.send(_chunk(data) if self.framing == "chunked" else data)
+        out = _chunk(data) if self.framing == "chunked" else data
+        if self.corked:
+            out, self.corked = self.corked + out, b""
+        self.conn.send(out)
         await self.conn.drain()
 
     async def finish(self, trailers: Headers | None = None) -> None:
-        if self.framing == "chunked" and not self.conn.dead:
-            self.conn.send(_last_chunk(trailers))
+        out, self.corked = self.corked, b""
+        if self.framing == "chunked":
+            out += _last_chunk(trailers)
+        if out and not self.conn.dead:
+            self.conn.send(out)
         self.request_done = True
         await self.conn.drain()
         self.conn._maybe_free()

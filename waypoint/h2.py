@@ -296,7 +296,7 @@ class H2ServerExchange:
     def head_sent(self) -> bool:
         return self._head_sent
 
-    async def send_head(self, head: ResponseHead) -> None:
+    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
         self._head_sent = True
         hs = [(":status", str(head.status)), *_out_headers(head.headers)]
         try:
@@ -307,6 +307,8 @@ class H2ServerExchange:
             self.finished = True
             self.conn._local_ended(self.st.sid)
         self.conn.schedule_flush()
+        if first:
+            await self.send_data(first)  # frames of one loop turn leave in one write anyway
         await self.conn.drain()
 
     async def send_data(self, data: bytes) -> None:

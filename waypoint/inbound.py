@@ -137,6 +137,6 @@ class WaypointInbound:
         wp = snap.waypoint(self.namespace, self.name)
         assert wp is not None  # _serves found it
         policies = waypoint_policies(snap, wp, svc)  # once per stream, not per request
-        ctx = StreamContext(req.peer_identity, src_ip, svc, port, sr, table, policies)
+        ctx = StreamContext(req.peer_identity, src_ip, svc, port, sr, table, policies, caller_ns)
         self.streams += 1
         await serve_stream(req.accept(), ctx, self.handler)

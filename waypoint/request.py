@@ -24,7 +24,6 @@ import random
 import time
 from dataclasses import dataclass
 
-from certs.spiffe import SpiffeId
 from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeouts, Service
@@ -61,6 +60,7 @@ class StreamContext:
     routes: ServiceRoutes  # the snapshot's view the connection started with
     table: RouteTable
     policies: PolicySet  # L7 policies of this waypoint for this service
+    caller_ns: str | None = None
 
 
 class _Failed(Exception):
@@ -76,7 +76,7 @@ class _Failed(Exception):
 class _Attempt:
     up: ClientExchange
     resp: ResponseHead
-    pump: asyncio.Task[None]
+    pump: asyncio.Task[None] | None  # None: the request had no body to stream
     target: Target
 
 
@@ -135,22 +135,20 @@ class RequestHandler:
         body: ReplayableBody,
         out: _Outcome,
     ) -> None:
-        try:
-            caller_ns: str | None = SpiffeId.parse(ctx.caller).namespace
-        except ValueError:
-            caller_ns = None
-        decision = authorize(
-            ctx.policies,
-            AuthzRequest(
-                ctx.caller, caller_ns, ctx.src_ip, ctx.port, req.method, req.path, req.host
-            ),
-            l7=True,
-        )
-        out.policy = decision.policy
-        if not decision.allowed:
-            why = f"policy {decision.policy}" if decision.policy else decision.reason
-            await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
-            return
+        pol = ctx.policies
+        if pol.allow or pol.deny:  # no policy, nothing to evaluate
+            decision = authorize(
+                pol,
+                AuthzRequest(
+                    ctx.caller, ctx.caller_ns, ctx.src_ip, ctx.port, req.method, req.path, req.host
+                ),
+                l7=True,
+            )
+            out.policy = decision.policy
+            if not decision.allowed:
+                why = f"policy {decision.policy}" if decision.policy else decision.reason
+                await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
+                return
         route = ctx.table.route(req)
         if route is None and ctx.table:
             # Routes are attached but none matches: Gateway API says 404, not "the Service".
@@ -202,7 +200,7 @@ class RequestHandler:
                 await self._respond(ex, att, resp_mods, out)
             finally:
                 att.up.release()
-                if not att.pump.done():
+                if att.pump is not None and not att.pump.done():
                     att.pump.cancel()  # the response is over; so is the request body
         for m in fwd.mirrors:
             self._mirror(ctx, m, up_head, body)
@@ -238,9 +236,8 @@ class RequestHandler:
                         tries += 1
                         out.retries = tries
                         if att is not None:
-                            att.pump.cancel()
                             att.up.reset()
-                            await asyncio.wait([att.pump])
+                            await _stop(att.pump)
                         await asyncio.sleep(retry.backoff * (2 ** (tries - 1)))
                         continue
                     if failure is not None:
@@ -279,25 +276,33 @@ class RequestHandler:
                 )
             except (HboneError, OSError, StreamReset) as exc:
                 raise _Failed(503, "UF", f"upstream connect error: {exc}") from None
-            pump = tg.create_task(self._pump(body, up))
+            pump: asyncio.Task[None] | None = None
+            if up_head.end_stream and body.source.ended:
+                await self._pump(body, up)  # nothing to stream: no task needed
+            else:
+                pump = tg.create_task(self._pump(body, up))
             try:
-                async with asyncio.timeout(timeouts.backend_request):
+                if timeouts.backend_request is None:
                     resp = await up.response
+                else:
+                    async with asyncio.timeout(timeouts.backend_request):
+                        resp = await up.response
                 return _Attempt(up, resp, pump, target)
             except StreamReset as exc:
-                pump.cancel()
                 up.reset()
-                await asyncio.wait([pump])
+                await _stop(pump)
                 if reused and not fresh and body.replayable:
                     fresh = True  # a pooled connection the backend had closed: once more
                     continue
                 raise _Failed(503, "UR", f"upstream reset before response headers: {exc}") from None
             except TimeoutError:
-                pump.cancel()
+                if pump is not None:
+                    pump.cancel()
                 up.reset()
                 raise _Failed(504, "UT", "upstream request timeout") from None
             except BaseException:
-                pump.cancel()
+                if pump is not None:
+                    pump.cancel()
                 up.reset()
                 raise
 
@@ -319,10 +324,11 @@ class RequestHandler:
         for mod in mods:
             headers = modify_headers(headers, mod)
         out.status = resp.status
-        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream))
+        up = att.up
+        first = b"" if resp.end_stream else up.body.read_nowait()
+        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first)
         if resp.end_stream:
             return
-        up = att.up
         try:
             while data := await up.body.read():
                 await ex.send_data(data)
@@ -464,6 +470,12 @@ class RequestHandler:
                 reporter="waypoint",
             )
         )
+
+
+async def _stop(pump: asyncio.Task[None] | None) -> None:
+    if pump is not None and not pump.done():
+        pump.cancel()
+        await asyncio.wait([pump])
 
 
 @dataclass(slots=True)

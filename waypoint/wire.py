@@ -149,6 +149,18 @@ class Body:
     def over_high_water(self) -> bool:
         return self.buffered > HIGH_WATER
 
+    def read_nowait(self) -> bytes:
+        """What is buffered right now (b"" when nothing is), without waiting: lets a writer
+        put a response head and the first body bytes in one write."""
+        if not self._chunks or self._error is not None:
+            return b""
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self.buffered -= len(data)
+        if self.on_consumed is not None:
+            self.on_consumed(len(data))
+        return data
+
     async def read(self) -> bytes:
         """The next bytes (several queued chunks joined, up to MAX_CHUNK); b"" at the end."""
         while not self._chunks:
@@ -184,7 +196,8 @@ class ServerExchange(Protocol):
     body: Body
     protocol: str  # "http/1.1" | "h2"
 
-    async def send_head(self, head: ResponseHead) -> None: ...
+    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
+        """The response head and, when already at hand, the first body bytes (one write)."""
 
     async def send_data(self, data: bytes) -> None: ...
 
