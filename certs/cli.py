@@ -94,6 +94,12 @@ def cmd_issue_node(args: argparse.Namespace) -> int:
     return _issue(ca, node_id(ca.trust_domain, args.node), args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from certs.service import run
+
+    return run(args)
+
+
 def register(sub: Any) -> None:
     ca = sub.add_parser("ca", help="the mesh certificate authority")
     cas = ca.add_subparsers(dest="ca_command", required=True, metavar="SUBCOMMAND")
@@ -116,3 +122,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--ttl", default="720h")
     p.set_defaults(func=cmd_issue_node)
+    p = cas.add_parser("serve", help="run the CA service nodes obtain SVIDs from")
+    from certs.service import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)

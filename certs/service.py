@@ -1,8 +1,14 @@
-"""The CA service: nodes' ztunnels obtain workload SVIDs over mutual TLS.
+"""The CA service: nodes' ztunnels obtain workload SVIDs over TLS.
 
-A node proves who it is with its node certificate (`spiffe://<td>/node/<name>`) and may get
-identities only of pods the config places on that node, plus its own node identity for
-renewal: a compromised node cannot mint other nodes' identities (DESIGN.md §2). Everything
+A node proves who it is in one of two ways:
+* its node certificate (`spiffe://<td>/node/<name>`) over mutual TLS; it may then get the
+  identities of pods the config places on that node, plus its own node identity for renewal
+  (`SnapshotAuthorizer`: single hosts and the lab);
+* on Kubernetes, its projected service-account token as `Authorization: Bearer`, reviewed by
+  the API server (`certs.kube_auth.TokenReviewAuthorizer`), which also decides which pods run
+  on the caller's node, as Istio's CA does. The TLS is then server-authenticated only: a
+  fresh ztunnel has no certificate yet.
+Either way a compromised node cannot mint other nodes' identities (DESIGN.md §2). Everything
 refused is logged with who asked, for what, and why.
 
 Wire format, small on purpose: HTTP/1.1 `POST /v1/sign` with JSON
@@ -12,13 +18,18 @@ or 4xx `{"error": "..."}`. Keys never leave the node: only the CSR travels.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import ssl
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,14 +59,32 @@ class SnapshotAuthorizer:
         return frozenset(ids)
 
 
+class TokenAuthorizer(Protocol):
+    """Decides from a bearer token (`certs.kube_auth.TokenReviewAuthorizer`); raises
+    `certs.kube_auth.AuthorizationError` with the reason when the caller may not."""
+
+    async def authorize(self, token: str, identity: str) -> object: ...
+
+
 class CaService:
-    def __init__(self, ca: CertificateAuthority, authorizer: SnapshotAuthorizer) -> None:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        authorizer: SnapshotAuthorizer | None,
+        *,
+        tokens: TokenAuthorizer | None = None,
+    ) -> None:
+        if authorizer is None and tokens is None:
+            raise ValueError("the CA service needs a node-certificate or a token authorizer")
         self.ca = ca
         self.authorizer = authorizer
+        self.tokens = tokens
         self.server_svid = ca.issue(node_id(ca.trust_domain, "ca"), timedelta(days=30))
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         ctx = server_context(self.server_svid, self.ca.bundle_pem)
+        if self.tokens is not None:
+            ctx.verify_mode = ssl.CERT_OPTIONAL  # token callers have no certificate yet
         ctx.set_alpn_protocols(["http/1.1"])
         return await asyncio.start_server(self._handle, host, port, ssl=ctx, limit=MAX_BODY)
 
@@ -66,7 +95,8 @@ class CaService:
                 ConnectionError, ValueError):  # fmt: skip
             status, body = 400, {"error": "malformed or incomplete request"}
         data = json.dumps(body).encode()
-        reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}[status]
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                  404: "Not Found"}[status]  # fmt: skip
         try:
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
@@ -85,11 +115,16 @@ class CaService:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = lines[0].split(" ", 2)
-        length = 0
+        length, token = 0, ""
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
+            name = name.strip().lower()
+            if name == "content-length":
                 length = int(value)
+            elif name == "authorization":
+                scheme, _, cred = value.strip().partition(" ")
+                if scheme.lower() == "bearer":
+                    token = cred.strip()
         if method != "POST" or path != "/v1/sign":
             return 404, {"error": f"no route {method} {path}"}
         if not 0 < length <= MAX_BODY:
@@ -97,7 +132,15 @@ class CaService:
         req = json.loads(await reader.readexactly(length))
         if not isinstance(req, dict) or not isinstance(req.get("csr"), str):
             return 400, {"error": "expected JSON object with a 'csr' string"}
+        ttl = min(timedelta(seconds=int(req.get("ttl_seconds", 86400))), MAX_TTL)
+        csr = req["csr"].encode()
         ssl_obj = writer.get_extra_info("ssl_object")
+        if ssl_obj.getpeercert(binary_form=True) is None:
+            if self.tokens is None:
+                return 401, {"error": "a node certificate is required"}
+            return await self._sign_for_token(csr, ttl, token)
+        if self.authorizer is None:
+            return 401, {"error": "this CA authenticates by service-account token"}
         try:
             caller = check_peer(ssl_obj, None, self.ca.trust_domain)
         except PeerIdentityError as exc:
@@ -107,17 +150,47 @@ class CaService:
         if len(parts) != 2 or parts[0] != "node":
             log.warning("CA: refused %s: only node identities may request SVIDs", caller)
             return 403, {"error": f"{caller} is not a node identity"}
-        ttl = timedelta(seconds=int(req.get("ttl_seconds", 86400)))
-        ttl = min(ttl, MAX_TTL)
         try:
-            chain = self.ca.sign_csr(
-                req["csr"].encode(), ttl=ttl, allowed_ids=self.authorizer.allowed(parts[1])
-            )
+            chain = self.ca.sign_csr(csr, ttl=ttl, allowed_ids=self.authorizer.allowed(parts[1]))
         except CertificateError as exc:
             log.warning("CA: refused node %s: %s", parts[1], exc)
             return 403, {"error": str(exc)}
+        return self._answer(chain)
+
+    async def _sign_for_token(
+        self, csr: bytes, ttl: timedelta, token: str
+    ) -> tuple[int, dict[str, Any]]:
+        from certs.kube_auth import AuthorizationError
+
+        assert self.tokens is not None
+        if not token:
+            return 401, {"error": "no node certificate and no bearer token"}
+        try:
+            identity = requested_identity(csr)
+            await self.tokens.authorize(token, identity)
+            chain = self.ca.sign_csr(csr, ttl=ttl, allowed_ids=frozenset({identity}))
+        except (AuthorizationError, CertificateError) as exc:
+            log.warning("CA: refused a token caller: %s", exc)
+            return 403, {"error": str(exc)}
+        return self._answer(chain)
+
+    def _answer(self, chain: Sequence[x509.Certificate]) -> tuple[int, dict[str, Any]]:
         pem = [c.public_bytes(serialization.Encoding.PEM).decode() for c in chain]
         return 200, {"chain": pem, "bundle": self.ca.bundle_pem.decode()}
+
+
+def requested_identity(csr_pem: bytes) -> str:
+    """The one URI SAN a CSR asks for, before anyone decides whether it may have it; the
+    CA's own checks (`sign_csr`) still run on the whole CSR afterwards."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        raise CertificateError("CSR: unreadable, or no subjectAltName") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise CertificateError("CSR: exactly one SPIFFE URI SAN needed")
+    return str(uris[0])
 
 
 class CaError(Exception):
@@ -127,14 +200,52 @@ class CaError(Exception):
 
 
 class CaClient:
-    """A node's client: generates the key locally and sends only a CSR."""
+    """A node's client: generates the key locally and sends only a CSR.
 
-    def __init__(self, address: tuple[str, int], node_svid: Svid, bundle_pem: bytes) -> None:
+    It authenticates with its node certificate (`node_svid`) or, on Kubernetes, with the
+    service-account token in `token_file`, re-read for every request because the kubelet
+    rotates projected tokens. Either way the CA must prove it is the CA
+    (`spiffe://<td>/node/ca`), not merely some holder of a mesh certificate: a token sent to
+    an impostor could be replayed."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        node_svid: Svid | None,
+        bundle_pem: bytes,
+        *,
+        token_file: str | Path | None = None,
+    ) -> None:
+        if node_svid is None and token_file is None:
+            raise ValueError("the CA client needs a node certificate or a token file")
         self.address = address
-        self.ctx: ssl.SSLContext = client_context(node_svid, bundle_pem)
-        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.node_svid = node_svid
+        self.token_file = Path(token_file) if token_file is not None else None
+        self.bundle_pem = bundle_pem  # the latest trust bundle the CA answered with
+        self.ctx = self._context()
+
+    def _context(self) -> ssl.SSLContext:
+        if self.node_svid is not None:
+            ctx = client_context(self.node_svid, self.bundle_pem)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.check_hostname = False  # SPIFFE: the URI SAN is checked after the handshake
+            ctx.load_verify_locations(cadata=self.bundle_pem.decode())
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    async def _auth_header(self) -> bytes:
+        if self.token_file is None:
+            return b""
+        try:
+            token = (await asyncio.to_thread(self.token_file.read_text)).strip()
+        except OSError as exc:
+            raise CaError(0, f"token {self.token_file}: {exc.strerror}") from None
+        return f"authorization: Bearer {token}\r\n".encode()
 
     async def sign(self, identity: str, ttl: timedelta = timedelta(hours=24)) -> Svid:
+        trust_domain = SpiffeId.parse(identity).trust_domain
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -151,12 +262,20 @@ class CaClient:
                 "ttl_seconds": int(ttl.total_seconds()),
             }
         ).encode()
+        auth = await self._auth_header()
         reader, writer = await asyncio.open_connection(
             *self.address, ssl=self.ctx, server_hostname="ca.mesh"
         )
         try:
+            ca_id = node_id(trust_domain, "ca")
+            try:
+                check_peer(writer.get_extra_info("ssl_object"), {ca_id}, trust_domain)
+            except PeerIdentityError as exc:
+                where = f"{self.address[0]}:{self.address[1]}"
+                raise CaError(0, f"{where} is not the CA: {exc}") from None
             writer.write(
                 b"POST /v1/sign HTTP/1.1\r\nhost: ca\r\ncontent-type: application/json\r\n"
+                + auth
                 + f"content-length: {len(body)}\r\n\r\n".encode()
                 + body
             )
@@ -165,9 +284,149 @@ class CaClient:
         finally:
             writer.close()
         head, _, payload = raw.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        answer = json.loads(payload)
+        try:
+            status = int(head.split(b" ", 2)[1])
+            answer = json.loads(payload)
+        except (IndexError, ValueError):
+            raise CaError(0, f"CA answered garbage: {raw[:80]!r}") from None
         if status != 200:
             raise CaError(status, f"CA refused {identity}: {answer.get('error')}")
         chain = tuple(x509.load_pem_x509_certificate(p.encode()) for p in answer["chain"])
+        bundle = answer.get("bundle")
+        if isinstance(bundle, str) and bundle.encode() != self.bundle_pem:
+            # a root added for rotation: trust it from now on, here and (through
+            # `Identities`) on every mesh connection
+            x509.load_pem_x509_certificates(bundle.encode())  # refuse garbage before using it
+            self.bundle_pem = bundle.encode()
+            self.ctx = self._context()
         return Svid(identity, key, chain)
+
+
+# -- the process (`python -m certs.service`, `meshctl ca serve`) ---------------------------
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Shared by `python -m certs.service` and `meshctl ca serve`."""
+    p.add_argument("--ca-dir", required=True, help="the CA directory (meshctl ca init)")
+    p.add_argument("--trust-domain", help="refuse to start unless the CA is for this domain")
+    p.add_argument("--listen", type=_hostport, default=("0.0.0.0", 15012), metavar="HOST:PORT")
+    p.add_argument(
+        "--authorizer",
+        choices=["snapshot", "kubernetes"],
+        default="snapshot",
+        help="snapshot: nodes present node certificates, pods placed by --config; "
+        "kubernetes: nodes present service-account tokens (TokenReview)",
+    )
+    p.add_argument("--config", nargs="+", help="with snapshot: YAML files (reloaded live)")
+    p.add_argument("--kubeconfig", help="with kubernetes: a kubeconfig (default: in-cluster)")
+    p.add_argument("--token-audience", default="ambientmesh-ca", help="with kubernetes")
+    p.add_argument(
+        "--ztunnel-service-account",
+        action="append",
+        metavar="NS/SA",
+        help="with kubernetes: the ztunnels' service account "
+        "(default ambientmesh-system/ztunnel; repeatable)",
+    )
+    p.add_argument("--readiness-addr", type=_hostport, metavar="HOST:PORT")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+async def serve_forever(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT. Prints `ready ca=<port>` once listening (for scripts)."""
+    from mesh.config.source import ConfigStore, FileSource
+    from mesh.observability import ObservabilityServer
+
+    ca = await asyncio.to_thread(CertificateAuthority.load, args.ca_dir)
+    if args.trust_domain and args.trust_domain != ca.trust_domain:
+        raise CertificateError(
+            f"--trust-domain {args.trust_domain}: the CA in {args.ca_dir} is for {ca.trust_domain}"
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[Any]] = []
+    api: Any = None
+    authorizer: SnapshotAuthorizer | None = None
+    tokens: TokenAuthorizer | None = None
+    if args.authorizer == "snapshot":
+        if not args.config:
+            raise CertificateError("--authorizer snapshot needs --config FILE...")
+        store = ConfigStore()
+        source = FileSource(args.config, store, trust_domain=ca.trust_domain)
+        source.load_initial()
+        tasks.append(asyncio.create_task(source.run()))
+        authorizer = SnapshotAuthorizer(lambda: store.current)
+    else:
+        from certs.kube_auth import TokenReviewAuthorizer
+        from mesh.config.kube import load_api_client
+
+        api = await load_api_client(args.kubeconfig)
+        tokens = TokenReviewAuthorizer(
+            api,
+            trust_domain=ca.trust_domain,
+            ztunnel_service_accounts=args.ztunnel_service_account
+            or ("ambientmesh-system/ztunnel",),
+            audiences=(args.token_audience,),
+        )
+    server = await CaService(ca, authorizer, tokens=tokens).start(*args.listen)
+    ready: Any = None
+    if args.readiness_addr:
+        ready = ObservabilityServer(*args.readiness_addr, ready=lambda: True)
+        await ready.start()
+    port = server.sockets[0].getsockname()[1]
+    print(f"ready ca={port}", flush=True)
+    log.info(
+        "CA for %s serving on %s:%d (%s authorizer)",
+        ca.trust_domain, args.listen[0], port, args.authorizer,
+    )  # fmt: skip
+    try:
+        await stop.wait()
+    finally:
+        log.info("CA stopping")
+        server.close()
+        if ready is not None:
+            await ready.close()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if api is not None:
+            await api.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve; a CA, config or address that cannot be used is one clear line and exit 2."""
+    from mesh.config.parse import ConfigErrors
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return asyncio.run(serve_forever(args))
+    except (CertificateError, ConfigErrors, OSError) as exc:
+        print(f"ambientmesh-ca: {exc}", flush=True, file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambientmesh-ca", description="the mesh CA service")
+    add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

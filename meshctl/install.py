@@ -14,7 +14,11 @@ What gets installed, and why it looks the way it does:
   and chained (ztunnel.cni_install). RollingUpdate with maxUnavailable so a bad rollout stops.
 * CA Deployment (2 replicas sharing the CA key from a Secret, PodDisruptionBudget minAvailable
   1) behind a Service on 15012; it reviews ztunnel tokens (TokenReview), so ztunnel mounts a
-  projected token with the CA's audience.
+  projected token with the CA's audience, and the trust bundle from the ConfigMap
+  `ambientmesh-ca-root` (never the Secret). Before installing, from `meshctl ca init DIR`:
+  `kubectl -n ambientmesh-system create secret generic ambientmesh-ca --from-file=DIR` and
+  `kubectl -n ambientmesh-system create configmap ambientmesh-ca-root
+  --from-file=root-cert.pem=DIR/root-cert.pem`.
 * waypoint controller Deployment: Gateway (class `waypoint`) → Deployment + Service.
 * RBAC, least privilege: ztunnel and the CA only read (the CA also creates TokenReviews); only
   the controller writes, and only Deployments, Services, ServiceAccounts and Gateway status.
@@ -38,6 +42,8 @@ import yaml
 
 from mesh.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN
 from meshctl.errors import UsageError
+
+CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"
 
 __all__ = ["DEFAULT_VALUES", "crds", "merge_values", "register", "render", "render_yaml"]
 
@@ -305,6 +311,9 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
         },
     ]
     mounts.append({"name": "ca-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True})
+    # the trust bundle only: the CA key's Secret is never mounted on nodes
+    volumes.append({"name": "ca-root", "configMap": {"name": CA_ROOT_CONFIGMAP}})
+    mounts.append({"name": "ca-root", "mountPath": "/etc/ambientmesh/ca-root", "readOnly": True})
     ca_addr = f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}"
     ztunnel_c: Obj = {
         "name": "ztunnel",
@@ -321,6 +330,10 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
             ca_addr,
             "--ca-token",
             "/var/run/secrets/tokens/ca-token",
+            "--ca-bundle",
+            "/etc/ambientmesh/ca-root/root-cert.pem",
+            "--redirect",
+            "bpf",
             "--enrol-socket",
             f"{ENROL_SOCKET_DIR}/enrol.sock",
             "--log-level",

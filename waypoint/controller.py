@@ -369,7 +369,8 @@ async def _amain(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Also used by the tests that check every manifest's args against the real flags."""
     p = argparse.ArgumentParser(prog="waypoint-controller", description=__doc__.split("\n")[0])
     p.add_argument("--image", required=True, help="waypoint image for the Deployments")
     p.add_argument("--trust-domain", default="cluster.local")
@@ -377,7 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readiness-addr", default="0.0.0.0:15021")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full resyncs")
     p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -163,7 +163,8 @@ def _in_cluster_kube() -> dict[str, Any] | None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Also used by the tests that check every manifest's args against the real flags."""
     ap = argparse.ArgumentParser(prog="ambientmesh-cni-install", description=__doc__.split("\n")[0])
     ap.add_argument("--bin-dir", default="/host/opt/cni/bin", type=Path)
     ap.add_argument("--conf-dir", default="/host/etc/cni/net.d", type=Path)
@@ -173,7 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--once", action="store_true", help="one pass, then exit")
     ap.add_argument("--uninstall", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.uninstall:
         uninstall(args.bin_dir, args.conf_dir)

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="with --ca: PREFIX-key.pem and PREFIX-chain.pem from `meshctl ca issue-node`",
     )
+    p.add_argument(
+        "--ca-token",
+        metavar="FILE",
+        help="with --ca, instead of --node-cert: a projected service-account token the CA "
+        "reviews with the API server (re-read on every request: the kubelet rotates it)",
+    )
     p.add_argument("--cert-ttl", type=positive, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", type=addr, default=("0.0.0.0", 15008))
     p.add_argument("--outbound-addr", type=addr, help="node-level outbound listener (15001)")
@@ -183,19 +189,31 @@ async def build_identities(args: argparse.Namespace) -> Identities:
     ttl = timedelta(seconds=args.cert_ttl)
     if args.ca_dir:
         return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
-    if not args.ca_bundle or not args.node_cert:
-        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX")
+    if not args.ca_bundle or not (args.node_cert or args.ca_token):
+        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token")
     from certs.service import CaClient
 
     try:
         bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
     except OSError as exc:
         raise CertificateError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
-    node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
-    ids = Identities(CaClient(args.ca, node_svid, bundle), ttl, bundle_pem=bundle,
-                     ktls=args.ktls_enabled)  # fmt: skip
-    ids.add(node_svid)
+    if args.node_cert:
+        node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
+        client = CaClient(args.ca, node_svid, bundle)
+    else:
+        # the node's own certificate comes from the CA too (`ensure(node.identity)` at start)
+        client = CaClient(args.ca, None, bundle, token_file=args.ca_token)
+    ids = Identities(client, ttl, bundle_pem=bundle, ktls=args.ktls_enabled)
+    if args.node_cert:
+        ids.add(node_svid)
     return ids
+
+
+def enrol_state_path(socket_path: str) -> Path:
+    """Where the pods asked for through `socket_path` are remembered across restarts: beside
+    the socket, on the same tmpfs (/run), which a reboot clears along with the pods' netns."""
+    sock = Path(socket_path)
+    return sock.with_name(sock.name + ".pods.json")
 
 
 def build_redirector(args: argparse.Namespace) -> Redirector | None:
@@ -273,7 +291,8 @@ class Ztunnel:
             bg.append(tg.create_task(ids.run()))
 
             redirector = await asyncio.to_thread(build_redirector, args)
-            manager = WorkloadManager(node, redirector, refresh=refresh)
+            state = enrol_state_path(args.enrol_socket) if args.enrol_socket else None
+            manager = WorkloadManager(node, redirector, refresh=refresh, state_path=state)
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
 
             loop = asyncio.get_running_loop()
@@ -297,6 +316,7 @@ class Ztunnel:
             if args.enrol_socket:
                 enrol = EnrolServer(args.enrol_socket, manager)
                 await enrol.start()
+                await manager.restore()  # before readiness: pods from a previous run first
 
             routes = admin_routes(
                 lambda: self.store.current,
@@ -354,8 +374,11 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.ca and (not args.ca_bundle or not args.node_cert):
-        print("ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX", file=sys.stderr)
+    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
+        print(
+            "ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token FILE",
+            file=sys.stderr,
+        )
         return 2
     if args.stream_cap < 1:
         print("ztunnel: --stream-cap must be >= 1", file=sys.stderr)

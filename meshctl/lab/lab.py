@@ -625,6 +625,12 @@ class Lab:
         step("state dir", lambda: shutil.rmtree(p.state_dir, ignore_errors=True))
         if not problems:
             step("state file", lambda: p.state_file.unlink(missing_ok=True))
+        # the shared parents (/sys/fs/bpf/ambientmesh, the cgroup, /run/ambientmesh) go with
+        # the last lab: rmdir removes only an empty directory, so another lab's stay
+        for parent in (p.lab_pins.parent, p.lab_cgroup.parent, p.state_file.parent,
+                       p.state_dir.parent):  # fmt: skip
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         self._state = None
         for pr in problems:
             self.out(f"warning: {pr}")
