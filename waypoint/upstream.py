@@ -15,6 +15,7 @@ The HBONE TLS connections underneath are pooled by `HbonePool` as usual.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -33,6 +34,7 @@ log = logging.getLogger("waypoint.upstream")
 
 HBONE_PORT = 15008
 MAX_IDLE_PER_KEY = 64
+IDLE_TIMEOUT = 60.0  # an unused upstream connection (and its CONNECT stream) is closed
 
 C = TypeVar("C", H1Client, H2Client)
 Key = tuple[str, str, int]  # (caller principal, pod ip, pod port)
@@ -48,6 +50,7 @@ class Upstreams:
         hbone_port: int = HBONE_PORT,
         node_ports: Mapping[str, int] | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.pool = pool
         self.identity = identity
@@ -55,6 +58,8 @@ class Upstreams:
         self.hbone_port = hbone_port
         self.node_ports = dict(node_ports or {})
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self._timers: dict[H1Client, asyncio.TimerHandle] = {}
         self._h1: dict[Key, list[H1Client]] = {}
         self._h2: dict[Key, list[H2Client]] = {}
         self.dials = 0
@@ -112,6 +117,9 @@ class Upstreams:
         idle = self._h1.get(key)
         while idle and not fresh:
             old = idle.pop()
+            timer = self._timers.pop(old, None)
+            if timer is not None:
+                timer.cancel()
             if old.reusable:
                 return old.start(head), True
         h1c = H1Client(on_free=lambda c: self._free(key, c), on_gone=self._gone_h1(key))
@@ -127,11 +135,24 @@ class Upstreams:
         idle = self._h1.setdefault(key, [])
         if len(idle) < MAX_IDLE_PER_KEY:
             idle.append(c)
+            self._timers[c] = asyncio.get_running_loop().call_later(
+                self.idle_timeout, self._expire, key, c
+            )
         else:
             c.close_wire()
 
+    def _expire(self, key: Key, c: H1Client) -> None:
+        """Unused for idle_timeout: close it (the destination's ztunnel frees its socket too)."""
+        self._timers.pop(c, None)
+        self._drop(self._h1, key, c)
+        c.dead = True
+        c.close_wire()
+
     def _gone_h1(self, key: Key) -> Callable[[H1Client], None]:
         def gone(c: H1Client) -> None:
+            timer = self._timers.pop(c, None)
+            if timer is not None:
+                timer.cancel()
             self._drop(self._h1, key, c)
 
         return gone
@@ -150,6 +171,9 @@ class Upstreams:
         return sum(len(v) for v in self._h1.values())
 
     def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for conns in list(self._h1.values()):
             for c in conns:
                 c.close_wire()

@@ -495,3 +495,17 @@ async def test_request_mirror_copies_to_another_backend(mesh: Mesh) -> None:
             break
         await asyncio.sleep(0.01)
     assert mesh.stats["echo-v2"].requests == 1 and mesh.stats["echo-v1"].requests == 1
+
+
+async def test_idle_upstream_connections_expire(mesh: Mesh) -> None:
+    mesh.waypoint.upstreams.idle_timeout = 0.1
+    mesh.apply([route("pin", [{"backendRefs": [{"name": "echo-v1", "port": 80}]}])])
+    assert (await mesh.get("/once")).status == 200
+    assert mesh.waypoint.upstreams.idle_h1() == 1
+    for _ in range(100):
+        if mesh.waypoint.upstreams.idle_h1() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert mesh.waypoint.upstreams.idle_h1() == 0
+    assert (await mesh.get("/again")).status == 200
+    assert mesh.stats["echo-v1"].connections == 2
