@@ -94,6 +94,11 @@ class H2Conn(WireConn):
             }
         )
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        # h2 raises its frame-size limit for received frames only at the start of the
+        # receive_data call after the ACK: a peer that sends the SETTINGS ACK and a larger
+        # DATA frame in one segment (grpcio does) would get FRAME_SIZE_ERROR. We accept
+        # MAX_FRAME from the start; being lenient before the ACK is harmless.
+        self.h2.max_inbound_frame_size = MAX_FRAME
         self.flush()
 
     # -- output ----------------------------------------------------------------------------
@@ -414,8 +419,8 @@ class H2Server(H2Conn):
             task.cancel()
 
     async def run(self) -> None:
-        """Serve until the client goes away; then cancel what is still running."""
-        self.start()
+        """Serve until the client goes away (`start` was called when the wire was joined);
+        then cancel what is still running."""
         try:
             await self._done
         finally:

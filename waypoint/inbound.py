@@ -76,8 +76,9 @@ async def serve_stream(wire: Endpoint, ctx: StreamContext, handler: RequestHandl
             await handler(ctx, ex)
 
         h2s = H2Server(on_h2)
-        wire.join(h2s)
         h2s.join(wire)
+        h2s.start()  # the server preface is our first frame, before we answer anything
+        wire.join(h2s)
         h2s.write(sniff.buf)
         if sniff.eof:
             h2s.write_eof()

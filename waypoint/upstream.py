@@ -110,8 +110,12 @@ class Upstreams:
                     if h2c.has_room:
                         return h2c.open(head), True
             h2c = H2Client(on_gone=lambda c: self._drop(self._h2, key, c))
-            self._join(await self._tunnel(t, caller, src_ip), h2c)
+            tunnel = await self._tunnel(t, caller, src_ip)
+            # Our preface first: the server's SETTINGS may already be waiting in the tunnel,
+            # and answering them before the preface would corrupt the connection.
+            h2c.join(tunnel)
             h2c.start()
+            tunnel.join(h2c)
             self._h2.setdefault(key, []).append(h2c)
             return h2c.open(head), False
         idle = self._h1.get(key)
@@ -123,13 +127,11 @@ class Upstreams:
             if old.reusable:
                 return old.start(head), True
         h1c = H1Client(on_free=lambda c: self._free(key, c), on_gone=self._gone_h1(key))
-        self._join(await self._tunnel(t, caller, src_ip), h1c)
-        return h1c.start(head), False
-
-    @staticmethod
-    def _join(tunnel: Endpoint, conn: Endpoint) -> None:
-        tunnel.join(conn)
-        conn.join(tunnel)
+        tunnel = await self._tunnel(t, caller, src_ip)
+        h1c.join(tunnel)
+        ex = h1c.start(head)  # before any byte from the backend can arrive
+        tunnel.join(h1c)
+        return ex, False
 
     def _free(self, key: Key, c: H1Client) -> None:
         idle = self._h1.setdefault(key, [])

@@ -509,3 +509,19 @@ async def test_idle_upstream_connections_expire(mesh: Mesh) -> None:
     assert mesh.waypoint.upstreams.idle_h1() == 0
     assert (await mesh.get("/again")).status == 200
     assert mesh.stats["echo-v1"].connections == 2
+
+
+async def test_grpc_large_messages_cross_http2_flow_control(mesh: Mesh) -> None:
+    """6 MiB each way: several times every HTTP/2 window on the path (client, waypoint both
+    sides, HBONE), so it only completes if window credit is returned as data is consumed."""
+    import grpc
+
+    big = bytes(range(256)) * (6 * 4096)
+    opts = [
+        ("grpc.max_receive_message_length", 16 << 20),
+        ("grpc.max_send_message_length", 16 << 20),
+    ]
+    port = await mesh.port_for(GRPC_VIP, 50051)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+        got = await ch.unary_unary("/test.Echo/Unary")(big, timeout=30)
+    assert got == b"echo:" + big

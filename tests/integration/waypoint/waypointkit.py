@@ -430,7 +430,9 @@ async def start_grpc(ip: str) -> GrpcServer:
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
     }
-    server = grpc.aio.server()
+    limits = [("grpc.max_receive_message_length", 16 << 20),
+              ("grpc.max_send_message_length", 16 << 20)]  # fmt: skip
+    server = grpc.aio.server(options=limits)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
     port = server.add_insecure_port(f"{ip}:0")
     await server.start()
