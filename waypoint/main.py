@@ -1,7 +1,8 @@
 """`python -m waypoint.main`: the namespace waypoint process.
 
 HBONE on `--hbone-addr` (15008) with the waypoint's own SPIFFE identity
-(`spiffe://<td>/ns/<namespace>/sa/<service account>`, signed by the local CA in `--ca-dir`),
+(`spiffe://<td>/ns/<namespace>/sa/<service account>`, signed by the local CA in `--ca-dir`,
+or by the CA service at `--ca` proving itself with its service-account token),
 backends reached over HBONE through their node's ztunnel, Prometheus metrics on
 `--metrics-addr`, readiness on `--readiness-addr`. Config comes from `--config` YAML files,
 reloaded live: a bad update is logged and the last good one keeps serving; a bad config at
@@ -16,8 +17,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 from certs.ca import CertificateAuthority
+from certs.service import CaClient
 from mesh import process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.metrics import MeshMetrics
@@ -41,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="*", default=[], help="YAML files/dirs (mesh.config.parse)")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--ca-dir", help="local CA directory (meshctl ca init) that signs our SVID")
+    p.add_argument("--ca", help="CA service HOST:PORT (instead of --ca-dir; Kubernetes)")
+    p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
+    p.add_argument(
+        "--token-file",
+        default="/var/run/secrets/tokens/istio-token",
+        help="with --ca: the projected service-account token that proves who we are",
+    )
     p.add_argument("--cert-ttl", type=float, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", default="0.0.0.0:15008")
     p.add_argument(
@@ -57,8 +67,13 @@ async def run(args: argparse.Namespace) -> None:
     source = FileSource(args.config, store, trust_domain=args.trust_domain) if args.config else None
     if source is not None:
         source.load_initial()
-    ca = CertificateAuthority.load(args.ca_dir)
-    identities = Identities(ca, timedelta(seconds=args.cert_ttl))
+    ttl = timedelta(seconds=args.cert_ttl)
+    if args.ca_dir:
+        identities = Identities(CertificateAuthority.load(args.ca_dir), ttl)
+    else:
+        bundle = args.ca_bundle_pem
+        client = CaClient(parse_addr("--ca", args.ca), None, bundle, token_file=args.token_file)
+        identities = Identities(client, ttl, bundle_pem=bundle)
     metrics = MeshMetrics()
     metrics.info.labels("waypoint", "dev").set(1)
     wp = Waypoint(
@@ -99,12 +114,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except argparse.ArgumentTypeError as exc:
             print(f"waypoint: {exc}", file=sys.stderr)
             return 2
-    if not args.ca_dir:
-        print(
-            "waypoint: --ca-dir is required (the CA that signs the waypoint's SVID)",
-            file=sys.stderr,
-        )
+    if bool(args.ca_dir) == bool(args.ca):
+        print("waypoint: give --ca-dir or --ca (the CA signing our SVID)", file=sys.stderr)
         return 2
+    if args.ca:
+        try:
+            parse_addr("--ca", args.ca)
+        except argparse.ArgumentTypeError as exc:
+            print(f"waypoint: {exc}", file=sys.stderr)
+            return 2
+        if not args.ca_bundle:
+            print("waypoint: --ca needs --ca-bundle (the trust bundle PEM)", file=sys.stderr)
+            return 2
+        try:
+            args.ca_bundle_pem = Path(args.ca_bundle).read_bytes()
+        except OSError as exc:
+            print(f"waypoint: --ca-bundle {args.ca_bundle}: {exc.strerror}", file=sys.stderr)
+            return 2
     logging.getLogger("waypoint").setLevel(args.log_level.upper())
     return process.run("waypoint", run(args), log_level=args.log_level)
 

@@ -75,7 +75,7 @@ def test_missing_ca_is_a_clear_error() -> None:
         text=True,
         timeout=30,
     )
-    assert out.returncode == 2 and "--ca-dir is required" in out.stderr
+    assert out.returncode == 2 and "give --ca-dir or --ca" in out.stderr
 
 
 CONFIG = """
