@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,30 @@ def _waypoints_in(d: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
+def _apply_in_lab(lab_name: str, ns: str, name: str, node: str | None) -> int:
+    """In the lab the waypoint is also started, as a pod (see meshctl.lab.waypoints)."""
+    from meshctl.lab.lab import Lab
+    from meshctl.lab.names import LabPaths, check_lab_name
+    from meshctl.lab.system import LabError
+    from meshctl.lab.waypoints import apply_waypoint
+
+    try:
+        lab = Lab(LabPaths(check_lab_name(lab_name)))
+        ip = apply_waypoint(lab, ns, name, node)
+    except ValueError as exc:
+        raise UsageError(f"--lab: {exc}") from None
+    except LabError as exc:
+        print(f"meshctl waypoint apply: {exc}", file=sys.stderr)
+        return 1
+    print(f"waypoint {ns}/{name} applied and running in lab {lab_name} ({ip})")
+    return 0
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     ns = _check_name("-n", args.namespace)
     name = _check_name("--name", args.name)
+    if args.lab:
+        return _apply_in_lab(args.lab, ns, name, args.node)
     d = _config_dir(args)
     p = _path(d, ns, name)
     tmp = p.with_suffix(".yaml.tmp")
@@ -128,6 +150,8 @@ def register(subparsers: Any) -> None:
     a = sub.add_parser("apply", help="write the waypoint Gateway for a namespace")
     a.add_argument("-n", "--namespace", required=True)
     a.add_argument("--name", default=DEFAULT_NAME)
+    a.add_argument("--lab", metavar="LAB", help="a running lab: declare it there and start it")
+    a.add_argument("--node", help="with --lab: the node to run the waypoint pod on")
     common(a)
     a.set_defaults(func=cmd_apply)
 
