@@ -323,6 +323,10 @@ class HboneConnection(asyncio.Protocol):
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
             }
         )
+        # ...but h2 raises its inbound frame limit only on the receive_data call *after* the
+        # ACK, so a peer sending the ACK and a large frame in one write would get
+        # FRAME_SIZE_ERROR. We advertised the size: accept it from the start.
+        self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
         if not self.ready.done():
