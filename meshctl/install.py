@@ -19,7 +19,9 @@ What gets installed, and why it looks the way it does:
   `kubectl -n ambientmesh-system create secret generic ambientmesh-ca --from-file=DIR` and
   `kubectl -n ambientmesh-system create configmap ambientmesh-ca-root
   --from-file=root-cert.pem=DIR/root-cert.pem`.
-* waypoint controller Deployment: Gateway (class `waypoint`) → Deployment + Service.
+* waypoint controller Deployment: Gateway (class `waypoint`) → Deployment + Service, and a
+  copy of the trust bundle ConfigMap beside it (pods mount their own namespace's only); the
+  waypoint gets its SVID from the CA with its projected service-account token.
 * RBAC, least privilege: ztunnel and the CA only read (the CA also creates TokenReviews); only
   the controller writes, and only Deployments, Services, ServiceAccounts and Gateway status.
   RBAC cannot scope by field, so "pods on this node" is enforced by the CA, not by RBAC.
@@ -551,6 +553,10 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
                                 v["trustDomain"],
                                 "--readiness-addr",
                                 f"0.0.0.0:{READY_PORT}",
+                                "--ca-address",
+                                f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}",
+                                "--mesh-namespace",
+                                ns,
                             ],
                             "ports": [{"name": "http-ready", "containerPort": READY_PORT}],
                             **_probes(),
@@ -569,6 +575,8 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
         _rule(
             [""], ["services", "serviceaccounts"], [*READ, "create", "update", "patch", "delete"]
         ),
+        # the trust bundle: read from the mesh's namespace, copied beside each waypoint
+        _rule([""], ["configmaps"], [*READ, "create", "update", "patch", "delete"]),
     ]
     return [
         _sa(name, ns, name),

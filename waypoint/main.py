@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
     p.add_argument(
         "--token-file",
+        "--ca-token",
         default="/var/run/secrets/tokens/istio-token",
         help="with --ca: the projected service-account token that proves who we are",
     )
