@@ -116,3 +116,23 @@ async def test_ztunnel_with_a_token_only_runs_on_kubernetes(
             assert code == 0, err
         code, err = await stop(ca_proc)
         assert code == 0, err
+
+
+async def test_waypoint_apply_writes_the_gateway_to_the_api(
+    apiserver: FakeApiServer, tmp_path: Path
+) -> None:
+    kc = kubeconfig(tmp_path / "kubeconfig", apiserver.url)
+
+    async def apply() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshctl", "waypoint", "apply", "-n", "shop", "--kube",
+            "--kubeconfig", str(kc), env=ENV, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        return out.decode()
+
+    assert "created" in await apply()
+    gw = apiserver.get("Gateway", "waypoint", "shop")
+    assert gw is not None and gw["spec"]["gatewayClassName"] == "waypoint"
+    assert "updated" in await apply()  # idempotent
