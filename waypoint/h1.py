@@ -20,6 +20,7 @@ from waypoint.wire import (
     HIGH_WATER,
     LOW_WATER,
     Body,
+    ExchangeState,
     Headers,
     RequestHead,
     ResponseHead,
@@ -100,7 +101,7 @@ class _Parse:
 # Downstream
 
 
-class H1ServerExchange:
+class H1ServerExchange(ExchangeState):
     """One request on an HTTP/1.1 connection and the response being written for it."""
 
     protocol = "http/1.1"
@@ -116,14 +117,6 @@ class H1ServerExchange:
         self._no_body = False
         self._sent = 0
         self.finished = False
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._sent
-
-    @property
-    def head_sent(self) -> bool:
-        return self._head_sent
 
     async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
         self._head_sent = True

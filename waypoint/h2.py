@@ -23,6 +23,7 @@ import h2.settings
 
 from waypoint.wire import (
     Body,
+    ExchangeState,
     Headers,
     RequestHead,
     ResponseHead,
@@ -281,7 +282,7 @@ class H2Conn(WireConn):
 # Downstream
 
 
-class H2ServerExchange:
+class H2ServerExchange(ExchangeState):
     protocol = "h2"
 
     def __init__(self, conn: H2Server, st: H2Stream, head: RequestHead) -> None:
@@ -292,14 +293,6 @@ class H2ServerExchange:
         self._head_sent = False
         self._sent = 0
         self.finished = False
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._sent
-
-    @property
-    def head_sent(self) -> bool:
-        return self._head_sent
 
     async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
         self._head_sent = True

@@ -228,6 +228,22 @@ class ClientExchange(Protocol):
         """The caller is done with this exchange (its connection may be reused)."""
 
 
+class ExchangeState:
+    """What both server exchanges (HTTP/1.1 and HTTP/2) report the same way: bytes of body
+    sent and whether the response head went out (a retry is possible only before it)."""
+
+    _sent: int
+    _head_sent: bool
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent
+
+    @property
+    def head_sent(self) -> bool:
+        return self._head_sent
+
+
 class WireConn:
     """The peer Endpoint of the byte stream an HTTP connection runs on.
 
