@@ -60,7 +60,8 @@ def percentile(sorted_ns: list[int], pct: float) -> float:
     """Nearest-rank percentile, in milliseconds."""
     if not sorted_ns:
         return math.nan
-    rank = max(1, math.ceil(pct / 100.0 * len(sorted_ns)))
+    # rounded first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, not 999
+    rank = max(1, math.ceil(round(pct / 100.0 * len(sorted_ns), 9)))
     return sorted_ns[rank - 1] / 1e6
 
 
@@ -126,6 +127,9 @@ class Http2Conn(asyncio.Protocol):
         self.inflight: dict[int, tuple[int, int]] = {}  # stream → (due_ns, status)
         self.closed = asyncio.get_running_loop().create_future()
         self.on_idle: Any = None
+        # Request bodies waiting for flow-control window (16 KiB bodies on many streams can
+        # exceed the peer's initial 64 KiB connection window before its first WINDOW_UPDATE).
+        self.blocked: deque[int] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -141,10 +145,22 @@ class Http2Conn(asyncio.Protocol):
         assert self.transport is not None
         sid = self.h2.get_next_available_stream_id()
         self.h2.send_headers(sid, self.headers, end_stream=not self.body)
-        if self.body:
-            self.h2.send_data(sid, self.body, end_stream=True)
         self.inflight[sid] = (due_ns, 0)
+        if self.body:
+            self.blocked.append(sid)
+            self._send_bodies()
         self.transport.write(self.h2.data_to_send())
+
+    def _send_bodies(self) -> None:
+        while self.blocked:
+            sid = self.blocked[0]
+            if sid not in self.inflight:  # reset meanwhile
+                self.blocked.popleft()
+                continue
+            if self.h2.local_flow_control_window(sid) < len(self.body):
+                return
+            self.blocked.popleft()
+            self.h2.send_data(sid, self.body, end_stream=True)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -171,6 +187,8 @@ class Http2Conn(asyncio.Protocol):
             elif isinstance(ev, h2.events.StreamReset) and ev.stream_id in self.inflight:
                 del self.inflight[ev.stream_id]
                 self.results.fail()
+            elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                self._send_bodies()
         assert self.transport is not None
         out = self.h2.data_to_send()
         if out:

@@ -1,8 +1,16 @@
 """BCC loader for the outbound redirect (connect4/getpeername4 per pod cgroup,
-sockops/getsockopt on the cgroup where ztunnel's sockets live)."""
+sockops/getsockopt on the cgroup where ztunnel's sockets live).
+
+Two ways to use it. In one process (tests, tools): `install()` compiles with BCC and attaches.
+For ztunnel: `python -m bpf.loader load --pin-root DIR` compiles, loads and pins programs and
+maps, then exits, taking LLVM's memory with it; ztunnel then `open_pinned()`s the programs and
+attaches them with plain bpf(2) calls (`bpf.syscall`), never importing BCC.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -10,13 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bpf import syscall
+from mesh.process import EnvironmentUnfit
+
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ambientmesh"
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
 DEFAULT_EXCLUDED_PORTS = (15000, 15001, 15006, 15008, 15020, 15021)
 _SRC = Path(__file__).with_name("redirect.bpf.c")
 
 
-class BpfUnavailable(RuntimeError):
+class BpfUnavailable(EnvironmentUnfit):
     """BCC or kernel headers missing: the message carries the fix."""
 
 
@@ -78,10 +89,41 @@ class BpfRedirector:
         self.ztunnel_cgroup = ztunnel_cgroup
         self.excluded_ports = excluded_ports
         self._bpf: Any = None
-        self._fns: dict[str, Any] = {}
+        self._fns: dict[str, int] = {}  # program name -> fd
+
+    PROGRAMS = ("connect4", "getpeername4", "sockops", "getsockopt")
+
+    def _prog_pin(self, name: str) -> str:
+        return os.path.join(self.pin_root, f"prog_{name}")
+
+    def pin_programs(self) -> None:
+        """Pin the loaded programs beside the maps, replacing older pins (a new version)."""
+        self._load()
+        for name, fd in self._fns.items():
+            path = self._prog_pin(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            syscall.obj_pin(fd, path)
+
+    def open_pinned(self) -> None:
+        """Use programs a loader process pinned, without BCC (see the module docstring)."""
+        if self._fns:
+            return
+        fns = {}
+        try:
+            for name in self.PROGRAMS:
+                fns[name] = syscall.obj_get(self._prog_pin(name))
+        except OSError as exc:
+            for fd in fns.values():
+                os.close(fd)
+            raise BpfUnavailable(
+                f"redirect programs not pinned under {self.pin_root} ({exc.strerror}); "
+                f"fix: python -m bpf.loader load --pin-root {self.pin_root}"
+            ) from None
+        self._fns = fns
 
     def _load(self) -> None:
-        if self._bpf is not None:
+        if self._fns:
             return
         bcc = import_bcc()
         _ensure_bpffs(os.path.dirname(self.pin_root.rstrip("/")) or "/")
@@ -93,7 +135,7 @@ class BpfRedirector:
             cflags=[f"-DPROXY_PORT={self.proxy_port}", f"-DFASTPATH={int(self.fastpath)}"],
         )
         at = bcc.BPFAttachType
-        self._fns = {
+        fns = {
             "connect4": b.load_func(
                 b"connect4", bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=at.CGROUP_INET4_CONNECT
             ),
@@ -107,6 +149,7 @@ class BpfRedirector:
                 b"getsockopt", bcc.BPFProgType.CGROUP_SOCKOPT, attach_type=at.CGROUP_GETSOCKOPT
             ),
         }
+        self._fns = {name: int(fn.fd) for name, fn in fns.items()}
         if self.fastpath:
             msg = b.load_func(b"sk_msg_fast", bcc.BPFProgType.SK_MSG)
             # BCC's Python tables do not wrap sockhash; take its fd from the module
@@ -114,29 +157,21 @@ class BpfRedirector:
 
             hash_fd = lib.bpf_table_fd(b.module, b"fastpath")
             bcc.BPF.attach_func(msg, hash_fd, at.SK_MSG_VERDICT)
-        ports = b["excluded_ports"]
+        ports = b[b"excluded_ports"]
         for p in self.excluded_ports:
             ports[ports.Key(p)] = ports.Leaf(1)
 
     def _attach(self, cgroup: str, names: tuple[str, ...], detach: bool = False) -> None:
-        bcc = import_bcc()
-        at = bcc.BPFAttachType
-        kinds = {
-            "connect4": at.CGROUP_INET4_CONNECT,
-            "getpeername4": at.CGROUP_INET4_GETPEERNAME,
-            "sockops": at.CGROUP_SOCK_OPS,
-            "getsockopt": at.CGROUP_GETSOCKOPT,
-        }
         fd = os.open(cgroup, os.O_RDONLY)
         try:
             for n in names:
                 try:
                     if detach:
-                        bcc.BPF.detach_func(self._fns[n], fd, kinds[n])
+                        syscall.prog_detach(self._fns[n], fd, syscall.ATTACH_TYPES[n])
                     else:
-                        bcc.BPF.attach_func(self._fns[n], fd, kinds[n])
-                except Exception:
-                    if not detach:
+                        syscall.prog_attach(self._fns[n], fd, syscall.ATTACH_TYPES[n])
+                except OSError:
+                    if not detach:  # detaching what is not attached is fine
                         raise
         finally:
             os.close(fd)
@@ -146,8 +181,10 @@ class BpfRedirector:
         self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"))
 
     def uninstall(self) -> None:
-        self._load()
-        self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"), detach=True)
+        if not self._fns and os.path.exists(self._prog_pin("getsockopt")):
+            self.open_pinned()
+        if self._fns:
+            self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"), detach=True)
         shutil.rmtree(self.pin_root, ignore_errors=True)
 
     def _inbound_rule(self) -> list[str]:
@@ -181,3 +218,26 @@ class BpfRedirector:
         if os.path.exists(netns_path):
             while self._iptables(netns_path, "-C") == 0:
                 self._iptables(netns_path, "-D")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bpf.loader load`: compile, load and pin, then exit (ztunnel attaches)."""
+    p = argparse.ArgumentParser(prog="python -m bpf.loader")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ld = sub.add_parser("load", help="compile, load and pin the programs and maps")
+    ld.add_argument("--pin-root", default=DEFAULT_PIN_ROOT)
+    ld.add_argument("--proxy-port", type=int, default=15001)
+    ld.add_argument("--fastpath", action="store_true", help="sk_msg/sockhash between local sockets")
+    args = p.parse_args(argv)
+    try:
+        BpfRedirector(
+            pin_root=args.pin_root, proxy_port=args.proxy_port, fastpath=args.fastpath
+        ).pin_programs()
+    except (BpfUnavailable, OSError) as exc:
+        print(f"bpf.loader: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,10 +11,10 @@
 #define SO_ORIGINAL_DST_ 80
 
 struct orig_dst { u32 ip; u32 port; };
-struct client_key { u32 ip; u32 port; };
+struct client_key { u64 netns; u32 ip; u32 port; };
 
-BPF_TABLE_PINNED("hash", u64, struct orig_dst, orig_by_cookie, 65536, "PIN_ROOT/orig_by_cookie");
-BPF_TABLE_PINNED("hash", struct client_key, struct orig_dst, orig_by_client, 65536, "PIN_ROOT/orig_by_client");
+BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, orig_by_cookie, 65536, "PIN_ROOT/orig_by_cookie");
+BPF_TABLE_PINNED("lru_hash", struct client_key, struct orig_dst, orig_by_client, 65536, "PIN_ROOT/orig_by_client");
 BPF_TABLE_PINNED("hash", u32, u32, excluded_ports, 64, "PIN_ROOT/excluded_ports");
 
 int connect4(struct bpf_sock_addr *ctx) {
@@ -38,19 +38,21 @@ int getpeername4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-struct tuple4 { u32 sip; u32 dip; u32 sport; u32 dport; };
+struct tuple4 { u64 netns; u32 sip; u32 dip; u32 sport; u32 dport; };
 BPF_SOCKHASH(fastpath, struct tuple4, 65536);
 
 static __always_inline void fastpath_add(struct bpf_sock_ops *skops) {
     /* key: this socket's (local, remote); host-order local port, network-order remote */
-    struct tuple4 k = {.sip = skops->local_ip4, .dip = skops->remote_ip4,
+    struct tuple4 k = {.netns = bpf_get_netns_cookie(skops),
+                       .sip = skops->local_ip4, .dip = skops->remote_ip4,
                        .sport = skops->local_port, .dport = bpf_ntohl(skops->remote_port)};
     fastpath.sock_hash_update(skops, &k, BPF_ANY);
 }
 
 int sk_msg_fast(struct sk_msg_md *msg) {
     /* peer socket's key is ours reversed */
-    struct tuple4 k = {.sip = msg->remote_ip4, .dip = msg->local_ip4,
+    struct tuple4 k = {.netns = bpf_get_netns_cookie(msg),
+                       .sip = msg->remote_ip4, .dip = msg->local_ip4,
                        .sport = bpf_ntohl(msg->remote_port), .dport = msg->local_port};
     fastpath.msg_redirect_hash(msg, &k, BPF_F_INGRESS);
     return SK_PASS;
@@ -61,13 +63,26 @@ int sockops(struct bpf_sock_ops *skops) {
         if (skops->local_port == PROXY_PORT && skops->local_ip4 == PROXY_IP) fastpath_add(skops);
         return 1;
     }
+    if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+        /* args[1] is the new state: forget a redirected socket when it closes */
+        if (skops->args[1] != BPF_TCP_CLOSE) return 1;
+        u64 cookie = bpf_get_socket_cookie(skops);
+        if (!orig_by_cookie.lookup(&cookie)) return 1;
+        struct client_key k = {.netns = bpf_get_netns_cookie(skops),
+                               .ip = skops->local_ip4, .port = skops->local_port};
+        orig_by_client.delete(&k);
+        orig_by_cookie.delete(&cookie);
+        return 1;
+    }
     if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) return 1;
     u64 cookie = bpf_get_socket_cookie(skops);
     struct orig_dst *od = orig_by_cookie.lookup(&cookie);
     if (!od) return 1;
-    struct client_key k = {.ip = skops->local_ip4, .port = skops->local_port};
+    struct client_key k = {.netns = bpf_get_netns_cookie(skops),
+                           .ip = skops->local_ip4, .port = skops->local_port};
     struct orig_dst v = *od;
     orig_by_client.update(&k, &v);
+    bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
     if (FASTPATH) fastpath_add(skops);
     return 1;
 }
@@ -76,7 +91,8 @@ int getsockopt(struct bpf_sockopt *ctx) {
     if (ctx->level != SOL_IP_ || ctx->optname != SO_ORIGINAL_DST_) return 1;
     struct bpf_sock *sk = ctx->sk;
     if (!sk) return 1;
-    struct client_key k = {.ip = sk->dst_ip4, .port = bpf_ntohs((u16)sk->dst_port)};
+    struct client_key k = {.netns = bpf_get_netns_cookie(ctx),
+                           .ip = sk->dst_ip4, .port = bpf_ntohs((u16)sk->dst_port)};
     struct orig_dst *od = orig_by_client.lookup(&k);
     if (!od) return 1;                                /* keep the kernel's (conntrack) answer */
     struct sockaddr_in *sa = ctx->optval;

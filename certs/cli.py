@@ -95,9 +95,9 @@ def cmd_issue_node(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from certs import service
+    from certs.service import run
 
-    return service.run(args)
+    return run(args)
 
 
 def register(sub: Any) -> None:
@@ -122,10 +122,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--ttl", default="720h")
     p.set_defaults(func=cmd_issue_node)
+    p = cas.add_parser("serve", help="run the CA service nodes obtain SVIDs from")
     from certs.service import add_arguments
 
-    p = cas.add_parser(
-        "serve", help="run the CA service (as python -m certs.service) until SIGTERM"
-    )
     add_arguments(p)
     p.set_defaults(func=cmd_serve)

@@ -1,41 +1,32 @@
 """The CA service: nodes' ztunnels obtain workload SVIDs over TLS.
 
-Two ways for a node to prove who it is, one per deployment:
-
-* `SnapshotAuthorizer` (single hosts, the lab): mutual TLS with the node certificate
-  (`spiffe://<td>/node/<name>` from `meshctl ca issue-node`); the config snapshot says which
-  pods run on which node.
-* `TokenReviewAuthorizer` (Kubernetes, certs/kube_auth.py): a ztunnel has no certificate before
-  its first SVID, so it connects with server-only TLS (it verifies the CA against the trust
-  bundle and the CA's identity) and sends its projected service-account token as
-  `Authorization: Bearer`; the API server reviews the token and says which pods run on the
-  token's node, as Istio's CA does.
-
-Either way a node may get identities only of pods placed on that node, plus its own node
-identity for renewal: a compromised node cannot mint other nodes' identities (DESIGN.md §2).
-The CA's own serving identity is never issued to anyone, so no caller can pose as the CA to
-harvest other nodes' tokens. Everything refused is logged with who asked, for what, and why.
+A node proves who it is in one of two ways:
+* its node certificate (`spiffe://<td>/node/<name>`) over mutual TLS; it may then get the
+  identities of pods the config places on that node, plus its own node identity for renewal
+  (`SnapshotAuthorizer`: single hosts and the lab);
+* on Kubernetes, its projected service-account token as `Authorization: Bearer`, reviewed by
+  the API server (`certs.kube_auth.TokenReviewAuthorizer`), which also decides which pods run
+  on the caller's node, as Istio's CA does. The TLS is then server-authenticated only: a
+  fresh ztunnel has no certificate yet.
+Either way a compromised node cannot mint other nodes' identities (DESIGN.md §2). Everything
+refused is logged with who asked, for what, and why.
 
 Wire format, small on purpose: HTTP/1.1 `POST /v1/sign` with JSON
 `{"csr": "<PEM>", "ttl_seconds": 86400}` → 200 `{"chain": ["<PEM>", ...], "bundle": "<PEM>"}`,
 or 4xx `{"error": "..."}`. Keys never leave the node: only the CSR travels.
-
-`python -m certs.service` (also `meshctl ca serve`) runs it as a process: readiness and
-liveness on `/healthz/ready`, SIGTERM stops accepting and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
-import os
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,24 +44,6 @@ from mesh.tls import PeerIdentityError, check_peer, client_context, server_conte
 log = logging.getLogger("certs.service")
 MAX_BODY = 64 * 1024
 READ_TIMEOUT = 10.0
-CA_NODE_NAME = "ca"  # the CA serves as spiffe://<td>/node/ca, which it never issues
-DEFAULT_PORT = 15012
-
-__all__ = [
-    "CaClient",
-    "CaError",
-    "CaService",
-    "SnapshotAuthorizer",
-    "TokenAuthorizer",
-    "build_parser",
-    "ca_identity",
-    "main",
-]
-
-
-def ca_identity(trust_domain: str) -> str:
-    """The identity the CA serves with; clients insist on it before sending anything."""
-    return node_id(trust_domain, CA_NODE_NAME)
 
 
 class SnapshotAuthorizer:
@@ -87,78 +60,40 @@ class SnapshotAuthorizer:
 
 
 class TokenAuthorizer(Protocol):
-    """Bearer-token authorization (certs.kube_auth.TokenReviewAuthorizer): returns the caller
-    or raises an exception whose message is the reason for the refusal."""
+    """Decides from a bearer token (`certs.kube_auth.TokenReviewAuthorizer`); raises
+    `certs.kube_auth.AuthorizationError` with the reason when the caller may not."""
 
     async def authorize(self, token: str, identity: str) -> object: ...
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def csr_identity(csr_pem: bytes) -> str:
-    """The one URI SAN of a CSR (the full checks happen when the CA signs it)."""
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        raise _Refused(400, "csr: not a PEM CSR with a subjectAltName") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise _Refused(400, f"csr: exactly one URI SAN needed, got {len(uris)}")
-    return str(uris[0])
-
-
 class CaService:
-    """One TLS listener answering POST /v1/sign; `authorizer` decides who gets what."""
-
     def __init__(
         self,
         ca: CertificateAuthority,
-        authorizer: SnapshotAuthorizer | TokenAuthorizer,
+        authorizer: SnapshotAuthorizer | None,
         *,
-        auth_errors: tuple[type[Exception], ...] = (),
+        tokens: TokenAuthorizer | None = None,
     ) -> None:
+        if authorizer is None and tokens is None:
+            raise ValueError("the CA service needs a node-certificate or a token authorizer")
         self.ca = ca
         self.authorizer = authorizer
-        self.auth_errors = auth_errors
-        self.identity = ca_identity(ca.trust_domain)
-        self.server_svid = ca.issue(self.identity, timedelta(days=30))
-        self.signed = 0
-        self.refused = 0
-
-    @property
-    def mutual_tls(self) -> bool:
-        return isinstance(self.authorizer, SnapshotAuthorizer)
-
-    def context(self) -> ssl.SSLContext:
-        ctx = server_context(self.server_svid, self.ca.bundle_pem)
-        ctx.set_alpn_protocols(["http/1.1"])
-        if not self.mutual_tls:
-            # Token mode: callers have no certificate yet; the token authenticates them.
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        self.tokens = tokens
+        self.server_svid = ca.issue(node_id(ca.trust_domain, "ca"), timedelta(days=30))
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(
-            self._handle, host, port, ssl=self.context(), limit=MAX_BODY
-        )
+        ctx = server_context(self.server_svid, self.ca.bundle_pem)
+        if self.tokens is not None:
+            ctx.verify_mode = ssl.CERT_OPTIONAL  # token callers have no certificate yet
+        ctx.set_alpn_protocols(["http/1.1"])
+        return await asyncio.start_server(self._handle, host, port, ssl=ctx, limit=MAX_BODY)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body = await asyncio.wait_for(self._respond(reader, writer), READ_TIMEOUT)
-        except _Refused as exc:
-            status, body = exc.status, {"error": str(exc)}
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError, ValueError, UnicodeError):  # fmt: skip
+                ConnectionError, ValueError):  # fmt: skip
             status, body = 400, {"error": "malformed or incomplete request"}
-        if status == 200:
-            self.signed += 1
-        else:
-            self.refused += 1
         data = json.dumps(body).encode()
         reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
                   404: "Not Found"}[status]  # fmt: skip
@@ -169,7 +104,7 @@ class CaService:
                 + data
             )
             await writer.drain()
-        except (ConnectionError, ssl.SSLError):
+        except ConnectionError:
             pass
         finally:
             writer.close()
@@ -180,11 +115,16 @@ class CaService:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
+        length, token = 0, ""
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "authorization":
+                scheme, _, cred = value.strip().partition(" ")
+                if scheme.lower() == "bearer":
+                    token = cred.strip()
         if method != "POST" or path != "/v1/sign":
             return 404, {"error": f"no route {method} {path}"}
         if not 0 < length <= MAX_BODY:
@@ -192,56 +132,65 @@ class CaService:
         req = json.loads(await reader.readexactly(length))
         if not isinstance(req, dict) or not isinstance(req.get("csr"), str):
             return 400, {"error": "expected JSON object with a 'csr' string"}
-        ttl_raw = req.get("ttl_seconds", 86400)
-        if not isinstance(ttl_raw, int) or isinstance(ttl_raw, bool) or ttl_raw <= 0:
-            return 400, {"error": "'ttl_seconds' must be a positive integer"}
-        ttl = min(timedelta(seconds=ttl_raw), MAX_TTL)
+        ttl = min(timedelta(seconds=int(req.get("ttl_seconds", 86400))), MAX_TTL)
         csr = req["csr"].encode()
-        wanted = csr_identity(csr)
-        if wanted == self.identity:
-            log.warning("CA: refused %s: reserved for the CA", wanted)
-            return 403, {"error": f"{wanted} is reserved for the CA"}
-        if isinstance(self.authorizer, SnapshotAuthorizer):
-            who, allowed = self._node_caller(writer)
-        else:
-            who, allowed = await self._token_caller(headers, wanted)
-        try:
-            chain = self.ca.sign_csr(csr, ttl=ttl, allowed_ids=allowed)
-        except CertificateError as exc:
-            log.warning("CA: refused %s: %s", who, exc)
-            return 403, {"error": str(exc)}
-        log.info("CA: issued %s to %s for %s", wanted, who, ttl)
-        pem = [c.public_bytes(serialization.Encoding.PEM).decode() for c in chain]
-        return 200, {"chain": pem, "bundle": self.ca.bundle_pem.decode()}
-
-    def _node_caller(self, writer: asyncio.StreamWriter) -> tuple[str, frozenset[str]]:
-        assert isinstance(self.authorizer, SnapshotAuthorizer)
         ssl_obj = writer.get_extra_info("ssl_object")
+        if ssl_obj.getpeercert(binary_form=True) is None:
+            if self.tokens is None:
+                return 401, {"error": "a node certificate is required"}
+            return await self._sign_for_token(csr, ttl, token)
+        if self.authorizer is None:
+            return 401, {"error": "this CA authenticates by service-account token"}
         try:
             caller = check_peer(ssl_obj, None, self.ca.trust_domain)
         except PeerIdentityError as exc:
             log.warning("CA: refused a caller without a usable identity: %s", exc)
-            raise _Refused(403, str(exc)) from None
+            return 403, {"error": str(exc)}
         parts = SpiffeId.parse(caller).path.split("/")[1:]
         if len(parts) != 2 or parts[0] != "node":
             log.warning("CA: refused %s: only node identities may request SVIDs", caller)
-            raise _Refused(403, f"{caller} is not a node identity")
-        return f"node {parts[1]}", self.authorizer.allowed(parts[1])
-
-    async def _token_caller(
-        self, headers: dict[str, str], wanted: str
-    ) -> tuple[str, frozenset[str]]:
-        assert not isinstance(self.authorizer, SnapshotAuthorizer)
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            log.warning("CA: refused a request for %s without a bearer token", wanted)
-            raise _Refused(401, "an 'Authorization: Bearer <token>' header is required")
+            return 403, {"error": f"{caller} is not a node identity"}
         try:
-            caller = await self.authorizer.authorize(token.strip(), wanted)
-        except self.auth_errors as exc:
-            log.warning("CA: refused %s: %s", wanted, exc)
-            raise _Refused(403, str(exc)) from None
-        return str(caller), frozenset({wanted})
+            chain = self.ca.sign_csr(csr, ttl=ttl, allowed_ids=self.authorizer.allowed(parts[1]))
+        except CertificateError as exc:
+            log.warning("CA: refused node %s: %s", parts[1], exc)
+            return 403, {"error": str(exc)}
+        return self._answer(chain)
+
+    async def _sign_for_token(
+        self, csr: bytes, ttl: timedelta, token: str
+    ) -> tuple[int, dict[str, Any]]:
+        from certs.kube_auth import AuthorizationError
+
+        assert self.tokens is not None
+        if not token:
+            return 401, {"error": "no node certificate and no bearer token"}
+        try:
+            identity = requested_identity(csr)
+            await self.tokens.authorize(token, identity)
+            chain = self.ca.sign_csr(csr, ttl=ttl, allowed_ids=frozenset({identity}))
+        except (AuthorizationError, CertificateError) as exc:
+            log.warning("CA: refused a token caller: %s", exc)
+            return 403, {"error": str(exc)}
+        return self._answer(chain)
+
+    def _answer(self, chain: Sequence[x509.Certificate]) -> tuple[int, dict[str, Any]]:
+        pem = [c.public_bytes(serialization.Encoding.PEM).decode() for c in chain]
+        return 200, {"chain": pem, "bundle": self.ca.bundle_pem.decode()}
+
+
+def requested_identity(csr_pem: bytes) -> str:
+    """The one URI SAN a CSR asks for, before anyone decides whether it may have it; the
+    CA's own checks (`sign_csr`) still run on the whole CSR afterwards."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        raise CertificateError("CSR: unreadable, or no subjectAltName") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise CertificateError("CSR: exactly one SPIFFE URI SAN needed")
+    return str(uris[0])
 
 
 class CaError(Exception):
@@ -253,11 +202,11 @@ class CaError(Exception):
 class CaClient:
     """A node's client: generates the key locally and sends only a CSR.
 
-    Authenticates with the node certificate (`node_svid`, mutual TLS) or with a bearer token
-    read from `token_file` on every request (the kubelet rotates projected tokens; a cached
-    one would expire under us). Either way the server must be the CA: its certificate must
-    chain to the bundle and name the CA's identity, so no other mesh member can collect our
-    token or hand us certificates."""
+    It authenticates with its node certificate (`node_svid`) or, on Kubernetes, with the
+    service-account token in `token_file`, re-read for every request because the kubelet
+    rotates projected tokens. Either way the CA must prove it is the CA
+    (`spiffe://<td>/node/ca`), not merely some holder of a mesh certificate: a token sent to
+    an impostor could be replayed."""
 
     def __init__(
         self,
@@ -265,42 +214,38 @@ class CaClient:
         node_svid: Svid | None,
         bundle_pem: bytes,
         *,
-        token_file: str | os.PathLike[str] | None = None,
-        trust_domain: str | None = None,
-        timeout: float = 10.0,
+        token_file: str | Path | None = None,
     ) -> None:
         if node_svid is None and token_file is None:
-            raise ValueError("CaClient needs a node certificate or a token file")
+            raise ValueError("the CA client needs a node certificate or a token file")
         self.address = address
+        self.node_svid = node_svid
         self.token_file = Path(token_file) if token_file is not None else None
-        self.timeout = timeout
-        if node_svid is not None:
-            self.ctx: ssl.SSLContext = client_context(node_svid, bundle_pem)
-            td = trust_domain or SpiffeId.parse(node_svid.identity).trust_domain
-        else:
-            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-            self.ctx.check_hostname = False  # SPIFFE, not DNS: checked after the handshake
-            self.ctx.verify_mode = ssl.CERT_REQUIRED
-            self.ctx.load_verify_locations(cadata=bundle_pem.decode())
-            if trust_domain is None:
-                raise ValueError("a token-authenticated CaClient needs the trust domain")
-            td = trust_domain
-        self.ctx.set_alpn_protocols(["http/1.1"])
-        self.trust_domain = td
-        self.expected = frozenset({ca_identity(td)})
+        self.bundle_pem = bundle_pem  # the latest trust bundle the CA answered with
+        self.ctx = self._context()
 
-    def _token(self) -> str:
-        assert self.token_file is not None
+    def _context(self) -> ssl.SSLContext:
+        if self.node_svid is not None:
+            ctx = client_context(self.node_svid, self.bundle_pem)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.check_hostname = False  # SPIFFE: the URI SAN is checked after the handshake
+            ctx.load_verify_locations(cadata=self.bundle_pem.decode())
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    async def _auth_header(self) -> bytes:
+        if self.token_file is None:
+            return b""
         try:
-            token = self.token_file.read_text().strip()
+            token = (await asyncio.to_thread(self.token_file.read_text)).strip()
         except OSError as exc:
-            raise CaError(0, f"token file {self.token_file}: {exc.strerror}") from None
-        if not token:
-            raise CaError(0, f"token file {self.token_file} is empty")
-        return token
+            raise CaError(0, f"token {self.token_file}: {exc.strerror}") from None
+        return f"authorization: Bearer {token}\r\n".encode()
 
     async def sign(self, identity: str, ttl: timedelta = timedelta(hours=24)) -> Svid:
+        trust_domain = SpiffeId.parse(identity).trust_domain
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -317,32 +262,17 @@ class CaClient:
                 "ttl_seconds": int(ttl.total_seconds()),
             }
         ).encode()
-        auth = b""
-        if self.token_file is not None:
-            token = await asyncio.to_thread(self._token)
-            auth = f"authorization: Bearer {token}\r\n".encode()
-        async with asyncio.timeout(self.timeout):
-            raw = await self._exchange(body, auth)
-        head, _, payload = raw.partition(b"\r\n\r\n")
-        try:
-            status = int(head.split(b" ", 2)[1])
-            answer = json.loads(payload)
-        except (IndexError, ValueError):
-            raise CaError(0, f"CA at {self.address}: malformed answer") from None
-        if status != 200:
-            raise CaError(status, f"CA refused {identity}: {answer.get('error')}")
-        chain = tuple(x509.load_pem_x509_certificate(p.encode()) for p in answer["chain"])
-        return Svid(identity, key, chain)
-
-    async def _exchange(self, body: bytes, auth: bytes) -> bytes:
+        auth = await self._auth_header()
         reader, writer = await asyncio.open_connection(
             *self.address, ssl=self.ctx, server_hostname="ca.mesh"
         )
         try:
+            ca_id = node_id(trust_domain, "ca")
             try:
-                check_peer(writer.get_extra_info("ssl_object"), self.expected, self.trust_domain)
+                check_peer(writer.get_extra_info("ssl_object"), {ca_id}, trust_domain)
             except PeerIdentityError as exc:
-                raise CaError(0, f"{self.address} is not the CA: {exc}") from None
+                where = f"{self.address[0]}:{self.address[1]}"
+                raise CaError(0, f"{where} is not the CA: {exc}") from None
             writer.write(
                 b"POST /v1/sign HTTP/1.1\r\nhost: ca\r\ncontent-type: application/json\r\n"
                 + auth
@@ -350,171 +280,148 @@ class CaClient:
                 + body
             )
             await writer.drain()
-            return await reader.read(-1)
+            raw = await reader.read(-1)
         finally:
             writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        try:
+            status = int(head.split(b" ", 2)[1])
+            answer = json.loads(payload)
+        except (IndexError, ValueError):
+            raise CaError(0, f"CA answered garbage: {raw[:80]!r}") from None
+        if status != 200:
+            raise CaError(status, f"CA refused {identity}: {answer.get('error')}")
+        chain = tuple(x509.load_pem_x509_certificate(p.encode()) for p in answer["chain"])
+        bundle = answer.get("bundle")
+        if isinstance(bundle, str) and bundle.encode() != self.bundle_pem:
+            # a root added for rotation: trust it from now on, here and (through
+            # `Identities`) on every mesh connection
+            x509.load_pem_x509_certificates(bundle.encode())  # refuse garbage before using it
+            self.bundle_pem = bundle.encode()
+            self.ctx = self._context()
+        return Svid(identity, key, chain)
 
 
-# -- the process ----------------------------------------------------------------------------
+# -- the process (`python -m certs.service`, `meshctl ca serve`) ---------------------------
 
 
-def _addr(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT")
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The process's flags, shared by `python -m certs.service` and `meshctl ca serve`."""
+    """Shared by `python -m certs.service` and `meshctl ca serve`."""
     p.add_argument("--ca-dir", required=True, help="the CA directory (meshctl ca init)")
-    p.add_argument(
-        "--trust-domain", help="expected trust domain (refuse to start if the CA's differs)"
-    )
-    p.add_argument("--listen", type=_addr, default=("0.0.0.0", DEFAULT_PORT), help="HOST:PORT")
-    p.add_argument("--readiness-addr", type=_addr, default=("0.0.0.0", 15021),
-                   help="readiness and liveness: GET /healthz/ready")  # fmt: skip
+    p.add_argument("--trust-domain", help="refuse to start unless the CA is for this domain")
+    p.add_argument("--listen", type=_hostport, default=("0.0.0.0", 15012), metavar="HOST:PORT")
     p.add_argument(
         "--authorizer",
         choices=["snapshot", "kubernetes"],
         default="snapshot",
-        help="snapshot: node certificates + --config files; kubernetes: projected "
-        "service-account tokens reviewed by the API server",
+        help="snapshot: nodes present node certificates, pods placed by --config; "
+        "kubernetes: nodes present service-account tokens (TokenReview)",
     )
-    p.add_argument("--config", nargs="+", help="with snapshot: YAML files/dirs (live reload)")
+    p.add_argument("--config", nargs="+", help="with snapshot: YAML files (reloaded live)")
     p.add_argument("--kubeconfig", help="with kubernetes: a kubeconfig (default: in-cluster)")
-    p.add_argument(
-        "--token-audience",
-        action="append",
-        help="with kubernetes: audience the tokens must carry (default ambientmesh-ca)",
-    )
+    p.add_argument("--token-audience", default="ambientmesh-ca", help="with kubernetes")
     p.add_argument(
         "--ztunnel-service-account",
         action="append",
-        metavar="NS/NAME",
-        help="with kubernetes: service accounts of node proxies "
-        "(default ambientmesh-system/ztunnel)",
+        metavar="NS/SA",
+        help="with kubernetes: the ztunnels' service account "
+        "(default ambientmesh-system/ztunnel; repeatable)",
     )
+    p.add_argument("--readiness-addr", type=_hostport, metavar="HOST:PORT")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ambientmesh-ca", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return p
+async def serve_forever(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT. Prints `ready ca=<port>` once listening (for scripts)."""
+    from mesh.config.source import ConfigStore, FileSource
+    from mesh.observability import ObservabilityServer
 
-
-def check_args(args: argparse.Namespace) -> str | None:
-    """A usage error, or None (argparse cannot express the per-authorizer requirements)."""
+    ca = await asyncio.to_thread(CertificateAuthority.load, args.ca_dir)
+    if args.trust_domain and args.trust_domain != ca.trust_domain:
+        raise CertificateError(
+            f"--trust-domain {args.trust_domain}: the CA in {args.ca_dir} is for {ca.trust_domain}"
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[Any]] = []
+    api: Any = None
+    authorizer: SnapshotAuthorizer | None = None
+    tokens: TokenAuthorizer | None = None
     if args.authorizer == "snapshot":
         if not args.config:
-            return "--authorizer snapshot needs --config FILE..."
-        for flag in ("kubeconfig", "token_audience", "ztunnel_service_account"):
-            if getattr(args, flag):
-                return f"--{flag.replace('_', '-')} applies to --authorizer kubernetes only"
-    elif args.config:
-        return "--config applies to --authorizer snapshot only"
-    for sa in args.ztunnel_service_account or ():
-        ns, sep, name = sa.partition("/")
-        if not sep or not ns or not name:
-            return f"--ztunnel-service-account {sa!r}: expected NAMESPACE/NAME"
-    return None
+            raise CertificateError("--authorizer snapshot needs --config FILE...")
+        store = ConfigStore()
+        source = FileSource(args.config, store, trust_domain=ca.trust_domain)
+        source.load_initial()
+        tasks.append(asyncio.create_task(source.run()))
+        authorizer = SnapshotAuthorizer(lambda: store.current)
+    else:
+        from certs.kube_auth import TokenReviewAuthorizer
+        from mesh.config.kube import load_api_client
 
-
-class CaProcess:
-    """Everything the process opens, so that SIGTERM closes it in one place."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.ready = False
-        self.stop = asyncio.Event()
-
-    async def run(self) -> None:
-        from mesh.config.source import ConfigStore, FileSource
-        from mesh.observability import ObservabilityServer
-
-        args = self.args
-        ca = await asyncio.to_thread(CertificateAuthority.load, args.ca_dir)
-        if args.trust_domain and args.trust_domain != ca.trust_domain:
-            raise CertificateError(
-                f"--trust-domain {args.trust_domain}: the CA in {args.ca_dir} is for "
-                f"{ca.trust_domain}"
-            )
-        async with AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
-            ready_srv = ObservabilityServer(*args.readiness_addr, ready=lambda: self.ready)
-            await stack.enter_async_context(ready_srv)
-            bg: list[asyncio.Task[None]] = []
-            service: CaService
-            if args.authorizer == "snapshot":
-                store = ConfigStore()
-                fsrc = FileSource(args.config, store, trust_domain=ca.trust_domain)
-                fsrc.load_initial()
-                bg.append(tg.create_task(fsrc.run()))
-                service = CaService(ca, SnapshotAuthorizer(lambda: store.current))
-            else:
-                from certs.kube_auth import (
-                    DEFAULT_AUDIENCE,
-                    AuthorizationError,
-                    TokenReviewAuthorizer,
-                )
-                from mesh.config.kube import load_api_client
-
-                api = await load_api_client(args.kubeconfig)
-                stack.push_async_callback(api.close)
-                authz = TokenReviewAuthorizer(
-                    api,
-                    trust_domain=ca.trust_domain,
-                    ztunnel_service_accounts=args.ztunnel_service_account
-                    or ("ambientmesh-system/ztunnel",),
-                    audiences=tuple(args.token_audience or (DEFAULT_AUDIENCE,)),
-                )
-                service = CaService(ca, authz, auth_errors=(AuthorizationError,))
-            server = await service.start(*args.listen)
-            port = server.sockets[0].getsockname()[1]
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop.set)
-            self.ready = True
-            log.info(
-                "CA for %s serving on %d (%s authorizer), readiness %d",
-                ca.trust_domain, port, args.authorizer, ready_srv.port,
-            )  # fmt: skip
-            print(f"ready ca={port} readiness={ready_srv.port}", flush=True)
-            await self.stop.wait()
-            log.info("CA stopping after %d issued, %d refused", service.signed, service.refused)
-            self.ready = False
-            server.close()
-            for t in bg:
-                t.cancel()
+        api = await load_api_client(args.kubeconfig)
+        tokens = TokenReviewAuthorizer(
+            api,
+            trust_domain=ca.trust_domain,
+            ztunnel_service_accounts=args.ztunnel_service_account
+            or ("ambientmesh-system/ztunnel",),
+            audiences=(args.token_audience,),
+        )
+    server = await CaService(ca, authorizer, tokens=tokens).start(*args.listen)
+    ready: Any = None
+    if args.readiness_addr:
+        ready = ObservabilityServer(*args.readiness_addr, ready=lambda: True)
+        await ready.start()
+    port = server.sockets[0].getsockname()[1]
+    print(f"ready ca={port}", flush=True)
+    log.info(
+        "CA for %s serving on %s:%d (%s authorizer)",
+        ca.trust_domain, args.listen[0], port, args.authorizer,
+    )  # fmt: skip
+    try:
+        await stop.wait()
+    finally:
+        log.info("CA stopping")
+        server.close()
+        if ready is not None:
+            await ready.close()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if api is not None:
+            await api.close()
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh import process
+    """Serve; a CA, config or address that cannot be used is one clear line and exit 2."""
+    from mesh.config.parse import ConfigErrors
 
-    problem = check_args(args)
-    if problem is not None:
-        print(f"ambientmesh-ca: {problem}", file=sys.stderr)
-        return 2
-    return process.run("ambientmesh-ca", _unwrap(CaProcess(args).run()), log_level=args.log_level)
-
-
-async def _unwrap(coro: Awaitable[None]) -> None:
-    """A startup failure leaves as itself, not inside the TaskGroup's exception group, so
-    `process.run` turns it into exit code 2 with its message."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
-        await coro
-    except BaseExceptionGroup as eg:
-        leaves = [e for e in _leaves(eg) if not isinstance(e, asyncio.CancelledError)]
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise
+        return asyncio.run(serve_forever(args))
+    except (CertificateError, ConfigErrors, OSError) as exc:
+        print(f"ambientmesh-ca: {exc}", flush=True, file=sys.stderr)
+        return 2
 
 
-def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
-    return out
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambientmesh-ca", description="the mesh CA service")
+    add_arguments(p)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -522,4 +429,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """How a mesh process runs and exits, the same for ztunnel and the waypoint.
 
 Operators script around exit codes: 2 is "your input is wrong" (config, certificates), with a
-message naming what; 1 is an environment failure (a port taken); 130 an interrupt.
+message naming what; 1 is an environment failure (a port taken, BPF unavailable), with the
+fix where we know it; 130 an interrupt.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 
 from certs.ca import CertificateError
 from mesh.config.model import ConfigError
+
+
+class EnvironmentUnfit(RuntimeError):
+    """The machine lacks something the process needs; the message says what and the fix."""
 
 
 def run(prog: str, main: Coroutine[Any, Any, None], *, log_level: str = "info") -> int:
@@ -36,7 +41,7 @@ def run(prog: str, main: Coroutine[Any, Any, None], *, log_level: str = "info") 
         return 2
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
+    except (OSError, EnvironmentUnfit) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bpf.cli",
     "meshctl.install",
     "meshctl.lab.cli",
+    "benchmarks.suite",
 )
 
 

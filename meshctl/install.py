@@ -14,8 +14,14 @@ What gets installed, and why it looks the way it does:
   and chained (ztunnel.cni_install). RollingUpdate with maxUnavailable so a bad rollout stops.
 * CA Deployment (2 replicas sharing the CA key from a Secret, PodDisruptionBudget minAvailable
   1) behind a Service on 15012; it reviews ztunnel tokens (TokenReview), so ztunnel mounts a
-  projected token with the CA's audience.
-* waypoint controller Deployment: Gateway (class `waypoint`) → Deployment + Service.
+  projected token with the CA's audience, and the trust bundle from the ConfigMap
+  `ambientmesh-ca-root` (never the Secret). Before installing, from `meshctl ca init DIR`:
+  `kubectl -n ambientmesh-system create secret generic ambientmesh-ca --from-file=DIR` and
+  `kubectl -n ambientmesh-system create configmap ambientmesh-ca-root
+  --from-file=root-cert.pem=DIR/root-cert.pem`.
+* waypoint controller Deployment: Gateway (class `waypoint`) → Deployment + Service, and a
+  copy of the trust bundle ConfigMap beside it (pods mount their own namespace's only); the
+  waypoint gets its SVID from the CA with its projected service-account token.
 * RBAC, least privilege: ztunnel and the CA only read (the CA also creates TokenReviews); only
   the controller writes, and only Deployments, Services, ServiceAccounts and Gateway status.
   RBAC cannot scope by field, so "pods on this node" is enforced by the CA, not by RBAC.
@@ -38,6 +44,8 @@ import yaml
 
 from mesh.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN
 from meshctl.errors import UsageError
+
+CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"
 
 __all__ = ["DEFAULT_VALUES", "crds", "merge_values", "register", "render", "render_yaml"]
 
@@ -75,7 +83,6 @@ DEFAULT_VALUES: Obj = {
         "replicas": 2,
         "port": 15012,
         "secretName": "ambientmesh-ca",
-        "rootCertConfigMap": "ambientmesh-ca-root",
         "tokenAudience": "ambientmesh-ca",
         "resources": {
             "requests": {"cpu": "100m", "memory": "128Mi"},
@@ -95,10 +102,6 @@ READY_PORT = 15021
 METRICS_PORT = 15020
 HBONE_PORT = 15008
 ENROL_SOCKET_DIR = "/run/ambientmesh"
-BPF_PIN_ROOT = "/sys/fs/bpf/ambientmesh"
-CA_ROOT_DIR = "/etc/ambientmesh/ca-root"
-TOKEN_DIR = "/var/run/secrets/tokens"
-MESH_UID = 1337
 
 
 # -- values ----------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def _security(privileged: bool = False) -> Obj:
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
-        "runAsUser": MESH_UID,
+        "runAsUser": 1337,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
@@ -309,19 +312,10 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
             },
         },
     ]
-    # The trust bundle only (public): never the CA Secret, which would put the CA key within
-    # reach of every node.
-    volumes.append(
-        {
-            "name": "ca-root",
-            "configMap": {
-                "name": v["ca"]["rootCertConfigMap"],
-                "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}],
-            },
-        }
-    )
-    mounts.append({"name": "ca-token", "mountPath": TOKEN_DIR, "readOnly": True})
-    mounts.append({"name": "ca-root", "mountPath": CA_ROOT_DIR, "readOnly": True})
+    mounts.append({"name": "ca-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True})
+    # the trust bundle only: the CA key's Secret is never mounted on nodes
+    volumes.append({"name": "ca-root", "configMap": {"name": CA_ROOT_CONFIGMAP}})
+    mounts.append({"name": "ca-root", "mountPath": "/etc/ambientmesh/ca-root", "readOnly": True})
     ca_addr = f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}"
     ztunnel_c: Obj = {
         "name": "ztunnel",
@@ -336,16 +330,14 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
             v["trustDomain"],
             "--ca-address",
             ca_addr,
-            "--ca-bundle",
-            f"{CA_ROOT_DIR}/root-cert.pem",
             "--ca-token",
-            f"{TOKEN_DIR}/ca-token",
-            "--enrol-socket",
-            f"{ENROL_SOCKET_DIR}/enrol.sock",
+            "/var/run/secrets/tokens/ca-token",
+            "--ca-bundle",
+            "/etc/ambientmesh/ca-root/root-cert.pem",
             "--redirect",
             "bpf",
-            "--bpf-pin-root",
-            BPF_PIN_ROOT,
+            "--enrol-socket",
+            f"{ENROL_SOCKET_DIR}/enrol.sock",
             "--log-level",
             v["logLevel"],
             *zt["extraArgs"],
@@ -414,8 +406,8 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
                 "spec": {
                     "serviceAccountName": name,
                     "hostNetwork": True,
-                    # node pids: pods running before the install are found by their cgroup's
-                    # processes (ztunnel.existing)
+                    # the node's pids: ztunnel.discover finds pods that were running before
+                    # the install in /proc; in the pod's own pid namespace it would see none
                     "hostPID": True,
                     "dnsPolicy": "ClusterFirstWithHostNet",
                     "priorityClassName": "system-node-critical",
@@ -456,8 +448,6 @@ def _ca(v: Mapping[str, Any]) -> list[Obj]:
                 "metadata": {"labels": _labels(name)},
                 "spec": {
                     "serviceAccountName": name,
-                    # the CA Secret's files become group-readable by the CA's user, no one else
-                    "securityContext": {"fsGroup": MESH_UID},
                     "affinity": {
                         "podAntiAffinity": {
                             "preferredDuringSchedulingIgnoredDuringExecution": [
@@ -490,10 +480,6 @@ def _ca(v: Mapping[str, Any]) -> list[Obj]:
                                 ca["tokenAudience"],
                                 "--ztunnel-service-account",
                                 f"{ns}/ztunnel",
-                                "--readiness-addr",
-                                f"0.0.0.0:{READY_PORT}",
-                                "--log-level",
-                                v["logLevel"],
                             ],
                             "ports": [
                                 {"name": "grpc-ca", "containerPort": ca["port"]},
@@ -570,8 +556,10 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
                                 v["trustDomain"],
                                 "--readiness-addr",
                                 f"0.0.0.0:{READY_PORT}",
-                                "--log-level",
-                                v["logLevel"],
+                                "--ca-address",
+                                f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}",
+                                "--mesh-namespace",
+                                ns,
                             ],
                             "ports": [{"name": "http-ready", "containerPort": READY_PORT}],
                             **_probes(),
@@ -590,6 +578,8 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
         _rule(
             [""], ["services", "serviceaccounts"], [*READ, "create", "update", "patch", "delete"]
         ),
+        # the trust bundle: read from the mesh's namespace, copied beside each waypoint
+        _rule([""], ["configmaps"], [*READ, "create", "update", "patch", "delete"]),
     ]
     return [
         _sa(name, ns, name),

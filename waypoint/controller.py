@@ -45,13 +45,17 @@ from mesh.config.source import ConfigStore
 
 log = logging.getLogger("waypoint.controller")
 
-__all__ = ["CONTROLLER_NAME", "WaypointController", "build_parser", "desired_objects", "main"]
+__all__ = ["CONTROLLER_NAME", "WaypointController", "desired_objects", "main"]
 
 CONTROLLER_NAME = "ambientmesh.io/waypoint-controller"
 HASH_ANNOTATION = "ambientmesh.io/config-hash"
 GATEWAY_KIND = WatchedKind("Gateway", "gateway.networking.k8s.io/v1", "gateways")
 READY_PORT = 15021
 MERGE_PATCH = "application/merge-patch+json"
+DEFAULT_CA_ADDRESS = "ambientmesh-ca.ambientmesh-system.svc:15012"
+CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"  # in the mesh's namespace (see meshctl install)
+CA_ROOT_KEY = "root-cert.pem"
+CA_TOKEN_AUDIENCE = "ambientmesh-ca"
 
 Obj = dict[str, Any]
 
@@ -69,8 +73,19 @@ def _hash(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def desired_objects(gw: Mapping[str, Any], *, image: str, trust_domain: str) -> list[Obj]:
-    """The ServiceAccount, Deployment and Service for one waypoint Gateway."""
+def desired_objects(
+    gw: Mapping[str, Any],
+    *,
+    image: str,
+    trust_domain: str,
+    ca_address: str = DEFAULT_CA_ADDRESS,
+    ca_root_pem: str = "",
+) -> list[Obj]:
+    """The ServiceAccount, Deployment and Service for one waypoint Gateway, and a ConfigMap
+    with the mesh's trust bundle: a pod can mount ConfigMaps of its own namespace only, so
+    the controller copies the bundle next to each waypoint (as istiod copies its root cert
+    into every namespace). The waypoint gets its SVID from the CA service with its projected
+    service-account token (the CA gives a service account its own identity only)."""
     meta = gw["metadata"]
     ns, name = meta["namespace"], meta["name"]
     port = _hbone_port(gw)
@@ -109,6 +124,23 @@ def desired_objects(gw: Mapping[str, Any], *, image: str, trust_domain: str) -> 
                 "spec": {
                     "serviceAccountName": name,
                     "terminationGracePeriodSeconds": 30,
+                    "volumes": [
+                        {"name": "ca-root", "configMap": {"name": f"{name}-ca-root"}},
+                        {
+                            "name": "ca-token",
+                            "projected": {
+                                "sources": [
+                                    {
+                                        "serviceAccountToken": {
+                                            "audience": CA_TOKEN_AUDIENCE,
+                                            "expirationSeconds": 3600,
+                                            "path": "ca-token",
+                                        }
+                                    }
+                                ]
+                            },
+                        },
+                    ],
                     "containers": [
                         {
                             "name": "waypoint",
@@ -125,6 +157,24 @@ def desired_objects(gw: Mapping[str, Any], *, image: str, trust_domain: str) -> 
                                 f"0.0.0.0:{port}",
                                 "--readiness-addr",
                                 f"0.0.0.0:{READY_PORT}",
+                                "--ca",
+                                ca_address,
+                                "--ca-bundle",
+                                f"/etc/ambientmesh/ca-root/{CA_ROOT_KEY}",
+                                "--token-file",
+                                "/var/run/secrets/tokens/ca-token",
+                            ],
+                            "volumeMounts": [
+                                {
+                                    "name": "ca-root",
+                                    "mountPath": "/etc/ambientmesh/ca-root",
+                                    "readOnly": True,
+                                },
+                                {
+                                    "name": "ca-token",
+                                    "mountPath": "/var/run/secrets/tokens",
+                                    "readOnly": True,
+                                },
                             ],
                             "ports": [
                                 {"name": "hbone", "containerPort": port},
@@ -168,9 +218,15 @@ def desired_objects(gw: Mapping[str, Any], *, image: str, trust_domain: str) -> 
             ],
         },
     }
-    for o in (sa, dep, svc):
+    root: Obj = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {**m(), "name": f"{name}-ca-root"},
+        "data": {CA_ROOT_KEY: ca_root_pem},
+    }
+    for o in (sa, dep, svc, root):
         o["metadata"]["annotations"] = {HASH_ANNOTATION: _hash(o)}
-    return [sa, dep, svc]
+    return [sa, dep, svc, root]
 
 
 def _now() -> str:
@@ -198,10 +254,14 @@ class WaypointController:
         trust_domain: str = "cluster.local",
         resync: float = 60.0,
         debounce: float = 0.1,
+        ca_address: str = DEFAULT_CA_ADDRESS,
+        mesh_namespace: str = "ambientmesh-system",
     ) -> None:
         self.api = api_client
         self.image = image
         self.trust_domain = trust_domain
+        self.ca_address = ca_address
+        self.mesh_namespace = mesh_namespace
         self.resync = resync
         self.core = k8s.CoreV1Api(api_client)
         self.apps = k8s.AppsV1Api(api_client)
@@ -247,9 +307,35 @@ class WaypointController:
                 # one Gateway's trouble must not starve the others; the resync retries it
                 log.error("waypoint %s: reconcile failed: %s", key, exc)
 
+    async def _ca_root(self) -> str:
+        """The bundle from the mesh's ConfigMap; ValueError (logged per Gateway) if missing."""
+        try:
+            cm = await self.core.read_namespaced_config_map(CA_ROOT_CONFIGMAP, self.mesh_namespace)
+        except k8s.ApiException as exc:
+            if exc.status != 404:
+                raise
+            cm = None
+        pem = ((cm.data if cm is not None else None) or {}).get(CA_ROOT_KEY)
+        if not pem:
+            raise ValueError(
+                f"ConfigMap {self.mesh_namespace}/{CA_ROOT_CONFIGMAP} with key {CA_ROOT_KEY} is "
+                f"missing: kubectl -n {self.mesh_namespace} create configmap {CA_ROOT_CONFIGMAP} "
+                f"--from-file={CA_ROOT_KEY}=<ca dir>/{CA_ROOT_KEY}"
+            )
+        return str(pem)
+
     async def reconcile(self, gw: Mapping[str, Any]) -> None:
         ns = gw["metadata"]["namespace"]
-        sa, dep, svc = desired_objects(gw, image=self.image, trust_domain=self.trust_domain)
+        sa, dep, svc, root = desired_objects(
+            gw, image=self.image, trust_domain=self.trust_domain, ca_address=self.ca_address,
+            ca_root_pem=await self._ca_root(),
+        )  # fmt: skip
+        await self._ensure(
+            root,
+            self.core.read_namespaced_config_map,
+            self.core.create_namespaced_config_map,
+            self.core.patch_namespaced_config_map,
+        )
         await self._ensure(
             sa,
             self.core.read_namespaced_service_account,
@@ -358,8 +444,9 @@ async def _amain(args: argparse.Namespace) -> int:
 
     api = await load_api_client(args.kubeconfig)
     ctl = WaypointController(
-        api, image=args.image, trust_domain=args.trust_domain, resync=args.resync
-    )
+        api, image=args.image, trust_domain=args.trust_domain, resync=args.resync,
+        ca_address=args.ca_address, mesh_namespace=args.mesh_namespace,
+    )  # fmt: skip
     host, _, port = args.readiness_addr.rpartition(":")
     try:
         async with ObservabilityServer(host or "0.0.0.0", int(port), ready=ctl.ready):
@@ -370,13 +457,20 @@ async def _amain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Also used by the tests that check every manifest's args against the real flags."""
     p = argparse.ArgumentParser(prog="waypoint-controller", description=__doc__.split("\n")[0])
     p.add_argument("--image", required=True, help="waypoint image for the Deployments")
     p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--ca-address", default=DEFAULT_CA_ADDRESS, help="the CA service waypoints use")
+    p.add_argument(
+        "--mesh-namespace",
+        default="ambientmesh-system",
+        help=f"where the {CA_ROOT_CONFIGMAP} ConfigMap lives",
+    )
     p.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
     p.add_argument("--readiness-addr", default="0.0.0.0:15021")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full resyncs")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info")
     return p
 
 

@@ -1,28 +1,32 @@
 """`python -m waypoint.main`: the namespace waypoint process.
 
-This build serves HTTP/1.1 on a plaintext development listener (`--http-addr`, one Service
-authority given by `--authority`) plus readiness and metrics; the HBONE listener
-(`--hbone-addr`) and SVID options attach when the HBONE core is in. Config comes from
-`--config` YAML files, reloaded live: a bad update is logged and the last good one keeps
-serving; a bad config at start is an error naming the object and field.
+HBONE on `--hbone-addr` (15008) with the waypoint's own SPIFFE identity
+(`spiffe://<td>/ns/<namespace>/sa/<service account>`, signed by the local CA in `--ca-dir`,
+or by the CA service at `--ca` proving itself with its service-account token),
+backends reached over HBONE through their node's ztunnel, Prometheus metrics on
+`--metrics-addr`, readiness on `--readiness-addr`. Config comes from `--config` YAML files,
+reloaded live: a bad update is logged and the last good one keeps serving; a bad config at
+start is an error naming the object and field.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
 
+from certs.ca import CertificateAuthority
+from certs.service import CaClient
 from mesh import process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer
-from waypoint.http1 import serialize_response
-from waypoint.proxy import WaypointStreams
-from waypoint.service import ServiceRoutes, Target
+from waypoint.proxy import Waypoint
+from ztunnel.identity import Identities
 
 
 def parse_addr(flag: str, value: str) -> tuple[str, int]:
@@ -34,32 +38,29 @@ def parse_addr(flag: str, value: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="waypoint", description="ambientmesh namespace L7 proxy")
-    p.add_argument("--name", default="waypoint")
+    p.add_argument("--name", default="waypoint", help="the waypoint Gateway's name")
     p.add_argument("--namespace", required=True)
+    p.add_argument("--service-account", help="identity's service account (default: --name)")
     p.add_argument("--config", nargs="*", default=[], help="YAML files/dirs (mesh.config.parse)")
     p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--ca-dir", help="local CA directory (meshctl ca init) that signs our SVID")
+    p.add_argument("--ca", help="CA service HOST:PORT (instead of --ca-dir; Kubernetes)")
+    p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
+    p.add_argument(
+        "--token-file",
+        "--ca-token",
+        default="/var/run/secrets/tokens/istio-token",
+        help="with --ca: the projected service-account token that proves who we are",
+    )
+    p.add_argument("--cert-ttl", type=float, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", default="0.0.0.0:15008")
+    p.add_argument(
+        "--upstream-hbone-port", type=int, default=15008, help="backends' ztunnel HBONE port"
+    )
     p.add_argument("--metrics-addr", default="0.0.0.0:15020")
     p.add_argument("--readiness-addr", default="0.0.0.0:15021")
-    p.add_argument("--http-addr", help="plaintext HTTP/1.1 development listener HOST:PORT")
-    p.add_argument("--authority", help="Service VIP:PORT the development listener serves")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
-
-
-class Routes:
-    """The route tables of the current snapshot, rebuilt only when the snapshot changes."""
-
-    def __init__(self, store: ConfigStore) -> None:
-        self.store = store
-        self._routes = ServiceRoutes(store.current)
-
-    def __call__(self) -> ServiceRoutes:
-        snap = self.store.current
-        if self._routes.snapshot is not snap:
-            self._routes = ServiceRoutes(snap)
-            for err in self._routes.errors:
-                logging.getLogger("waypoint").error("route dropped: %s", err)
-        return self._routes
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -67,42 +68,43 @@ async def run(args: argparse.Namespace) -> None:
     source = FileSource(args.config, store, trust_domain=args.trust_domain) if args.config else None
     if source is not None:
         source.load_initial()
-    routes = Routes(store)
-
-    async def dial(t: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection(t.ip, t.port)
-
-    streams = WaypointStreams(routes, dial)
-
-    async def http(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        s = streams.for_authority(args.authority or "")
-        if s is None:
-            # Read the request head first: closing with unread input makes the kernel send a
-            # RST, which can destroy the 503 before the client reads it.
-            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                                     ConnectionError, TimeoutError):  # fmt: skip
-                await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
-            body = f"service {args.authority} not found in config\n".encode()
-            w.write(serialize_response(503, [("content-type", "text/plain")], body, False))
-            await w.drain()
-            w.close()
-            return
-        await s.serve(r, w)
-
-    obs = ObservabilityServer(
-        *parse_addr("--readiness-addr", args.readiness_addr),
-        metrics=MeshMetrics(),
-        ready=lambda: True,
+    ttl = timedelta(seconds=args.cert_ttl)
+    if args.ca_dir:
+        identities = Identities(CertificateAuthority.load(args.ca_dir), ttl)
+    else:
+        bundle = args.ca_bundle_pem
+        client = CaClient(parse_addr("--ca", args.ca), None, bundle, token_file=args.token_file)
+        identities = Identities(client, ttl, bundle_pem=bundle)
+    metrics = MeshMetrics()
+    metrics.info.labels("waypoint", "dev").set(1)
+    wp = Waypoint(
+        args.namespace,
+        args.name,
+        lambda: store.current,
+        identities,
+        trust_domain=args.trust_domain,
+        service_account=args.service_account,
+        metrics=metrics,
+        hbone_port=args.upstream_hbone_port,
     )
-    async with obs, asyncio.TaskGroup() as tg:
-        print(f"waypoint {args.namespace}/{args.name}: readiness on {obs.port}", flush=True)
-        if args.http_addr:
-            server = await asyncio.start_server(http, *parse_addr("--http-addr", args.http_addr))
-            port = server.sockets[0].getsockname()[1]
-            print(f"waypoint {args.namespace}/{args.name}: http on {port}", flush=True)
-        if source is not None:
-            tg.create_task(source.run())
-        await asyncio.Event().wait()
+    listener = await wp.listen(*parse_addr("--hbone-addr", args.hbone_addr))
+    ready = ObservabilityServer(
+        *parse_addr("--readiness-addr", args.readiness_addr), ready=lambda: True
+    )
+    met = ObservabilityServer(*parse_addr("--metrics-addr", args.metrics_addr), metrics=metrics)
+    try:
+        async with ready, met, asyncio.TaskGroup() as tg:
+            tag = f"waypoint {args.namespace}/{args.name}"
+            print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
+            print(f"{tag}: readiness on {ready.port}", flush=True)
+            print(f"{tag}: metrics on {met.port}", flush=True)
+            if source is not None:
+                tg.create_task(source.run())
+            tg.create_task(identities.run())
+            await asyncio.Event().wait()
+    finally:
+        listener.close()
+        await wp.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         except argparse.ArgumentTypeError as exc:
             print(f"waypoint: {exc}", file=sys.stderr)
             return 2
-    return process.run("waypoint", run(args), log_level="info")
+    if bool(args.ca_dir) == bool(args.ca):
+        print("waypoint: give --ca-dir or --ca (the CA signing our SVID)", file=sys.stderr)
+        return 2
+    if args.ca:
+        try:
+            parse_addr("--ca", args.ca)
+        except argparse.ArgumentTypeError as exc:
+            print(f"waypoint: {exc}", file=sys.stderr)
+            return 2
+        if not args.ca_bundle:
+            print("waypoint: --ca needs --ca-bundle (the trust bundle PEM)", file=sys.stderr)
+            return 2
+        try:
+            args.ca_bundle_pem = Path(args.ca_bundle).read_bytes()
+        except OSError as exc:
+            print(f"waypoint: --ca-bundle {args.ca_bundle}: {exc.strerror}", file=sys.stderr)
+            return 2
+    logging.getLogger("waypoint").setLevel(args.log_level.upper())
+    return process.run("waypoint", run(args), log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -1,64 +1,104 @@
-"""Join a waypoint stream to the current config: authority → service → routes → endpoints.
+"""One waypoint: its identity, HBONE listener, upstream pool and request handler, assembled.
 
-One `WaypointStreams` lives for the process; each accepted stream (an HBONE CONNECT once the
-core lands, a plain socket in tests) asks `for_authority` for an `Http1Stream` bound to the
-snapshot current at that moment, so a config swap affects new streams and in-flight requests
-finish on the config they started with. `dial` is the only I/O: plain TCP to the pod today,
-HBONE to the pod's node ztunnel (node address:15008, else pod ip:15008) when the core lands.
+The process (`waypoint.main`) and the integration tests build the same object, so what the
+tests exercise is what runs. Config arrives as a `Snapshot` getter: each new CONNECT stream
+uses the snapshot current at that moment (route tables compiled once per snapshot), so a
+config swap affects new streams while in-flight ones finish on the config they started with.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 
-from mesh.config.model import BackendRef
-from waypoint.http1 import Authorize, Http1Stream
-from waypoint.routing import Request
-from waypoint.service import NoBackend, ServiceRoutes, Target
+from certs.spiffe import workload_id
+from mesh.config.snapshot import Snapshot
+from mesh.hbone import HbonePool, serve
+from mesh.hbone.pool import Listener
+from mesh.metrics import MeshMetrics
+from waypoint.inbound import WaypointInbound
+from waypoint.request import RequestHandler
+from waypoint.service import ServiceRoutes
+from waypoint.upstream import HBONE_PORT, Upstreams
+from ztunnel.identity import Identities
 
-Dial = Callable[[Target], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-OnRequest = Callable[[Request, int, float, int, int], None]
+log = logging.getLogger("waypoint")
+
+__all__ = ["Routes", "Waypoint"]
 
 
-class WaypointStreams:
+class Routes:
+    """The route tables of the current snapshot, rebuilt only when the snapshot changes; a
+    route that does not compile is dropped with an error naming it and the field, and the
+    rest keep serving."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+        self._routes = ServiceRoutes(snapshot())
+
+    def __call__(self) -> ServiceRoutes:
+        snap = self.snapshot()
+        if self._routes.snapshot is not snap:
+            self._routes = ServiceRoutes(snap)
+            for err in self._routes.errors:
+                log.error("route dropped: %s", err)
+        return self._routes
+
+
+class Waypoint:
     def __init__(
         self,
-        routes: Callable[[], ServiceRoutes],
-        dial: Dial,
+        namespace: str,
+        name: str,
+        snapshot: Callable[[], Snapshot],
+        identities: Identities,
         *,
-        authorize: Authorize | None = None,
-        on_request: OnRequest | None = None,
+        trust_domain: str = "cluster.local",
+        service_account: str | None = None,
+        metrics: MeshMetrics | None = None,
+        hbone_port: int = HBONE_PORT,
+        node_ports: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self._routes = routes
-        self._dial = dial
-        self._authorize = authorize
-        self._on_request = on_request
-        self._rng = rng or random.Random()
-
-    def for_authority(self, authority: str) -> Http1Stream | None:
-        """None when the authority is not a Service VIP:port in the current snapshot."""
-        sr = self._routes()
-        found = sr.for_authority(authority)
-        if found is None:
-            return None
-        svc, port, table = found
-
-        async def connect(
-            ref: BackendRef | None,
-        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            try:
-                target = sr.pick(svc, port, ref)
-            except NoBackend as exc:
-                raise ConnectionRefusedError(str(exc)) from exc
-            return await self._dial(target)
-
-        return Http1Stream(
-            lambda: table,
-            connect,
-            authorize=self._authorize,
-            on_request=self._on_request,
-            rng=self._rng,
+        self.namespace = namespace
+        self.name = name
+        self.trust_domain = trust_domain
+        self.identities = identities
+        # The controller names the ServiceAccount after the Gateway; ztunnels trust a
+        # waypoint's vouching for its callers by this identity.
+        self.identity = workload_id(trust_domain, namespace, service_account or name)
+        self.metrics = metrics or MeshMetrics()
+        self.pool = HbonePool(identities.client_context_async, trust_domain=trust_domain)
+        self.routes = Routes(snapshot)
+        self.upstreams = Upstreams(
+            self.pool, self.identity, snapshot, hbone_port=hbone_port, node_ports=node_ports
         )
+        self.handler = RequestHandler(
+            self.upstreams, self.metrics, trust_domain=trust_domain, rng=rng
+        )
+        self.inbound = WaypointInbound(namespace, name, self.routes, self.handler)
+        self.listener: Listener | None = None
+
+    async def listen(self, host: str = "0.0.0.0", port: int = HBONE_PORT) -> Listener:
+        await self.identities.ensure(self.identity)
+        self.listener = await serve(
+            host,
+            port,
+            self.identities.listener_context(self.identity),
+            self.inbound,
+            trust_domain=self.trust_domain,
+        )
+        return self.listener
+
+    @property
+    def port(self) -> int:
+        assert self.listener is not None
+        return int(self.listener.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        await self.handler.close()
+        self.upstreams.close()
+        self.pool.close()

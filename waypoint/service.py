@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from mesh.config.model import BackendRef, ConfigError, HTTPRoute, Service
+from mesh.config.model import BackendRef, ConfigError, HTTPRoute, Pod, Service, ServicePort
 from mesh.config.snapshot import Snapshot
 from waypoint.routing import RouteTable
 
@@ -29,6 +29,10 @@ class Target:
     port: int
     node: str | None
     service: str
+    pod: Pod | None = None
+    # "h2" when the service port declares HTTP/2 (appProtocol or port name grpc/http2/h2c),
+    # "http/1.1" when it declares HTTP, "" when it says nothing (use the client's protocol).
+    protocol: str = ""
 
 
 class ServiceRoutes:
@@ -36,11 +40,13 @@ class ServiceRoutes:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self._tables: dict[tuple[str, int], RouteTable] = {}
+        self._tables: dict[tuple[str, int, str | None], RouteTable] = {}
         self._rr = itertools.count()
         self.errors: list[str] = []  # routes this snapshot could not compile, for logs/config dump
 
-    def for_authority(self, authority: str) -> tuple[Service, int, RouteTable] | None:
+    def for_authority(
+        self, authority: str, consumer_ns: str | None = None
+    ) -> tuple[Service, int, RouteTable] | None:
         host, _, port_s = authority.rpartition(":")
         if not port_s.isdigit():
             return None
@@ -48,13 +54,18 @@ class ServiceRoutes:
         if found is None:
             return None
         svc, sp = found
-        return svc, sp.port, self.table(svc, sp.port)
+        return svc, sp.port, self.table(svc, sp.port, consumer_ns)
 
-    def table(self, svc: Service, port: int) -> RouteTable:
-        key = (svc.key, port)
+    def table(self, svc: Service, port: int, consumer_ns: str | None = None) -> RouteTable:
+        """The routes for calls from `consumer_ns` to `svc:port`.
+
+        Gateway API mesh (GEP-1294): a route in the Service's own namespace is a producer
+        route and applies to every caller; a route in another namespace is a consumer route
+        and applies only to callers from that namespace, instead of the producer routes."""
+        key = (svc.key, port, consumer_ns if consumer_ns != svc.namespace else None)
         t = self._tables.get(key)
         if t is None:
-            routes: list[HTTPRoute] = [
+            attached: list[HTTPRoute] = [
                 r
                 for r in self.snapshot.routes_for_service(svc)
                 if any(
@@ -65,7 +76,9 @@ class ServiceRoutes:
                     for p in r.parent_refs
                 )
             ]
-            t = self._tables[key] = self._compile(routes)
+            consumer = [r for r in attached if key[2] is not None and r.namespace == key[2]]
+            producer = [r for r in attached if r.namespace == svc.namespace]
+            t = self._tables[key] = self._compile(consumer or producer)
         return t
 
     def _compile(self, routes: list[HTTPRoute]) -> RouteTable:
@@ -93,4 +106,22 @@ class ServiceRoutes:
             raise NoBackend(f"service {svc.key} port {port} has no ready endpoints")
         ep = eps[next(self._rr) % len(eps)]
         assert ep.pod.ip is not None  # endpoints only hold pods with an IP
-        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key)
+        sp = next((p for p in svc.ports if p.port == port), None)
+        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key, ep.pod, port_protocol(sp))
+
+
+_H2_NAMES = frozenset({"grpc", "grpc-web", "http2", "h2c", "kubernetes.io/h2c"})
+
+
+def port_protocol(sp: ServicePort | None) -> str:
+    """What a Service port declares about its protocol, Istio's way: `appProtocol` first,
+    then the port name's prefix (`grpc-foo`, `http2`, `http-web`)."""
+    if sp is None:
+        return ""
+    ap = sp.app_protocol.lower()
+    name = sp.name.lower().split("-", 1)[0]
+    if ap in _H2_NAMES or (not ap and name in _H2_NAMES):
+        return "h2"
+    if ap in ("http", "http/1.1") or (not ap and name == "http"):
+        return "http/1.1"
+    return ""

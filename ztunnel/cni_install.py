@@ -34,7 +34,7 @@ import ztunnel.cni as plugin
 
 log = logging.getLogger("ztunnel.cni_install")
 
-__all__ = ["build_parser", "install", "main", "primary_conf", "uninstall"]
+__all__ = ["install", "main", "primary_conf", "uninstall"]
 
 PLUGIN_TYPE = "ambientmesh-cni"
 KUBECONFIG_NAME = "ambientmesh-cni.kubeconfig"
@@ -164,6 +164,7 @@ def _in_cluster_kube() -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Also used by the tests that check every manifest's args against the real flags."""
     ap = argparse.ArgumentParser(prog="ambientmesh-cni-install", description=__doc__.split("\n")[0])
     ap.add_argument("--bin-dir", default="/host/opt/cni/bin", type=Path)
     ap.add_argument("--conf-dir", default="/host/etc/cni/net.d", type=Path)

@@ -89,7 +89,21 @@ class Identities:
 
     # -- the cache -------------------------------------------------------------------------
 
+    def _refresh_bundle(self) -> None:
+        """Adopt the trust bundle the CA last answered with (a remote signer carries it): a
+        new root added for rotation is trusted from the next handshake on. Cached contexts
+        are dropped, so every identity's next connection is built on the new bundle; the
+        listeners pick it up through `listener_context`'s per-handshake switch."""
+        bundle = getattr(self.signer, "bundle_pem", None)
+        if not isinstance(bundle, bytes) or bundle == self.bundle_pem:
+            return
+        self.bundle_pem = bundle
+        self._client.clear()
+        self._server.clear()
+        log.info("trust bundle updated from the CA (%d bytes)", len(bundle))
+
     def _install(self, svid: Svid) -> Svid:
+        self._refresh_bundle()
         old = self._svids.get(svid.identity)
         self._svids[svid.identity] = svid
         self._client.pop(svid.identity, None)
@@ -192,15 +206,21 @@ class Identities:
 
     # -- rotation --------------------------------------------------------------------------
 
-    async def run(self, *, min_sleep: float = 0.2, retry: float = 5.0) -> None:
-        """Rotate every cached identity at half life, forever (cancel to stop)."""
+    async def run(
+        self, *, min_sleep: float = 0.2, retry: float = 5.0, max_retry: float = 60.0
+    ) -> None:
+        """Rotate every cached identity at half life, forever (cancel to stop). While the CA
+        fails, the current certificates keep serving and renewal is retried with exponential
+        back-off from `retry` up to `max_retry` seconds, never hammering a CA that is down."""
+        failures = 0
         while True:
             now = _now()
             due = [i for i, s in self._svids.items() if now >= s.refresh_at]
             failed = False
             for identity in due:
                 try:
-                    await self.ensure(identity)
+                    # a failed renewal with a still-valid SVID comes back stale, not raised
+                    failed |= self._stale(await self.ensure(identity))
                 except Exception as exc:
                     failed = True
                     log.error("could not renew %s: %s", identity, exc)
@@ -210,8 +230,9 @@ class Identities:
                 wait = max(min_sleep, (nxt - _now()).total_seconds())
             else:
                 wait = 3600.0
+            failures = failures + 1 if failed else 0
             if failed:
-                wait = min(wait, retry)
+                wait = max(wait, min(retry * 2 ** (failures - 1), max_retry))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
 

@@ -12,15 +12,22 @@ snapshot says it is ambient and unenrolled as soon as a snapshot says it is not 
 removed live), keeping the request, so a label put back enrols it again without anyone asking.
 `remove` forgets the pod: listeners close (live connections drain on their own), redirection
 is undone. When ztunnel stops, redirection stays in place on purpose: the pods fail closed.
+
+The requests are also written to a state file (`state_path`), so that a restarted ztunnel (an
+upgrade, a crash) re-enrols every pod it served without the CNI plugin running again: on a
+real node nobody else would tell it about pods created before the restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from mesh.config.model import Pod
@@ -92,8 +99,10 @@ class WorkloadManager:
         outbound_port: int = OUTBOUND_PORT,
         plaintext_port: int = PLAINTEXT_PORT,
         hbone_port: int = HBONE_PORT,
+        state_path: str | Path | None = None,
     ) -> None:
         self.node = node
+        self.state_path = Path(state_path) if state_path is not None else None
         self.redirector = redirector
         self.refresh = refresh
         self.wait_timeout = wait_timeout
@@ -124,6 +133,7 @@ class WorkloadManager:
             if old is not None and old != req and key in self.enrolled:
                 await self._unenrol(key)  # same pod name, new sandbox: start over
             self.requests[key] = req
+            await self._save()
         pod = await self._wait_for(key)
         async with self._lock:
             if self.requests.get(key) != req:
@@ -140,7 +150,68 @@ class WorkloadManager:
             if key in self.enrolled:
                 await self._unenrol(key)
                 known = True
+            if known:
+                await self._save()
             return known
+
+    # -- the state file --------------------------------------------------------------------
+
+    async def _save(self) -> None:
+        """Write the requests atomically (rename), so a crash never leaves half a file."""
+        if self.state_path is None:
+            return
+        rows = [
+            {"pod": r.key, "netns": r.netns_path, "cgroup": r.cgroup_path}
+            for r in sorted(self.requests.values(), key=lambda r: r.key)
+        ]
+        path = self.state_path
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(rows, indent=1) + "\n")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            log.error("could not write enrolment state %s: %s", path, exc)
+
+    async def restore(self) -> int:
+        """Re-request every pod a previous ztunnel served whose netns still exists; a pod
+        deleted meanwhile is dropped. A damaged file is reported and ignored (the CNI plugin
+        and the lab can still enrol). Returns how many pods were enrolled."""
+        if self.state_path is None:
+            return 0
+        try:
+            rows = json.loads(await asyncio.to_thread(self.state_path.read_text))
+            if not isinstance(rows, list):
+                raise ValueError("not a JSON list")
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.error("ignoring enrolment state %s: %s", self.state_path, exc)
+            return 0
+        enrolled = 0
+        for row in rows:
+            try:
+                key, netns, cgroup = row["pod"], row["netns"], row.get("cgroup")
+                if not (isinstance(key, str) and isinstance(netns, str)):
+                    raise TypeError("pod and netns must be strings")
+            except (KeyError, TypeError, AttributeError) as exc:
+                log.error("ignoring enrolment state entry %r: %s", row, exc)
+                continue
+            if not await asyncio.to_thread(os.path.exists, netns):
+                log.info("pod %s is gone (no %s): not restoring it", key, netns)
+                continue
+            try:
+                enrolled += await self.add(key, netns, cgroup if isinstance(cgroup, str) else None)
+            except EnrolError as exc:
+                log.error("restoring %s: %s", key, exc)
+        await self._save()  # drop what is gone
+        log.info("restored enrolment of %d pod(s) from %s", enrolled, self.state_path)
+        return enrolled
 
     async def _wait_for(self, key: str) -> Pod | None:
         ns, _, name = key.partition("/")

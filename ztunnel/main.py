@@ -2,8 +2,7 @@
 
 Config comes from YAML files (`--config`, live reload) or the Kubernetes API (`--kube`).
 Certificates come from a local CA (`--ca-dir`: single host, the lab, tests) or the CA service
-(`--ca HOST:PORT` with the node's own certificate from `meshctl ca issue-node`, or on
-Kubernetes with `--ca-token`, the node proxy's projected service-account token). Listeners:
+(`--ca HOST:PORT` with the node's own certificate from `meshctl ca issue-node`). Listeners:
 HBONE :15008 on the node; optional node-level outbound / plaintext listeners; and, through
 the enrolment socket, 15001/15006/15008 inside each enrolled pod's netns. Readiness turns
 true once config and certificates are loaded and every listener is open. SIGTERM stops
@@ -42,7 +41,6 @@ from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 log = logging.getLogger("ztunnel")
 
 DEFAULT_ENROL_SOCKET = "/run/ambientmesh/enrol.sock"
-CA_USAGE = "--ca needs --ca-bundle FILE and one of --node-cert PREFIX or --ca-token FILE"
 
 
 def addr(value: str) -> tuple[str, int]:
@@ -79,17 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--ca-dir", help="local CA directory (meshctl ca init): sign directly")
     ca.add_argument("--ca", "--ca-address", dest="ca", type=addr, help="CA service HOST:PORT")
     p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
-    ca_auth = p.add_mutually_exclusive_group()
-    ca_auth.add_argument(
+    p.add_argument(
         "--node-cert",
         metavar="PREFIX",
         help="with --ca: PREFIX-key.pem and PREFIX-chain.pem from `meshctl ca issue-node`",
     )
-    ca_auth.add_argument(
+    p.add_argument(
         "--ca-token",
         metavar="FILE",
-        help="with --ca: a projected service-account token (audience of the CA), re-read on "
-        "every request because the kubelet rotates it",
+        help="with --ca, instead of --node-cert: a projected service-account token the CA "
+        "reviews with the API server (re-read on every request: the kubelet rotates it)",
     )
     p.add_argument("--cert-ttl", type=positive, default=24 * 3600.0, help="SVID lifetime (s)")
     p.add_argument("--hbone-addr", type=addr, default=("0.0.0.0", 15008))
@@ -114,16 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bpf-cgroup",
         help="with --redirect bpf: the cgroup of ztunnel's own sockets (default: its own)",
-    )
-    p.add_argument(
-        "--existing-pods",
-        choices=["auto", "discover", "ignore"],
-        default="auto",
-        help="find ambient pods that were running before ztunnel (no CNI ADD for them) from "
-        "their cgroup and netns; auto = discover with --kube and --enrol-socket",
-    )
-    p.add_argument(
-        "--cgroup-root", default="/sys/fs/cgroup", help="cgroup v2 mount, for --existing-pods"
     )
     p.add_argument("--stream-cap", type=int, default=100, help="HBONE streams per connection")
     p.add_argument("--pool-idle", type=positive, default=60.0, help="idle HBONE connection (s)")
@@ -203,23 +190,30 @@ async def build_identities(args: argparse.Namespace) -> Identities:
     if args.ca_dir:
         return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
     if not args.ca_bundle or not (args.node_cert or args.ca_token):
-        raise CertificateError(CA_USAGE)
+        raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token")
     from certs.service import CaClient
 
     try:
         bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
     except OSError as exc:
         raise CertificateError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
-    if args.ca_token:
-        # No node certificate: the CA gets our token, and issues our node identity too.
-        client = CaClient(args.ca, None, bundle, token_file=args.ca_token,
-                          trust_domain=args.trust_domain)  # fmt: skip
-        return Identities(client, ttl, bundle_pem=bundle, ktls=args.ktls_enabled)
-    node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
-    ids = Identities(CaClient(args.ca, node_svid, bundle), ttl, bundle_pem=bundle,
-                     ktls=args.ktls_enabled)  # fmt: skip
-    ids.add(node_svid)
+    if args.node_cert:
+        node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
+        client = CaClient(args.ca, node_svid, bundle)
+    else:
+        # the node's own certificate comes from the CA too (`ensure(node.identity)` at start)
+        client = CaClient(args.ca, None, bundle, token_file=args.ca_token)
+    ids = Identities(client, ttl, bundle_pem=bundle, ktls=args.ktls_enabled)
+    if args.node_cert:
+        ids.add(node_svid)
     return ids
+
+
+def enrol_state_path(socket_path: str) -> Path:
+    """Where the pods asked for through `socket_path` are remembered across restarts: beside
+    the socket, on the same tmpfs (/run), which a reboot clears along with the pods' netns."""
+    sock = Path(socket_path)
+    return sock.with_name(sock.name + ".pods.json")
 
 
 def build_redirector(args: argparse.Namespace) -> Redirector | None:
@@ -297,17 +291,9 @@ class Ztunnel:
             bg.append(tg.create_task(ids.run()))
 
             redirector = await asyncio.to_thread(build_redirector, args)
-            manager = WorkloadManager(node, redirector, refresh=refresh)
+            state = enrol_state_path(args.enrol_socket) if args.enrol_socket else None
+            manager = WorkloadManager(node, redirector, refresh=refresh, state_path=state)
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
-            if args.existing_pods == "discover" or (
-                args.existing_pods == "auto" and args.kube and args.enrol_socket
-            ):
-                from functools import partial
-
-                from ztunnel.existing import ExistingPods, find_sandbox
-
-                finder = partial(find_sandbox, cgroup_root=args.cgroup_root)
-                bg.append(tg.create_task(ExistingPods(manager, find=finder).run(self.store)))
 
             loop = asyncio.get_running_loop()
             self.servers.append(
@@ -330,6 +316,14 @@ class Ztunnel:
             if args.enrol_socket:
                 enrol = EnrolServer(args.enrol_socket, manager)
                 await enrol.start()
+                await manager.restore()  # before readiness: pods from a previous run first
+                if args.kube:
+                    # pods that were running before the install: no CNI ADD will come for them
+                    from ztunnel.discover import Discoverer
+
+                    disc = Discoverer(manager)
+                    await disc.sweep(self.store.current)
+                    bg.append(tg.create_task(disc.run(self.store.subscribe)))
 
             routes = admin_routes(
                 lambda: self.store.current,
@@ -385,26 +379,16 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-def check_args(args: argparse.Namespace) -> str | None:
-    """A usage error argparse cannot express, or None (also used by the manifest tests)."""
-    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
-        return CA_USAGE
-    if args.ca_dir and (args.ca_bundle or args.node_cert or args.ca_token):
-        return "--ca-bundle, --node-cert and --ca-token apply to --ca only"
-    if args.stream_cap < 1:
-        return "--stream-cap must be >= 1"
-    if args.redirect == "none" and (args.bpf_pin_root or args.bpf_cgroup):
-        return "--bpf-pin-root and --bpf-cgroup apply to --redirect bpf only"
-    if args.kubeconfig and not args.kube:
-        return "--kubeconfig applies to --kube only"
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = check_args(args)
-    if problem is not None:
-        print(f"ztunnel: {problem}", file=sys.stderr)
+    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
+        print(
+            "ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token FILE",
+            file=sys.stderr,
+        )
+        return 2
+    if args.stream_cap < 1:
+        print("ztunnel: --stream-cap must be >= 1", file=sys.stderr)
         return 2
     try:
         args.ktls_enabled = ktls.resolve(args.ktls)

@@ -1,4 +1,5 @@
-"""The lab's built-in app: an HTTP/1.1 echo that reports who called it, or a raw TCP echo.
+"""The lab's built-in app: an HTTP echo (HTTP/1.1, or h2c with prior knowledge) that reports
+who called it, or a raw TCP echo.
 
 Manifests need no image: a pod runs `python -m mesh.apps.echo`, and every answer says which
 address the caller came from (as the kernel reports it to the app), which pod answered, and
@@ -6,6 +7,8 @@ what the request looked like. That is what the demo and the end-to-end tests ass
 peer address shows whether traffic went through the mesh, the pod name shows load balancing.
 
 One asyncio Protocol per connection, httptools for parsing, keep-alive; no per-request logging.
+A connection that opens with the HTTP/2 preface is served by `h2` instead (the benchmarks
+compare HTTP/1.1 with HTTP/2 through each mesh, so the app must speak both on one port).
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ import sys
 from collections.abc import Sequence
 from typing import cast
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import httptools
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_WINDOW = 16 * 1024 * 1024  # large windows: a 16 KiB-body benchmark must not stall on them
 
 
 def _fmt(addr: object) -> str:
@@ -33,11 +43,13 @@ class HttpEcho(asyncio.Protocol):
 
     __slots__ = (
         "_body_len",
+        "_h2",
         "_headers",
         "_ident",
         "_local",
         "_parser",
         "_peer",
+        "_sniff",
         "_transport",
         "_url",
     )
@@ -51,6 +63,8 @@ class HttpEcho(asyncio.Protocol):
         self._body_len = 0
         self._peer = ""
         self._local = ""
+        self._sniff: bytes | None = b""  # first bytes until HTTP/1 vs HTTP/2 is decided
+        self._h2: H2Echo | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only compatible
@@ -59,6 +73,20 @@ class HttpEcho(asyncio.Protocol):
         self._local = _fmt(t.get_extra_info("sockname"))
 
     def data_received(self, data: bytes) -> None:
+        if self._h2 is not None:
+            self._h2.feed(data)
+            return
+        if self._sniff is not None:
+            data = self._sniff + data
+            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                self._sniff = data  # could still be either: wait for more
+                return
+            self._sniff = None
+            if data.startswith(H2_PREFACE):
+                assert self._transport is not None
+                self._h2 = H2Echo(self._transport, self._ident, self._peer, self._local)
+                self._h2.feed(data)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -114,6 +142,82 @@ class HttpEcho(asyncio.Protocol):
         t.write(head_bytes if head else head_bytes + payload)
         if close:
             t.close()
+
+
+class H2Echo:
+    """The same answers over h2c: one JSON reply per stream once its request has ended."""
+
+    __slots__ = ("_conn", "_ident", "_local", "_peer", "_streams", "_transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, ident: dict[str, str], peer: str, local: str
+    ) -> None:
+        self._transport = transport
+        self._ident = ident
+        self._peer = peer
+        self._local = local
+        self._streams: dict[int, tuple[dict[str, str], int]] = {}
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self._conn = h2.connection.H2Connection(cfg)
+        self._conn.local_settings.initial_window_size = H2_WINDOW
+        self._conn.initiate_connection()
+        self._conn.increment_flow_control_window(H2_WINDOW)
+
+    def feed(self, data: bytes) -> None:
+        conn = self._conn
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._transport.write(conn.data_to_send())
+            self._transport.close()
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                self._streams[ev.stream_id] = ({str(k): str(v) for k, v in ev.headers}, 0)
+            elif isinstance(ev, h2.events.DataReceived):
+                if ev.flow_controlled_length:
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                headers, n = self._streams.get(ev.stream_id, ({}, 0))
+                self._streams[ev.stream_id] = (headers, n + len(ev.data))
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in self._streams:
+                self._answer(ev.stream_id)
+            elif isinstance(ev, h2.events.StreamReset):
+                self._streams.pop(ev.stream_id, None)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self._transport.write(conn.data_to_send())
+                self._transport.close()
+                return
+        out = conn.data_to_send()
+        if out:
+            self._transport.write(out)
+
+    def _answer(self, stream_id: int) -> None:
+        headers, n = self._streams.pop(stream_id, ({}, 0))
+        method = headers.get(":method", "GET")
+        body = {
+            "pod": self._ident["pod"],
+            "namespace": self._ident["namespace"],
+            "peer": self._peer,
+            "local": self._local,
+            "method": method,
+            "path": headers.get(":path", ""),
+            "headers": {k: v for k, v in headers.items() if not k.startswith(":")},
+            "body_bytes": n,
+            "protocol": "h2",
+        }
+        payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        self._conn.send_headers(
+            stream_id,
+            [
+                (":status", "200"),
+                ("content-type", "application/json"),
+                ("content-length", str(len(payload))),
+            ],
+            end_stream=method == "HEAD",
+        )
+        if method != "HEAD":
+            # answers are a few hundred bytes: far inside the peer's smallest legal window
+            self._conn.send_data(stream_id, payload, end_stream=True)
 
 
 class TcpEcho(asyncio.Protocol):

@@ -25,6 +25,15 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from mesh.hbone.frames import (
+    CLIENT_PREFACE,
+    FLOW_CONTROL_ERROR,
+    MAX_WINDOW,
+    FrameError,
+    FrameReader,
+    data_header,
+    window_update,
+)
 from mesh.stream import EndpointBase
 from mesh.tls import PeerIdentityError, check_identity, peer_identity
 
@@ -35,6 +44,11 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 256 * 1024  # what we accept; what we send is bounded by the peer's setting
 SEND_HIGH_WATER = 1 << 20
 SEND_LOW_WATER = 1 << 18
+# Credit for received DATA is returned in batches (one WINDOW_UPDATE per quarter window), not
+# per frame: a 1 KiB request then costs no extra frame and no extra TLS record.
+STREAM_UPDATE_AT = STREAM_WINDOW // 4
+WRITELINES_AT = 1 << 16
+CONNECTION_UPDATE_AT = CONNECTION_WINDOW // 4
 # Sent by a waypoint to the destination's ztunnel: the SPIFFE ID of the caller it acts for.
 # The receiver believes it only when the TLS peer is a waypoint serving that destination.
 SOURCE_PRINCIPAL_HEADER = "x-ambientmesh-source-principal"
@@ -63,22 +77,51 @@ class HboneStream(EndpointBase):
         self._peer_paused = False  # we asked the peer to stop (our send queue is full)
         self._ended_in = False
         self._ended_out = False
+        # The lean DATA path (mesh.hbone.frames): h2 never sees this stream's DATA or
+        # WINDOW_UPDATE frames once it is established, so its windows are kept here.
+        self._fast_in = not conn.client_side  # client: once the 200 response arrived
+        self._send_window = conn.h2.remote_settings.initial_window_size
+        self._credit = 0  # received bytes not yet credited back to the peer
         self.response: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
             asyncio.get_running_loop().create_future()
         )
 
     # -- events from the connection ---------------------------------------------------------
 
+    def _on_fast_data(self, data: memoryview) -> None:
+        """Payload from the lean path: zero-copy slices of what TLS gave us."""
+        n = len(data)
+        self._recv += n
+        if self._peer is not None:
+            self._peer.write(data)
+        else:
+            self._early.append(bytes(data))
+        if self._paused:
+            self._unacked += n
+        else:
+            self._credit_back(n)
+
+    def _credit_back(self, n: int) -> None:
+        conn = self.conn
+        self._credit += n
+        if self._credit >= STREAM_UPDATE_AT:
+            conn._emit(window_update(self.stream_id, self._credit))
+            self._credit = 0
+        conn._credit += n
+        if conn._credit >= CONNECTION_UPDATE_AT:
+            conn._emit(window_update(0, conn._credit))
+            conn._credit = 0
+
     def _on_data(self, data: bytes, flow_len: int) -> None:
+        """DATA that h2 parsed (END_STREAM, padded, or before the stream was established).
+        Acknowledged to h2 at once, paused or not: h2 keeps its own windows for these, and
+        they are the last frame of a stream or precede its first bytes."""
         self._recv += len(data)
         if self._peer is not None:
             self._peer.write(data)
         else:
             self._early.append(data)
-        if self._paused:
-            self._unacked += flow_len
-        else:
-            self.conn._ack(self.stream_id, flow_len)
+        self.conn._ack(self.stream_id, flow_len)
 
     def _on_end(self) -> None:
         self._ended_in = True
@@ -108,29 +151,20 @@ class HboneStream(EndpointBase):
 
     def _drain(self) -> None:
         """Send what the peer's windows allow; called on writes and on WINDOW_UPDATE."""
-        h2c = self.conn.h2
+        conn = self.conn
+        max_frame = conn.h2.max_outbound_frame_size
         while self._pending:
             chunk = self._pending[0]
-            try:
-                window = h2c.local_flow_control_window(self.stream_id)
-                if window <= 0:
-                    break
-                n = min(window, h2c.max_outbound_frame_size, len(chunk))
-                whole = n == len(chunk) and isinstance(chunk.obj, bytes) and len(chunk.obj) == n
-                # A whole received chunk goes out without a copy.
-                h2c.send_data(
-                    self.stream_id, cast(bytes, chunk.obj) if whole else chunk[:n].tobytes()
-                )
-            except h2.exceptions.ProtocolError:  # stream or connection already closed
-                self._pending.clear()
-                self._pending_bytes = 0
-                return
-            self._sent += n
-            self._pending_bytes -= n
+            n = min(self._send_window, conn._send_window, max_frame, len(chunk))
+            if n <= 0:
+                break
             if n == len(chunk):
                 self._pending.pop(0)
             else:
                 self._pending[0] = chunk[n:]
+                chunk = chunk[:n]
+            conn._send_data(self, chunk)
+            self._pending_bytes -= n
         if not self._pending and self._eof_pending:
             self._eof_pending = False
             self._end_out()
@@ -149,10 +183,22 @@ class HboneStream(EndpointBase):
     # -- Endpoint --------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._done.done() or self._ended_out or not data:
+        if self._ended_out or self._done.done() or not data:
             return
-        self._pending.append(memoryview(data if isinstance(data, bytes) else bytes(data)))
-        self._pending_bytes += len(data)
+        if not isinstance(data, bytes):  # output is joined later: never keep a mutable buffer
+            data = bytes(data)
+        n = len(data)
+        conn = self.conn
+        if (
+            not self._pending
+            and n <= self._send_window
+            and n <= conn._send_window
+            and n <= conn.h2.max_outbound_frame_size
+        ):
+            conn._send_data(self, data)  # the common case: one frame, no queue
+            return
+        self._pending.append(memoryview(data))
+        self._pending_bytes += n
         self._drain()
         if self._pending_bytes > SEND_HIGH_WATER and not self._peer_paused and self._peer:
             self._peer_paused = True
@@ -180,8 +226,9 @@ class HboneStream(EndpointBase):
     def resume_reading(self) -> None:
         self._paused = False
         if self._unacked:
-            self.conn._ack(self.stream_id, self._unacked)
+            self._credit_back(self._unacked)
             self._unacked = 0
+            self.conn._schedule_flush()
 
 
 @dataclass
@@ -235,6 +282,12 @@ class HboneConnection(asyncio.Protocol):
         self.peer_address: tuple[str, int] | None = None
         self._streams: dict[int, HboneStream] = {}
         self._flush_scheduled = False
+        self._out: list[bytes | memoryview] = []  # lean-path frames, after h2's earlier output
+        self._send_window = 65535  # the peer's connection window for our DATA
+        self._credit = 0  # connection-level credit not yet returned
+        self._reader: FrameReader[HboneStream] = FrameReader(
+            self, max_frame=MAX_FRAME, preface=0 if client_side else len(CLIENT_PREFACE)
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -270,6 +323,10 @@ class HboneConnection(asyncio.Protocol):
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
             }
         )
+        # ...but h2 raises its inbound frame limit only on the receive_data call *after* the
+        # ACK, so a peer sending the ACK and a large frame in one write would get
+        # FRAME_SIZE_ERROR. We advertised the size: accept it from the start.
+        self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
         if not self.ready.done():
@@ -277,16 +334,75 @@ class HboneConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            self._reader.feed(data)
+        except (h2.exceptions.ProtocolError, FrameError) as exc:
             log.warning("hbone: protocol error from %s: %s", self.peer_address, exc)
+            if isinstance(exc, FrameError):  # found by the lean path: h2 has not said GOAWAY
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.close_connection(exc.code)
             self._flush()
             if self.transport:
                 self.transport.close()
             return
-        for ev in events:
-            self._dispatch(ev)
         self._flush()
+
+    # -- FrameSink: the lean path's callbacks (mesh.hbone.frames) ---------------------------
+
+    def fast_stream(self, stream_id: int) -> HboneStream | None:
+        st = self._streams.get(stream_id)
+        if st is not None and st._fast_in and not st._ended_in:
+            return st
+        return None
+
+    def on_data(self, stream: HboneStream, data: memoryview) -> None:
+        if stream._done.done():  # reset meanwhile: the bytes still used connection window
+            self._credit += len(data)
+            return
+        stream._on_fast_data(data)
+        if stream._unacked > STREAM_WINDOW:  # what a paused stream holds stays bounded
+            raise FrameError("DATA beyond the stream's flow-control window", FLOW_CONTROL_ERROR)
+
+    def on_window_update(self, stream_id: int, increment: int) -> bool:
+        if not increment:
+            return False  # h2 answers the protocol error
+        if stream_id == 0:
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise FrameError("connection window above 2^31-1", FLOW_CONTROL_ERROR)
+            for waiting in list(self._streams.values()):
+                if waiting._pending:
+                    waiting._drain()
+            return True
+        st = self._streams.get(stream_id)
+        if st is None:
+            return False  # not ours (closed, idle): h2 knows what that means
+        st._send_window += increment
+        if st._send_window > MAX_WINDOW:
+            st.abort()  # a stream error: reset this stream only
+            return True
+        if st._pending:
+            st._drain()
+        return True
+
+    def on_frames(self, data: bytes) -> None:
+        for ev in self.h2.receive_data(data):
+            self._dispatch(ev)
+
+    def _emit(self, frame: bytes | memoryview) -> None:
+        """Queue lean-path output behind whatever h2 has produced so far."""
+        pending = self.h2.data_to_send()
+        if pending:
+            self._out.append(pending)
+        self._out.append(frame)
+        self._schedule_flush()
+
+    def _send_data(self, stream: HboneStream, data: bytes | memoryview) -> None:
+        n = len(data)
+        stream._send_window -= n
+        self._send_window -= n
+        stream._sent += n
+        self._emit(data_header(stream.stream_id, n))
+        self._out.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for s in list(self._streams.values()):
@@ -301,20 +417,20 @@ class HboneConnection(asyncio.Protocol):
     # -- h2 events -------------------------------------------------------------------------
 
     def _dispatch(self, ev: Any) -> None:
-        if isinstance(ev, h2.events.DataReceived):
+        if isinstance(ev, h2.events.RemoteSettingsChanged):
+            changed = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if changed is not None and changed.original_value is not None:
+                delta = changed.new_value - changed.original_value
+                for st in list(self._streams.values()):
+                    st._send_window += delta
+                    if delta > 0 and st._pending:
+                        st._drain()
+        elif isinstance(ev, h2.events.DataReceived):
             s = self._streams.get(ev.stream_id)
             if s is not None:
                 s._on_data(ev.data, ev.flow_controlled_length)
             else:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-        elif isinstance(ev, h2.events.WindowUpdated):
-            if ev.stream_id:
-                s = self._streams.get(ev.stream_id)
-                if s is not None:
-                    s._drain()
-            else:
-                for s in list(self._streams.values()):
-                    s._drain()
         elif isinstance(ev, h2.events.StreamEnded):
             s = self._streams.get(ev.stream_id)
             if s is not None:
@@ -330,6 +446,7 @@ class HboneConnection(asyncio.Protocol):
             if s is not None and not s.response.done():
                 hdrs = [(str(k), str(v)) for k, v in ev.headers]
                 status = int(dict(hdrs).get(":status", "0"))
+                s._fast_in = status == 200
                 s.response.set_result((status, hdrs))
         elif isinstance(ev, h2.events.ConnectionTerminated) and self.transport:
             self.transport.close()
@@ -388,10 +505,24 @@ class HboneConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """One write per event-loop turn: all frames, as one buffer, so TLS makes full-size
+        records instead of one per frame header."""
         self._flush_scheduled = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        out = self._out
+        t = self.transport
+        if out:
+            if data:
+                out.append(data)
+            self._out = []
+            if t is None or t.is_closing():
+                return
+            if len(out) > 2 and len(out[1]) >= WRITELINES_AT:
+                t.writelines(out)  # big payloads: no join copy; a header is a tiny record
+            else:
+                t.write(b"".join(out))
+        elif data and t is not None and not t.is_closing():
+            t.write(data)
 
     def _stream_finished(self) -> None:
         if not self._streams and self.on_idle is not None:

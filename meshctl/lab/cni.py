@@ -4,6 +4,11 @@ The plugin binary runs inside the node's netns (so the `cni0` bridge and the hos
 live in the node, not on the host), with CNI_COMMAND/CNI_CONTAINERID/CNI_NETNS/CNI_IFNAME/
 CNI_PATH in its environment and the network config on stdin; its JSON result on stdout carries
 the pod's address. host-local keeps its leases in a lab-owned dataDir that `lab down` removes.
+
+In the enrol capture mode the chain ends with our own plugin, `ambientmesh-cni` (ztunnel.cni),
+exactly as the installer chains it on a Kubernetes node: it gets the bridge's result as
+`prevResult` and the pod's name in `CNI_ARGS`, and asks the node's ztunnel to enrol the pod.
+The lab installs it into a lab-owned bin dir placed before the reference plugins in CNI_PATH.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from meshctl.lab.names import CNI_PATH, NODE_BRIDGE, netns_path
@@ -44,6 +51,44 @@ def bridge_config(lab: str, subnet: str, data_dir: str) -> dict[str, Any]:
     }
 
 
+MESH_PLUGIN = "ambientmesh-cni"
+
+
+def install_mesh_plugin(bin_dir: Path) -> str:
+    """Put `ambientmesh-cni` in `bin_dir` (this tree's code, run by this interpreter, since the
+    runtime gives plugins a bare environment); returns the CNI_PATH with it first."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[2]
+    exe = bin_dir / MESH_PLUGIN
+    exe.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m ztunnel.cni "$@"\n')
+    exe.chmod(0o755)
+    return f"{bin_dir}:{CNI_PATH}"
+
+
+def mesh_config(lab: str, enrol_socket: Path, log_file: Path) -> dict[str, Any]:
+    """The chained entry, with the keys the installer writes on a node."""
+    return {
+        "cniVersion": CNI_VERSION,
+        "name": f"{lab}-pods",
+        "type": MESH_PLUGIN,
+        "enrolSocket": str(enrol_socket),
+        "timeoutSeconds": 15,
+        "excludeNamespaces": [],
+        "logFile": str(log_file),
+    }
+
+
+def _find(cni_path: str, plugin_type: str) -> str:
+    for d in cni_path.split(":"):
+        exe = os.path.join(d, plugin_type)
+        if os.access(exe, os.X_OK):
+            return exe
+    raise LabError(
+        f"CNI plugin {plugin_type} not in {cni_path}; "
+        "fix: apt-get install -y containernetworking-plugins"
+    )
+
+
 def invoke(
     command: str,
     config: Mapping[str, Any],
@@ -53,12 +98,9 @@ def invoke(
     pod_netns: str,
     ifname: str = "eth0",
     cni_path: str = CNI_PATH,
+    cni_args: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    plugin = os.path.join(cni_path, str(config["type"]))
-    if not os.access(plugin, os.X_OK):
-        raise LabError(
-            f"CNI plugin {plugin} missing; fix: apt-get install -y containernetworking-plugins"
-        )
+    plugin = _find(cni_path, str(config["type"]))
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "CNI_COMMAND": command,
@@ -67,6 +109,8 @@ def invoke(
         "CNI_IFNAME": ifname,
         "CNI_PATH": cni_path,
     }
+    if cni_args:
+        env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in cni_args.items())
     res = subprocess.run(
         ["nsenter", f"--net={netns_path(node_netns)}", plugin],
         input=json.dumps(config),

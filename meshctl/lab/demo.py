@@ -185,6 +185,11 @@ def run_demo(lab: Lab, manifest: Path, *, keep: bool = False) -> int:
             for line in o.client_output.splitlines()[:3]:
                 print(f"    {line}")
         bad = [o for o in outcomes if not o.as_expected]
+        from meshctl.lab.waypoint_demo import run_all as run_waypoint_splits
+
+        if not run_waypoint_splits(lab):  # HTTPRoute splits through waypoints, if any
+            print("\na weighted split through a waypoint did not match its weights")
+            return 1
         if bad:
             print(f"\n{len(bad)} flow(s) did not behave as expected:")
             for o in bad:

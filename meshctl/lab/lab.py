@@ -250,12 +250,12 @@ class Lab:
 
         if self.mesh:
             self._start_mesh(snap)
+            if self.capture == "enrol":
+                for pod in snap.pods:  # every pod: ztunnel decides who is in the mesh
+                    self._cni_mesh_add(pod.namespace, pod.name)
+                self._report_enrolled()
         for pod in snap.pods:
             self._start_pod(snap, pod.namespace, pod.name)
-        if self.mesh:
-            for pod in snap.pods:
-                if snap.is_ambient(pod):
-                    self._enrol(pod.namespace, pod.name, add=True)
         self._record_pods(snap)
         self.out(self.pods_table(snap))
         return snap
@@ -408,6 +408,40 @@ class Lab:
                 last = exc
                 time.sleep(0.1)
         raise LabError(f"ztunnel {node} not ready after {timeout:.0f}s: {last}")
+
+    def _cni_mesh_add(self, namespace: str, name: str) -> None:
+        """The chain's last step, `ambientmesh-cni` ADD with the bridge's result as prevResult,
+        as the runtime runs it on a node. (The lab runs it once the node's ztunnel is up: it
+        needs pod IPs, from the earlier steps, to write ztunnel's config.)"""
+        p, st = self.paths, self.state
+        key = f"{namespace}/{name}"
+        rec = next(r for r in st.cni if r.pod == key)
+        pod = st.pods[key]
+        rec.cni_path = cni.install_mesh_plugin(p.cni_bin_dir)
+        # as the kubelet's runtime passes them (IgnoreUnknown: the reference plugins get the
+        # same CNI_ARGS on DEL and must not refuse keys meant for another plugin)
+        rec.args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": name,
+                    "AMBIENT_CGROUP": str(pod["cgroup"])}  # fmt: skip
+        conf = cni.mesh_config(p.lab, p.enrol_socket(rec.node), p.state_dir / "cni.log")
+        conf["prevResult"] = rec.results[-1]
+        rec.configs.append({k: v for k, v in conf.items() if k != "prevResult"})
+        st.save()
+        result = cni.invoke(
+            "ADD", conf, node_netns=p.node_netns(rec.node), container_id=rec.container_id,
+            pod_netns=rec.netns, cni_path=rec.cni_path, cni_args=rec.args,
+        )  # fmt: skip
+        rec.results.append(result)
+        st.save()
+        self.out(f"CNI ADD {cni.MESH_PLUGIN} {key}")
+
+    def _report_enrolled(self) -> None:
+        """What each ztunnel says it enrolled (its own answer, not the lab's expectation)."""
+        for node in self.state.nodes:
+            reply = enrol_request(self.paths.enrol_socket(node), {"op": "list"})
+            for pod in reply.get("pods", []):
+                if pod.get("enrolled"):
+                    listeners = ", ".join(pod.get("listeners", []))
+                    self.out(f"enrolled {pod['pod']} on {node}: listening on {listeners}")
 
     def _enrol(self, namespace: str, name: str, *, add: bool) -> None:
         st = self.state
@@ -607,6 +641,7 @@ class Lab:
                         lambda c=conf, r=res, rec=rec, n=node_ns: cni.invoke(  # type: ignore[misc]
                             "DEL", cni.del_config(c, r), node_netns=n,
                             container_id=rec.container_id, pod_netns=rec.netns,
+                            cni_path=rec.cni_path, cni_args=rec.args,
                         ),
                     )  # fmt: skip
         names = set(netns_list(p.prefix)) | set(st.netns if st else [])
@@ -625,6 +660,12 @@ class Lab:
         step("state dir", lambda: shutil.rmtree(p.state_dir, ignore_errors=True))
         if not problems:
             step("state file", lambda: p.state_file.unlink(missing_ok=True))
+        # the shared parents (/sys/fs/bpf/ambientmesh, the cgroup, /run/ambientmesh) go with
+        # the last lab: rmdir removes only an empty directory, so another lab's stay
+        for parent in (p.lab_pins.parent, p.lab_cgroup.parent, p.state_file.parent,
+                       p.state_dir.parent):  # fmt: skip
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         self._state = None
         for pr in problems:
             self.out(f"warning: {pr}")

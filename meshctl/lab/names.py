@@ -76,6 +76,10 @@ class LabPaths:
     def cni_cache_dir(self) -> Path:
         return self.state_dir / "cni-results"
 
+    @property
+    def cni_bin_dir(self) -> Path:
+        return self.state_dir / "cni-bin"
+
     def enrol_socket(self, node: str) -> Path:
         return self.state_dir / f"enrol-{node}.sock"
 

@@ -31,6 +31,8 @@ class CniRecord:
     netns: str
     configs: list[dict[str, Any]]  # as passed to ADD, in order; DEL runs them reversed
     results: list[dict[str, Any]] = field(default_factory=list)
+    cni_path: str = "/usr/lib/cni"
+    args: dict[str, str] = field(default_factory=dict)  # CNI_ARGS (K8S_POD_*, AMBIENT_CGROUP)
 
 
 @dataclass(slots=True)

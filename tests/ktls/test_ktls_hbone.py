@@ -8,12 +8,14 @@ import asyncio
 import hashlib
 import os
 
+from meshkit import VIP, echo
+from meshkit import two_nodes as manifest
+
 from certs.ca import CertificateAuthority
 from mesh import ktls
 from mesh.config.parse import parse_objects
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
-from tests.integration.ztunnel.test_two_nodes import VIP, echo, manifest
 from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
 
 

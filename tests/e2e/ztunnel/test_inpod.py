@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshkit import sample
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
@@ -220,14 +221,6 @@ async def talk_from(netns: str, host: str, port: int, payload: bytes) -> bytes:
         data = b""
     writer.close()
     return data
-
-
-def sample(metrics: MeshMetrics, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in metrics.exposition().decode().splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_vip_connect_from_pod_tunnels_through_in_pod_listeners(mesh: Mesh) -> None:

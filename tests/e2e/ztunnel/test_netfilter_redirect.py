@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent(
     """
     import asyncio, sys, tempfile
     from pathlib import Path
-    sys.path.insert(0, sys.argv[1])
-    from tests.integration.ztunnel.test_two_nodes import manifest, echo, VIP
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from meshkit import two_nodes as manifest, echo, VIP
     from certs.ca import CertificateAuthority
     from mesh.config.parse import parse_objects
     from mesh.hbone import serve

@@ -108,3 +108,60 @@ def test_client_exit_status_and_lines_against_real_process() -> None:
     finally:
         echo.terminate()
         echo.wait(10)
+
+
+async def h2_exchange(port: int, chunks: list[bytes], body: bytes) -> dict[str, object]:
+    """One h2c request with prior knowledge; the client's first bytes go in `chunks` pieces."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid,
+        [(":method", "POST"), (":path", "/h2"), (":scheme", "http"), (":authority", "t"),
+         ("x-trace", "9")],
+    )  # fmt: skip
+    for i in range(0, len(body), 16384):  # the default largest frame
+        conn.send_data(sid, body[i : i + 16384], end_stream=i + 16384 >= len(body))
+    first = conn.data_to_send()
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    cut = 0
+    for n in chunks:
+        w.write(first[cut : cut + n])
+        await w.drain()
+        await asyncio.sleep(0.05)  # the server sees each piece on its own
+        cut += n
+    w.write(first[cut:])
+    status, data = "", b""
+    ended = False
+    while not ended:
+        raw = await asyncio.wait_for(r.read(65536), 5)
+        assert raw, "server closed the connection"
+        for ev in conn.receive_data(raw):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = dict(ev.headers)[b":status"].decode()
+            elif isinstance(ev, h2.events.DataReceived):
+                data += ev.data
+            elif isinstance(ev, h2.events.StreamEnded):
+                ended = True
+        w.write(conn.data_to_send())
+    w.close()
+    answer: dict[str, object] = json.loads(data)
+    answer["status"] = status
+    return answer
+
+
+async def test_h2c_prior_knowledge_on_the_same_port(http_port: int) -> None:
+    a = await h2_exchange(http_port, [], b"x" * 20000)
+    assert a["status"] == "200" and a["protocol"] == "h2"
+    assert a["method"] == "POST" and a["path"] == "/h2" and a["body_bytes"] == 20000
+    assert a["headers"] == {"x-trace": "9"}
+
+
+async def test_h2_preface_split_across_reads_is_still_h2(http_port: int) -> None:
+    # "P", then "RI * HTTP/2", then the rest: undecided until the preface is whole
+    a = await h2_exchange(http_port, [1, 10], b"abc")
+    assert a["protocol"] == "h2" and a["body_bytes"] == 3

@@ -28,6 +28,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "nodes"): ("Node", False),
     ("v1", "pods"): ("Pod", True),
     ("v1", "services"): ("Service", True),
+    ("v1", "configmaps"): ("ConfigMap", True),
     ("v1", "serviceaccounts"): ("ServiceAccount", True),
     ("discovery.k8s.io/v1", "endpointslices"): ("EndpointSlice", True),
     ("apps/v1", "deployments"): ("Deployment", True),

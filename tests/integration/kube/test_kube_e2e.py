@@ -142,7 +142,6 @@ async def test_ztunnel_with_token_serves_hbone_for_its_pod(
     )  # fmt: skip
     zt_proc = None
     try:
-        assert (await http_get(ca_ports["readiness"], "/healthz/ready"))[0] == 200
         zt_proc, zt = await start(
             "-m", "ztunnel", "--node", "node1", "--kube", "--kubeconfig", str(kcfg),
             "--trust-domain", TD, "--ca", f"127.0.0.1:{ca_ports['ca']}",
@@ -203,6 +202,3 @@ async def test_ztunnel_with_token_serves_hbone_for_its_pod(
             assert rc == 0, err[-3000:]
         rc, err = await stop(ca_proc)
     assert rc == 0, err[-3000:]
-    assert (
-        f"issued {node_id(TD, 'node1')} to ztunnel ambientmesh-system/ztunnel on node node1" in err
-    )

@@ -30,8 +30,16 @@ def gateway(
     }
 
 
+ROOT_PEM = "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n"
+
+
 @pytest.fixture
-async def controller(api_client: k8s.ApiClient) -> AsyncIterator[WaypointController]:
+async def controller(
+    apiserver: FakeApiServer, api_client: k8s.ApiClient
+) -> AsyncIterator[WaypointController]:
+    apiserver.put({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "ambientmesh-ca-root", "namespace": "ambientmesh-system"},
+                   "data": {"root-cert.pem": ROOT_PEM}})  # fmt: skip
     ctl = WaypointController(api_client, image=IMAGE, resync=0.3, debounce=0.02)
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(ctl.run())
@@ -131,3 +139,35 @@ async def test_resync_recreates_a_deleted_deployment(
     await until(lambda: apiserver.get("Deployment", "waypoint", "other"))
     apiserver.delete("Deployment", "waypoint", "other")
     await until(lambda: apiserver.get("Deployment", "waypoint", "other"))
+
+
+async def test_waypoint_gets_the_trust_bundle_and_a_token_for_the_ca(
+    apiserver: FakeApiServer, controller: WaypointController
+) -> None:
+    """A pod mounts ConfigMaps of its own namespace only: the bundle is copied beside the
+    waypoint, and the Deployment points the waypoint at the CA with a projected token."""
+    apiserver.put(gateway("waypoint"))
+    cm = await until(lambda: apiserver.get("ConfigMap", "waypoint-ca-root", "shop"))
+    assert cm["data"]["root-cert.pem"] == ROOT_PEM
+    dep = await until(lambda: apiserver.get("Deployment", "waypoint", "shop"))
+    pod = dep["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--ca") + 1] == "ambientmesh-ca.ambientmesh-system.svc:15012"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["ca-root"]["configMap"]["name"] == "waypoint-ca-root"
+    token = vols["ca-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "ambientmesh-ca"
+
+
+async def test_missing_bundle_is_reported_not_guessed(
+    apiserver: FakeApiServer, api_client: k8s.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctl = WaypointController(api_client, image=IMAGE, resync=0.3, debounce=0.02)
+    apiserver.put(gateway("waypoint"))
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(ctl.run())
+        try:
+            await until(lambda: any("ambientmesh-ca-root" in r.message for r in caplog.records))
+            assert apiserver.get("Deployment", "waypoint", "shop") is None
+        finally:
+            task.cancel()

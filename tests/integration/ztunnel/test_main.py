@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from certs.ca import CertificateAuthority
@@ -63,4 +65,39 @@ def test_bad_config_at_start_is_refused(tmp_path: Path) -> None:
     proc = start(tmp_path, CONFIG.replace("10.244.1.5", "10.244.1.500"))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
+    assert "Pod shop/web" in err and "status.podIP" in err
+
+
+def test_bad_update_while_serving_keeps_the_last_good_snapshot(tmp_path: Path) -> None:
+    """A broken edit is logged with object and field and changes nothing; the next good
+    edit applies live. The process never exits on bad config once it is serving."""
+    proc = start(tmp_path, CONFIG)
+    try:
+        assert proc.stdout is not None
+        ports = dict(kv.split("=") for kv in proc.stdout.readline().split()[1:])
+
+        def dump() -> str:
+            url = f"http://127.0.0.1:{ports['admin']}/config_dump"
+            return urllib.request.urlopen(url, timeout=10).read().decode()
+
+        def eventually(cond: Callable[[], bool]) -> bool:
+            for _ in range(100):
+                if cond():
+                    return True
+                time.sleep(0.1)
+            return False
+
+        (tmp_path / "mesh.yaml").write_text(
+            CONFIG.replace("10.244.1.5", "10.244.1.500")
+            + "---\n" + CONFIG.split("---")[1].replace("web", "db").replace("1.5", "1.7")
+        )  # fmt: skip
+        time.sleep(1.5)  # three polls
+        assert proc.poll() is None
+        assert "10.244.1.5" in dump() and '"db"' not in dump()
+        (tmp_path / "mesh.yaml").write_text(CONFIG.replace("10.244.1.5", "10.244.1.6"))
+        assert eventually(lambda: "10.244.1.6" in dump())
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
     assert "Pod shop/web" in err and "status.podIP" in err

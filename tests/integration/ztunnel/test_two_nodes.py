@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
+from meshkit import VIP, WEB, echo, sample, two_nodes
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
@@ -25,51 +25,7 @@ from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
 from ztunnel.proxy import Identities, InboundHbone, InboundPlaintext, Node, Outbound
 
-VIP = "10.96.0.10"
-WEB = "spiffe://cluster.local/ns/shop/sa/web"
-
-
-def manifest(echo_port: int, *, deny: bool = False, strict: bool = False) -> list[dict[str, Any]]:
-    amb = {"istio.io/dataplane-mode": "ambient"}
-    docs: list[dict[str, Any]] = [
-        {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"},
-         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}},
-        {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n2"},
-         "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]}},
-        {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": "shop", "labels": amb}},
-        {"kind": "Pod", "apiVersion": "v1",
-         "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
-         "spec": {"nodeName": "n1", "serviceAccountName": "web"},
-         "status": {"podIP": "127.0.0.1"}},
-        {"kind": "Pod", "apiVersion": "v1",
-         "metadata": {"name": "echo", "namespace": "shop", "labels": {"app": "echo"}},
-         "spec": {"nodeName": "n2", "serviceAccountName": "echo"},
-         "status": {"podIP": "127.0.0.3"}},
-        {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "echo", "namespace": "shop"},
-         "spec": {"clusterIP": VIP, "selector": {"app": "echo"},
-                  "ports": [{"port": 80, "targetPort": echo_port}]}},
-    ]  # fmt: skip
-    if deny:
-        docs.append(
-            {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-             "metadata": {"name": "no-web", "namespace": "shop"},
-             "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
-                      "rules": [{"from": [{"source": {"principals": [WEB[9:]]}}]}]}}
-        )  # fmt: skip
-    if strict:
-        docs.append(
-            {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-             "metadata": {"name": "strict", "namespace": "shop"},
-             "spec": {"mtls": {"mode": "STRICT"}}}
-        )  # fmt: skip
-    return docs
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(1 << 16):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
+manifest = two_nodes
 
 
 @dataclass
@@ -132,14 +88,6 @@ async def talk(host: str, port: int, payload: bytes) -> bytes:
         data = b""
     writer.close()
     return data
-
-
-def sample(metrics: MeshMetrics, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in metrics.exposition().decode().splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_service_call_crosses_nodes_over_mtls(lab: Lab) -> None:

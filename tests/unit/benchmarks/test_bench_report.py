@@ -1,0 +1,114 @@
+"""The report is arithmetic over measured results: percentiles, overhead against the no-mesh
+baseline, the ambient/sidecar ratios, and tables that show '-' where nothing was measured."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from benchmarks import report
+
+
+def run(proto: str, body: int, rate: float, p50: float, p99: float, rps: float) -> dict[str, Any]:
+    return {
+        "protocol": proto,
+        "body_size": body,
+        "target_rate": rate,
+        "achieved_rate": rps,
+        "completed": int(rps * 2),
+        "errors": 0,
+        "latency_ms": {"p50": p50, "p90": p50 * 1.5, "p99": p99, "p99.9": p99 * 2},
+        "cpu_per_1k_requests": 0.25,
+    }
+
+
+def results() -> dict[str, Any]:
+    return {
+        "meta": {"started": "20250101-000000", "machine": "box", "quick": True},
+        "modes": {
+            "nomesh": {
+                "status": "ok",
+                "title": "no mesh",
+                "runs": [run("http/1.1", 0, 1000.0, 0.5, 1.0, 1000), run("http/1.1", 0, 0, 0.6,
+                                                                            2.0, 20000)],
+            },
+            "sidecar": {
+                "status": "ok",
+                "title": "sidecar (Envoy)",
+                "runs": [run("http/1.1", 0, 1000.0, 1.2, 3.0, 1000)],
+                "cpu": {"per_1k_requests": 0.4},
+                "memory": {"2": {"total_kib": 4096, "per_pod_kib": 1024.0},
+                           "20": {"total_kib": 40960, "per_pod_kib": 1024.0}},
+                "startup": {"median_ms": 190.0, "what": "sidecar ready"},
+            },
+            "ambient": {
+                "status": "ok",
+                "title": "ambient L4 (ztunnel)",
+                "runs": [run("http/1.1", 0, 1000.0, 0.8, 2.0, 1000)],
+                "cpu": {"per_1k_requests": 0.3},
+                "memory": {"2": {"total_kib": 2048, "per_pod_kib": 512.0},
+                           "20": {"total_kib": 5120, "per_pod_kib": 128.0}},
+                "startup": {"median_ms": 8.0, "what": "enrol"},
+            },
+            "waypoint": {"status": "skipped", "reason": "no HBONE in the waypoint yet"},
+        },
+    }  # fmt: skip
+
+
+def test_nearest_rank_percentiles() -> None:
+    values = [float(v) for v in range(1, 1001)]
+    s = report.summary(values)
+    assert s["p50"] == 500.0 and s["p90"] == 900.0 and s["p99"] == 990.0 and s["p99.9"] == 999.0
+    assert report.percentile([3.0], 99.9) == 3.0
+    assert math.isnan(report.percentile([], 50))
+    with pytest.raises(ValueError, match="percentile 0"):
+        report.percentile([1.0], 0)
+    assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+
+
+def test_overhead_and_ratio_refuse_missing_baselines() -> None:
+    assert report.overhead(3.0, 1.0) == (2.0, 3.0)
+    assert report.overhead(3.0, None) is None
+    assert report.overhead(math.nan, 1.0) is None
+    assert report.ratio(1.0, 0.0) is None
+
+
+def test_summary_table_rows_and_overheads() -> None:
+    table = report.summary_table(results(), reference_rate=1000.0, densities=[2, 20])
+    lines = table.splitlines()
+    assert lines[0].startswith("| architecture") and "p99 overhead vs no mesh" in lines[0]
+    assert len(lines) == 2 + 3  # header, rule, three modes that ran (waypoint skipped)
+    nomesh, sidecar, ambient = lines[2], lines[3], lines[4]
+    assert "baseline" in nomesh and "20,000" in nomesh
+    assert "+2.00 ms (3.00x)" in sidecar and "0.400" in sidecar and "1.0 MiB" in sidecar
+    assert "+1.00 ms (2.00x)" in ambient and "0.125 MiB" not in ambient
+    assert "5.0 MiB" in ambient and "8.00" in ambient
+    # nothing measured -> "-", never 0: no max-rate run for the mesh modes here
+    assert ambient.split("|")[5].strip() == "-"
+
+
+def test_ratios_ambient_over_sidecar() -> None:
+    r = report.ratios(results(), reference_rate=1000.0, density=20)
+    assert r["p99_overhead"] == pytest.approx(1.0 / 2.0)
+    assert r["cpu_per_request"] == pytest.approx(0.3 / 0.4)
+    assert r["memory_per_pod"] == pytest.approx(128.0 / 1024.0)
+    res = results()
+    res["modes"]["ambient"]["runs"][0]["latency_ms"]["p99"] = 0.9  # below no mesh: noise
+    assert report.ratios(res, reference_rate=1000.0, density=20)["p99_overhead"] is None
+    del res["modes"]["sidecar"]
+    assert all(v is None for v in report.ratios(res, reference_rate=1000.0, density=20).values())
+
+
+def test_render_has_every_section_and_skip_reasons() -> None:
+    md = report.render(results(), reference_rate=1000.0, densities=[2, 20])
+    assert "ambient / sidecar: p99 overhead 0.50x, CPU per request 0.75x" in md
+    assert "## All latency runs" in md and "| nomesh | http/1.1 | 0 B" in md.replace("  ", " ")
+    assert "no HBONE in the waypoint yet" in md
+    assert "| max " in md.replace("  ", " ")
+
+
+def test_markdown_pads_columns() -> None:
+    t = report.markdown([["a", "bb"], ["ccc", "d"]])
+    assert t.splitlines() == ["| a   | bb |", "|-----|----|", "| ccc | d  |"]

@@ -1,0 +1,555 @@
+"""HTTP/1.1 on a wire, both ends: `H1Server` (downstream) and `H1Client` (upstream).
+
+httptools (llhttp) parses in callbacks as bytes arrive; bodies stream through `Body` queues
+chunk by chunk, framed on output as Content-Length when the length is known and chunked
+otherwise (with trailers, which gRPC-over-HTTP/1.1 bridges and some APIs use). Requests on
+one connection are answered in order (pipelined ones wait in a queue; their bodies are bounded
+like any other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httptools
+
+from waypoint.wire import (
+    HIGH_WATER,
+    LOW_WATER,
+    Body,
+    ExchangeState,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    StreamReset,
+    WireConn,
+    content_length,
+    end_to_end,
+)
+
+log = logging.getLogger("waypoint.h1")
+
+REASONS = {
+    100: "Continue",
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+MAX_HEAD = 64 * 1024
+MAX_QUEUED = 16  # pipelined requests waiting for their turn before we stop reading
+
+
+def _no_body(status: int, method: str) -> bool:
+    return method == "HEAD" or 100 <= status < 200 or status in (204, 304)
+
+
+def _head_bytes(first: str, headers: Headers, extra: list[str]) -> bytes:
+    parts = [first]
+    parts.extend(f"{k}: {v}" for k, v in headers)
+    parts.extend(extra)
+    return ("\r\n".join(parts) + "\r\n\r\n").encode("latin-1")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def _last_chunk(trailers: Headers | None) -> bytes:
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in trailers).encode("latin-1") + b"\r\n"
+
+
+class _Parse:
+    """Collects httptools header callbacks (trailers too: llhttp reports them after the body)."""
+
+    __slots__ = ("head_bytes", "headers", "in_trailers", "trailers", "url")
+
+    def __init__(self) -> None:
+        self.url = bytearray()
+        self.headers: Headers = []
+        self.trailers: Headers = []
+        self.in_trailers = False
+        self.head_bytes = 0
+
+    def header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD:
+            raise StreamReset("header section too large")
+        pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
+        (self.trailers if self.in_trailers else self.headers).append(pair)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream
+
+
+class H1ServerExchange(ExchangeState):
+    """One request on an HTTP/1.1 connection and the response being written for it."""
+
+    protocol = "http/1.1"
+
+    def __init__(self, conn: H1Server, head: RequestHead, keep_alive: bool, http10: bool) -> None:
+        self.conn = conn
+        self.head = head
+        self.body = Body(conn._consumed)
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self._head_sent = False
+        self._chunked = False
+        self._no_body = False
+        self._sent = 0
+        self.finished = False
+
+    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
+        self._head_sent = True
+        extra: list[str] = []
+        hs = [(k, v) for k, v in head.headers if k != "content-length"]
+        length = content_length(head.headers)
+        self._no_body = _no_body(head.status, self.head.method)
+        if self._no_body:
+            if length is not None:
+                extra.append(f"content-length: {length}")  # HEAD/304 keep the real length
+            elif head.status not in (204, 304) and head.status >= 200:
+                extra.append("content-length: 0")
+        elif head.end_stream:
+            extra.append("content-length: 0")
+            self._no_body = True
+        elif length is not None:
+            extra.append(f"content-length: {length}")
+        elif self.http10:
+            self.keep_alive = False  # close-delimited
+        else:
+            self._chunked = True
+            extra.append("transfer-encoding: chunked")
+        if not self.body.ended:
+            # The rest of an unread request body would be parsed as the next request.
+            self.keep_alive = False
+        if not self.keep_alive:
+            extra.append("connection: close")
+        reason = REASONS.get(head.status, "Status")
+        out = _head_bytes(f"HTTP/1.1 {head.status} {reason}", hs, extra)
+        if first and not self._no_body:
+            self._sent += len(first)
+            out += _chunk(first) if self._chunked else first
+        self.conn.send(out)
+        await self.conn.drain()
+
+    async def send_data(self, data: bytes) -> None:
+        if self._no_body or not data:
+            return
+        self._sent += len(data)
+        self.conn.send(_chunk(data) if self._chunked else data)
+        await self.conn.drain()
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._chunked:
+            self.conn.send(_last_chunk(trailers))
+        await self.conn.drain()
+
+    def reset(self) -> None:
+        self.finished = True
+        self.keep_alive = False
+        self.conn.close_wire(abort=True)
+
+
+Handler = Callable[["H1ServerExchange"], Awaitable[None]]
+
+
+class H1Server(WireConn):
+    """A downstream HTTP/1.1 connection: parses requests, runs `handler` for each in order."""
+
+    def __init__(self, handler: Callable[[H1ServerExchange], Awaitable[None]]) -> None:
+        super().__init__()
+        self.handler = handler
+        self._parser = httptools.HttpRequestParser(self)
+        self._p = _Parse()
+        self._cur: H1ServerExchange | None = None
+        self._queue: deque[H1ServerExchange] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused = False
+        self.error: str | None = None
+
+    # -- wire ------------------------------------------------------------------------------
+
+    def data_from_wire(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._bad("protocol upgrade is not supported")
+        except (httptools.HttpParserError, StreamReset, ValueError) as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, StreamReset) else exc
+            self._bad(str(cause))
+
+    def eof_from_wire(self) -> None:
+        self._eof = True
+        if self._cur is not None:
+            self._cur.body.fail(StreamReset("client closed before the request ended"))
+        self._kick()
+
+    def wire_lost(self) -> None:
+        self._eof = True
+        self.closed = True
+        if self._cur is not None:
+            self._cur.body.fail(StreamReset("client connection reset"))
+        for ex in self._queue:
+            ex.body.fail(StreamReset("client connection reset"))
+        self._writable.set()
+        self._kick()
+
+    def _bad(self, why: str) -> None:
+        self.error = why
+        if self._cur is not None:
+            self._cur.body.fail(StreamReset(f"bad request: {why}"))
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _consumed(self, _n: int) -> None:
+        self._flow()
+
+    def _flow(self) -> None:
+        """Pause the wire while queued bodies or pipelined requests pile up."""
+        buffered = sum(ex.body.buffered for ex in self._queue)
+        if self._cur is not None:
+            buffered += self._cur.body.buffered
+        want_pause = buffered > HIGH_WATER or len(self._queue) > MAX_QUEUED
+        if want_pause and not self._paused and self.wire is not None:
+            self._paused = True
+            self.wire.pause_reading()
+        elif self._paused and buffered < LOW_WATER and len(self._queue) <= MAX_QUEUED:
+            self._paused = False
+            if self.wire is not None:
+                self.wire.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._p = _Parse()
+
+    def on_url(self, url: bytes) -> None:
+        self._p.url += url
+        if len(self._p.url) > MAX_HEAD:
+            raise StreamReset("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._p.header(name, value)
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        hs = self._p.headers
+        self._p.in_trailers = True
+        method = p.get_method().decode("ascii")
+        host = next((v for k, v in hs if k == "host"), "")
+        te = any(k == "te" and "trailers" in v.lower() for k, v in hs)
+        length = content_length(hs)
+        chunked = any(k == "transfer-encoding" for k, _ in hs)
+        head = RequestHead(
+            method,
+            self._p.url.decode("latin-1"),
+            host,
+            [(k, v) for k, v in end_to_end(hs) if k != "expect"],
+            te_trailers=te,
+            content_length=None if chunked else length,
+            end_stream=not chunked and not length,
+        )
+        ex = H1ServerExchange(self, head, p.should_keep_alive(), p.get_http_version() == "1.0")
+        if any(k == "expect" and v.lower() == "100-continue" for k, v in hs):
+            # We will read the body whatever the route decides; say so now rather than make the
+            # client wait out its expect timeout.
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._cur = ex
+        self._queue.append(ex)
+        self._flow()
+        self._kick()
+
+    def on_body(self, body: bytes) -> None:
+        if self._cur is not None:
+            self._cur.body.feed(body)
+            if self._cur.body.over_high_water:
+                self._flow()
+
+    def on_message_complete(self) -> None:
+        if self._cur is not None:
+            self._cur.body.end(self._p.trailers or None)
+            self._cur = None
+
+    # -- the request loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve requests in order until the client closes or one is not keep-alive."""
+        try:
+            while True:
+                while not self._queue:
+                    if self.error is not None:
+                        await self._answer_bad()
+                        return
+                    if self._eof or self.closed:
+                        return
+                    self._wake = asyncio.get_running_loop().create_future()
+                    await self._wake
+                ex = self._queue[0]
+                try:
+                    await self.handler(ex)
+                finally:
+                    self._queue.popleft()
+                    self._flow()
+                if not ex.finished:
+                    ex.reset()
+                if not ex.keep_alive or self.closed:
+                    return
+        finally:
+            self.close_wire()
+
+    async def _answer_bad(self) -> None:
+        body = f"bad request: {self.error}\n".encode()
+        self.send(
+            _head_bytes(
+                "HTTP/1.1 400 Bad Request",
+                [("content-type", "text/plain"), ("content-length", str(len(body)))],
+                ["connection: close"],
+            )
+            + body
+        )
+        await self.drain()
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream
+
+
+class H1Client(WireConn):
+    """An upstream HTTP/1.1 connection carrying one request at a time (keep-alive between).
+
+    `on_free(conn)` is called when a finished exchange leaves the connection reusable; `on_gone`
+    when it can never be used again (closed by the backend while idle: the pool drops it)."""
+
+    def __init__(
+        self,
+        on_free: Callable[[H1Client], None] | None = None,
+        on_gone: Callable[[H1Client], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.on_free = on_free
+        self.on_gone = on_gone
+        self._parser = httptools.HttpResponseParser(self)
+        self._p = _Parse()
+        self.ex: H1ClientExchange | None = None
+        self.requests = 0
+        self._paused = False
+        self.dead = False
+
+    @property
+    def reusable(self) -> bool:
+        return not self.dead and not self.closed and self.ex is None
+
+    def start(self, head: RequestHead) -> H1ClientExchange:
+        assert self.ex is None and not self.dead
+        self.requests += 1
+        self._parser = httptools.HttpResponseParser(self)
+        ex = self.ex = H1ClientExchange(self, head)
+        extra = [f"host: {head.authority}"]
+        if head.content_length is not None:
+            extra.append(f"content-length: {head.content_length}")
+            ex.framing = "length"
+        elif head.end_stream:
+            if head.method in ("POST", "PUT", "PATCH"):
+                extra.append("content-length: 0")
+            ex.framing = "none"
+        else:
+            extra.append("transfer-encoding: chunked")
+            ex.framing = "chunked"
+        if head.te_trailers:
+            extra.append("te: trailers")
+        hs = [(k, v) for k, v in head.headers if k != "content-length"]  # framing is ours
+        # Held until the first body bytes or the end, so a small request is one write.
+        ex.corked = _head_bytes(f"{head.method} {head.target} HTTP/1.1", hs, extra)
+        return ex
+
+    def _die(self, why: str) -> None:
+        was_dead = self.dead
+        self.dead = True
+        ex = self.ex
+        if ex is not None:
+            err = StreamReset(why)
+            if not ex.response.done():
+                ex.response.set_exception(err)
+                ex.response.exception()
+            ex.body.fail(err)
+        if not was_dead and self.on_gone is not None:
+            self.on_gone(self)
+
+    def data_from_wire(self, data: bytes) -> None:
+        if self.ex is None:
+            self._die("unexpected bytes from an idle upstream connection")
+            self.close_wire(abort=True)
+            return
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, StreamReset, ValueError) as exc:
+            self._die(f"bad response: {exc}")
+            self.close_wire(abort=True)
+
+    def eof_from_wire(self) -> None:
+        ex = self.ex
+        if ex is not None and ex.close_delimited and not ex.complete:
+            ex.body.end()  # a close-delimited body: EOF is its end
+            ex.complete = True
+            ex.keep_alive = False
+        self._die("upstream closed the connection")
+        self.close_wire()
+
+    def wire_lost(self) -> None:
+        self._die("upstream connection reset")
+        self.closed = True
+        self._writable.set()
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _consumed(self, _n: int) -> None:
+        ex = self.ex
+        if self._paused and (ex is None or ex.body.buffered < LOW_WATER) and self.wire:
+            self._paused = False
+            self.wire.resume_reading()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._p = _Parse()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._p.header(name, value)
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        assert ex is not None
+        status = self._parser.get_status_code()
+        self._p.in_trailers = True
+        if 100 <= status < 200:
+            return  # informational: the real response follows
+        no_body = _no_body(status, ex.head.method)
+        head = ResponseHead(status, end_to_end(self._p.headers), end_stream=no_body)
+        ex.keep_alive = self._parser.should_keep_alive()
+        if not ex.response.done():
+            ex.response.set_result(head)
+        if ex.head.method == "HEAD":
+            # llhttp would wait for a body of content-length bytes; there is none.
+            ex.body.end()
+            ex.keep_alive = False
+            ex.complete = True
+            self._maybe_free()  # not kept alive: closed once the caller releases it
+            return
+        raw = self._p.headers
+        ex.close_delimited = not no_body and not any(
+            k in ("content-length", "transfer-encoding") for k, _ in raw
+        )
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.ex
+        assert ex is not None
+        ex.body.feed(body)
+        if ex.body.over_high_water and not self._paused and self.wire is not None:
+            self._paused = True
+            self.wire.pause_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.ex
+        assert ex is not None
+        if not ex.response.done():
+            return  # a 1xx message ended
+        ex.body.end(self._p.trailers or None)
+        ex.complete = True
+        ex.keep_alive = ex.keep_alive and self._parser.should_keep_alive()
+        self._maybe_free()
+
+    def _maybe_free(self) -> None:
+        ex = self.ex
+        if ex is None or not (ex.complete and ex.request_done and ex.released):
+            return
+        self.ex = None
+        if ex.keep_alive and not self.dead and not self.closed:
+            if self.on_free is not None:
+                self.on_free(self)
+        else:
+            self.dead = True
+            self.close_wire()
+
+
+class H1ClientExchange:
+    def __init__(self, conn: H1Client, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.response: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
+        self.body = Body(conn._consumed)
+        self.framing = "none"
+        self.keep_alive = True
+        self.complete = False
+        self.request_done = False
+        self.released = False
+        self.close_delimited = False
+        self.sent = 0
+        self.corked = b""
+
+    async def send_data(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.conn.dead:
+            raise StreamReset("upstream connection closed")
+        if self.framing == "none":
+            # A body the head did not announce: we cannot frame it on this connection.
+            raise StreamReset("request body after a head without one")
+        self.sent += len(data)
+        out = _chunk(data) if self.framing == "chunked" else data
+        if self.corked:
+            out, self.corked = self.corked + out, b""
+        self.conn.send(out)
+        await self.conn.drain()
+
+    async def finish(self, trailers: Headers | None = None) -> None:
+        out, self.corked = self.corked, b""
+        if self.framing == "chunked":
+            out += _last_chunk(trailers)
+        if out and not self.conn.dead:
+            self.conn.send(out)
+        self.request_done = True
+        await self.conn.drain()
+        self.conn._maybe_free()
+
+    def reset(self) -> None:
+        self.released = True
+        self.keep_alive = False
+        self.conn.dead = True
+        self.conn.ex = None
+        self.conn.close_wire(abort=True)
+
+    def release(self) -> None:
+        self.released = True
+        if not (self.complete and self.request_done):
+            # Abandoned mid-exchange: the connection's state is unknown, so it goes.
+            self.reset()
+            return
+        self.conn._maybe_free()

@@ -1,0 +1,497 @@
+"""One request through the waypoint: L7 policy, route, filters, backend choice, retries,
+timeouts, mirrors, then the response streamed back; one metric update and one access-log
+line at the end.
+
+Whatever the HTTP versions on either side, a request is a `ServerExchange` (downstream) and
+one or more `ClientExchange`s (upstream attempts). Bodies stream both ways at once (gRPC
+bidirectional streaming needs that): a pump task sends the request body while the response
+is awaited and forwarded. A retry is possible until the response head has been forwarded and
+while the request body is still small enough to send again (`ReplayableBody`, as Envoy's
+retry buffer); a pooled HTTP/1.1 connection that the backend closed while idle is retried once
+on a fresh connection without counting as a route retry.
+
+Timeouts (Gateway API `timeouts.request` / `timeouts.backendRequest`) bound the time until
+the response head arrives; a response that has started streams for as long as it lasts (a
+gRPC server stream may run for hours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from mesh.accesslog import AccessRecord, log_access
+from mesh.authz import AuthzRequest, authorize
+from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeouts, Service
+from mesh.config.snapshot import PolicySet
+from mesh.hbone import HboneError
+from mesh.metrics import ConnectionLabels, MeshMetrics
+from waypoint.routing import Forward, Redirect, Request, RouteTable, apply_filters, modify_headers
+from waypoint.service import NoBackend, ServiceRoutes, Target
+from waypoint.upstream import Upstreams
+from waypoint.wire import (
+    ClientExchange,
+    Headers,
+    ReplayableBody,
+    RequestHead,
+    ResponseHead,
+    ServerExchange,
+    StreamReset,
+)
+
+log = logging.getLogger("waypoint")
+
+MAX_MIRRORS_IN_FLIGHT = 64
+TEXT = [("content-type", "text/plain")]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamContext:
+    """What every request on one downstream connection shares: who called, for what."""
+
+    caller: str  # the caller's SPIFFE ID, verified by TLS at the HBONE handshake
+    src_ip: str
+    service: Service
+    port: int
+    routes: ServiceRoutes  # the snapshot's view the connection started with
+    table: RouteTable
+    policies: PolicySet  # L7 policies of this waypoint for this service
+    caller_ns: str | None = None
+
+
+class _Failed(Exception):
+    """An attempt that produced no response head: a local status and Envoy-style flag."""
+
+    def __init__(self, status: int, flag: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.flag = flag
+
+
+@dataclass(slots=True)
+class _Attempt:
+    up: ClientExchange
+    resp: ResponseHead
+    pump: asyncio.Task[None] | None  # None: the request had no body to stream
+    target: Target
+
+
+class RequestHandler:
+    """Shared by all streams of the waypoint process; per-request state lives on the stack."""
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        metrics: MeshMetrics,
+        *,
+        trust_domain: str = "cluster.local",
+        rng: random.Random | None = None,
+        retry_buffer: int = 1 << 20,
+    ) -> None:
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.trust_domain = trust_domain
+        self.rng = rng or random.Random()
+        self.retry_buffer = retry_buffer
+        self._mirrors: set[asyncio.Task[None]] = set()
+        self.in_flight = 0  # requests started and not yet accounted
+        # Labels per (caller address, caller, service, pod, protocol, flags): building them
+        # costs more than the rest of the accounting, and the set of combinations is small.
+        self._labels: dict[tuple[object, ...], ConnectionLabels] = {}
+        self._labels_snap: object = None
+
+    async def __call__(self, ctx: StreamContext, ex: ServerExchange) -> None:
+        t0 = time.monotonic()
+        head = ex.head
+        req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
+        body = ReplayableBody(ex.body, self.retry_buffer)
+        outcome = _Outcome()
+        self.in_flight += 1
+        try:
+            await self._handle(ctx, ex, req, body, outcome)
+        except StreamReset as exc:
+            outcome.flag = outcome.flag if outcome.flag != "-" else "DC"
+            outcome.status = outcome.status or 0
+            log.debug("request %s %s ended early: %s", req.method, req.path, exc)
+            ex.reset()
+        except asyncio.CancelledError:
+            outcome.flag = "DC"  # the client went away (stream reset / connection lost)
+            raise
+        finally:
+            self.in_flight -= 1
+            self._account(ctx, ex, req, body, outcome, time.monotonic() - t0)
+
+    # -- the decision ----------------------------------------------------------------------
+
+    async def _handle(
+        self,
+        ctx: StreamContext,
+        ex: ServerExchange,
+        req: Request,
+        body: ReplayableBody,
+        out: _Outcome,
+    ) -> None:
+        pol = ctx.policies
+        if pol.allow or pol.deny:  # no policy, nothing to evaluate
+            decision = authorize(
+                pol,
+                AuthzRequest(
+                    ctx.caller, ctx.caller_ns, ctx.src_ip, ctx.port, req.method, req.path, req.host
+                ),
+                l7=True,
+            )
+            out.policy = decision.policy
+            if not decision.allowed:
+                why = f"policy {decision.policy}" if decision.policy else decision.reason
+                await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
+                return
+        route = ctx.table.route(req)
+        if route is None and ctx.table:
+            # Routes are attached but none matches: Gateway API says 404, not "the Service".
+            await self._local(ex, out, 404, "route not found\n", flag="NR")
+            return
+        timeouts, retry = RouteTimeouts(), RouteRetry()
+        resp_mods: list[HeaderModifier] = []
+        backend: BackendRef | None = None
+        fwd = Forward(req.path, req.query, req.host, list(req.headers))
+        if route is not None and route.rule is not None and route.chooser is not None:
+            rule = route.rule
+            timeouts, retry = rule.timeouts, rule.retry
+            res = apply_filters(rule.filters, req, route.matched_prefix)
+            if isinstance(res, Redirect):
+                await self._local(ex, out, res.status, "", [("location", res.location)])
+                return
+            fwd = res
+            if rule.backend_refs:
+                backend = route.chooser.choose(self.rng.random())
+                if backend is None:
+                    await self._local(ex, out, 500, "no backend with a non-zero weight\n")
+                    return
+                if backend.filters:
+                    sub = Request(req.method, fwd.path, fwd.query, tuple(fwd.headers), fwd.host)
+                    res2 = apply_filters(backend.filters, sub, route.matched_prefix)
+                    if isinstance(res2, Redirect):
+                        await self._local(ex, out, res2.status, "", [("location", res2.location)])
+                        return
+                    res2.response_modifiers[:0] = fwd.response_modifiers
+                    res2.mirrors[:0] = fwd.mirrors
+                    fwd = res2
+            resp_mods = fwd.response_modifiers
+        h = ex.head
+        up_head = RequestHead(
+            h.method,
+            fwd.path + ("?" + fwd.query if fwd.query else ""),
+            fwd.host,
+            [(k, v) for k, v in fwd.headers if k != "host"],
+            scheme=h.scheme,
+            te_trailers=h.te_trailers,
+            content_length=h.content_length,
+            end_stream=h.end_stream,
+        )
+        async with asyncio.TaskGroup() as tg:
+            att = await self._attempts(ctx, ex, up_head, backend, body, timeouts, retry, tg, out)
+            if att is None:
+                return
+            try:
+                await self._respond(ex, att, resp_mods, out)
+            finally:
+                att.up.release()
+                if att.pump is not None and not att.pump.done():
+                    att.pump.cancel()  # the response is over; so is the request body
+        for m in fwd.mirrors:
+            self._mirror(ctx, m, up_head, body)
+
+    async def _attempts(
+        self,
+        ctx: StreamContext,
+        ex: ServerExchange,
+        up_head: RequestHead,
+        backend: BackendRef | None,
+        body: ReplayableBody,
+        timeouts: RouteTimeouts,
+        retry: RouteRetry,
+        tg: asyncio.TaskGroup,
+        out: _Outcome,
+    ) -> _Attempt | None:
+        """Try until a response head is worth forwarding; None when a local answer was sent."""
+        tries = 0
+        try:
+            async with asyncio.timeout(timeouts.request):
+                while True:
+                    try:
+                        att = await self._attempt(
+                            ctx, up_head, backend, body, timeouts, tg, out, upstream_protocol(ex)
+                        )
+                        status, failure = att.resp.status, None
+                    except _Failed as f:
+                        att, status, failure = None, f.status, f
+                    retryable = status in retry.codes or (
+                        failure is not None and 503 in retry.codes
+                    )
+                    if tries < retry.attempts and retryable and body.replayable:
+                        tries += 1
+                        out.retries = tries
+                        if att is not None:
+                            att.up.reset()
+                            await _stop(att.pump)
+                        await asyncio.sleep(retry.backoff * (2 ** (tries - 1)))
+                        continue
+                    if failure is not None:
+                        await self._local(
+                            ex, out, failure.status, f"{failure}\n", flag=failure.flag
+                        )
+                        return None
+                    return att
+        except TimeoutError:
+            out.flag = "UT"
+            await self._local(ex, out, 504, "upstream request timeout\n", flag="UT")
+            return None
+
+    async def _attempt(
+        self,
+        ctx: StreamContext,
+        up_head: RequestHead,
+        backend: BackendRef | None,
+        body: ReplayableBody,
+        timeouts: RouteTimeouts,
+        tg: asyncio.TaskGroup,
+        out: _Outcome,
+        down_protocol: str,
+    ) -> _Attempt:
+        try:
+            target = ctx.routes.pick(ctx.service, ctx.port, backend)
+        except NoBackend as exc:
+            raise _Failed(503, "UH", f"no healthy upstream: {exc}") from None
+        out.target = target
+        protocol = target.protocol or down_protocol
+        fresh = False
+        while True:
+            try:
+                up, reused = await self.upstreams.open(
+                    target, up_head, protocol, ctx.caller, ctx.src_ip, fresh=fresh
+                )
+            except (HboneError, OSError, StreamReset) as exc:
+                raise _Failed(503, "UF", f"upstream connect error: {exc}") from None
+            pump: asyncio.Task[None] | None = None
+            if up_head.end_stream and body.source.ended:
+                await self._pump(body, up)  # nothing to stream: no task needed
+            else:
+                pump = tg.create_task(self._pump(body, up))
+            try:
+                if timeouts.backend_request is None:
+                    resp = await up.response
+                else:
+                    async with asyncio.timeout(timeouts.backend_request):
+                        resp = await up.response
+                return _Attempt(up, resp, pump, target)
+            except StreamReset as exc:
+                up.reset()
+                await _stop(pump)
+                if reused and not fresh and body.replayable:
+                    fresh = True  # a pooled connection the backend had closed: once more
+                    continue
+                raise _Failed(503, "UR", f"upstream reset before response headers: {exc}") from None
+            except TimeoutError:
+                if pump is not None:
+                    pump.cancel()
+                up.reset()
+                raise _Failed(504, "UT", "upstream request timeout") from None
+            except BaseException:
+                if pump is not None:
+                    pump.cancel()
+                up.reset()
+                raise
+
+    @staticmethod
+    async def _pump(body: ReplayableBody, up: ClientExchange) -> None:
+        """The request body to one attempt. A downstream failure resets the upstream; an
+        upstream one ends the pump quietly (the response side reports it)."""
+        try:
+            await body.pump(up)
+        except StreamReset:
+            if body.source.failed:
+                up.reset()
+
+    async def _respond(
+        self, ex: ServerExchange, att: _Attempt, mods: list[HeaderModifier], out: _Outcome
+    ) -> None:
+        resp = att.resp
+        headers: Headers = resp.headers
+        for mod in mods:
+            headers = modify_headers(headers, mod)
+        out.status = resp.status
+        up = att.up
+        first = b"" if resp.end_stream else up.body.read_nowait()
+        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first)
+        if resp.end_stream:
+            return
+        try:
+            while data := await up.body.read():
+                await ex.send_data(data)
+        except StreamReset:
+            if up.body.failed:
+                out.flag = "UR"  # the backend broke off mid-body: the client must see a reset
+            raise
+        await ex.finish(up.body.trailers)
+        if up.body.trailers:
+            out.grpc_status = next((v for k, v in up.body.trailers if k == "grpc-status"), None)
+
+    async def _local(
+        self,
+        ex: ServerExchange,
+        out: _Outcome,
+        status: int,
+        text: str,
+        headers: Headers | None = None,
+        *,
+        flag: str = "-",
+    ) -> None:
+        """A response the waypoint makes itself (denial, redirect, errors)."""
+        out.status = status
+        if flag != "-":
+            out.flag = flag
+        data = text.encode()
+        hs = list(headers if headers is not None else TEXT)
+        hs.append(("content-length", str(len(data))))
+        await ex.send_head(ResponseHead(status, hs, end_stream=not data))
+        if data:
+            await ex.send_data(data)
+            await ex.finish()
+
+    # -- mirrors ---------------------------------------------------------------------------
+
+    def _mirror(
+        self, ctx: StreamContext, ref: BackendRef, head: RequestHead, body: ReplayableBody
+    ) -> None:
+        """Fire a copy at `ref`; its answer is discarded and its failure never matters. Owned
+        by this handler (`close` cancels them) and bounded in number."""
+        if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT or body.rec.overflow:
+            return
+        if not body.rec.complete:
+            return  # the answer came before the request ended: there is no whole copy
+        data = b"".join(body.rec.chunks)
+        copy = RequestHead(
+            head.method,
+            head.target,
+            head.authority,
+            list(head.headers),
+            scheme=head.scheme,
+            content_length=len(data) if data else None,
+            end_stream=not data,
+        )
+        task = asyncio.get_running_loop().create_task(self._send_mirror(ctx, ref, copy, data))
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    async def _send_mirror(
+        self, ctx: StreamContext, ref: BackendRef, head: RequestHead, data: bytes
+    ) -> None:
+        with contextlib.suppress(NoBackend, HboneError, OSError, StreamReset, TimeoutError):
+            async with asyncio.timeout(10.0):
+                t = ctx.routes.pick(ctx.service, ctx.port, ref)
+                up, _ = await self.upstreams.open(
+                    t, head, t.protocol or "http/1.1", ctx.caller, ctx.src_ip
+                )
+                try:
+                    if data:
+                        await up.send_data(data)
+                    await up.finish(None)
+                    await up.response
+                    while await up.body.read():
+                        pass
+                finally:
+                    up.release()
+
+    async def close(self) -> None:
+        for t in list(self._mirrors):
+            t.cancel()
+        if self._mirrors:
+            await asyncio.wait(list(self._mirrors), timeout=2)
+
+    # -- telemetry -------------------------------------------------------------------------
+
+    def _account(
+        self,
+        ctx: StreamContext,
+        ex: ServerExchange,
+        req: Request,
+        body: ReplayableBody,
+        out: _Outcome,
+        duration: float,
+    ) -> None:
+        snap = ctx.routes.snapshot
+        t = out.target
+        grpc = any(k == "content-type" and v.startswith("application/grpc") for k, v in req.headers)
+        dst = t.pod if t is not None else None
+        if snap is not self._labels_snap:
+            self._labels.clear()  # pods and services may have new labels
+            self._labels_snap = snap
+        key = (ctx.src_ip, ctx.caller, ctx.service.key, dst.key if dst else "", grpc, out.flag)
+        labels = self._labels.get(key)
+        if labels is None:
+            if len(self._labels) > 10_000:
+                self._labels.clear()  # many callers: never grow without bound
+            labels = self._labels[key] = ConnectionLabels.build(
+                reporter="waypoint",
+                source=snap.pod_by_ip(ctx.src_ip),
+                source_principal=ctx.caller,
+                destination=dst,
+                service=ctx.service,
+                protocol="grpc" if grpc else "http",
+                mtls=True,
+                response_flags=out.flag,
+                trust_domain=snap.trust_domain,
+            )
+        req_bytes = body.rec.size
+        resp_bytes = ex.bytes_sent
+        self.metrics.request_done(labels, out.status, duration, req_bytes, resp_bytes)
+        log_access(
+            AccessRecord(
+                src=ctx.src_ip,
+                dst=f"{t.ip}:{t.port}" if t is not None else "-",
+                src_identity=ctx.caller,
+                dst_identity=snap.identity(t.pod) if t is not None and t.pod else None,
+                service=ctx.service.hostname,
+                bytes_sent=req_bytes,
+                bytes_received=resp_bytes,
+                duration_s=duration,
+                verdict="deny" if out.flag == "DENY" else ("allow" if out.status else "error"),
+                response_flags=out.flag,
+                policy=out.policy,
+                mtls=True,
+                protocol="grpc" if grpc else "http",
+                method=req.method,
+                path=req.path,
+                status=out.status,
+                reporter="waypoint",
+            )
+        )
+
+
+async def _stop(pump: asyncio.Task[None] | None) -> None:
+    if pump is not None and not pump.done():
+        pump.cancel()
+        await asyncio.wait([pump])
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: int = 0
+    flag: str = "-"
+    policy: str | None = None
+    target: Target | None = None
+    retries: int = 0
+    grpc_status: str | None = None
+
+
+def upstream_protocol(ex: ServerExchange) -> str:
+    """No protocol declared on the port: keep the client's (Envoy's USE_DOWNSTREAM_PROTOCOL);
+    gRPC is HTTP/2 whatever the client spoke."""
+    if ex.protocol == "h2":
+        return "h2"
+    grpc = any(k == "content-type" and v.startswith("application/grpc") for k, v in ex.head.headers)
+    return "h2" if grpc else "http/1.1"
