@@ -65,6 +65,10 @@ class Caller:
     def is_ztunnel(self) -> bool:
         return self.node is not None
 
+    def __str__(self) -> str:
+        sa = f"{self.namespace}/{self.service_account}"
+        return f"ztunnel {sa} on node {self.node}" if self.node else f"service account {sa}"
+
 
 def _one(extra: Mapping[str, Any], key: str) -> str | None:
     v = extra.get(key)

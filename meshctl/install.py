@@ -406,6 +406,9 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
                 "spec": {
                     "serviceAccountName": name,
                     "hostNetwork": True,
+                    # the node's pids: ztunnel.discover finds pods that were running before
+                    # the install in /proc; in the pod's own pid namespace it would see none
+                    "hostPID": True,
                     "dnsPolicy": "ClusterFirstWithHostNet",
                     "priorityClassName": "system-node-critical",
                     "terminationGracePeriodSeconds": 30,
