@@ -134,6 +134,15 @@ class CaService:
             return 400, {"error": "expected JSON object with a 'csr' string"}
         ttl = min(timedelta(seconds=int(req.get("ttl_seconds", 86400))), MAX_TTL)
         csr = req["csr"].encode()
+        try:
+            wanted = requested_identity(csr)
+        except CertificateError as exc:
+            return 400, {"error": str(exc)}
+        if wanted == self.server_svid.identity:
+            # whoever held it could pose as the CA and collect other nodes' tokens; a node
+            # that happens to be named "ca" must not get it either
+            log.warning("CA: refused a request for the CA's own identity %s", wanted)
+            return 403, {"error": f"{wanted} is the CA's own identity"}
         ssl_obj = writer.get_extra_info("ssl_object")
         if ssl_obj.getpeercert(binary_form=True) is None:
             if self.tokens is None:

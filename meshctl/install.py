@@ -346,6 +346,8 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
             _env_field("NODE_NAME", "spec.nodeName"),
             _env_field("POD_NAME", "metadata.name"),
             _env_field("POD_NAMESPACE", "metadata.namespace"),
+            # finds ztunnel's own cgroup in the host's tree (private cgroup namespaces)
+            _env_field("POD_UID", "metadata.uid"),
         ],
         "ports": [
             {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -147,8 +148,25 @@ class _Log:
                 pass
 
 
+_POD_COMPONENT = re.compile(
+    r"pod[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+)
+
+
+def pod_level(cgroup_path: str) -> str:
+    """Cut a container's cgroup path back to its pod's (`.../pod<uid>/<container>` with the
+    cgroupfs driver, `...-pod<uid>.slice/cri-containerd-<id>.scope` with systemd): the redirect
+    programs must cover every container of the pod, and the sandbox's own cgroup covers only
+    the pause container. A path without a pod component is returned as it is."""
+    parts = cgroup_path.rstrip("/").split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        if _POD_COMPONENT.search(parts[i]):
+            return "/".join(parts[: i + 1])
+    return cgroup_path
+
+
 def find_cgroup(netns: str, cgroup_root: str, proc: str = "/proc") -> str | None:
-    """The cgroup v2 directory of a process already inside `netns` (the pod sandbox), if any."""
+    """The pod-level cgroup v2 directory of a process already inside `netns` (the sandbox)."""
     try:
         st = os.stat(netns)
     except OSError:
@@ -167,7 +185,7 @@ def find_cgroup(netns: str, cgroup_root: str, proc: str = "/proc") -> str | None
                 for line in f:
                     if line.startswith("0::"):
                         rel = line[3:].strip()
-                        return os.path.join(cgroup_root, rel.lstrip("/"))
+                        return pod_level(os.path.join(cgroup_root, rel.lstrip("/")))
         except OSError:
             continue
     return None

@@ -31,6 +31,30 @@ class Sandbox:
     cgroup: str
 
 
+def _needles(uid: str) -> tuple[str, str]:
+    return (f"pod{uid}", f"pod{uid.replace('-', '_')}")
+
+
+def find_pod_cgroup(
+    uid: str, cgroup_root: str = "/sys/fs/cgroup", max_depth: int = 6
+) -> str | None:
+    """The pod-level cgroup directory of the pod with `uid`, found by walking the cgroup mount.
+    Needed where /proc/<pid>/cgroup cannot be trusted: in a container with a private cgroup
+    namespace those paths are relative to the container's own cgroup (they start with `..`),
+    and a process sees itself at `/`."""
+    if not uid:
+        return None
+    needles = _needles(uid)
+    base = cgroup_root.rstrip("/").count("/")
+    for d, dirs, _ in os.walk(cgroup_root):
+        for name in dirs:
+            if any(n in name for n in needles):
+                return os.path.join(d, name)
+        if d.count("/") - base >= max_depth:
+            dirs.clear()
+    return None
+
+
 def _start_time(proc_root: str, pid: int) -> int:
     """Field 22 of /proc/<pid>/stat (clock ticks since boot); the command may hold spaces."""
     with open(f"{proc_root}/{pid}/stat") as f:
@@ -43,7 +67,7 @@ def sandbox_of(
     """The running sandbox of the pod with `uid`, or None when none of its processes runs."""
     if not uid:
         return None
-    needles = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
+    needles = _needles(uid)
     best: tuple[int, int, str] | None = None  # (start time, pid, pod cgroup)
     for entry in os.scandir(proc_root):
         if not entry.name.isdigit():
@@ -62,7 +86,11 @@ def sandbox_of(
             started = _start_time(proc_root, pid)
         except (OSError, ValueError, IndexError):
             continue  # the process went away meanwhile, or is not readable
-        cand = (started, pid, os.path.join(cgroup_root, *parts[: at + 1]))
+        pod_parts = parts[: at + 1]
+        cgroup = os.path.join(cgroup_root, *pod_parts)
+        if ".." in pod_parts:  # a private cgroup namespace: the path is not ours to join
+            cgroup = find_pod_cgroup(uid, cgroup_root) or cgroup
+        cand = (started, pid, cgroup)
         if best is None or cand < best:
             best = cand
     if best is None:

@@ -28,11 +28,20 @@ CGROUP2_ROOT = "/sys/fs/cgroup/unified"
 
 
 def own_cgroup(root: str = CGROUP2_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> str:
-    """This process's cgroup v2 directory (the `0::` line), under `root`."""
+    """This process's cgroup v2 directory (the `0::` line), under `root`.
+
+    In a Kubernetes pod with a private cgroup namespace the line reads `0::/` although the
+    pod's cgroup is deep in the host's tree: then the pod's own directory is found by its UID
+    (`POD_UID`, from the downward API) in the host's cgroup mount."""
     for line in Path(proc_cgroup).read_text().splitlines():
         if line.startswith("0::"):
-            return os.path.join(root, line[3:].strip().lstrip("/")).rstrip("/") or root
-    raise RuntimeError(f"{proc_cgroup} has no cgroup v2 entry")
+            path = os.path.join(root, line[3:].strip().lstrip("/")).rstrip("/") or root
+            if os.path.realpath(path) == os.path.realpath(root) and os.environ.get("POD_UID"):
+                from ztunnel.discover import find_pod_cgroup
+
+                return find_pod_cgroup(os.environ["POD_UID"], root) or path
+            return path
+    raise EnvironmentUnfit(f"{proc_cgroup} has no cgroup v2 entry")
 
 
 class NodeRedirector:

@@ -127,3 +127,15 @@ async def test_token_is_never_sent_to_a_server_that_is_not_the_ca(rig: Rig, tmp_
         assert not any(b"zt-node1" in g for g in got)
     finally:
         srv.close()
+
+
+async def test_nobody_gets_the_cas_own_identity(rig: Rig) -> None:
+    """A node named "ca" would otherwise be allowed its node identity, which is the CA's."""
+    rig.apiserver.tokens["zt-ca"] = TokenIdentity(
+        ZT, extra={"authentication.kubernetes.io/node-name": ["ca"]},
+        audiences=(DEFAULT_AUDIENCE,),
+    )  # fmt: skip
+    rig.token.write_text("zt-ca")
+    with pytest.raises(CaError, match="CA's own identity") as err:
+        await rig.client().sign(node_id(TD, "ca"))
+    assert err.value.status == 403
