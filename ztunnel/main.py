@@ -379,16 +379,23 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """Flag combinations argparse cannot express; the message, or None when they hold. Also
+    run by the test that checks every deployed container's args."""
+    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
+        return "--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token FILE"
+    if (args.ca_bundle or args.node_cert or args.ca_token) and not args.ca:
+        return "--ca-bundle, --node-cert and --ca-token go with --ca HOST:PORT"
+    if args.stream_cap < 1:
+        return "--stream-cap must be >= 1"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.ca and (not args.ca_bundle or not (args.node_cert or args.ca_token)):
-        print(
-            "ztunnel: --ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token FILE",
-            file=sys.stderr,
-        )
-        return 2
-    if args.stream_cap < 1:
-        print("ztunnel: --stream-cap must be >= 1", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"ztunnel: {problem}", file=sys.stderr)
         return 2
     try:
         args.ktls_enabled = ktls.resolve(args.ktls)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,15 @@ from meshctl.install import render
 from waypoint.controller import desired_objects
 
 CONSOLE_SCRIPTS = {"ztunnel": "ztunnel.main", "waypoint": "waypoint.main"}
+# (program, flag) whose absolute path is not opened in the container: the CNI installer
+# writes the host's enrolment socket path into the plugin config the host runs
+NOT_FILES = frozenset({("ztunnel.cni_install", "--enrol-socket")})
+
+
+def parser_module(command: list[str]) -> str:
+    if command[:2] in (["python3", "-m"], ["python", "-m"]):
+        return command[2]
+    return CONSOLE_SCRIPTS[command[0]]
 
 
 def parser_for(command: list[str]) -> tuple[Callable[[], argparse.ArgumentParser], list[str]]:
@@ -61,9 +71,20 @@ def test_container_args_parse_with_the_programs_own_flags(
     parser = build()
     parser.exit_on_error = False
     try:
-        parser.parse_args(args)
+        parsed = parser.parse_args(args)
     except (argparse.ArgumentError, SystemExit) as exc:
         raise AssertionError(f"{where}: {' '.join(container['command'])} {args}: {exc}") from None
+    module = parser_module(container["command"])
+    check = getattr(importlib.import_module(module), "check_args", None)
+    if check is not None:  # combinations the program refuses at start
+        assert check(parsed) is None, f"{where}: {check(parsed)}"
+    # every absolute path a flag names lives in a volume the container mounts
+    mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+    for flag, value in itertools.pairwise(args):
+        if flag.startswith("--") and value.startswith("/") and (module, flag) not in NOT_FILES:
+            assert any(value == m or value.startswith(m.rstrip("/") + "/") for m in mounts), (
+                f"{where}: {flag} {value} is in no volume mount ({mounts})"
+            )
 
 
 def test_a_wrong_flag_is_caught() -> None:
