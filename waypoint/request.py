@@ -10,9 +10,11 @@ while the request body is still small enough to send again (`ReplayableBody`, as
 retry buffer); a pooled HTTP/1.1 connection that the backend closed while idle is retried once
 on a fresh connection without counting as a route retry.
 
-Timeouts (Gateway API `timeouts.request` / `timeouts.backendRequest`) bound the time until
-the response head arrives; a response that has started streams for as long as it lasts (a
-gRPC server stream may run for hours).
+Timeouts follow the Gateway API: `timeouts.request` covers the whole transaction (retries
+included) and `timeouts.backendRequest` one attempt, each until the *full* response has been
+received. Before the response head a timeout is a 504; after it, the response is cut (a reset
+downstream, flag UT), as Envoy does. Unset or "0s" means no limit, which is what long gRPC
+streams want.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class _Attempt:
     resp: ResponseHead
     pump: asyncio.Task[None] | None  # None: the request had no body to stream
     target: Target
+    deadline: float | None = None  # loop time by which the whole response must be in
 
 
 class RequestHandler:
@@ -219,6 +222,8 @@ class RequestHandler:
     ) -> _Attempt | None:
         """Try until a response head is worth forwarding; None when a local answer was sent."""
         tries = 0
+        loop = asyncio.get_running_loop()
+        overall = loop.time() + timeouts.request if timeouts.request else None
         try:
             async with asyncio.timeout(timeouts.request):
                 while True:
@@ -245,6 +250,9 @@ class RequestHandler:
                             ex, out, failure.status, f"{failure}\n", flag=failure.flag
                         )
                         return None
+                    assert att is not None
+                    ends = [d for d in (overall, att.deadline) if d is not None]
+                    att.deadline = min(ends) if ends else None
                     return att
         except TimeoutError:
             out.flag = "UT"
@@ -276,6 +284,7 @@ class RequestHandler:
                 )
             except (HboneError, OSError, StreamReset) as exc:
                 raise _Failed(503, "UF", f"upstream connect error: {exc}") from None
+            started = asyncio.get_running_loop().time()
             pump: asyncio.Task[None] | None = None
             if up_head.end_stream and body.source.ended:
                 await self._pump(body, up)  # nothing to stream: no task needed
@@ -287,7 +296,10 @@ class RequestHandler:
                 else:
                     async with asyncio.timeout(timeouts.backend_request):
                         resp = await up.response
-                return _Attempt(up, resp, pump, target)
+                backend_deadline = (
+                    started + timeouts.backend_request if timeouts.backend_request else None
+                )
+                return _Attempt(up, resp, pump, target, backend_deadline)
             except StreamReset as exc:
                 up.reset()
                 await _stop(pump)
@@ -330,12 +342,17 @@ class RequestHandler:
         if resp.end_stream:
             return
         try:
-            while data := await up.body.read():
-                await ex.send_data(data)
+            async with asyncio.timeout_at(att.deadline):
+                while data := await up.body.read():
+                    await ex.send_data(data)
         except StreamReset:
             if up.body.failed:
                 out.flag = "UR"  # the backend broke off mid-body: the client must see a reset
             raise
+        except TimeoutError:
+            out.flag = "UT"  # the head went out already: all we can do is cut the response
+            up.reset()
+            raise StreamReset("response timeout") from None
         await ex.finish(up.body.trailers)
         if up.body.trailers:
             out.grpc_status = next((v for k, v in up.body.trailers if k == "grpc-status"), None)

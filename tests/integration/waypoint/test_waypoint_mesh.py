@@ -353,6 +353,21 @@ async def test_request_timeout_covers_retries(mesh: Mesh) -> None:
     assert 0.4 < loop.time() - t0 < 2.0
 
 
+async def test_timeouts_cover_the_whole_response_not_just_its_head(mesh: Mesh) -> None:
+    """Gateway API: the request timeout runs until the full response is in. A backend that
+    sends its head and half the body, then stalls, is cut off at the deadline (the head is
+    out already, so the client sees the response break off); without a timeout the same
+    response completes."""
+    loop = asyncio.get_running_loop()
+    r = await mesh.get("/stall-body/300")  # no timeout configured: it completes
+    assert r.status == 200 and r.json()["path"] == "/stall-body/300"
+    mesh.apply([retry_route(0, [], request="400ms")])
+    t0 = loop.time()
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError, ValueError)):
+        await mesh.get("/stall-body/3000")
+    assert loop.time() - t0 < 2.0
+
+
 async def test_stale_pooled_connection_is_retried_transparently(mesh: Mesh) -> None:
     """The backend closes a kept-alive connection as the next request arrives on it (the race
     an idle timeout creates). No route retry is configured: the client must still see 200."""

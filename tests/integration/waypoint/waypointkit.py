@@ -151,6 +151,12 @@ class EchoBackend(asyncio.Protocol):
             b"x-pod: %s\r\n\r\n%s" % (status, len(body), self.pod.encode(), body)
         )
         self._reset()
+        if len(parts) >= 3 and parts[1] == "stall-body":  # head and half, the rest later
+            cut = len(body) // 2
+            self.transport.write(resp[: len(resp) - len(body) + cut])
+            later = int(parts[2]) / 1000
+            asyncio.get_running_loop().call_later(later, self._late, body[cut:])
+            return
         if path == "/then-close":  # answer, keep alive, then close while idle
             asyncio.get_running_loop().call_later(0.05, self.transport.close)
         if delay:
