@@ -447,7 +447,10 @@ class Lab:
             pod_netns=rec.netns, cni_path=rec.cni_path, cni_args=rec.args,
         )  # fmt: skip
 
-    def await_enrolment(self, snap: Snapshot | None = None, timeout: float = 20.0) -> None:
+    def await_enrolment(
+        self, snap: Snapshot | None = None, nodes: Sequence[str] | None = None,
+        timeout: float = 20.0,
+    ) -> None:  # fmt: skip
         """Wait until every node's ztunnel reports each of its pods enrolled exactly when the
         snapshot says the pod is ambient: ztunnel follows label changes from its config (as it
         follows the API server on a node), and re-enrols from its own state after a restart;
@@ -458,7 +461,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         while True:
             wrong: list[str] = []
-            for node in self.state.nodes:
+            for node in nodes if nodes is not None else list(self.state.nodes):
                 try:
                     listed = enrol_request(self.paths.enrol_socket(node), {"op": "list"})
                 except LabError as exc:
@@ -610,7 +613,7 @@ class Lab:
             self.state.drop_proc(rec.pid)
         pid = self._start_ztunnel(node)
         self._wait_ztunnel_ready(node)
-        self.await_enrolment()  # the new ztunnel restored its pods from its enrolment state
+        self.await_enrolment(nodes=[node])  # the new ztunnel restored its pods from its state
         return pid
 
     # -- down ----------------------------------------------------------------------------
