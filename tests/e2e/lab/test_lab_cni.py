@@ -48,6 +48,16 @@ def test_every_pod_went_through_the_plugin_and_ztunnel_chose_the_ambient_ones(
     known = {p["pod"] for n in st.nodes
              for p in enrol_request(lab.paths.enrol_socket(n), {"op": "list"})["pods"]}  # fmt: skip
     assert known == set(st.pods), json.dumps(sorted(known))
+    # what `lab up` prints last: each pod with its node, IP and (ambient ones) identity
+    rows = {line.split()[0]: line.split() for line in lab.pods_table().splitlines()[1:]}
+    assert set(rows) == set(st.pods)
+    for pod, row in rows.items():
+        ns, name = pod.split("/")
+        sa = lab.snapshot().pod(ns, name)
+        assert sa is not None
+        assert row[1:3] == [st.pods[pod]["node"], st.pods[pod]["ip"]]
+        want = f"spiffe://cluster.local/ns/{ns}/sa/{sa.service_account}" if pod in ambient else "-"
+        assert row[4] == want, row
 
 
 def bridge_result(lab: Lab, pod: str) -> dict[str, Any]:
