@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,31 @@ class Check:
     required: bool = True
 
 
-def _kernel() -> Check:
-    rel = os.uname().release
-    major, minor = (int(x) for x in rel.split(".")[:2])
-    return Check("kernel >= 5.15", (major, minor) >= (5, 15), rel, "boot a kernel >= 5.15")
+# The newest kernel feature the programs use decides the minimum: the redirect state is keyed
+# by the netns cookie (two pods of a node both reach their in-pod 15001 from 127.0.0.1 and can
+# hold the same client port), and the sk_msg fast path asks for it too, which arrived in 5.15.
+# The rest is older: getsockopt programs 5.3, getpeername4 5.8, netns cookie in connect4 5.7.
+MIN_KERNEL = (5, 15)
+MIN_KERNEL_WHY = "bpf_get_netns_cookie in sock_ops and sk_msg programs"
+
+
+def parse_release(rel: str) -> tuple[int, int]:
+    """(major, minor) of a `uname -r` string; suffixes like `-fc-v595` or `+` are ignored."""
+    m = re.match(r"(\d+)\.(\d+)", rel)
+    if m is None:
+        raise ValueError(f"kernel release {rel!r} does not start with MAJOR.MINOR")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _kernel(release: str | None = None) -> Check:
+    rel = release or os.uname().release
+    want = ".".join(str(x) for x in MIN_KERNEL)
+    name = f"kernel >= {want} ({MIN_KERNEL_WHY})"
+    try:
+        ok = parse_release(rel) >= MIN_KERNEL
+    except ValueError as exc:
+        return Check(name, False, str(exc), f"boot a Linux kernel >= {want}")
+    return Check(name, ok, rel, f"boot a Linux kernel >= {want}")
 
 
 def _cgroup2() -> Check:
@@ -41,17 +63,37 @@ def _headers() -> Check:
 
 
 def _bcc_and_compile() -> Check:
+    """Compile with BCC and load every program (without pins or attachments): the verifier of
+    *this* kernel is the judge of whether the helpers the programs call are allowed."""
     from bpf.loader import _SRC, BpfUnavailable, import_bcc
 
+    name = "BCC compiles the programs, the kernel's verifier accepts them"
     try:
         bcc = import_bcc()
         text = _SRC.read_text().replace("BPF_TABLE_PINNED(", "BPF_TABLE_PINNED_OFF(")
         text = "#define BPF_TABLE_PINNED_OFF(a, b, c, n, m, p) BPF_TABLE(a, b, c, n, m)\n" + text
-        bcc.BPF(text=text.encode(), cflags=["-DPROXY_PORT=15001", "-DFASTPATH=1"])
+        b = bcc.BPF(text=text.encode(), cflags=["-DPROXY_PORT=15001", "-DFASTPATH=1"])
     except (BpfUnavailable, Exception) as exc:
         fix = "apt-get install -y python3-bpfcc bpfcc-tools linux-headers-amd64"
-        return Check("BCC importable, programs compile", False, str(exc)[:200], fix)
-    return Check("BCC importable, programs compile", True, "", "")
+        return Check(name, False, str(exc)[:200], fix)
+    t, at = bcc.BPFProgType, bcc.BPFAttachType
+    programs = (
+        (b"connect4", t.CGROUP_SOCK_ADDR, at.CGROUP_INET4_CONNECT),
+        (b"getpeername4", t.CGROUP_SOCK_ADDR, at.CGROUP_INET4_GETPEERNAME),
+        (b"sockops", t.SOCK_OPS, -1),
+        (b"getsockopt", t.CGROUP_SOCKOPT, at.CGROUP_GETSOCKOPT),
+        (b"sk_msg_fast", t.SK_MSG, -1),
+    )
+    try:
+        for fn, prog_type, attach in programs:
+            b.load_func(fn, prog_type, attach_type=attach)
+    except Exception as exc:
+        want = ".".join(str(x) for x in MIN_KERNEL)
+        detail = f"{fn.decode()}: {str(exc).strip().splitlines()[-1][:200]}"
+        return Check(name, False, detail, f"boot a Linux kernel >= {want} ({MIN_KERNEL_WHY})")
+    finally:
+        b.cleanup()
+    return Check(name, True, "", "")
 
 
 def _iptables() -> Check:

@@ -83,3 +83,47 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     attr = _AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
     _bpf(BPF_PROG_DETACH, attr, "BPF_PROG_DETACH")
+
+
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+def obj_id(fd: int) -> int:
+    """The kernel-wide id of the program or map behind `fd` (bpf_prog_info and bpf_map_info
+    both start with `__u32 type, id`). Ids are allocated cyclically, so one that disappears
+    stays gone: `uninstall` and `lab down` are checked with it."""
+    buf = (ctypes.c_uint32 * 2)()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(buf), info=ctypes.addressof(buf))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return int(buf[1])
+
+
+def exists(kind: str, ident: int) -> bool:
+    """Whether the kernel still holds program (`kind` "prog") or map ("map") `ident`."""
+    cmd = BPF_PROG_GET_FD_BY_ID if kind == "prog" else BPF_MAP_GET_FD_BY_ID
+    try:
+        fd = _bpf(cmd, _GetFdByIdAttr(id=ident), f"BPF_{kind.upper()}_GET_FD_BY_ID {ident}")
+    except OSError as exc:
+        if exc.errno == 2:  # ENOENT: freed
+            return False
+        raise
+    os.close(fd)
+    return True

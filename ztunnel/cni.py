@@ -21,6 +21,8 @@ Decisions, and why:
   `ambient`); not ambient → pass. Namespaces in `excludeNamespaces` (kube-system, the mesh's
   own) pass without asking anyone. If neither ztunnel nor the API answers, the plugin cannot
   prove the pod is outside the mesh and fails the ADD (the runtime retries).
+  Where the mesh config comes from files instead of an API server (the lab), `meshConfig`
+  names the YAML ztunnel reads, and the plugin reads the same labels from it.
 * DEL never fails (the spec requires it to be idempotent and best effort); CHECK validates the
   config and prevResult (the enrolment protocol has no check operation).
 * The pod's cgroup: from `CNI_ARGS` key `AMBIENT_CGROUP` when the caller knows it (the lab),
@@ -32,8 +34,8 @@ the installer copies this very file to the host's CNI bin dir, where the runtime
 with the host's `python3`.
 
 Network config keys (all optional): `enrolSocket` (default /run/ambientmesh/enrol.sock),
-`timeoutSeconds` (5), `excludeNamespaces`, `kubeconfig`, `cgroupRoot` (/sys/fs/cgroup),
-`logFile`.
+`timeoutSeconds` (5), `excludeNamespaces`, `kubeconfig`, `meshConfig`, `cgroupRoot`
+(/sys/fs/cgroup), `logFile`.
 """
 
 from __future__ import annotations
@@ -217,16 +219,46 @@ def ask_ztunnel(path: str, request: Mapping[str, Any], timeout: float) -> dict[s
     return reply
 
 
+def is_ambient(pod_labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bool:
+    """The rule of Snapshot.is_ambient: the pod label decides, else the namespace label."""
+    mode = pod_labels.get(DATAPLANE_MODE_LABEL)
+    if mode in ("none", "ambient"):
+        return mode == "ambient"
+    return ns_labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+
+
 def pod_is_ambient(kubeconfig: str, namespace: str, name: str, timeout: float) -> bool:
     """Ask the API server whether the pod is in the mesh (same rule as Snapshot.is_ambient)."""
     pod_labels = _api_get(kubeconfig, f"/api/v1/namespaces/{namespace}/pods/{name}", timeout)
-    mode = pod_labels.get(DATAPLANE_MODE_LABEL)
-    if mode == "none":
-        return False
-    if mode == "ambient":
-        return True
+    if pod_labels.get(DATAPLANE_MODE_LABEL) in ("none", "ambient"):
+        return is_ambient(pod_labels, {})
     ns_labels = _api_get(kubeconfig, f"/api/v1/namespaces/{namespace}", timeout)
-    return ns_labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+    return is_ambient(pod_labels, ns_labels)
+
+
+def pod_is_ambient_in_file(path: str, namespace: str, name: str) -> bool:
+    """The same question asked of the YAML file ztunnel's file source reads (the lab). A pod
+    the file does not hold yet is treated as its namespace says: the runtime creates the
+    sandbox before whoever writes the file may have caught up."""
+    import yaml
+
+    pod_labels: dict[str, str] = {}
+    ns_labels: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for doc in yaml.safe_load_all(f):
+            if not isinstance(doc, dict):
+                continue
+            meta = doc.get("metadata") or {}
+            labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+            if doc.get("kind") == "Namespace" and meta.get("name") == namespace:
+                ns_labels = labels
+            elif (
+                doc.get("kind") == "Pod"
+                and meta.get("name") == name
+                and meta.get("namespace", "default") == namespace
+            ):
+                pod_labels = labels
+    return is_ambient(pod_labels, ns_labels)
 
 
 def _api_get(kubeconfig: str, path: str, timeout: float) -> Mapping[str, str]:
@@ -336,27 +368,35 @@ def _unreachable(
     inv: Invocation, ns: str, name: str, result: dict[str, Any] | None, why: str, log: _Log
 ) -> dict[str, Any] | None:
     kubeconfig = inv.conf.get("kubeconfig")
-    if not kubeconfig:
+    mesh_config = inv.conf.get("meshConfig")
+    if not kubeconfig and not mesh_config:
         raise CniError(
             ERR_TRY_AGAIN_LATER,
-            f"pod {ns}/{name}: ztunnel unreachable and no kubeconfig to tell whether the pod "
-            "is in the mesh",
+            f"pod {ns}/{name}: ztunnel unreachable and no kubeconfig (or meshConfig) to tell "
+            "whether the pod is in the mesh",
             why,
         )
     timeout = float(inv.conf.get("timeoutSeconds", 5))
+    source = "the API server" if kubeconfig else f"meshConfig {mesh_config}"
     try:
-        ambient = pod_is_ambient(str(kubeconfig), ns, name, timeout)
+        if kubeconfig:
+            ambient = pod_is_ambient(str(kubeconfig), ns, name, timeout)
+        else:
+            ambient = pod_is_ambient_in_file(str(mesh_config), ns, name)
     except Exception as exc:  # any failure to look: we cannot prove the pod is outside
         raise CniError(
             ERR_TRY_AGAIN_LATER,
-            f"pod {ns}/{name}: ztunnel unreachable and the API server lookup failed",
+            f"pod {ns}/{name}: ztunnel unreachable and the lookup in {source} failed",
             f"{why}; {type(exc).__name__}: {exc}",
         ) from None
     if ambient:
         raise CniError(
             ERR_TRY_AGAIN_LATER, f"pod {ns}/{name} is ambient but ztunnel is unreachable", why
         )
-    log(f"ADD {ns}/{name}: ztunnel unreachable ({why}); pod is not ambient, passing")
+    log(
+        f"ADD {ns}/{name}: ztunnel unreachable ({why}); {source} says the pod is not ambient, "
+        "passing"
+    )
     return result
 
 

@@ -65,8 +65,13 @@ def install_mesh_plugin(bin_dir: Path) -> str:
     return f"{bin_dir}:{CNI_PATH}"
 
 
-def mesh_config(lab: str, enrol_socket: Path, log_file: Path) -> dict[str, Any]:
-    """The chained entry, with the keys the installer writes on a node."""
+def mesh_config(
+    lab: str, enrol_socket: Path, log_file: Path, mesh_config_file: Path
+) -> dict[str, Any]:
+    """The chained entry, with the keys the installer writes on a node, except that the lab's
+    source of truth for labels is the config file ztunnel reads (`meshConfig`), where a node
+    has the API server (`kubeconfig`): with ztunnel down, the plugin still lets non-ambient
+    pods through and refuses ambient ones."""
     return {
         "cniVersion": CNI_VERSION,
         "name": f"{lab}-pods",
@@ -74,6 +79,7 @@ def mesh_config(lab: str, enrol_socket: Path, log_file: Path) -> dict[str, Any]:
         "enrolSocket": str(enrol_socket),
         "timeoutSeconds": 15,
         "excludeNamespaces": [],
+        "meshConfig": str(mesh_config_file),
         "logFile": str(log_file),
     }
 

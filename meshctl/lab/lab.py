@@ -422,17 +422,61 @@ class Lab:
         # same CNI_ARGS on DEL and must not refuse keys meant for another plugin)
         rec.args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": name,
                     "AMBIENT_CGROUP": str(pod["cgroup"])}  # fmt: skip
-        conf = cni.mesh_config(p.lab, p.enrol_socket(rec.node), p.state_dir / "cni.log")
-        conf["prevResult"] = rec.results[-1]
-        rec.configs.append({k: v for k, v in conf.items() if k != "prevResult"})
+        conf = cni.mesh_config(p.lab, p.enrol_socket(rec.node), p.state_dir / "cni.log",
+                               p.config_file)  # fmt: skip
+        rec.configs.append(conf)
         st.save()
-        result = cni.invoke(
-            "ADD", conf, node_netns=p.node_netns(rec.node), container_id=rec.container_id,
-            pod_netns=rec.netns, cni_path=rec.cni_path, cni_args=rec.args,
-        )  # fmt: skip
+        result = self.cni_mesh_plugin("ADD", namespace, name)
         rec.results.append(result)
         st.save()
         self.out(f"CNI ADD {cni.MESH_PLUGIN} {key}")
+
+    def cni_mesh_plugin(self, command: str, namespace: str, name: str) -> dict[str, Any]:
+        """Run `ambientmesh-cni` for a pod of the lab once more, exactly as the runtime ran it
+        in the chain (its config, the bridge's result as prevResult, the same CNI_ARGS). A
+        failure raises LabError carrying the plugin's CNI error."""
+        p, st = self.paths, self.state
+        key = f"{namespace}/{name}"
+        rec = next((r for r in st.cni if r.pod == key), None)
+        if rec is None or not rec.configs or rec.configs[-1].get("type") != cni.MESH_PLUGIN:
+            raise LabError(f"pod {key} was not set up through {cni.MESH_PLUGIN}")
+        conf = dict(rec.configs[-1])
+        conf["prevResult"] = rec.results[len(rec.configs) - 2]  # the bridge's result
+        return cni.invoke(
+            command, conf, node_netns=p.node_netns(rec.node), container_id=rec.container_id,
+            pod_netns=rec.netns, cni_path=rec.cni_path, cni_args=rec.args,
+        )  # fmt: skip
+
+    def await_enrolment(
+        self, snap: Snapshot | None = None, nodes: Sequence[str] | None = None,
+        timeout: float = 20.0,
+    ) -> None:  # fmt: skip
+        """Wait until every node's ztunnel reports each of its pods enrolled exactly when the
+        snapshot says the pod is ambient: ztunnel follows label changes from its config (as it
+        follows the API server on a node), and re-enrols from its own state after a restart;
+        the lab only watches it happen."""
+        if self.capture != "enrol":
+            return
+        snap = snap or self.snapshot()
+        deadline = time.monotonic() + timeout
+        while True:
+            wrong: list[str] = []
+            for node in nodes if nodes is not None else list(self.state.nodes):
+                try:
+                    listed = enrol_request(self.paths.enrol_socket(node), {"op": "list"})
+                except LabError as exc:
+                    wrong.append(str(exc))
+                    continue
+                enrolled = {str(r["pod"]) for r in listed.get("pods", []) if r.get("enrolled")}
+                for pod in snap.pods_on_node(node):
+                    want = snap.is_ambient(pod)
+                    if (pod.key in enrolled) != want:
+                        wrong.append(f"{pod.key} {'not ' if want else ''}enrolled on {node}")
+            if not wrong:
+                return
+            if time.monotonic() > deadline:
+                raise LabError("ztunnel's enrolment never matched the config: " + "; ".join(wrong))
+            time.sleep(0.1)
 
     def _report_enrolled(self) -> None:
         """What each ztunnel says it enrolled (its own answer, not the lab's expectation)."""
@@ -442,23 +486,6 @@ class Lab:
                 if pod.get("enrolled"):
                     listeners = ", ".join(pod.get("listeners", []))
                     self.out(f"enrolled {pod['pod']} on {node}: listening on {listeners}")
-
-    def _enrol(self, namespace: str, name: str, *, add: bool) -> None:
-        st = self.state
-        if self.capture != "enrol":
-            return
-        pod = st.pods[f"{namespace}/{name}"]
-        msg = {
-            "op": "add" if add else "del",
-            "namespace": namespace,
-            "name": name,
-            "netns": netns_path(str(pod["netns"])),
-            "cgroup": str(pod["cgroup"]),
-        }
-        reply = enrol_request(self.paths.enrol_socket(str(pod["node"])), msg)
-        if not reply.get("ok"):
-            raise LabError(f"enrolment of {namespace}/{name} failed: {reply.get('error')}")
-        self.out(f"{'enrolled' if add else 'unenrolled'} {namespace}/{name}")
 
     # -- processes -----------------------------------------------------------------------
 
@@ -547,10 +574,10 @@ class Lab:
     # -- live changes --------------------------------------------------------------------
 
     def label(self, kind: str, namespace: str | None, name: str, change: str) -> None:
-        """Edit a label in the lab's manifest, regenerate the config (ztunnel reloads it), and
-        tell ztunnel about pods that became ambient (ztunnel unenrols the others itself)."""
+        """Edit a label in the lab's manifest and regenerate the config; each ztunnel reloads
+        it and enrols or unenrols the pods it was told about (by the CNI plugin) on its own, as
+        it does on a node when the API server reports a label change. Returns once they have."""
         p, st = self.paths, self.state
-        before = self.snapshot()
         docs = manifest.set_label(manifest.load([p.manifest_file]), kind, namespace, name, change)
         pod_ips = {tuple(k.split("/", 1)): str(v["ip"]) for k, v in st.pods.items() if "ip" in v}
         node_ips = {n: str(i["ip"]) for n, i in st.nodes.items()}
@@ -564,14 +591,8 @@ class Lab:
         manifest.write_atomic(p.manifest_file, manifest.dump(docs))
         manifest.write_atomic(p.config_file, manifest.dump(generated))
         self._apply_service_rules(snap)
-        for pod in snap.pods:
-            old = before.pod(pod.namespace, pod.name)
-            was = old is not None and before.is_ambient(old)
-            now = snap.is_ambient(pod)
-            if now and not was and self.mesh:
-                self._enrol(pod.namespace, pod.name, add=True)
-            elif was and not now and self.mesh:
-                self._enrol(pod.namespace, pod.name, add=False)
+        if self.mesh:
+            self.await_enrolment(snap)
         self._record_pods(snap)
 
     def stop_ztunnel(self, node: str) -> None:
@@ -582,8 +603,8 @@ class Lab:
         self.state.drop_proc(rec.pid)
 
     def restart_ztunnel(self, node: str) -> int:
-        """Replace a node's ztunnel (stopped or crashed) and re-enrol that node's ambient pods;
-        the pods keep running."""
+        """Replace a node's ztunnel (stopped or crashed); it re-enrols that node's pods from
+        the state its predecessor kept (nobody re-announces them), and the pods keep running."""
         if node not in self.state.nodes:
             raise LabError(f"node {node!r} is not in lab {self.paths.lab}")
         rec = self._proc("ztunnel", node)
@@ -592,10 +613,7 @@ class Lab:
             self.state.drop_proc(rec.pid)
         pid = self._start_ztunnel(node)
         self._wait_ztunnel_ready(node)
-        for key, info in self.state.pods.items():
-            if info.get("node") == node and info.get("ambient"):
-                ns, name = key.split("/", 1)
-                self._enrol(ns, name, add=True)
+        self.await_enrolment(nodes=[node])  # the new ztunnel restored its pods from its state
         return pid
 
     # -- down ----------------------------------------------------------------------------
@@ -620,15 +638,17 @@ class Lab:
             except Exception as exc:
                 problems.append(f"{what}: {exc}")
 
-        if st is not None:
-            pods = [r for r in st.procs if r.kind == "pod"]
-            others = [r for r in st.procs if r.kind != "pod"]
-            for r in pods + others:
+        def stop(records: list[ProcRecord]) -> None:
+            for r in records:
                 say(f"stopping {r.kind} {r.name} (pid {r.pid})")
                 step(f"stop {r.kind} {r.name}",
                      lambda r=r: stop_process(r.pid, r.start_time, group=True))  # type: ignore[misc]  # fmt: skip
-        step("kill leftover processes", lambda: cgroup_kill_all(p.lab_cgroup))
+
+        # as a node deletes pods: containers stop, then the runtime runs the CNI chain's DEL
+        # (ambientmesh-cni first: ztunnel, still running, unenrols the pod), then the node goes
         if st is not None:
+            stop([r for r in st.procs if r.kind == "pod"])
+            step("kill leftover pod processes", lambda: cgroup_kill_all(p.lab_cgroup / "pods"))
             for rec in reversed(st.cni):
                 node_ns = p.node_netns(rec.node)
                 if not (netns_exists(node_ns) and netns_exists(rec.netns)):
@@ -644,6 +664,8 @@ class Lab:
                             cni_path=rec.cni_path, cni_args=rec.args,
                         ),
                     )  # fmt: skip
+            stop([r for r in st.procs if r.kind != "pod"])
+        step("kill leftover processes", lambda: cgroup_kill_all(p.lab_cgroup))
         names = set(netns_list(p.prefix)) | set(st.netns if st else [])
         # pods first, then nodes, then the underlay: links die with their namespace
         order = sorted(names, key=lambda n: (0 if "-pod-" in n else 1 if "-node-" in n else 2, n))

@@ -1,4 +1,9 @@
-"""Real netns + cgroup + BPF: outbound redirect and SO_ORIGINAL_DST (root only)."""
+"""Real netns + cgroup + BPF: outbound redirect and SO_ORIGINAL_DST (root only).
+
+Wired as ztunnel.redirect wires a node: connect4/getpeername4/sockops on the pod's cgroup,
+getsockopt/sockops on a cgroup of the proxy's own, in which the proxy's stand-in creates its
+listener. Nothing is attached to the machine's root cgroup (it would catch every process, and
+another test attaching there at the same time would replace our programs)."""
 
 from __future__ import annotations
 
@@ -39,31 +44,45 @@ SERVER = textwrap.dedent(
 def lab(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, BpfRedirector]]:
     sfx = secrets.token_hex(2)
     ns = f"am-{sfx}-pod"
-    cg = f"/sys/fs/cgroup/unified/ambientmesh-test-{sfx}"
+    root = f"/sys/fs/cgroup/unified/ambientmesh-test-{sfx}"
+    cg, proxy_cg = f"{root}/pod", f"{root}/ztunnel"
     pins = f"/sys/fs/bpf/ambientmesh-test-{sfx}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    os.mkdir(cg)
-    r = BpfRedirector(pin_root=pins, fastpath=getattr(request, "param", False))
+    for d in (root, cg, proxy_cg):
+        os.mkdir(d)
+    r = BpfRedirector(
+        pin_root=pins, fastpath=getattr(request, "param", False), ztunnel_cgroup=proxy_cg
+    )
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.2/32", "dev", "lo"], check=True)
         r.install()
         r.enrol(cg, f"/run/netns/{ns}")
+        r._attach(cg, ("sockops",))
         yield ns, cg, r
     finally:
         try:
+            r._attach(cg, ("sockops",), detach=True)
             r.unenrol(cg, f"/run/netns/{ns}")
             r.uninstall()
         finally:
-            os.rmdir(cg)
+            for d in (cg, proxy_cg, root):
+                os.rmdir(d)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(pins, ignore_errors=True)
 
 
+def as_proxy(r: BpfRedirector, ns: str, script: str) -> list[str]:
+    """argv running `script` in the pod's netns from the proxy's cgroup (a socket belongs to
+    the cgroup it was created in: that is where getsockopt must find the listener's)."""
+    return ["sh", "-c", f'echo $$ > {r.ztunnel_cgroup}/cgroup.procs && exec "$@"', "sh",
+            "nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", script]  # fmt: skip
+
+
 def test_connect_redirected_and_original_dst(lab: tuple[str, str, BpfRedirector]) -> None:
-    ns, cg, _ = lab
+    ns, cg, r = lab
     srv = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", SERVER],
+        as_proxy(r, ns, SERVER),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -110,9 +129,9 @@ def _run(ns: str, *args: str) -> str:
     return res.stdout.strip()
 
 
-def _listen(ns: str) -> subprocess.Popen[str]:
+def _listen(ns: str, r: BpfRedirector) -> subprocess.Popen[str]:
     srv = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", SERVER],
+        as_proxy(r, ns, SERVER),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -132,8 +151,8 @@ def test_not_redirected(
     lab: tuple[str, str, BpfRedirector], cgroup: str, dst: str, port: str
 ) -> None:
     """With a listener on 15001, each of these must still go to its own (closed) port."""
-    ns, cg, _ = lab
-    srv = _listen(ns)
+    ns, cg, r = lab
+    srv = _listen(ns, r)
     try:
         assert _run(ns, cg if cgroup == "cg" else "-", dst, port) == "refused"
     finally:
@@ -167,7 +186,7 @@ def test_fail_closed_without_listener(lab: tuple[str, str, BpfRedirector]) -> No
 
 def test_unenrol_stops_redirect(lab: tuple[str, str, BpfRedirector]) -> None:
     ns, cg, r = lab
-    srv = _listen(ns)
+    srv = _listen(ns, r)
     try:
         r.unenrol(cg, f"/run/netns/{ns}")
         r.unenrol(cg, f"/run/netns/{ns}")  # idempotent
@@ -224,7 +243,7 @@ def test_uninstall_leaves_no_pins_or_attachments(lab: tuple[str, str, BpfRedirec
     r.unenrol(cg, f"/run/netns/{ns}")
     r.uninstall()
     assert not os.path.exists(r.pin_root)
-    srv = _listen(ns)
+    srv = _listen(ns, r)
     try:  # nothing attached any more: the pod's connect goes to the real (closed) port
         assert _run(ns, cg, "10.77.0.2", "80") == "refused"
     finally:
@@ -263,9 +282,9 @@ BULK_CLIENT = textwrap.dedent(
 
 @pytest.mark.parametrize("lab", [True], indirect=True)
 def test_fastpath_bytes_intact_both_ways(lab: tuple[str, str, BpfRedirector]) -> None:
-    ns, cg, _ = lab
+    ns, cg, r = lab
     srv = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", BULK_SERVER],
+        as_proxy(r, ns, BULK_SERVER),
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labkit import MANIFEST, LabFactory, leftovers, remove_roots, unique_paths
+from labkit import MANIFEST, LabFactory, leftovers, remove_roots, seen, unique_paths
 
 from meshctl.lab.lab import Lab
 
@@ -27,9 +27,9 @@ def lab_factory(tmp_path: Path) -> Iterator[LabFactory]:
 
     yield make
     for lab in made:
-        pids = [r.pid for r in lab.state.procs] if lab.exists() else []
+        was = seen(lab)
         problems = lab.down(quiet=True)
-        left = leftovers(lab.paths, pids)
+        left = leftovers(lab.paths, [], was)
         remove_roots(lab.paths)
         assert not problems, problems
         assert not left, f"lab down left: {left}"

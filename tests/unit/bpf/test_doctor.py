@@ -28,3 +28,20 @@ def test_optional_miss_keeps_exit_0(
     )
     assert _doctor(argparse.Namespace()) == 0
     assert "fix: modprobe tls" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("release", "ok"),
+    [("6.18.44-fc-v595", True), ("5.15.0-91-generic", True), ("5.10.0-28-amd64", False),
+     ("4.19.0+", False)],
+)  # fmt: skip
+def test_kernel_check_states_the_minimum_and_why(release: str, ok: bool) -> None:
+    c = doctor._kernel(release)
+    assert c.ok is ok
+    assert "5.15" in c.name and "bpf_get_netns_cookie" in c.name
+    assert c.detail == release and "5.15" in c.fix
+
+
+def test_unparsable_kernel_release_is_reported_not_raised() -> None:
+    c = doctor._kernel("weird")
+    assert not c.ok and "'weird'" in c.detail
