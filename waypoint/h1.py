@@ -426,10 +426,7 @@ class H1Client(WireConn):
 
     def wire_lost(self) -> None:
         self._die("upstream connection reset")
-        self.closed = True
-        self._writable.set()
-        if not self._done.done():
-            self._done.set_result(None)
+        self._mark_lost()
 
     def _consumed(self, _n: int) -> None:
         ex = self.ex

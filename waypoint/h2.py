@@ -244,10 +244,7 @@ class H2Conn(WireConn):
 
     def wire_lost(self) -> None:
         self._lost("connection reset")
-        self.closed = True
-        self._writable.set()
-        if not self._done.done():
-            self._done.set_result(None)
+        self._mark_lost()
 
     def _lost(self, why: str) -> None:
         if self.dead:

@@ -294,6 +294,13 @@ class WireConn:
 
     # -- for subclasses --------------------------------------------------------------------
 
+    def _mark_lost(self) -> None:
+        """The wire is gone for good: writers waiting in `drain()` wake, `done` fires."""
+        self.closed = True
+        self._writable.set()
+        if not self._done.done():
+            self._done.set_result(None)
+
     def data_from_wire(self, data: bytes) -> None:
         raise NotImplementedError
 
