@@ -59,26 +59,14 @@ class Endpoint(Protocol):
         ...
 
 
-class EndpointBase:
-    """What every endpoint does the same way: holding bytes that arrive before `join`, and
-    the `done` future and byte counters. Subclasses deliver on their hot path inline
-    (`if self._peer is not None: self._peer.write(data)`), so this adds no call per chunk."""
+class EndpointState:
+    """The `done` future and byte counters every endpoint keeps (TCP, HBONE stream, and the
+    waypoint's HTTP connections), read by metrics and access logs when it finishes."""
 
     def __init__(self) -> None:
-        self._peer: Endpoint | None = None
-        self._early: list[bytes] = []  # bytes received before join()
-        self._early_eof = False
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._recv = 0
         self._sent = 0
-
-    def join(self, peer: Endpoint) -> None:
-        self._peer = peer
-        for chunk in self._early:
-            peer.write(chunk)
-        self._early.clear()
-        if self._early_eof:
-            peer.write_eof()
 
     @property
     def done(self) -> asyncio.Future[None]:
@@ -91,3 +79,23 @@ class EndpointBase:
     @property
     def bytes_sent(self) -> int:
         return self._sent
+
+
+class EndpointBase(EndpointState):
+    """What every proxied endpoint does the same way: holding bytes that arrive before `join`.
+    Subclasses deliver on their hot path inline (`if self._peer is not None:
+    self._peer.write(data)`), so this adds no call per chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._peer: Endpoint | None = None
+        self._early: list[bytes] = []  # bytes received before join()
+        self._early_eof = False
+
+    def join(self, peer: Endpoint) -> None:
+        self._peer = peer
+        for chunk in self._early:
+            peer.write(chunk)
+        self._early.clear()
+        if self._early_eof:
+            peer.write_eof()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.stream import Endpoint
+from mesh.stream import Endpoint, EndpointState
 
 Headers = list[tuple[str, str]]
 
@@ -244,19 +244,17 @@ class ExchangeState:
         return self._head_sent
 
 
-class WireConn:
+class WireConn(EndpointState):
     """The peer Endpoint of the byte stream an HTTP connection runs on.
 
     Subclasses implement `data_from_wire` / `eof_from_wire` / `wire_lost`. `drain()` waits
     while the wire has asked us to stop writing."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.wire: Endpoint | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._recv = 0
-        self._sent = 0
         self.closed = False
 
     # -- Endpoint (the wire calls these) ---------------------------------------------------
@@ -279,18 +277,6 @@ class WireConn:
 
     def resume_reading(self) -> None:
         self._writable.set()
-
-    @property
-    def done(self) -> asyncio.Future[None]:
-        return self._done
-
-    @property
-    def bytes_received(self) -> int:
-        return self._recv
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._sent
 
     # -- for subclasses --------------------------------------------------------------------
 
