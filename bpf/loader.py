@@ -122,6 +122,14 @@ class BpfRedirector:
             ) from None
         self._fns = fns
 
+    def close(self) -> None:
+        """Close the program fds `open_pinned` opened (attachments and pins stay). Fds of
+        programs BCC loaded in this process belong to BCC."""
+        if self._bpf is None:
+            for fd in self._fns.values():
+                os.close(fd)
+        self._fns = {}
+
     def _load(self) -> None:
         if self._fns:
             return
@@ -186,6 +194,8 @@ class BpfRedirector:
         if self._fns:
             self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"), detach=True)
         shutil.rmtree(self.pin_root, ignore_errors=True)
+        if self._bpf is None:
+            self.close()
 
     def _inbound_rule(self) -> list[str]:
         skip = ",".join(str(p) for p in (self.hbone_port, self.inbound_port, self.proxy_port))
