@@ -19,7 +19,6 @@ sits between the two pods changes:
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import sys
@@ -38,11 +37,11 @@ from meshctl.lab.system import (
     LabError,
     http_get_in_netns,
     in_netns,
-    proc_alive,
     proc_start_time,
     run,
     socket_in_netns,
     stop_process,
+    wait_ready,
 )
 
 NAMESPACE = "bench"
@@ -414,16 +413,10 @@ class Sidecars:
     def wait_ready(self, key: str, timeout: float = 60.0) -> None:
         e = self._envoys[key]
         netns = str(self.lab.state.pods[key]["netns"])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc_alive(e.pid, e.start_time):
-                tail = e.log.read_text(errors="replace").splitlines()[-10:]
-                raise LabError(f"envoy for {key} exited:\n" + "\n".join(tail))
-            with contextlib.suppress(OSError):
-                http_get_in_netns(netns, "127.0.0.1", ENVOY_ADMIN_PORT, "/ready", timeout=1.0)
-                return
-            time.sleep(0.01)
-        raise LabError(f"envoy for {key} not ready after {timeout:.0f}s")
+        wait_ready(f"envoy for {key} (pid {e.pid})", e.pid, e.start_time, e.log,
+                   lambda: http_get_in_netns(netns, "127.0.0.1", ENVOY_ADMIN_PORT, "/ready",
+                                             timeout=1.0),
+                   timeout, interval=0.01)  # fmt: skip
 
     def admin_stats(self, key: str) -> dict[str, int]:
         """Envoy's counters (to prove the traffic went through mTLS)."""

@@ -7,8 +7,16 @@ from typing import Any
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from bpf.doctor import run
+    from bpf.doctor import fix, run
 
+    if getattr(args, "fix", False):
+        done, could_not = fix()
+        for what in done:
+            print(f"fixed: {what}")
+        for why in could_not:
+            print(f"could not fix: {why}")
+        if not done and not could_not:
+            print("fixed: nothing needed fixing")
     failed = False
     for c in run():
         state = "OK" if c.ok else ("MISSING" if c.required else "MISSING (optional)")
@@ -22,4 +30,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("doctor", help="check kernel/BPF/BCC/iptables/kTLS readiness")
+    p.add_argument(
+        "--fix", action="store_true",
+        help="first do every safe fix: mount cgroup v2 and bpffs, link kernel headers, "
+        "load the tls module",
+    )  # fmt: skip
     p.set_defaults(func=_doctor)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from bpf.mounts import (
+    BPFFS_ROOT,
+    MountUnavailable,
+    cgroup2_root,
+    covering,
+    ensure_bpffs,
+    ensure_cgroup2,
+)
 
 
 @dataclass(frozen=True)
@@ -46,10 +58,11 @@ def _kernel(release: str | None = None) -> Check:
 
 
 def _cgroup2() -> Check:
-    ok = os.path.exists("/sys/fs/cgroup/unified/cgroup.procs") or os.path.exists(
-        "/sys/fs/cgroup/cgroup.controllers"
-    )
-    return Check("cgroup v2", ok, "", "mount -t cgroup2 none /sys/fs/cgroup/unified")
+    root = cgroup2_root()
+    return Check(
+        "cgroup v2", root is not None, root or "not mounted",
+        "meshctl doctor --fix (mounts cgroup2 where this host's layout puts it)",
+    )  # fmt: skip
 
 
 def _btf() -> Check:
@@ -59,7 +72,8 @@ def _btf() -> Check:
 
 def _headers() -> Check:
     ok = os.path.exists(f"/lib/modules/{os.uname().release}/build")
-    return Check("kernel headers for BCC", ok, "", "scripts/setup.sh (links Debian headers)")
+    fix = "apt-get install -y linux-headers-amd64, then meshctl doctor --fix (links them)"
+    return Check("kernel headers for BCC", ok, "", fix)
 
 
 def _bcc_and_compile() -> Check:
@@ -111,9 +125,10 @@ def _ktls() -> Check:
 
 
 def _bpffs() -> Check:
-    with open("/proc/mounts") as f:
-        ok = any(line.split()[2] == "bpf" for line in f)
-    return Check("bpffs mounted", ok, "", "mount -t bpf bpf /sys/fs/bpf", False)
+    m = covering(BPFFS_ROOT)
+    ok = m is not None and m.fstype == "bpf" and m.point == BPFFS_ROOT
+    detail = "" if ok else "not mounted (ztunnel and the lab mount it when they start)"
+    return Check(f"bpffs at {BPFFS_ROOT}", ok, detail, "meshctl doctor --fix", False)
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (
@@ -123,3 +138,70 @@ CHECKS: tuple[Callable[[], Check], ...] = (
 
 def run() -> list[Check]:
     return [c() for c in CHECKS]
+
+
+# -- fixes: only what is safe on any node (mounts the kernel offers, a symlink, a module) ---
+
+
+def _version_key(path: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def link_headers(
+    release: str | None = None, modules: str = "/lib/modules", src: str = "/usr/src"
+) -> list[str]:
+    """BCC compiles against /lib/modules/<release>/build. A kernel that ships no headers
+    (a cloud or CI kernel) can use Debian's: our programs touch only UAPI structures. The
+    headers of this very release win where they exist, else the newest installed."""
+    release = release or os.uname().release
+    build = Path(modules, release, "build")
+    if build.exists():
+        return []
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    own = Path(src, f"linux-headers-{release}")
+    candidates = [own] if own.is_dir() else []
+    candidates += [Path(p) for p in sorted(glob.glob(f"{src}/linux-headers-*-{arch}"),
+                                           key=_version_key, reverse=True)]  # fmt: skip
+    for hdr in candidates:
+        common = Path(str(hdr).removesuffix(f"-{arch}") + "-common")
+        if not (hdr / "Makefile").exists():
+            continue
+        build.parent.mkdir(parents=True, exist_ok=True)
+        for name, target in (("build", hdr), ("source", common if common.is_dir() else hdr)):
+            link = build.parent / name
+            if link.is_symlink() or link.exists():
+                link.unlink()  # a dangling link from an older headers package
+            link.symlink_to(target)
+        return [f"linked {build} -> {hdr}"]
+    return []
+
+
+def _modprobe_tls() -> list[str]:
+    if ktls_probe_ok() or shutil.which("modprobe") is None:
+        return []
+    res = subprocess.run(["modprobe", "tls"], capture_output=True, text=True)
+    return ["loaded the tls module (kTLS)"] if res.returncode == 0 and ktls_probe_ok() else []
+
+
+def ktls_probe_ok() -> bool:
+    from mesh import ktls
+
+    return ktls.probe().available
+
+
+def fix() -> tuple[list[str], list[str]]:
+    """Every safe fix doctor knows: (what was done, what could not be done and why)."""
+    done: list[str] = []
+    failed: list[str] = []
+    steps: tuple[Callable[[], list[str]], ...] = (
+        lambda: ensure_cgroup2()[1],
+        lambda: ensure_bpffs(BPFFS_ROOT),
+        link_headers,
+        _modprobe_tls,
+    )
+    for step in steps:
+        try:
+            done += step()
+        except (OSError, MountUnavailable) as exc:
+            failed.append(str(exc))
+    return done, failed

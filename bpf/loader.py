@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bpf import syscall
+from bpf.mounts import BPFFS_ROOT, MountUnavailable, default_cgroup_root, ensure_bpffs
 from mesh.process import EnvironmentUnfit
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/ambientmesh"
-DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup/unified"
+DEFAULT_PIN_ROOT = f"{BPFFS_ROOT}/ambientmesh"
 DEFAULT_EXCLUDED_PORTS = (15000, 15001, 15006, 15008, 15020, 15021)
 _SRC = Path(__file__).with_name("redirect.bpf.c")
 
@@ -50,20 +50,6 @@ def import_bcc() -> Any:
     return bcc
 
 
-def _ensure_bpffs(where: str) -> None:
-    """Pins need a bpf filesystem; fresh hosts often have /sys/fs/bpf unmounted."""
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[2] == "bpf" and where.startswith(parts[1]):
-                return
-    res = subprocess.run(["mount", "-t", "bpf", "bpf", where], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BpfUnavailable(
-            f"no bpf filesystem at {where} ({res.stderr.strip()}); fix: mount -t bpf bpf {where}"
-        )
-
-
 class BpfRedirector:
     """Node-wide owner of the redirect programs; enrol/unenrol attach per pod cgroup.
 
@@ -78,7 +64,7 @@ class BpfRedirector:
         inbound_port: int = 15006,
         hbone_port: int = 15008,
         fastpath: bool = False,
-        ztunnel_cgroup: str = DEFAULT_CGROUP_ROOT,
+        ztunnel_cgroup: str | None = None,
         excluded_ports: tuple[int, ...] = DEFAULT_EXCLUDED_PORTS,
     ) -> None:
         self.pin_root = pin_root
@@ -86,10 +72,11 @@ class BpfRedirector:
         self.inbound_port = inbound_port
         self.hbone_port = hbone_port
         self.fastpath = fastpath
-        self.ztunnel_cgroup = ztunnel_cgroup
+        self.ztunnel_cgroup = ztunnel_cgroup or default_cgroup_root()
         self.excluded_ports = excluded_ports
         self._bpf: Any = None
         self._fns: dict[str, int] = {}  # program name -> fd
+        self.mount_actions: list[str] = []  # what had to be mounted first, for the log
 
     PROGRAMS = ("connect4", "getpeername4", "sockops", "getsockopt")
 
@@ -134,8 +121,7 @@ class BpfRedirector:
         if self._fns:
             return
         bcc = import_bcc()
-        _ensure_bpffs(os.path.dirname(self.pin_root.rstrip("/")) or "/")
-        os.makedirs(self.pin_root, exist_ok=True)
+        self.mount_actions += ensure_bpffs(self.pin_root)
         # BCC wants bytes (str works but warns on every load)
         text = _SRC.read_text().replace("PIN_ROOT", self.pin_root).encode()
         self._bpf = b = bcc.BPF(
@@ -239,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--proxy-port", type=int, default=15001)
     ld.add_argument("--fastpath", action="store_true", help="sk_msg/sockhash between local sockets")
     args = p.parse_args(argv)
+    r = BpfRedirector(pin_root=args.pin_root, proxy_port=args.proxy_port, fastpath=args.fastpath)
     try:
-        BpfRedirector(
-            pin_root=args.pin_root, proxy_port=args.proxy_port, fastpath=args.fastpath
-        ).pin_programs()
-    except (BpfUnavailable, OSError) as exc:
+        r.pin_programs()
+        for what in r.mount_actions:
+            print(f"bpf.loader: {what}", file=sys.stderr)
+    except (BpfUnavailable, MountUnavailable, OSError) as exc:
         print(f"bpf.loader: {exc}", file=sys.stderr)
         return 2
     return 0

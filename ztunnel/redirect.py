@@ -24,10 +24,8 @@ from mesh.process import EnvironmentUnfit
 
 log = logging.getLogger("ztunnel.redirect")
 
-CGROUP2_ROOT = "/sys/fs/cgroup/unified"
 
-
-def own_cgroup(root: str = CGROUP2_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> str:
+def own_cgroup(root: str, proc_cgroup: str = "/proc/self/cgroup") -> str:
     """This process's cgroup v2 directory (the `0::` line), under `root`.
 
     In a Kubernetes pod with a private cgroup namespace the line reads `0::/` although the
@@ -50,9 +48,12 @@ class NodeRedirector:
     def __init__(
         self, node: str, pin_root: str | None = None, ztunnel_cgroup: str | None = None
     ) -> None:
-        from bpf.loader import DEFAULT_CGROUP_ROOT, DEFAULT_PIN_ROOT, BpfRedirector
+        from bpf.loader import DEFAULT_PIN_ROOT, BpfRedirector
+        from bpf.mounts import ensure_cgroup2
 
-        root = DEFAULT_CGROUP_ROOT if os.path.isdir(DEFAULT_CGROUP_ROOT) else "/sys/fs/cgroup"
+        root, done = ensure_cgroup2()
+        for what in done:
+            log.info("%s (nothing was mounted there)", what)
         self.cgroup = ztunnel_cgroup or own_cgroup(root)
         if not ztunnel_cgroup and os.path.realpath(self.cgroup) == os.path.realpath(root):
             raise EnvironmentUnfit(
@@ -76,6 +77,8 @@ class NodeRedirector:
             from bpf.loader import BpfUnavailable
 
             raise BpfUnavailable(res.stderr.strip().splitlines()[-1] if res.stderr else "failed")
+        for line in res.stderr.splitlines():  # e.g. that it mounted bpffs first
+            log.info("%s", line)
         self.bpf.open_pinned()
         self.bpf._attach(self.cgroup, ("getsockopt", "sockops"))
         log.info("redirect programs loaded (pins %s, cgroup %s)", self.pin_root, self.cgroup)

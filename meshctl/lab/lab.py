@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bpf.mounts import MountUnavailable, ensure_bpffs, ensure_cgroup2
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from meshctl.lab import cni, kubeproxy, manifest
@@ -42,6 +43,7 @@ from meshctl.lab.system import (
     cgroup_remove_tree,
     http_get_in_netns,
     in_netns,
+    log_tail,
     netns_add,
     netns_del,
     netns_exists,
@@ -51,6 +53,7 @@ from meshctl.lab.system import (
     run,
     stop_process,
     sysctl,
+    wait_ready,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -150,6 +153,23 @@ class Lab:
 
     # -- up ------------------------------------------------------------------------------
 
+    def _ensure_filesystems(self) -> None:
+        """cgroup v2 for the pods and ztunnels, bpffs for the pins: mounted if a fresh host
+        has none yet (ztunnel's loader would mount bpffs too; doing it here says so once)."""
+        try:
+            root, done = ensure_cgroup2()
+            if self.mesh:
+                done += ensure_bpffs(str(self.paths.pin_root))
+        except MountUnavailable as exc:
+            raise LabError(str(exc)) from None
+        for what in done:
+            self.out(f"{what} (nothing was mounted there)")
+        if not str(self.paths.cgroup_root).startswith(root.rstrip("/") + "/"):
+            raise LabError(
+                f"cgroup root {self.paths.cgroup_root} is not on cgroup v2 (mounted at {root}); "
+                f"pass --cgroup-root {root}/ambientmesh"
+            )
+
     def up(self, manifest_path: Path | str, *, keep_on_error: bool = False) -> Snapshot:
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, cgroups, BPF)")
@@ -160,6 +180,7 @@ class Lab:
             )
         docs = manifest.load([manifest_path])
         topo = manifest.plan(docs)
+        self._ensure_filesystems()
         leftovers = netns_list(self.paths.prefix)
         if leftovers or self.paths.lab_cgroup.exists():
             self.out(f"cleaning what an earlier run of lab {self.paths.lab} left behind")
@@ -389,25 +410,20 @@ class Lab:
         self.out(f"ztunnel {node}: pid {pid}, hbone {st.nodes[node]['ip']}:{HBONE_PORT}")
         return pid
 
-    def _wait_ztunnel_ready(self, node: str, timeout: float = 30.0) -> None:
+    def _wait_ztunnel_ready(self, node: str, timeout: float = 60.0) -> None:
         info = self.state.nodes[node]
         rec = self._proc("ztunnel", node)
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if rec is None or not proc_alive(rec.pid, rec.start_time):
-                raise LabError(f"ztunnel {node} exited; see {rec.log if rec else 'its log'}:\n"
-                               + self._tail(rec.log if rec else ""))  # fmt: skip
-            try:
-                http_get_in_netns(str(info["netns"]), str(info["ip"]), READINESS_PORT,
-                                  "/healthz/ready", timeout=1.0)  # fmt: skip
-                if self.capture == "enrol" and not self.paths.enrol_socket(node).exists():
-                    raise OSError("enrolment socket not there yet")
-                return
-            except OSError as exc:
-                last = exc
-                time.sleep(0.1)
-        raise LabError(f"ztunnel {node} not ready after {timeout:.0f}s: {last}")
+        if rec is None:
+            raise LabError(f"ztunnel {node} was never started")
+
+        def probe() -> None:
+            http_get_in_netns(str(info["netns"]), str(info["ip"]), READINESS_PORT,
+                              "/healthz/ready", timeout=1.0)  # fmt: skip
+            if self.capture == "enrol" and not self.paths.enrol_socket(node).exists():
+                raise OSError("enrolment socket not there yet")
+
+        wait_ready(f"ztunnel {node} (pid {rec.pid})", rec.pid, rec.start_time, rec.log, probe,
+                   timeout)  # fmt: skip
 
     def _cni_mesh_add(self, namespace: str, name: str) -> None:
         """The chain's last step, `ambientmesh-cni` ADD with the bridge's result as prevResult,
@@ -535,11 +551,13 @@ class Lab:
                 joined = str(pid) in (cgroup / "cgroup.procs").read_text().split()
                 inside = os.stat(f"/proc/{pid}/ns/net").st_ino == want
             except OSError:
-                raise LabError(f"pod {key} exited at start:\n{self._tail(str(log))}") from None
+                raise LabError(f"pod {key} exited at start\n{log_tail(log)}") from None
             if joined and inside:
                 return
             time.sleep(0.01)
-        raise LabError(f"pod {key}: process {pid} never entered its netns and cgroup")
+        raise LabError(
+            f"pod {key}: process {pid} never entered its netns and cgroup\n{log_tail(log)}"
+        )
 
     def _record_pods(self, snap: Snapshot) -> None:
         for pod in snap.pods:
@@ -547,13 +565,6 @@ class Lab:
             info["ambient"] = snap.is_ambient(pod)
             info["identity"] = snap.identity(pod)
         self.state.save()
-
-    @staticmethod
-    def _tail(path: str, lines: int = 15) -> str:
-        try:
-            return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
     def exec_in_pod(
         self, namespace: str, name: str, cmd: Sequence[str], *, timeout: float = 30.0

@@ -12,11 +12,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bpf.mounts import BPFFS_ROOT, default_cgroup_root
+
 LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 DEFAULT_LAB = "lab"
 STATE_ROOT = Path("/run/ambientmesh")
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified/ambientmesh")
-PIN_ROOT = Path("/sys/fs/bpf/ambientmesh")
+# cgroup v2 is at /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a hybrid one
+CGROUP_ROOT = Path(default_cgroup_root()) / "ambientmesh"
+PIN_ROOT = Path(BPFFS_ROOT) / "ambientmesh"
 NETNS_DIR = Path("/var/run/netns")
 CNI_PATH = "/usr/lib/cni"
 UNDERLAY_NET = ipaddress.IPv4Network("172.30.0.0/24")

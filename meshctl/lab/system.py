@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from meshctl.lab.names import NETNS_DIR, netns_path
@@ -188,14 +188,61 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def proc_alive(pid: int, start_time: int) -> bool:
-    return proc_start_time(pid) == start_time
+    """The process we started under `pid` still runs. A child that exited but was not
+    reaped yet (the lab tracks children by PID, not by Popen) is a zombie: dead, and reaped
+    here so that its exit is seen at once instead of as a readiness timeout."""
+    if proc_start_time(pid) != start_time:
+        return False
+    if _zombie(pid):
+        _reap(pid)
+        return False
+    return True
+
+
+def log_tail(path: str | Path, lines: int = 20) -> str:
+    """The last lines of a process's own log, where the real reason (and its fix) is."""
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"(no log at {path}: {exc.strerror})"
+    body = "\n".join(f"  | {line}" for line in text) if text else "  | (empty)"
+    return f"last lines of {path}:\n{body}"
+
+
+def wait_ready(
+    what: str,
+    pid: int,
+    start_time: int,
+    log: str | Path,
+    probe: Callable[[], object],
+    timeout: float,
+    interval: float = 0.1,
+) -> None:
+    """Poll `probe` until it stops raising OSError. If the process exits first, or the
+    deadline passes, raise LabError with the tail of the process's own log: a bare
+    "not ready after 30s" hides the reason, which the process has almost always written."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        if not proc_alive(pid, start_time):
+            raise LabError(f"{what} exited before it was ready\n{log_tail(log)}")
+        try:
+            probe()
+            return
+        except OSError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"{what} not ready after {timeout:.0f}s (last probe: {last})\n{log_tail(log)}"
+            )
+        time.sleep(interval)
 
 
 def stop_process(pid: int, start_time: int, *, group: bool, timeout: float = 3.0) -> None:
     """TERM (the whole process group for pods), then KILL after `timeout`; only if the PID
     still belongs to the process we started."""
     if not proc_alive(pid, start_time):
-        return
+        return  # gone (or a zombie, which proc_alive reaped)
     send = os.killpg if group else os.kill
     try:
         send(pid, signal.SIGTERM)

@@ -13,14 +13,13 @@ services labelled `istio.io/use-waypoint=<name>` (or in such a namespace) to it.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from meshctl.lab import manifest
 from meshctl.lab.lab import Lab
-from meshctl.lab.system import LabError, http_get_in_netns
+from meshctl.lab.system import LabError, http_get_in_netns, wait_ready
 
 HBONE_PORT = 15008
 READY_PORT = 15021
@@ -126,17 +125,12 @@ def apply_waypoint(
 
 def _wait_ready(lab: Lab, key: str, ip: str, timeout: float = 30.0) -> None:
     netns = str(lab.state.pods[key]["netns"])
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            http_get_in_netns(netns, ip, READY_PORT, "/healthz/ready", timeout=1.0)
-            return
-        except OSError as exc:
-            last = exc
-            time.sleep(0.1)
-    log = next((r.log for r in lab.state.procs if r.kind == "pod" and r.name == key), "")
-    raise LabError(f"waypoint {key} not ready after {timeout:.0f}s: {last}\n{lab._tail(log)}")
+    rec = lab._proc("pod", key)
+    if rec is None:
+        raise LabError(f"waypoint {key} was never started")
+    wait_ready(f"waypoint {key} (pid {rec.pid})", rec.pid, rec.start_time, rec.log,
+               lambda: http_get_in_netns(netns, ip, READY_PORT, "/healthz/ready", timeout=1.0),
+               timeout)  # fmt: skip
 
 
 def waypoint_metrics(lab: Lab, namespace: str, name: str = "waypoint") -> str:
