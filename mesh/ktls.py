@@ -995,14 +995,30 @@ class UserTlsTransport(KtlsTransport):
         self._finish(exc)
 
 
+@dataclass(slots=True)
+class RecordLayerCounts:
+    """Connections of this process, by where their TLS records went. A `--ktls auto` node
+    whose connections land in `user_space` has a kernel that refused the keys (a cipher it
+    lacks, say): the metric shows that instead of a silent slowdown."""
+
+    kernel: int = 0
+    user_space: int = 0
+
+
+COUNTS = RecordLayerCounts()
+
+
 def transport_for(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
     protocol: asyncio.Protocol,
     session: KtlsSession,
 ) -> KtlsTransport:
-    cls = KtlsTransport if session.offloaded else UserTlsTransport
-    return cls(loop, sock, protocol, session)
+    if session.offloaded:
+        COUNTS.kernel += 1
+        return KtlsTransport(loop, sock, protocol, session)
+    COUNTS.user_space += 1
+    return UserTlsTransport(loop, sock, protocol, session)
 
 
 def _peername(sock: socket.socket) -> Any:

@@ -11,14 +11,37 @@ process and must not share counters.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mesh.config.model import Pod, Service
 
 __all__ = ["UNKNOWN", "ConnectionLabels", "MeshMetrics"]
+
+
+class _KtlsConnections(Collector):
+    """`ambientmesh_ktls_connections_total{record_layer}`, read from the kTLS module's own
+    counts at scrape time (nothing per connection here; 0 where kTLS was never used)."""
+
+    def collect(self) -> Iterator[Metric]:
+        ktls = sys.modules.get("mesh.ktls")
+        counts = getattr(ktls, "COUNTS", None)
+        c = CounterMetricFamily(
+            "ambientmesh_ktls_connections",
+            "TLS connections by where their records are handled: kernel (kTLS) or user "
+            "space (the kernel refused the keys)",
+            labels=["record_layer"],
+        )
+        c.add_metric(["kernel"], getattr(counts, "kernel", 0))
+        c.add_metric(["user_space"], getattr(counts, "user_space", 0))
+        yield c
+
 
 UNKNOWN = "unknown"
 
@@ -153,6 +176,7 @@ class MeshMetrics:
         self.ktls_enabled = Gauge(
             "ambientmesh_ktls_enabled", "1 when TLS records are handled by the kernel", registry=r
         )
+        r.register(_KtlsConnections())
         self.info = Gauge(
             "ambientmesh_build_info",
             "Proxy role and version",

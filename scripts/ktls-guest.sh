@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Runs tests/ktls inside Debian's stock kernel (which has kTLS) under QEMU, booted once with
-# this machine's files (virtme-ng), and returns the guest pytest's exit status. With --bench
-# it also runs benchmarks/ktls_bench.py in the same boot. Exits 0 with "SKIPPED: ..." only
+# this machine's files (virtme-ng), and returns the guest pytest's exit status. With --demo it
+# also runs `meshctl lab demo` there (a machine no earlier run touched: no bpffs mounted,
+# unified cgroup v2, kTLS on the HBONE connections), with --bench benchmarks/ktls_bench.py,
+# all in the same boot. Exits 0 with "SKIPPED: ..." only
 # where QEMU cannot run at all; a missing guest kernel or vng is a setup error (scripts/setup.sh).
 #
-#   scripts/ktls-guest.sh [--bench] [extra pytest args...]
+#   scripts/ktls-guest.sh [--demo] [--bench] [extra pytest args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-bench=0
-if [ "${1:-}" = "--bench" ]; then bench=1; shift; fi
+flags=""
+while [ "${1:-}" = "--bench" ] || [ "${1:-}" = "--demo" ]; do flags="$flags $1"; shift; done
 
 skip() { echo "SKIPPED: QEMU cannot run here: $1"; exit 0; }
 fail() { echo "ktls-guest: $1" >&2; exit 1; }
@@ -27,8 +29,7 @@ vng=$(command -v vng) || fail "vng not found: pip install virtme-ng (scripts/set
 kernel=${KTLS_GUEST_KERNEL:-$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n 1)}
 [ -n "$kernel" ] && [ -r "$kernel" ] || fail "no Debian guest kernel in /boot: apt-get install linux-image-amd64"
 
-pyargs=""
-[ "$bench" = 1 ] && pyargs=" --bench"
+pyargs="$flags"
 [ $# -gt 0 ] && pyargs="$pyargs$(printf ' %q' "$@")"
 guest="modprobe tls 2>/dev/null; cd $(printf %q "$root") && PYTHONPATH=$(printf %q "$root") \
   $(printf %q "$py") -m tests.ktls.guest_main$pyargs"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.lab.names import CNI_PATH, NODE_BRIDGE, netns_path
-from meshctl.lab.system import LabError
+from meshctl.lab.system import LabError, patience
 
 CNI_VERSION = "1.0.0"
 
@@ -77,7 +77,7 @@ def mesh_config(
         "name": f"{lab}-pods",
         "type": MESH_PLUGIN,
         "enrolSocket": str(enrol_socket),
-        "timeoutSeconds": 15,
+        "timeoutSeconds": int(patience(15)),
         "excludeNamespaces": [],
         "meshConfig": str(mesh_config_file),
         "logFile": str(log_file),

@@ -17,7 +17,7 @@ from typing import Any
 
 from meshctl.lab import observe
 from meshctl.lab.lab import Lab
-from meshctl.lab.system import LabError
+from meshctl.lab.system import LabError, patience
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ class Outcome:
 def wait_for_app(lab: Lab, pod: str, timeout: float = 15.0) -> None:
     """The server's log says when it listens; flows before that would prove nothing."""
     rec = next((r for r in lab.state.procs if r.kind == "pod" and r.name == pod), None)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while rec is not None and time.monotonic() < deadline:
         try:
             if "listening" in Path(rec.log).read_text(errors="replace"):
@@ -95,7 +95,7 @@ def drive(lab: Lab, flow: Flow, *, count: int = 3) -> Outcome:
         src_ns,
         src_pod,
         ["python", "-m", "mesh.apps.client", f"http://{svc.cluster_ip}:{flow.port}/demo",
-         "--count", str(count), "--timeout", "3", "--new-connection"],
+         "--count", str(count), "--timeout", str(patience(3)), "--new-connection"],
     )  # fmt: skip
     answered = 0
     for line in res.stdout.splitlines():
@@ -179,6 +179,12 @@ def run_demo(lab: Lab, manifest: Path, *, keep: bool = False) -> int:
                 print(f"    {line}")
         print()
         print(report(outcomes))
+        print()
+        for node in lab.state.nodes:
+            try:
+                print(observe.ktls_line(node, observe.parse_metrics(lab.ztunnel_metrics(node))))
+            except (OSError, LabError) as exc:
+                print(f"kTLS on {node}: unknown ({exc})")
         denied = [o for o in outcomes if not o.flow.allowed]
         for o in denied:
             print(f"\ndenied flow {o.flow.source} -> {o.flow.service}: the client saw")

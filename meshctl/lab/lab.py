@@ -48,6 +48,7 @@ from meshctl.lab.system import (
     netns_del,
     netns_exists,
     netns_list,
+    patience,
     proc_alive,
     proc_start_time,
     run,
@@ -418,7 +419,7 @@ class Lab:
 
         def probe() -> None:
             http_get_in_netns(str(info["netns"]), str(info["ip"]), READINESS_PORT,
-                              "/healthz/ready", timeout=1.0)  # fmt: skip
+                              "/healthz/ready", timeout=patience(1.0))  # fmt: skip
             if self.capture == "enrol" and not self.paths.enrol_socket(node).exists():
                 raise OSError("enrolment socket not there yet")
 
@@ -474,7 +475,7 @@ class Lab:
         if self.capture != "enrol":
             return
         snap = snap or self.snapshot()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         while True:
             wrong: list[str] = []
             for node in nodes if nodes is not None else list(self.state.nodes):
@@ -545,7 +546,7 @@ class Lab:
         """`up` returns only once every pod process sits in its cgroup and netns, so callers
         (and enrolment) never race the shim."""
         want = os.stat(netns_path(netns)).st_ino
-        deadline = time.monotonic() + 15.0
+        deadline = time.monotonic() + patience(15.0)
         while time.monotonic() < deadline:
             try:
                 joined = str(pid) in (cgroup / "cgroup.procs").read_text().split()
@@ -578,7 +579,7 @@ class Lab:
             podexec_argv(str(info["netns"]), str(info["cgroup"]), cmd),
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=patience(timeout),
             env=env,
         )
 
@@ -814,7 +815,7 @@ def _rm_pins(path: Path) -> None:
 def enrol_request(path: Path, msg: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """One JSON line to ztunnel's enrolment socket, one JSON line back."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s.settimeout(patience(timeout))
     try:
         s.connect(str(path))
         s.sendall(json.dumps(msg).encode() + b"\n")

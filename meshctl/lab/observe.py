@@ -68,3 +68,20 @@ def connections(
 def records_from(records: Iterable[Mapping[str, Any]], src_ip: str) -> list[Mapping[str, Any]]:
     """Access-log records of connections that came from `src_ip`."""
     return [r for r in records if str(r.get("src.addr", "")).rsplit(":", 1)[0] == src_ip]
+
+
+def ktls_line(node: str, samples: Iterable[Sample]) -> str:
+    """Whether this node's HBONE connections had their TLS records in the kernel, from the
+    node's own metrics (`ambientmesh_ktls_enabled`, `ambientmesh_ktls_connections_total`)."""
+    enabled, layers = 0.0, {"kernel": 0.0, "user_space": 0.0}
+    for s in samples:
+        if s.name == "ambientmesh_ktls_enabled":
+            enabled = s.value
+        elif s.name == "ambientmesh_ktls_connections_total":
+            layers[s.labels.get("record_layer", "")] = s.value
+    if not enabled:
+        return f"kTLS on {node}: not in use (this kernel has no kTLS: user-space TLS)"
+    kernel, user = int(layers["kernel"]), int(layers["user_space"])
+    state = "in use" if kernel else "enabled, but no connection was offloaded"
+    return (f"kTLS on {node}: {state}, {kernel} HBONE connection(s) with TLS records in the "
+            f"kernel, {user} fell back to user space")  # fmt: skip

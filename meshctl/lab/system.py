@@ -199,6 +199,17 @@ def proc_alive(pid: int, start_time: int) -> bool:
     return True
 
 
+def patience(seconds: float) -> float:
+    """A lab timeout, stretched by MESH_LAB_TIME_SCALE on a machine that runs everything many
+    times slower (the QEMU guest without KVM, where one Python start takes half a minute):
+    the same waits and the same honest failures, only later."""
+    try:
+        scale = float(os.environ.get("MESH_LAB_TIME_SCALE", "1"))
+    except ValueError:
+        scale = 1.0
+    return seconds * max(scale, 1.0)
+
+
 def log_tail(path: str | Path, lines: int = 20) -> str:
     """The last lines of a process's own log, where the real reason (and its fix) is."""
     try:
@@ -221,6 +232,7 @@ def wait_ready(
     """Poll `probe` until it stops raising OSError. If the process exits first, or the
     deadline passes, raise LabError with the tail of the process's own log: a bare
     "not ready after 30s" hides the reason, which the process has almost always written."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while True:

@@ -18,7 +18,7 @@ from mesh.config.model import USE_WAYPOINT_LABEL, HTTPRoute, Service
 from mesh.config.snapshot import Snapshot, selector_matches
 from meshctl.lab import observe
 from meshctl.lab.lab import Lab
-from meshctl.lab.system import LabError
+from meshctl.lab.system import LabError, patience
 from meshctl.lab.waypoints import apply_waypoint, waypoint_metrics
 
 TOLERANCE = 0.08  # absolute share; with 400 requests that is ~4 standard deviations at 80/20
@@ -82,18 +82,22 @@ def run_split(lab: Lab, sp: Split, *, count: int = 400) -> bool:
     ns = sp.service.namespace
     apply_waypoint(lab, ns, sp.waypoint)
     url = f"http://{sp.service.cluster_ip}:{sp.port}/split"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + patience(20)
     while True:  # the ztunnels reload the config: wait until calls really cross the waypoint
-        lab.exec_in_pod(ns, sp.client, ["python", "-m", "mesh.apps.client", url, "--timeout", "3"])
+        lab.exec_in_pod(
+            ns, sp.client, ["python", "-m", "mesh.apps.client", url, "--timeout", str(patience(3))]
+        )
         if _waypoint_requests(lab, ns, sp.waypoint) > 0:
             break
         if time.monotonic() > deadline:
-            raise LabError(f"no traffic reached waypoint {ns}/{sp.waypoint} within 20s")
+            raise LabError(
+                f"no traffic reached waypoint {ns}/{sp.waypoint} within {patience(20):.0f}s"
+            )
         time.sleep(0.5)
     before = _waypoint_requests(lab, ns, sp.waypoint)
     res = lab.exec_in_pod(
         ns, sp.client, ["python", "-m", "mesh.apps.client", url, "--count", str(count),
-                        "--timeout", "3"], timeout=120,
+                        "--timeout", str(patience(3))], timeout=patience(120),
     )  # fmt: skip
     pods: Counter[str] = Counter()
     failed = 0

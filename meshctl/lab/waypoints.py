@@ -19,7 +19,7 @@ from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from meshctl.lab import manifest
 from meshctl.lab.lab import Lab
-from meshctl.lab.system import LabError, http_get_in_netns, wait_ready
+from meshctl.lab.system import LabError, http_get_in_netns, patience, wait_ready
 
 HBONE_PORT = 15008
 READY_PORT = 15021
@@ -128,8 +128,11 @@ def _wait_ready(lab: Lab, key: str, ip: str, timeout: float = 30.0) -> None:
     rec = lab._proc("pod", key)
     if rec is None:
         raise LabError(f"waypoint {key} was never started")
-    wait_ready(f"waypoint {key} (pid {rec.pid})", rec.pid, rec.start_time, rec.log,
-               lambda: http_get_in_netns(netns, ip, READY_PORT, "/healthz/ready", timeout=1.0),
+
+    def probe() -> None:
+        http_get_in_netns(netns, ip, READY_PORT, "/healthz/ready", timeout=patience(1.0))
+
+    wait_ready(f"waypoint {key} (pid {rec.pid})", rec.pid, rec.start_time, rec.log, probe,
                timeout)  # fmt: skip
 
 
