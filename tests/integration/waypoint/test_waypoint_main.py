@@ -173,6 +173,7 @@ async def test_process_serves_hbone_with_its_identity_and_follows_config(tmp_pat
         sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--config", str(cfg),
         "--ca-dir", str(tmp_path / "ca"), "--hbone-addr", "127.0.0.9:0",
         "--readiness-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+        "--admin-addr", "127.0.0.1:0",
         "--upstream-hbone-port", str(hbone2.sockets[0].getsockname()[1]),
         env=ENV, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
