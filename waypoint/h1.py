@@ -237,6 +237,7 @@ class H1Server(WireConn):
         self._paused = False
         self.error: Refusal | None = None
         self._answered = False
+        self._task: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         self._last = loop.time()
         # The first request's head must come within headers_timeout of the connection (a
@@ -276,6 +277,8 @@ class H1Server(WireConn):
         self._eof = True
         self.closed = True
         self._stop_timers()
+        if self._task is not None:
+            self._task.cancel()
         if self._cur is not None:
             self._cur.body.fail(StreamReset("client connection reset"))
         for ex in self._queue:
@@ -456,9 +459,19 @@ class H1Server(WireConn):
                     await self._wake
                 ex = self._queue[0]
                 ex.started = True
+                # A task of its own, so a client that goes away cancels the request and with
+                # it the upstream attempt (or the backend would work for nobody, holding a
+                # connection, until it answers).
+                self._task = asyncio.ensure_future(self.handler(ex))
                 try:
-                    await self.handler(ex)
+                    await self._task  # (cancelling us cancels it too)
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling() == 0:
+                        return  # only the request was cancelled: the client reset the wire
+                    raise
                 finally:
+                    self._task = None
                     self._queue.popleft()
                     self._flow()
                 if not ex.finished:

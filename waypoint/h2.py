@@ -376,6 +376,7 @@ class H2Server(H2Conn):
         self._idle.set()
         self.opened = 0  # streams handed to the handler
         self.early_resets = 0  # of those, reset by the client before their answer ended
+        self.refused = 0  # streams refused past max_concurrent_streams
         self._control = 0  # control frames in the current flood window
         loop = asyncio.get_running_loop()
         self._window_end = loop.time() + self.limits.flood_window
@@ -463,6 +464,10 @@ class H2Server(H2Conn):
             self._refuse(
                 0, OVERLOAD, "max_concurrent_streams", f"stream {sid} over the stream limit"
             )
+            # Refused streams cost little, but a client that keeps meeting the limit (its
+            # reset streams' handlers are still unwinding) counts toward rapid reset too.
+            self.refused += 1
+            self._check_resets()
             return
         pseudo, regular = _split([(str(k), str(v)) for k, v in ev.headers])
         if len(regular) + len(pseudo) > self.limits.max_headers:
@@ -539,10 +544,20 @@ class H2Server(H2Conn):
         task = self._tasks.get(sid)
         if task is not None:
             task.cancel()  # and with it the request's upstream attempt
-            self.early_resets += 1
-            lim = self.limits.rapid_resets
-            if self.early_resets >= lim and self.early_resets * 2 >= self.opened:
-                self.calm("rapid_reset", f"{self.early_resets} of {self.opened} streams reset")
+            if not self.dead:  # (not a stream failed by the connection's loss)
+                self.early_resets += 1
+                self._check_resets()
+
+    def _check_resets(self) -> None:
+        """Envoy's rule for premature resets: past `rapid_resets`, when at least half the
+        connection's streams ended that way, the connection goes."""
+        bad = self.early_resets + self.refused
+        if bad >= self.limits.rapid_resets and bad * 2 >= self.opened + self.refused:
+            self.calm(
+                "rapid_reset",
+                f"{self.early_resets} streams reset early, {self.refused} refused, "
+                f"of {self.opened + self.refused}",
+            )
 
     async def run(self) -> None:
         """Serve until the client goes away (`start` was called when the wire was joined);
