@@ -90,6 +90,7 @@ async def test_smuggled_second_request_never_reaches_the_backend(
         ("big-header", b"x-big: " + b"a" * 20_000 + b"\r\n", b"431"),
         ("huge-headers", b"".join(b"x-%d: %s\r\n" % (i, b"a" * 900) for i in range(300)), b"431"),
     ],
+    ids=["many-headers", "big-header", "huge-headers"],
 )
 async def test_oversized_head_is_431(
     wp: Waypoint, baseline: tuple[int, int], name: str, raw: bytes, status: bytes
