@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import h2.errors
 import h2.events
@@ -51,6 +52,8 @@ SMUGGLING = {
 async def _clean(wp: Waypoint, baseline: tuple[int, int]) -> None:
     await wp.good()
     fds, rss = await wp.settle(baseline)
+    case = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+    print(f"\n{case}: fds {baseline[0]} -> {fds}, RSS {baseline[1]} -> {rss} KiB")
     assert fds <= baseline[0], f"fds {baseline[0]} -> {fds}"
     assert rss <= baseline[1] + 16 * 1024, f"RSS {baseline[1]} -> {rss} KiB"
 
@@ -274,6 +277,36 @@ async def test_connections_past_the_limit_get_503(wp: Waypoint, baseline: tuple[
             st.close()
     await _wait_backend_idle(wp)
     await _clean(wp, baseline)
+
+
+async def test_idle_connections_are_closed(wp: Waypoint, baseline: tuple[int, int]) -> None:
+    """Connections that stay open doing nothing go after --idle-timeout (2 s): HTTP/1.1 is
+    closed, HTTP/2 gets GOAWAY NO_ERROR."""
+    st = await wp.stream()
+    c = H2Client(await wp.stream())
+    try:
+        st.send(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")  # keep-alive
+        assert await c.response(c.request("/")) == 200
+        await asyncio.wait_for(st.inner.eof.wait(), 15)
+        assert bytes(st.inner.data).startswith(b"HTTP/1.1 200")
+        await c.wait(lambda evs: c.goaway() is not None, within=15)
+        ga = c.goaway()
+        assert ga is not None and ga.error_code == h2.errors.ErrorCodes.NO_ERROR
+    finally:
+        st.close()
+        c.st.close()
+    await _clean(wp, baseline)
+
+
+async def test_config_dump_shows_the_limits(wp: Waypoint) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", wp.ports["admin"])
+    w.write(b"GET /config_dump HTTP/1.1\r\n\r\n")
+    raw = await r.read(-1)
+    w.close()
+    limits = json.loads(raw.split(b"\r\n\r\n", 1)[1])["limits"]
+    assert limits["max_concurrent_streams"] == int(LIMITS["--max-concurrent-streams"])
+    assert limits["headers_timeout"] == float(LIMITS["--headers-timeout"])
+    assert limits["max_header_bytes"] == int(LIMITS["--max-header-bytes"])
 
 
 async def test_refusals_are_in_metrics_and_access_log(wp: Waypoint) -> None:

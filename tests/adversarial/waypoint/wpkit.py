@@ -47,6 +47,7 @@ LIMITS = {
     "--headers-timeout": "1",
     "--max-concurrent-streams": "20",
     "--max-connections": "40",
+    "--idle-timeout": "2",
 }
 
 CONFIG = """
