@@ -9,9 +9,10 @@ The server side holds against hostile clients within `Limits`: streams past the 
 MAX_CONCURRENT_STREAMS are refused one by one (REFUSED_STREAM, the connection kept; h2 itself
 would kill the whole connection, so its own check is bypassed), a header list over the limit
 is a connection error (HPACK state is shared), too many header fields a 431, and floods of
-control frames (PING, SETTINGS, PRIORITY) or of streams reset as soon as opened (rapid reset,
-CVE-2023-44487: the reset cancels the stream's handler and with it its upstream work) end in
-GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are bounded by h2 (64 frames per header block).
+control frames (PING, SETTINGS: each makes us answer) or of streams reset as soon as opened
+(rapid reset, CVE-2023-44487: the reset cancels the stream's handler and with it its upstream
+work) end in GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are bounded by h2 (64 frames
+per header block).
 """
 
 from __future__ import annotations
@@ -422,7 +423,7 @@ class H2Server(H2Conn):
             self._control = 0
         self._control += 1
         if self._control > self.limits.max_control_frames:
-            self.calm("control_frame_flood", "too many PING/SETTINGS/PRIORITY frames")
+            self.calm("control_frame_flood", "too many PING/SETTINGS frames")
 
     def data_from_wire(self, data: bytes) -> None:
         self._last = asyncio.get_running_loop().time()
@@ -452,7 +453,9 @@ class H2Server(H2Conn):
     def other_event(self, ev: Any) -> None:
         if isinstance(ev, h2.events.RequestReceived):
             self._request(ev)
-        elif isinstance(ev, h2.events.PingReceived | h2.events.PriorityUpdated):
+        elif isinstance(ev, h2.events.PingReceived):
+            # (PRIORITY is not counted: browsers flag it on every HEADERS, and h2 handles it
+            # without answering or storing anything.)
             self.control_frame()
 
     def _request(self, ev: h2.events.RequestReceived) -> None:

@@ -31,7 +31,7 @@ class Limits:
     idle_timeout: float = 3600.0  # a connection with no request in flight and no bytes
     max_concurrent_streams: int = 100  # HTTP/2 streams in flight on one connection
     max_connections: int = 4096  # downstream HTTP connections (CONNECT streams) at once
-    # HTTP/2 abuse: control frames (PING, SETTINGS, PRIORITY) per `flood_window` seconds, and
+    # HTTP/2 abuse: control frames (PING, SETTINGS) per `flood_window` seconds, and
     # streams the client resets before the answer (CVE-2023-44487): past `rapid_resets` of
     # them, when they are at least half the connection's streams, GOAWAY ENHANCE_YOUR_CALM.
     max_control_frames: int = 1000
