@@ -395,9 +395,11 @@ class H2Server(H2Conn):
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_bytes,
         }
 
-    def _refuse(self, status: int, flag: str, reason: str, detail: str) -> None:
+    def _refuse(
+        self, status: int, flag: str, reason: str, detail: str, *, log: bool = True
+    ) -> None:
         if self.on_refused is not None:
-            self.on_refused(Refusal(status, flag, reason, detail))
+            self.on_refused(Refusal(status, flag, reason, detail, log=log))
 
     def calm(self, reason: str, detail: str) -> None:
         """GOAWAY ENHANCE_YOUR_CALM: this client costs more than it may."""
@@ -464,9 +466,12 @@ class H2Server(H2Conn):
             # Streams whose handler still runs count, reset or not (a reset stream's upstream
             # work is being cancelled): the extra one is refused, the connection kept.
             self.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            # One access-log line per connection: a client hammering the limit must not turn
+            # each refused stream into a line (the metric counts them all).
             self._refuse(
-                0, OVERLOAD, "max_concurrent_streams", f"stream {sid} over the stream limit"
-            )
+                0, OVERLOAD, "max_concurrent_streams", f"stream {sid} over the stream limit",
+                log=self.refused == 0,
+            )  # fmt: skip
             # Refused streams cost little, but a client that keeps meeting the limit (its
             # reset streams' handlers are still unwinding) counts toward rapid reset too.
             self.refused += 1

@@ -58,6 +58,7 @@ class Refusal:
     detail: str  # for the log
     method: str = "-"
     path: str = "-"
+    log: bool = True  # False: counted only (a repeat the access log already shows)
 
 
 OnRefused = Callable[[Refusal], None]

@@ -452,7 +452,7 @@ class RequestHandler:
         Counted in `ambientmesh_waypoint_refused_total{reason,response_flags}` always, and in
         istio_requests_total when there was a request to speak of (an HTTP status)."""
         self.refused_c.labels(r.reason, r.flag).inc()
-        if ctx is None:
+        if ctx is None or not r.log:
             return
         snap = ctx.routes.snapshot
         if r.status:

@@ -317,6 +317,17 @@ async def test_refusals_are_in_metrics_and_access_log(wp: Waypoint) -> None:
         metrics
     )
     assert 'response_flags="DPE"' in metrics and 'response_code="400"' in metrics
+    for reason, flag in [
+        ("header_too_large", "DPE"),
+        ("uri_too_long", "DPE"),
+        ("headers_timeout", "SI"),
+        ("max_concurrent_streams", "OM"),
+        ("rapid_reset", "OM"),
+        ("control_frame_flood", "OM"),
+        ("too_many_headers", "DPE"),
+        ("max_connections", "OM"),
+    ]:
+        assert f'reason="{reason}",response_flags="{flag}"' in metrics, reason
     flags = set()
     for line in wp.log.read_text().splitlines():
         i = line.find("{")
