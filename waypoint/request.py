@@ -206,16 +206,26 @@ class RequestHandler:
             content_length=h.content_length,
             end_stream=h.end_stream,
         )
-        async with asyncio.TaskGroup() as tg:
-            att = await self._attempts(ctx, ex, up_head, backend, body, timeouts, retry, tg, out)
-            if att is None:
-                return
-            try:
-                await self._respond(ex, att, resp_mods, out)
-            finally:
-                att.up.release()
-                if att.pump is not None and not att.pump.done():
-                    att.pump.cancel()  # the response is over; so is the request body
+        try:
+            async with asyncio.TaskGroup() as tg:
+                att = await self._attempts(
+                    ctx, ex, up_head, backend, body, timeouts, retry, tg, out
+                )
+                if att is None:
+                    return
+                try:
+                    await self._respond(ex, att, resp_mods, out)
+                finally:
+                    att.up.release()
+                    if att.pump is not None and not att.pump.done():
+                        att.pump.cancel()  # the response is over; so is the request body
+        except ExceptionGroup as eg:
+            # The TaskGroup wraps whatever its body raised: a StreamReset (the client went
+            # away, or its request turned out malformed) is handled by the caller as itself.
+            first = eg.exceptions[0]
+            if all(isinstance(e, StreamReset) for e in eg.exceptions):
+                raise first from None
+            raise
         for m in fwd.mirrors:
             self._mirror(ctx, m, up_head, body)
 
@@ -318,7 +328,7 @@ class RequestHandler:
             except StreamReset as exc:
                 up.reset()
                 await _stop(pump)
-                if reused and not fresh and body.replayable:
+                if reused and not fresh and body.replayable and not body.source.failed:
                     fresh = True  # a pooled connection the backend had closed: once more
                     continue
                 raise _Failed(503, "UR", f"upstream reset before response headers: {exc}") from None

@@ -86,6 +86,26 @@ async def test_smuggled_second_request_never_reaches_the_backend(
     assert "/smuggled" not in wp.stats.paths[before:]
 
 
+async def test_bad_chunk_after_the_head_went_upstream_is_400(
+    wp: Waypoint, baseline: tuple[int, int]
+) -> None:
+    """The head and a good first chunk are already on their way to the backend when a bad
+    chunk size arrives: the upstream request is aborted (the backend never sees a complete
+    request) and the client gets 400."""
+    before = wp.stats.requests
+    st = await wp.stream()
+    try:
+        st.send(POST + b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+        await asyncio.sleep(0.5)  # the request is being forwarded
+        st.send(b"zz\r\nsmuggled\r\n0\r\n\r\n")
+        await asyncio.wait_for(st.inner.eof.wait(), 10)
+        assert bytes(st.inner.data).startswith(b"HTTP/1.1 400"), bytes(st.inner.data)[:80]
+    finally:
+        st.close()
+    await _clean(wp, baseline)
+    assert wp.stats.requests == before + 2  # only _clean's good requests
+
+
 @pytest.mark.parametrize(
     ("name", "raw", "status"),
     [
