@@ -11,8 +11,8 @@ would kill the whole connection, so its own check is bypassed), a header list ov
 is a connection error (HPACK state is shared), too many header fields a 431, and floods of
 control frames (PING, SETTINGS: each makes us answer) or of streams reset as soon as opened
 (rapid reset, CVE-2023-44487: the reset cancels the stream's handler and with it its upstream
-work) end in GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are bounded by h2 (64 frames
-per header block).
+work) end in GOAWAY ENHANCE_YOUR_CALM. A header block still open (CONTINUATION flood) is
+bounded by h2 to 64 frames, and here to the header size limit and the headers timeout.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from waypoint.limits import OVERLOAD, PROTOCOL_ERROR, Limits, OnRefused, Refusal
+from waypoint.limits import OVERLOAD, PROTOCOL_ERROR, TIMEOUT, Limits, OnRefused, Refusal
 from waypoint.wire import (
     Body,
     ExchangeState,
@@ -385,6 +385,7 @@ class H2Server(H2Conn):
         self._idle_timer: asyncio.TimerHandle | None = loop.call_later(
             self.limits.idle_timeout, self._idle_check
         )
+        self._block_timer: asyncio.TimerHandle | None = None
         # Before our SETTINGS are acknowledged h2 would apply its default (64 KiB).
         self.h2.decoder.max_header_list_size = self.limits.max_header_bytes
 
@@ -401,7 +402,7 @@ class H2Server(H2Conn):
         if self.on_refused is not None:
             self.on_refused(Refusal(status, flag, reason, detail, log=log))
 
-    def calm(self, reason: str, detail: str) -> None:
+    def calm(self, reason: str, detail: str, flag: str = OVERLOAD) -> None:
         """GOAWAY ENHANCE_YOUR_CALM: this client costs more than it may."""
         if self.dead:
             return
@@ -409,7 +410,7 @@ class H2Server(H2Conn):
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         self.flush()
-        self._refuse(0, OVERLOAD, reason, detail)
+        self._refuse(0, flag, reason, detail)
         self._lost(detail)
         self.close_wire()
 
@@ -430,6 +431,31 @@ class H2Server(H2Conn):
     def data_from_wire(self, data: bytes) -> None:
         self._last = asyncio.get_running_loop().time()
         super().data_from_wire(data)
+        if not self.dead:
+            self._check_header_block()
+
+    def _check_header_block(self) -> None:
+        """A header block still open (HEADERS/CONTINUATION without END_HEADERS) is bounded in
+        size (h2 bounds only its frame count: 64 frames of up to MAX_FRAME bytes) and in time
+        (a block that never ends is a slowloris)."""
+        pending = getattr(self.h2.incoming_buffer, "_headers_buffer", None) or []
+        if not pending:
+            if self._block_timer is not None:
+                self._block_timer.cancel()
+                self._block_timer = None
+            return
+        size = sum(len(f.data) for f in pending)
+        if size > self.limits.max_header_bytes:
+            self.calm("header_too_large", f"header block over {size} bytes", PROTOCOL_ERROR)
+        elif self._block_timer is None:
+            self._block_timer = asyncio.get_running_loop().call_later(
+                self.limits.headers_timeout, self._block_timeout
+            )
+
+    def _block_timeout(self) -> None:
+        self._block_timer = None
+        if getattr(self.h2.incoming_buffer, "_headers_buffer", None):
+            self.calm("headers_timeout", "header block not finished in time", TIMEOUT)
 
     def _idle_check(self) -> None:
         self._idle_timer = None
@@ -448,9 +474,10 @@ class H2Server(H2Conn):
         self.close_wire()
 
     def connection_gone(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        for t in (self._idle_timer, self._block_timer):
+            if t is not None:
+                t.cancel()
+        self._idle_timer = self._block_timer = None
 
     def other_event(self, ev: Any) -> None:
         if isinstance(ev, h2.events.RequestReceived):

@@ -254,6 +254,30 @@ async def test_h2_continuation_flood_is_refused(wp: Waypoint, baseline: tuple[in
     await _clean(wp, baseline)
 
 
+@pytest.mark.parametrize("how", ["stalled", "large"])
+async def test_h2_open_header_block_is_bounded(
+    wp: Waypoint, baseline: tuple[int, int], how: str
+) -> None:
+    """A header block that never ends (slowloris in HTTP/2), or that grows past the header
+    limit in few, large CONTINUATION frames (h2 counts only frames): GOAWAY."""
+    c = H2Client(await wp.stream())
+    try:
+        # Settle the SETTINGS exchange first: our ACK inside the open block would itself be
+        # a protocol error.
+        await c.wait(lambda evs: any(isinstance(e, h2.events.SettingsAcknowledged) for e in evs))
+        block = hpack.Encoder().encode([(":method", "GET"), (":path", "/")])
+        c.st.send(HeadersFrame(1, data=block).serialize())  # no END_HEADERS
+        if how == "large":
+            big = b"\x40\x05x-big" + b"\x7f\x81\x1f" + b"a" * 4096  # literal, 4096-byte value
+            c.st.send(ContinuationFrame(1, data=big).serialize() * 10)
+        await c.wait(lambda evs: c.goaway() is not None, within=15)
+        ga = c.goaway()
+        assert ga is not None and ga.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        c.st.close()
+    await _clean(wp, baseline)
+
+
 async def test_h2_header_list_too_large_is_refused(wp: Waypoint, baseline: tuple[int, int]) -> None:
     c = H2Client(await wp.stream())
     try:
