@@ -303,11 +303,13 @@ class H1Server(WireConn):
 
     def _what(self) -> tuple[str, str]:
         """Method and target of the request being parsed, for the access log."""
+        if not self._p.url:
+            return "-", "-"  # no request line yet (llhttp would report its method 0, DELETE)
         try:
             method = self._parser.get_method().decode("ascii")
         except (httptools.HttpParserError, UnicodeDecodeError):
             method = "-"
-        return method, self._p.url[:256].decode("latin-1") or "-"
+        return method, self._p.url[:256].decode("latin-1")
 
     def _head_timeout(self) -> None:
         self._head_timer = None
