@@ -5,6 +5,14 @@ chunk by chunk, framed on output as Content-Length when the length is known and 
 otherwise (with trailers, which gRPC-over-HTTP/1.1 bridges and some APIs use). Requests on
 one connection are answered in order (pipelined ones wait in a queue; their bodies are bounded
 like any other).
+
+A request whose framing two parsers could read two ways (request smuggling: Content-Length
+with Transfer-Encoding, several Content-Lengths, a coding other than exactly `chunked`, bad
+chunk sizes, obs-fold, bare LF, HTTP/0.9) is answered 400 and the connection closed; it is
+never forwarded, because the backend's parser might frame it differently from ours. llhttp in
+strict mode refuses most of these; what it lets through (`gzip, chunked`, Transfer-Encoding
+in HTTP/1.0, two Hosts, HTTP/0.9) is refused here before the request is queued. A head over
+`Limits` is 431 (414 for the target), one that does not arrive in time 408.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 
+from waypoint.limits import PROTOCOL_ERROR, TIMEOUT, Limits, OnRefused, Refusal
 from waypoint.wire import (
     HIGH_WATER,
     LOW_WATER,
@@ -25,6 +34,7 @@ from waypoint.wire import (
     RequestHead,
     ResponseHead,
     StreamReset,
+    UpstreamProtocolError,
     WireConn,
     content_length,
     end_to_end,
@@ -46,13 +56,16 @@ REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
+    408: "Request Timeout",
     413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-MAX_HEAD = 64 * 1024
+DEFAULT_LIMITS = Limits()
 MAX_QUEUED = 16  # pipelined requests waiting for their turn before we stop reading
 
 
@@ -77,22 +90,37 @@ def _last_chunk(trailers: Headers | None) -> bytes:
     return b"0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in trailers).encode("latin-1") + b"\r\n"
 
 
+class HttpError(StreamReset):
+    """A request refused before it is forwarded: the status to answer and why."""
+
+    def __init__(self, status: int, reason: str, detail: str, flag: str = PROTOCOL_ERROR) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.flag = flag
+
+
 class _Parse:
     """Collects httptools header callbacks (trailers too: llhttp reports them after the body)."""
 
-    __slots__ = ("head_bytes", "headers", "in_trailers", "trailers", "url")
+    __slots__ = ("count", "head_bytes", "headers", "in_trailers", "limits", "trailers", "url")
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.url = bytearray()
         self.headers: Headers = []
         self.trailers: Headers = []
         self.in_trailers = False
         self.head_bytes = 0
+        self.count = 0
+        self.limits = limits
 
     def header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value)
-        if self.head_bytes > MAX_HEAD:
-            raise StreamReset("header section too large")
+        self.head_bytes += len(name) + len(value) + 4  # ": " and CRLF count as on the wire
+        self.count += 1
+        if self.head_bytes > self.limits.max_header_bytes:
+            raise HttpError(431, "header_too_large", "header section too large")
+        if self.count > self.limits.max_headers:
+            raise HttpError(431, "too_many_headers", "too many header fields")
         pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
         (self.trailers if self.in_trailers else self.headers).append(pair)
 
@@ -117,8 +145,14 @@ class H1ServerExchange(ExchangeState):
         self._no_body = False
         self._sent = 0
         self.finished = False
+        self.started = False  # the handler has it: from here on it may be forwarded
+        self.refusal: Refusal | None = None  # set when the connection refused it mid-way
 
     async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
+        if self.conn.error is not None:
+            # The request turned out malformed (a bad chunk after the head): whatever the
+            # backend answered belongs to a request it never fully got. The 400 goes instead.
+            raise StreamReset(f"bad request: {self.conn.error.detail}")
         self._head_sent = True
         extra: list[str] = []
         hs = [(k, v) for k, v in head.headers if k != "content-length"]
@@ -170,6 +204,11 @@ class H1ServerExchange(ExchangeState):
     def reset(self) -> None:
         self.finished = True
         self.keep_alive = False
+        if self.conn.error is not None and not self._head_sent:
+            self.refusal = self.conn.error
+            self.conn.answer_refusal(self.conn.error)
+            self.conn.close_wire()
+            return
         self.conn.close_wire(abort=True)
 
 
@@ -179,30 +218,54 @@ Handler = Callable[["H1ServerExchange"], Awaitable[None]]
 class H1Server(WireConn):
     """A downstream HTTP/1.1 connection: parses requests, runs `handler` for each in order."""
 
-    def __init__(self, handler: Callable[[H1ServerExchange], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        handler: Callable[[H1ServerExchange], Awaitable[None]],
+        limits: Limits = DEFAULT_LIMITS,
+        on_refused: OnRefused | None = None,
+    ) -> None:
         super().__init__()
         self.handler = handler
+        self.limits = limits
+        self.on_refused = on_refused
         self._parser = httptools.HttpRequestParser(self)
-        self._p = _Parse()
+        self._p = _Parse(limits)
         self._cur: H1ServerExchange | None = None
         self._queue: deque[H1ServerExchange] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._eof = False
         self._paused = False
-        self.error: str | None = None
+        self.error: Refusal | None = None
+        self._answered = False
+        self._task: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        # The first request's head must come within headers_timeout of the connection (a
+        # client that connects and says nothing is a slowloris too); idle time is checked from
+        # then on between requests.
+        self._head_timer: asyncio.TimerHandle | None = loop.call_later(
+            limits.headers_timeout, self._head_timeout
+        )
+        self._idle_timer: asyncio.TimerHandle | None = loop.call_later(
+            limits.idle_timeout, self._idle_check
+        )
 
     # -- wire ------------------------------------------------------------------------------
 
     def data_from_wire(self, data: bytes) -> None:
         if self.error is not None:
             return
+        self._last = asyncio.get_running_loop().time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._bad("protocol upgrade is not supported")
+            self._bad(HttpError(400, "upgrade", "protocol upgrade is not supported"))
         except (httptools.HttpParserError, StreamReset, ValueError) as exc:
             cause = exc.__context__ if isinstance(exc.__context__, StreamReset) else exc
-            self._bad(str(cause))
+            if isinstance(cause, HttpError):
+                self._bad(cause)
+            else:
+                self._bad(HttpError(400, "bad_request", str(cause)))
 
     def eof_from_wire(self) -> None:
         self._eof = True
@@ -213,6 +276,9 @@ class H1Server(WireConn):
     def wire_lost(self) -> None:
         self._eof = True
         self.closed = True
+        self._stop_timers()
+        if self._task is not None:
+            self._task.cancel()
         if self._cur is not None:
             self._cur.body.fail(StreamReset("client connection reset"))
         for ex in self._queue:
@@ -220,11 +286,58 @@ class H1Server(WireConn):
         self._writable.set()
         self._kick()
 
-    def _bad(self, why: str) -> None:
-        self.error = why
-        if self._cur is not None:
-            self._cur.body.fail(StreamReset(f"bad request: {why}"))
+    def _bad(self, err: HttpError) -> None:
+        if self.error is not None:
+            return
+        self.error = Refusal(err.status, err.flag, err.reason, str(err), *self._what())
+        log.info("refused a request: %s (%d)", err, err.status)
+        self._stop_timers()
+        cur = self._cur
+        if cur is not None:
+            cur.body.fail(StreamReset(f"bad request: {err}"))
+            if not cur.started:
+                # Never handed to the handler: it is not forwarded at all.
+                self._queue.remove(cur)
+                self._cur = None
         self._kick()
+
+    def _what(self) -> tuple[str, str]:
+        """Method and target of the request being parsed, for the access log."""
+        if not self._p.url:
+            return "-", "-"  # no request line yet (llhttp would report its method 0, DELETE)
+        try:
+            method = self._parser.get_method().decode("ascii")
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            method = "-"
+        return method, self._p.url[:256].decode("latin-1")
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.error is None and not self.closed:
+            self._bad(
+                HttpError(408, "headers_timeout", "request head not received in time", TIMEOUT)
+            )
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.closed or self.error is not None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._last + self.limits.idle_timeout - loop.time()
+        if self._queue or self._head_timer is not None or left > 0:
+            # Busy, or a head on its way (the headers timer watches that): look again later.
+            self._idle_timer = loop.call_later(max(left, 1.0), self._idle_check)
+            return
+        log.debug("closing an idle HTTP/1.1 connection")
+        self._eof = True
+        self.close_wire()
+        self._kick()
+
+    def _stop_timers(self) -> None:
+        for t in (self._head_timer, self._idle_timer):
+            if t is not None:
+                t.cancel()
+        self._head_timer = self._idle_timer = None
 
     def _kick(self) -> None:
         if self._wake is not None and not self._wake.done():
@@ -247,27 +360,60 @@ class H1Server(WireConn):
             if self.wire is not None:
                 self.wire.resume_reading()
 
+    def send(self, data: bytes) -> None:
+        self._last = asyncio.get_running_loop().time()
+        super().send(data)
+
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._p = _Parse()
+        self._p = _Parse(self.limits)
+        if self._head_timer is None:
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self.limits.headers_timeout, self._head_timeout
+            )
 
     def on_url(self, url: bytes) -> None:
         self._p.url += url
-        if len(self._p.url) > MAX_HEAD:
-            raise StreamReset("request target too long")
+        if len(self._p.url) > self.limits.max_header_bytes:
+            raise HttpError(414, "uri_too_long", "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._p.header(name, value)
 
+    def _check_framing(self, hs: Headers) -> None:
+        """What llhttp lets through but a backend might read differently: refused here."""
+        version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise HttpError(400, "bad_framing", f"HTTP/{version} is not supported")
+        te = [v for k, v in hs if k == "transfer-encoding"]
+        if te:
+            if version == "1.0":
+                raise HttpError(400, "bad_framing", "Transfer-Encoding in an HTTP/1.0 request")
+            if len(te) != 1 or te[0].strip().lower() != "chunked":
+                raise HttpError(400, "bad_framing", "Transfer-Encoding other than chunked")
+            if any(k == "content-length" for k, _ in hs):
+                raise HttpError(400, "bad_framing", "Content-Length with Transfer-Encoding")
+        if sum(1 for k, _ in hs if k == "content-length") > 1:
+            raise HttpError(400, "bad_framing", "more than one Content-Length")
+        if sum(1 for k, _ in hs if k == "host") > 1:
+            raise HttpError(400, "bad_request", "more than one Host")
+
     def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         p = self._parser
         hs = self._p.headers
         self._p.in_trailers = True
+        self._check_framing(hs)
         method = p.get_method().decode("ascii")
         host = next((v for k, v in hs if k == "host"), "")
         te = any(k == "te" and "trailers" in v.lower() for k, v in hs)
-        length = content_length(hs)
+        try:
+            length = content_length(hs)
+        except ValueError as exc:
+            raise HttpError(400, "bad_framing", str(exc)) from None
         chunked = any(k == "transfer-encoding" for k, _ in hs)
         head = RequestHead(
             method,
@@ -314,9 +460,20 @@ class H1Server(WireConn):
                     self._wake = asyncio.get_running_loop().create_future()
                     await self._wake
                 ex = self._queue[0]
+                ex.started = True
+                # A task of its own, so a client that goes away cancels the request and with
+                # it the upstream attempt (or the backend would work for nobody, holding a
+                # connection, until it answers).
+                self._task = asyncio.ensure_future(self.handler(ex))
                 try:
-                    await self.handler(ex)
+                    await self._task  # (cancelling us cancels it too)
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling() == 0:
+                        return  # only the request was cancelled: the client reset the wire
+                    raise
                 finally:
+                    self._task = None
                     self._queue.popleft()
                     self._flow()
                 if not ex.finished:
@@ -324,18 +481,30 @@ class H1Server(WireConn):
                 if not ex.keep_alive or self.closed:
                     return
         finally:
+            self._stop_timers()
             self.close_wire()
 
-    async def _answer_bad(self) -> None:
-        body = f"bad request: {self.error}\n".encode()
+    def answer_refusal(self, err: Refusal) -> None:
+        """The refusal's status, once, with `connection: close` (the framing is lost)."""
+        if self._answered:
+            return
+        self._answered = True
+        body = f"{REASONS.get(err.status, 'Bad Request').lower()}: {err.detail}\n".encode()
+        reason = REASONS.get(err.status, "Bad Request")
         self.send(
             _head_bytes(
-                "HTTP/1.1 400 Bad Request",
+                f"HTTP/1.1 {err.status} {reason}",
                 [("content-type", "text/plain"), ("content-length", str(len(body)))],
                 ["connection: close"],
             )
             + body
         )
+
+    async def _answer_bad(self) -> None:
+        assert self.error is not None
+        if not self._answered and self.on_refused is not None:
+            self.on_refused(self.error)
+        self.answer_refusal(self.error)
         await self.drain()
 
 
@@ -391,12 +560,12 @@ class H1Client(WireConn):
         ex.corked = _head_bytes(f"{head.method} {head.target} HTTP/1.1", hs, extra)
         return ex
 
-    def _die(self, why: str) -> None:
+    def _die(self, why: str, *, bad: bool = False) -> None:
         was_dead = self.dead
         self.dead = True
         ex = self.ex
         if ex is not None:
-            err = StreamReset(why)
+            err = UpstreamProtocolError(why) if bad else StreamReset(why)
             if not ex.response.done():
                 ex.response.set_exception(err)
                 ex.response.exception()
@@ -412,7 +581,7 @@ class H1Client(WireConn):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, StreamReset, ValueError) as exc:
-            self._die(f"bad response: {exc}")
+            self._die(f"bad response: {exc}", bad=True)
             self.close_wire(abort=True)
 
     def eof_from_wire(self) -> None:
@@ -542,6 +711,12 @@ class H1ClientExchange:
         self.conn.dead = True
         self.conn.ex = None
         self.conn.close_wire(abort=True)
+        if not self.response.done():
+            # Whoever awaits the response (the request handler) must not wait for a
+            # connection we just closed: the request body failing resets us from the pump.
+            self.response.set_exception(StreamReset("request reset"))
+            self.response.exception()
+        self.body.fail(StreamReset("request reset"))
 
     def release(self) -> None:
         self.released = True

@@ -4,6 +4,15 @@ Each stream's body is a `Body`; received DATA is credited back to the peer only 
 forwarding coroutine has taken it from the queue, so the HTTP/2 window is the back-pressure.
 Sending waits for the stream's and connection's send windows. Trailers (gRPC's grpc-status)
 travel as a final HEADERS frame with END_STREAM in both directions.
+
+The server side holds against hostile clients within `Limits`: streams past the advertised
+MAX_CONCURRENT_STREAMS are refused one by one (REFUSED_STREAM, the connection kept; h2 itself
+would kill the whole connection, so its own check is bypassed), a header list over the limit
+is a connection error (HPACK state is shared), too many header fields a 431, and floods of
+control frames (PING, SETTINGS: each makes us answer) or of streams reset as soon as opened
+(rapid reset, CVE-2023-44487: the reset cancels the stream's handler and with it its upstream
+work) end in GOAWAY ENHANCE_YOUR_CALM. A header block still open (CONTINUATION flood) is
+bounded by h2 to 64 frames, and here to the header size limit and the headers timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from waypoint.limits import OVERLOAD, PROTOCOL_ERROR, TIMEOUT, Limits, OnRefused, Refusal
 from waypoint.wire import (
     Body,
     ExchangeState,
@@ -73,27 +83,38 @@ class H2Stream:
             self.window.set_result(None)
 
 
+class _ServerConnection(h2.connection.H2Connection):
+    """h2 answers a stream past our MAX_CONCURRENT_STREAMS by killing the whole connection
+    (and before our SETTINGS are acknowledged it applies its own default of 100): H2Server
+    counts streams itself and refuses the extra ones with REFUSED_STREAM instead."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        h2.connection.H2Connection.open_inbound_streams.fget(self)  # type: ignore[attr-defined]
+        return 0  # (the accessor above also forgets closed streams: keep calling it)
+
+
 class H2Conn(WireConn):
     """What both ends share: the h2 state machine, batched output, flow-controlled sends."""
 
     def __init__(self, *, client_side: bool) -> None:
         super().__init__()
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        )
+        cls = h2.connection.H2Connection if client_side else _ServerConnection
+        self.h2 = cls(h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8"))
         self.streams: dict[int, H2Stream] = {}
         self._flush_scheduled = False
         self.dead = False
 
+    def _settings(self) -> dict[h2.settings.SettingCodes | int, int]:
+        return {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+        }
+
     def start(self) -> None:
         self.h2.initiate_connection()
-        self.h2.update_settings(
-            {
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            }
-        )
+        self.h2.update_settings(self._settings())
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         # h2 raises its frame-size limit for received frames only at the start of the
         # receive_data call after the ACK: a peer that sends the SETTINGS ACK and a larger
@@ -182,11 +203,14 @@ class H2Conn(WireConn):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("h2: protocol error: %s", exc)
+            self.protocol_error(exc)
             self.flush()
             self._lost(f"protocol error: {exc}")
             self.close_wire()
             return
         for ev in events:
+            if self.dead:
+                break  # a flood ended the connection part-way through this batch
             self.dispatch(ev)
         self.flush()
 
@@ -230,6 +254,7 @@ class H2Conn(WireConn):
                 self._peer_reset(ev.stream_id)
                 self._stream_closed(ev.stream_id)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            self.control_frame()
             for st in self.streams.values():
                 st.wake()  # a larger initial window may unblock senders
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -260,6 +285,12 @@ class H2Conn(WireConn):
     # -- for subclasses --------------------------------------------------------------------
 
     def other_event(self, ev: Any) -> None:
+        pass
+
+    def control_frame(self) -> None:
+        pass
+
+    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         pass
 
     def _remote_ended(self, sid: int) -> None:
@@ -330,21 +361,161 @@ class H2Server(H2Conn):
     """A downstream HTTP/2 connection: one handler task per stream, owned by the connection
     (cancelled when a stream is reset or the connection dies)."""
 
-    def __init__(self, handler: Callable[[H2ServerExchange], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        handler: Callable[[H2ServerExchange], Awaitable[None]],
+        limits: Limits | None = None,
+        on_refused: OnRefused | None = None,
+    ) -> None:
         super().__init__(client_side=False)
         self.handler = handler
+        self.limits = limits or Limits()
+        self.on_refused = on_refused
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._ended: dict[int, int] = {}  # sid -> directions finished (2 = both)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.opened = 0  # streams handed to the handler
+        self.early_resets = 0  # of those, reset by the client before their answer ended
+        self.refused = 0  # streams refused past max_concurrent_streams
+        self._control = 0  # control frames in the current flood window
+        loop = asyncio.get_running_loop()
+        self._window_end = loop.time() + self.limits.flood_window
+        self._last = loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = loop.call_later(
+            self.limits.idle_timeout, self._idle_check
+        )
+        self._block_timer: asyncio.TimerHandle | None = None
+        # Before our SETTINGS are acknowledged h2 would apply its default (64 KiB).
+        self.h2.decoder.max_header_list_size = self.limits.max_header_bytes
+
+    def _settings(self) -> dict[h2.settings.SettingCodes | int, int]:
+        return {
+            **super()._settings(),
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_bytes,
+        }
+
+    def _refuse(
+        self, status: int, flag: str, reason: str, detail: str, *, log: bool = True
+    ) -> None:
+        if self.on_refused is not None:
+            self.on_refused(Refusal(status, flag, reason, detail, log=log))
+
+    def calm(self, reason: str, detail: str, flag: str = OVERLOAD) -> None:
+        """GOAWAY ENHANCE_YOUR_CALM: this client costs more than it may."""
+        if self.dead:
+            return
+        log.info("h2: closing a connection: %s", detail)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.flush()
+        self._refuse(0, flag, reason, detail)
+        self._lost(detail)
+        self.close_wire()
+
+    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        dos = isinstance(exc, h2.exceptions.DenialOfServiceError)
+        reason = "header_too_large" if dos else "h2_protocol_error"
+        self._refuse(0, PROTOCOL_ERROR, reason, str(exc))
+
+    def control_frame(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now > self._window_end:
+            self._window_end = now + self.limits.flood_window
+            self._control = 0
+        self._control += 1
+        if self._control > self.limits.max_control_frames:
+            self.calm("control_frame_flood", "too many PING/SETTINGS frames")
+
+    def data_from_wire(self, data: bytes) -> None:
+        self._last = asyncio.get_running_loop().time()
+        super().data_from_wire(data)
+        if not self.dead:
+            self._check_header_block()
+
+    def _check_header_block(self) -> None:
+        """A header block still open (HEADERS/CONTINUATION without END_HEADERS) is bounded in
+        size (h2 bounds only its frame count: 64 frames of up to MAX_FRAME bytes) and in time
+        (a block that never ends is a slowloris)."""
+        pending = getattr(self.h2.incoming_buffer, "_headers_buffer", None) or []
+        if not pending:
+            if self._block_timer is not None:
+                self._block_timer.cancel()
+                self._block_timer = None
+            return
+        size = sum(len(f.data) for f in pending)
+        if size > self.limits.max_header_bytes:
+            self.calm("header_too_large", f"header block over {size} bytes", PROTOCOL_ERROR)
+        elif self._block_timer is None:
+            self._block_timer = asyncio.get_running_loop().call_later(
+                self.limits.headers_timeout, self._block_timeout
+            )
+
+    def _block_timeout(self) -> None:
+        self._block_timer = None
+        if getattr(self.h2.incoming_buffer, "_headers_buffer", None):
+            self.calm("headers_timeout", "header block not finished in time", TIMEOUT)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.dead or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._last + self.limits.idle_timeout - loop.time()
+        if self._tasks or left > 0:
+            self._idle_timer = loop.call_later(max(left, 1.0), self._idle_check)
+            return
+        log.debug("h2: closing an idle connection")
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection()
+        self.flush()
+        self._lost("idle timeout")
+        self.close_wire()
+
+    def connection_gone(self) -> None:
+        for t in (self._idle_timer, self._block_timer):
+            if t is not None:
+                t.cancel()
+        self._idle_timer = self._block_timer = None
 
     def other_event(self, ev: Any) -> None:
         if isinstance(ev, h2.events.RequestReceived):
             self._request(ev)
+        elif isinstance(ev, h2.events.PingReceived):
+            # (PRIORITY is not counted: browsers flag it on every HEADERS, and h2 handles it
+            # without answering or storing anything.)
+            self.control_frame()
 
     def _request(self, ev: h2.events.RequestReceived) -> None:
         sid = ev.stream_id
+        if len(self._tasks) >= self.limits.max_concurrent_streams:
+            # Streams whose handler still runs count, reset or not (a reset stream's upstream
+            # work is being cancelled): the extra one is refused, the connection kept.
+            self.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            # One access-log line per connection: a client hammering the limit must not turn
+            # each refused stream into a line (the metric counts them all).
+            self._refuse(
+                0, OVERLOAD, "max_concurrent_streams", f"stream {sid} over the stream limit",
+                log=self.refused == 0,
+            )  # fmt: skip
+            # Refused streams cost little, but a client that keeps meeting the limit (its
+            # reset streams' handlers are still unwinding) counts toward rapid reset too.
+            self.refused += 1
+            self._check_resets()
+            return
         pseudo, regular = _split([(str(k), str(v)) for k, v in ev.headers])
+        if len(regular) + len(pseudo) > self.limits.max_headers:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.send_headers(sid, [(":status", "431")], end_stream=True)
+                if ev.stream_ended is None:
+                    self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+            self.schedule_flush()
+            r = Refusal(431, PROTOCOL_ERROR, "too_many_headers", "too many header fields",
+                        pseudo.get(":method", "-"), pseudo.get(":path", "-")[:256])  # fmt: skip
+            if self.on_refused is not None:
+                self.on_refused(r)
+            return
         st = H2Stream(self, sid)
         self.streams[sid] = st
         try:
@@ -369,6 +540,7 @@ class H2Server(H2Conn):
         ex = H2ServerExchange(self, st, head)
         task = asyncio.get_running_loop().create_task(self._serve(ex))
         self._tasks[sid] = task
+        self.opened += 1
         self._idle.clear()
 
     async def _serve(self, ex: H2ServerExchange) -> None:
@@ -406,7 +578,21 @@ class H2Server(H2Conn):
     def _peer_reset(self, sid: int) -> None:
         task = self._tasks.get(sid)
         if task is not None:
-            task.cancel()
+            task.cancel()  # and with it the request's upstream attempt
+            if not self.dead:  # (not a stream failed by the connection's loss)
+                self.early_resets += 1
+                self._check_resets()
+
+    def _check_resets(self) -> None:
+        """Envoy's rule for premature resets: past `rapid_resets`, when at least half the
+        connection's streams ended that way, the connection goes."""
+        bad = self.early_resets + self.refused
+        if bad >= self.limits.rapid_resets and bad * 2 >= self.opened + self.refused:
+            self.calm(
+                "rapid_reset",
+                f"{self.early_resets} streams reset early, {self.refused} refused, "
+                f"of {self.opened + self.refused}",
+            )
 
     async def run(self) -> None:
         """Serve until the client goes away (`start` was called when the wire was joined);

@@ -6,10 +6,14 @@ L7 policy and telemetry see. The `:authority` is the Service VIP:port the client
 CONNECT for a service this waypoint does not serve is refused (400) before any byte flows.
 After `200`, the first bytes decide the protocol (HTTP/2 preface or HTTP/1.1) and the stream
 is handed to `H2Server` or `H1Server`, whose requests run through `RequestHandler`.
+
+Each stream runs under the waypoint's `Limits`; past `max_connections` streams at once a new
+CONNECT is answered 503 (flag OM) and the ones already open keep serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -22,6 +26,7 @@ from mesh.stream import Endpoint
 from waypoint.detect import detect
 from waypoint.h1 import H1Server, H1ServerExchange
 from waypoint.h2 import H2Server, H2ServerExchange
+from waypoint.limits import OVERLOAD, TIMEOUT, Limits, Refusal
 from waypoint.request import RequestHandler, StreamContext
 from waypoint.service import ServiceRoutes
 from waypoint.wire import WireConn
@@ -57,13 +62,27 @@ class _Sniffer(WireConn):
         self.eof_from_wire()
 
 
-async def serve_stream(wire: Endpoint, ctx: StreamContext, handler: RequestHandler) -> None:
+async def serve_stream(
+    wire: Endpoint, ctx: StreamContext, handler: RequestHandler, limits: Limits | None = None
+) -> None:
     """Run one downstream HTTP connection on `wire` (an accepted CONNECT stream, or any
     Endpoint) until it ends."""
+    limits = limits or Limits()
+
+    def refused(r: Refusal) -> None:
+        handler.refused(ctx, r)
+
     sniff = _Sniffer()
     wire.join(sniff)
     sniff.join(wire)
-    await sniff.ready
+    try:
+        # A stream that never says which HTTP it speaks is a slowloris too.
+        async with asyncio.timeout(limits.headers_timeout):
+            await sniff.ready
+    except TimeoutError:
+        refused(Refusal(0, TIMEOUT, "headers_timeout", "no request in time"))
+        wire.abort()
+        return
     if sniff.lost:
         return
     if sniff.eof and not sniff.buf:
@@ -75,7 +94,7 @@ async def serve_stream(wire: Endpoint, ctx: StreamContext, handler: RequestHandl
         async def on_h2(ex: H2ServerExchange) -> None:
             await handler(ctx, ex)
 
-        h2s = H2Server(on_h2)
+        h2s = H2Server(on_h2, limits, refused)
         h2s.join(wire)
         h2s.start()  # the server preface is our first frame, before we answer anything
         wire.join(h2s)
@@ -88,7 +107,7 @@ async def serve_stream(wire: Endpoint, ctx: StreamContext, handler: RequestHandl
         async def on_h1(ex: H1ServerExchange) -> None:
             await handler(ctx, ex)
 
-        h1s = H1Server(on_h1)
+        h1s = H1Server(on_h1, limits, refused)
         wire.join(h1s)
         h1s.join(wire)
         h1s.write(sniff.buf)
@@ -106,12 +125,15 @@ class WaypointInbound:
         name: str,
         routes: Callable[[], ServiceRoutes],
         handler: RequestHandler,
+        limits: Limits | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
         self.routes = routes
         self.handler = handler
+        self.limits = limits or Limits()
         self.streams = 0
+        self.active = 0  # downstream HTTP connections being served now
 
     def _serves(self, snap: Snapshot, svc: Service) -> bool:
         wp = snap.waypoint_for_service(svc)
@@ -139,5 +161,14 @@ class WaypointInbound:
         assert wp is not None  # _serves found it
         policies = waypoint_policies(snap, wp, svc)  # once per stream, not per request
         ctx = StreamContext(req.peer_identity, src_ip, svc, port, sr, table, policies, caller_ns)
+        if self.active >= self.limits.max_connections:
+            detail = f"{self.active} connections open (max_connections)"
+            self.handler.refused(ctx, Refusal(503, OVERLOAD, "max_connections", detail))
+            req.reject(503, detail)
+            return
         self.streams += 1
-        await serve_stream(req.accept(), ctx, self.handler)
+        self.active += 1
+        try:
+            await serve_stream(req.accept(), ctx, self.handler, self.limits)
+        finally:
+            self.active -= 1

@@ -4,7 +4,9 @@ HBONE on `--hbone-addr` (15008) with the waypoint's own SPIFFE identity
 (`spiffe://<td>/ns/<namespace>/sa/<service account>`, signed by the local CA in `--ca-dir`,
 or by the CA service at `--ca` proving itself with its service-account token),
 backends reached over HBONE through their node's ztunnel, Prometheus metrics on
-`--metrics-addr`, readiness on `--readiness-addr`. Config comes from `--config` YAML files,
+`--metrics-addr`, readiness on `--readiness-addr`, `/config_dump` (config and limits) on
+`--admin-addr`. The limits a hostile client meets (`waypoint.limits`) are flags whose
+defaults are production values. Config comes from `--config` YAML files,
 reloaded live: a bad update is logged and the last good one keeps serving; a bad config at
 start is an error naming the object and field.
 """
@@ -24,7 +26,8 @@ from certs.service import CaClient
 from mesh import process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.metrics import MeshMetrics
-from mesh.observability import ObservabilityServer
+from mesh.observability import ObservabilityServer, admin_routes
+from waypoint.limits import Limits
 from waypoint.proxy import Waypoint
 from ztunnel.identity import Identities
 
@@ -59,8 +62,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-addr", default="0.0.0.0:15020")
     p.add_argument("--readiness-addr", default="0.0.0.0:15021")
+    p.add_argument("--admin-addr", default="127.0.0.1:15000", help="/config_dump, /logging")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
+    d = Limits()
+    lim = p.add_argument_group("limits (what one client may cost; past them: refused)")
+    lim.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=d.max_header_bytes,
+        help="request target and header section, bytes (431/414 past it)",
+    )
+    lim.add_argument(
+        "--max-headers", type=int, default=d.max_headers, help="header fields per request (431)"
+    )
+    lim.add_argument(
+        "--headers-timeout",
+        type=float,
+        default=d.headers_timeout,
+        help="seconds from a request's first byte to its complete head (408)",
+    )
+    lim.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout,
+        help="seconds a connection may stay without requests or bytes",
+    )
+    lim.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=d.max_concurrent_streams,
+        help="HTTP/2 streams per connection (REFUSED_STREAM past it)",
+    )
+    lim.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="downstream connections (CONNECT streams) at once (503 past it)",
+    )
+    return p  # fmt: skip
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    lim = Limits(
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        headers_timeout=args.headers_timeout,
+        idle_timeout=args.idle_timeout,
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_connections=args.max_connections,
+    )
+    lim.check()
+    return lim
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -86,18 +138,25 @@ async def run(args: argparse.Namespace) -> None:
         service_account=args.service_account,
         metrics=metrics,
         hbone_port=args.upstream_hbone_port,
+        limits=args.limits,
     )
     listener = await wp.listen(*parse_addr("--hbone-addr", args.hbone_addr))
     ready = ObservabilityServer(
         *parse_addr("--readiness-addr", args.readiness_addr), ready=lambda: True
     )
     met = ObservabilityServer(*parse_addr("--metrics-addr", args.metrics_addr), metrics=metrics)
+    admin = ObservabilityServer(
+        *parse_addr("--admin-addr", args.admin_addr),
+        routes=admin_routes(lambda: store.current, lambda: {"limits": wp.limits.as_dict()}),
+    )
     try:
-        async with ready, met, asyncio.TaskGroup() as tg:
+        async with ready, met, admin, asyncio.TaskGroup() as tg:
             tag = f"waypoint {args.namespace}/{args.name}"
             print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
             print(f"{tag}: readiness on {ready.port}", flush=True)
             print(f"{tag}: metrics on {met.port}", flush=True)
+            print(f"{tag}: admin on {admin.port}", flush=True)
+            logging.getLogger("waypoint").info("limits: %s", wp.limits.as_dict())
             if source is not None:
                 tg.create_task(source.run())
             tg.create_task(identities.run())
@@ -109,7 +168,12 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("readiness_addr", "hbone_addr", "metrics_addr"):
+    try:
+        args.limits = limits_from(args)
+    except ValueError as exc:
+        print(f"waypoint: limits: {exc}", file=sys.stderr)
+        return 2
+    for flag in ("readiness_addr", "hbone_addr", "metrics_addr", "admin_addr"):
         try:
             parse_addr("--" + flag.replace("_", "-"), getattr(args, flag))
         except argparse.ArgumentTypeError as exc:

@@ -18,6 +18,7 @@ from mesh.hbone import HbonePool, serve
 from mesh.hbone.pool import Listener
 from mesh.metrics import MeshMetrics
 from waypoint.inbound import WaypointInbound
+from waypoint.limits import Limits
 from waypoint.request import RequestHandler
 from waypoint.service import ServiceRoutes
 from waypoint.upstream import HBONE_PORT, Upstreams
@@ -60,6 +61,7 @@ class Waypoint:
         hbone_port: int = HBONE_PORT,
         node_ports: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -77,7 +79,8 @@ class Waypoint:
         self.handler = RequestHandler(
             self.upstreams, self.metrics, trust_domain=trust_domain, rng=rng
         )
-        self.inbound = WaypointInbound(namespace, name, self.routes, self.handler)
+        self.limits = limits or Limits()
+        self.inbound = WaypointInbound(namespace, name, self.routes, self.handler, self.limits)
         self.listener: Listener | None = None
 
     async def listen(self, host: str = "0.0.0.0", port: int = HBONE_PORT) -> Listener:

@@ -25,6 +25,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
 
 from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, authorize
@@ -32,6 +35,7 @@ from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeo
 from mesh.config.snapshot import PolicySet
 from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels, MeshMetrics
+from waypoint.limits import Refusal
 from waypoint.routing import Forward, Redirect, Request, RouteTable, apply_filters, modify_headers
 from waypoint.service import NoBackend, ServiceRoutes, Target
 from waypoint.upstream import Upstreams
@@ -43,6 +47,7 @@ from waypoint.wire import (
     ResponseHead,
     ServerExchange,
     StreamReset,
+    UpstreamProtocolError,
 )
 
 log = logging.getLogger("waypoint")
@@ -106,6 +111,7 @@ class RequestHandler:
         # costs more than the rest of the accounting, and the set of combinations is small.
         self._labels: dict[tuple[object, ...], ConnectionLabels] = {}
         self._labels_snap: object = None
+        self.refused_c = _refused_counter(metrics)
 
     async def __call__(self, ctx: StreamContext, ex: ServerExchange) -> None:
         t0 = time.monotonic()
@@ -121,6 +127,11 @@ class RequestHandler:
             outcome.status = outcome.status or 0
             log.debug("request %s %s ended early: %s", req.method, req.path, exc)
             ex.reset()
+            refusal: Refusal | None = getattr(ex, "refusal", None)
+            if refusal is not None:
+                # Malformed mid-way (a bad chunk): answered as the connection refused it.
+                outcome.status, outcome.flag = refusal.status, refusal.flag
+                self.refused_c.labels(refusal.reason, refusal.flag).inc()
         except asyncio.CancelledError:
             outcome.flag = "DC"  # the client went away (stream reset / connection lost)
             raise
@@ -195,16 +206,26 @@ class RequestHandler:
             content_length=h.content_length,
             end_stream=h.end_stream,
         )
-        async with asyncio.TaskGroup() as tg:
-            att = await self._attempts(ctx, ex, up_head, backend, body, timeouts, retry, tg, out)
-            if att is None:
-                return
-            try:
-                await self._respond(ex, att, resp_mods, out)
-            finally:
-                att.up.release()
-                if att.pump is not None and not att.pump.done():
-                    att.pump.cancel()  # the response is over; so is the request body
+        try:
+            async with asyncio.TaskGroup() as tg:
+                att = await self._attempts(
+                    ctx, ex, up_head, backend, body, timeouts, retry, tg, out
+                )
+                if att is None:
+                    return
+                try:
+                    await self._respond(ex, att, resp_mods, out)
+                finally:
+                    att.up.release()
+                    if att.pump is not None and not att.pump.done():
+                        att.pump.cancel()  # the response is over; so is the request body
+        except ExceptionGroup as eg:
+            # The TaskGroup wraps whatever its body raised: a StreamReset (the client went
+            # away, or its request turned out malformed) is handled by the caller as itself.
+            first = eg.exceptions[0]
+            if all(isinstance(e, StreamReset) for e in eg.exceptions):
+                raise first from None
+            raise
         for m in fwd.mirrors:
             self._mirror(ctx, m, up_head, body)
 
@@ -300,10 +321,14 @@ class RequestHandler:
                     started + timeouts.backend_request if timeouts.backend_request else None
                 )
                 return _Attempt(up, resp, pump, target, backend_deadline)
+            except UpstreamProtocolError as exc:
+                up.reset()
+                await _stop(pump)
+                raise _Failed(502, "UPE", f"upstream protocol error: {exc}") from None
             except StreamReset as exc:
                 up.reset()
                 await _stop(pump)
-                if reused and not fresh and body.replayable:
+                if reused and not fresh and body.replayable and not body.source.failed:
                     fresh = True  # a pooled connection the backend had closed: once more
                     continue
                 raise _Failed(503, "UR", f"upstream reset before response headers: {exc}") from None
@@ -431,6 +456,50 @@ class RequestHandler:
 
     # -- telemetry -------------------------------------------------------------------------
 
+    def refused(self, ctx: StreamContext | None, r: Refusal) -> None:
+        """Work refused before any request was forwarded: one metric, one access-log line.
+
+        Counted in `ambientmesh_waypoint_refused_total{reason,response_flags}` always, and in
+        istio_requests_total when there was a request to speak of (an HTTP status)."""
+        self.refused_c.labels(r.reason, r.flag).inc()
+        if ctx is None or not r.log:
+            return
+        snap = ctx.routes.snapshot
+        if r.status:
+            labels = ConnectionLabels.build(
+                reporter="waypoint",
+                source=snap.pod_by_ip(ctx.src_ip),
+                source_principal=ctx.caller,
+                destination=None,
+                service=ctx.service,
+                protocol="http",
+                mtls=True,
+                response_flags=r.flag,
+                trust_domain=snap.trust_domain,
+            )
+            self.metrics.request_done(labels, r.status, 0.0, 0, 0)
+        log_access(
+            AccessRecord(
+                src=ctx.src_ip,
+                dst="-",
+                src_identity=ctx.caller,
+                dst_identity=None,
+                service=ctx.service.hostname,
+                bytes_sent=0,
+                bytes_received=0,
+                duration_s=0.0,
+                verdict="error",
+                response_flags=r.flag,
+                policy=None,
+                mtls=True,
+                protocol="http",
+                method=r.method,
+                path=r.path,
+                status=r.status,
+                reporter="waypoint",
+            )
+        )
+
     def _account(
         self,
         ctx: StreamContext,
@@ -487,6 +556,20 @@ class RequestHandler:
                 reporter="waypoint",
             )
         )
+
+
+def _refused_counter(metrics: MeshMetrics) -> Any:
+    """One counter per registry, however many handlers share it (tests build several)."""
+    c = getattr(metrics, "_waypoint_refused", None)
+    if c is None:
+        c = Counter(
+            "ambientmesh_waypoint_refused",
+            "Requests, streams and connections the waypoint refused past a limit or as malformed",
+            ("reason", "response_flags"),
+            registry=metrics.registry,
+        )
+        metrics._waypoint_refused = c  # type: ignore[attr-defined]
+    return c
 
 
 async def _stop(pump: asyncio.Task[None] | None) -> None:

@@ -51,6 +51,11 @@ class StreamReset(Exception):
     """The peer reset the stream or the connection died before the message ended."""
 
 
+class UpstreamProtocolError(StreamReset):
+    """The backend's response could not be framed safely (a smuggling attempt or a broken
+    server): answered 502, never retried on the same terms, never forwarded."""
+
+
 @dataclass(slots=True)
 class RequestHead:
     method: str

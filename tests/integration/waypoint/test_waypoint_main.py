@@ -67,6 +67,17 @@ def test_invalid_config_at_start_names_object_and_field(tmp_path: Path) -> None:
     assert "Service ns/web" in out.stderr and "ports[0].port" in out.stderr
 
 
+def test_limit_that_would_refuse_everyone_is_a_clear_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--max-headers", "0"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "max_headers must be positive" in out.stderr
+
+
 def test_missing_ca_is_a_clear_error() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "waypoint.main", "--namespace", "ns"],
@@ -173,6 +184,7 @@ async def test_process_serves_hbone_with_its_identity_and_follows_config(tmp_pat
         sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--config", str(cfg),
         "--ca-dir", str(tmp_path / "ca"), "--hbone-addr", "127.0.0.9:0",
         "--readiness-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+        "--admin-addr", "127.0.0.1:0",
         "--upstream-hbone-port", str(hbone2.sockets[0].getsockname()[1]),
         env=ENV, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
