@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from mesh import ktls
 from mesh.hbone.connection import Handler, HboneConnection, HboneError, HboneStream
+from mesh.hbone.limits import ConnectionGate, HboneLimits, RefusedHook
 
 DEFAULT_STREAM_CAP = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -70,22 +71,33 @@ async def serve(
     *,
     trust_domain: str,
     sock: socket.socket | None = None,
+    limits: HboneLimits | None = None,
+    gate: ConnectionGate | None = None,
+    on_refused: RefusedHook | None = None,
 ) -> Listener:
     """An HBONE listener (:15008). `handler` gets every CONNECT and must accept or reject.
     With `sock` (a listening socket made elsewhere, e.g. inside a pod's netns), `host` and
-    `port` are ignored."""
+    `port` are ignored. `limits` bound what a peer may cost (mesh.hbone.limits); `gate`
+    counts connections across all of a node's listeners; `on_refused` hears every refusal."""
     loop = asyncio.get_running_loop()
+    lim = limits or HboneLimits()
 
     def factory() -> HboneConnection:
-        return HboneConnection(client_side=False, trust_domain=trust_domain, handler=handler)
+        return HboneConnection(
+            client_side=False, trust_domain=trust_domain, handler=handler,
+            limits=lim, gate=gate, on_refused=on_refused,
+        )  # fmt: skip
 
+    hs = lim.handshake_timeout
     if not isinstance(ctx, ssl.SSLContext):
         if sock is not None:
-            return ktls.KtlsServer(sock, ctx, factory)
-        return await ktls.start_server(factory, host, port, ctx)
+            return ktls.KtlsServer(sock, ctx, factory, timeout=hs)
+        return await ktls.start_server(factory, host, port, ctx, handshake_timeout=hs)
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, ssl=ctx)
-    return await loop.create_server(factory, host, port, ssl=ctx, reuse_address=True)
+        return await loop.create_server(factory, sock=sock, ssl=ctx, ssl_handshake_timeout=hs)
+    return await loop.create_server(
+        factory, host, port, ssl=ctx, reuse_address=True, ssl_handshake_timeout=hs
+    )
 
 
 class HbonePool:
