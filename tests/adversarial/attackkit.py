@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -19,6 +20,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 
 from certs.ca import CertificateAuthority
 from mesh.tls import client_context
@@ -29,7 +32,7 @@ def fd_count(pid: int | str = "self") -> int:
 
 
 def rss_kib(pid: int | str = "self") -> int:
-    for line in open(f"/proc/{pid}/status").read().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
@@ -68,7 +71,7 @@ class Peer:
 
     def _unlimited(self) -> None:
         """The server's advertised stream limit must not stop the attacker's own h2."""
-        self.h2.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 100000
+        self.h2.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 100000
         self.h2.remote_settings.acknowledge()
 
     def connect(self, authority: str, headers: Sequence[tuple[str, str]] = ()) -> int:
@@ -85,7 +88,7 @@ class Peer:
         self.h2.send_headers(sid, list(headers), end_stream=end)
         return sid
 
-    def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
         self.h2.reset_stream(sid, code)
 
     async def pump(self, until: float = 2.0, *, settle: float = 0.3) -> None:
@@ -114,11 +117,11 @@ class Peer:
             return
         for ev in events:
             if isinstance(ev, h2.events.ResponseReceived):
-                self.responses[ev.stream_id] = int(dict(ev.headers)[":status"])
+                self.responses[ev.stream_id] = int(dict(ev.headers)[":status"])  # type: ignore[index]
             elif isinstance(ev, h2.events.StreamReset):
-                self.resets[ev.stream_id] = int(ev.error_code)
+                self.resets[ev.stream_id] = int(ev.error_code or 0)
             elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.goaway = int(ev.error_code)
+                self.goaway = int(ev.error_code or 0)
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 self.server_settings_seen = True
             elif isinstance(ev, h2.events.DataReceived):

@@ -91,9 +91,9 @@ class Target:
             p.close()
 
 
-async def settle_fds(baseline: int, slack: int = 2, timeout: float = 10.0) -> int:
+async def settle_fds(baseline: int, slack: int = 2, wait: float = 10.0) -> int:
     n = fd_count()
-    for _ in range(int(timeout / 0.1)):
+    for _ in range(int(wait / 0.1)):
         n = fd_count()
         if n <= baseline + slack:
             break
