@@ -385,3 +385,62 @@ async def test_tls_without_client_certificate_is_refused(target: Target) -> None
         if p is not None:
             p.close()
     await target.good_request()
+
+
+async def test_pending_dials_past_the_cap_are_refused_with_uo(
+    target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app that never answers SYNs (its accept queue is full) keeps dials pending; past
+    `max_pending_dials` the next CONNECT is refused at once (503, UO) instead of queueing."""
+    caplog.set_level("INFO", logger="mesh.access")
+    target.node.max_pending_dials = 2
+    full = socket.socket()
+    full.bind((ECHO_IP, 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(2):  # the accept queue (backlog 0 holds one) and its SYN queue fill up
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((ECHO_IP, port))
+        fillers.append(s)
+    await asyncio.sleep(0.1)
+    p = await target.peer()
+    try:
+        stuck = [p.connect(f"{ECHO_IP}:{port}") for _ in range(2)]
+        p.flush()
+        await p.pump(until=0.5, settle=0.2)
+        assert target.node.pending_dials == 2
+        sid = p.connect(f"{ECHO_IP}:{port}")
+        p.flush()
+        assert await p.wait_for(sid) == 503
+        assert sample(target.node.metrics, "ambientmesh_refused_total", reason="pending_dials")
+        lines = [r.getMessage() for r in caplog.records if r.name == "mesh.access"]
+        assert any('"response_flags":"UO"' in x for x in lines)
+        for s in stuck:
+            p.reset(s)  # cancels the pending dials
+        p.flush()
+        await p.pump(until=0.5, settle=0.2)
+        assert target.node.pending_dials == 0
+    finally:
+        p.close()
+        for s in fillers:
+            s.close()
+        full.close()
+    await target.good_request()
+
+
+@pytest.mark.parametrize("target", [HboneLimits(idle_timeout=0.5)], indirect=True)
+async def test_idle_connection_is_closed_by_the_server(target: Target) -> None:
+    p = await target.peer()
+    sid = p.connect(f"{ECHO_IP}:{target.app_port}")
+    p.flush()
+    assert await p.wait_for(sid) == 200
+    await p.pump(until=1.0, settle=1.0)
+    assert not p.closed  # a stream is open: not idle
+    p.reset(sid)
+    p.flush()
+    await p.pump(until=3, settle=2.0)
+    assert p.goaway is not None or p.closed
+    p.close()
+    await target.good_request()
