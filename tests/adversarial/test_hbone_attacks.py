@@ -400,10 +400,10 @@ async def test_pending_dials_past_the_cap_are_refused_with_uo(
     port = full.getsockname()[1]
     fillers = []
     for _ in range(2):  # the accept queue (backlog 0 holds one) and its SYN queue fill up
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex((ECHO_IP, port))
-        fillers.append(s)
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex((ECHO_IP, port))
+        fillers.append(filler)
     await asyncio.sleep(0.1)
     p = await target.peer()
     try:
@@ -417,15 +417,15 @@ async def test_pending_dials_past_the_cap_are_refused_with_uo(
         assert sample(target.node.metrics, "ambientmesh_refused_total", reason="pending_dials")
         lines = [r.getMessage() for r in caplog.records if r.name == "mesh.access"]
         assert any('"response_flags":"UO"' in x for x in lines)
-        for s in stuck:
-            p.reset(s)  # cancels the pending dials
+        for stuck_sid in stuck:
+            p.reset(stuck_sid)  # cancels the pending dials
         p.flush()
         await p.pump(until=0.5, settle=0.2)
         assert target.node.pending_dials == 0
     finally:
         p.close()
-        for s in fillers:
-            s.close()
+        for filler in fillers:
+            filler.close()
         full.close()
     await target.good_request()
 
