@@ -59,11 +59,14 @@ _H2_STREAM_CEILING = 2**31 - 1
 
 
 class HboneError(Exception):
-    """A CONNECT that did not open; `status` is the HTTP status (0 when the connection died)."""
+    """A CONNECT that did not open; `status` is the HTTP status (0 when the connection died).
+    `refused`: the server refused the stream unprocessed (REFUSED_STREAM: over its stream
+    limit), so trying it again, elsewhere, is safe (RFC 9113 §8.7)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, refused: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.refused = refused
 
 
 class HboneStream(EndpointBase):
@@ -87,6 +90,7 @@ class HboneStream(EndpointBase):
         self._send_window = conn.h2.remote_settings.initial_window_size
         self._credit = 0  # received bytes not yet credited back to the peer
         self._reset = False  # ended by RST_STREAM (either side) or by the connection dying
+        self._reset_code: int | None = None  # the peer's RST_STREAM error code
         # server side: the task answering this CONNECT, cancelled if the stream is reset
         # before it was accepted (its dial is then for nobody)
         self.handler_task: asyncio.Task[None] | None = None
@@ -140,8 +144,9 @@ class HboneStream(EndpointBase):
             self._early_eof = True
         self._check_done()
 
-    def _on_reset(self) -> None:
+    def _on_reset(self, code: int | None = None) -> None:
         self._reset = True
+        self._reset_code = code
         if self._peer is not None:
             self._peer.abort()
         task = self.handler_task
@@ -159,7 +164,9 @@ class HboneStream(EndpointBase):
     def _finish(self) -> None:
         self.conn._streams.pop(self.stream_id, None)
         if self.conn.client_side and not self.response.done():
-            self.response.set_exception(HboneError(0, "stream reset"))
+            refused = self._reset_code == h2.errors.ErrorCodes.REFUSED_STREAM
+            why = "stream refused (server's stream limit)" if refused else "stream reset"
+            self.response.set_exception(HboneError(0, why, refused=refused))
             self.response.exception()  # whoever awaits still gets it; nobody must
         if not self._done.done():
             self._done.set_result(None)
@@ -521,7 +528,7 @@ class HboneConnection(asyncio.Protocol):
         elif isinstance(ev, h2.events.StreamReset):
             s = self._streams.get(ev.stream_id)
             if s is not None:
-                s._on_reset()
+                s._on_reset(ev.error_code)
         elif isinstance(ev, h2.events.RequestReceived):
             self._on_request(ev)
         elif isinstance(ev, h2.events.ResponseReceived):

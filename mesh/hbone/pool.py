@@ -23,6 +23,7 @@ from mesh.hbone.limits import ConnectionGate, HboneLimits, RefusedHook
 DEFAULT_STREAM_CAP = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
+REFUSED_RETRIES = 2  # a CONNECT refused unprocessed (REFUSED_STREAM) is tried again this often
 
 PoolKey = tuple[str, tuple[str, int]]  # (source identity, destination ip:port)
 # A stdlib context (user-space TLS) or a kTLS one (handshake in user space, records in the
@@ -221,15 +222,27 @@ class HbonePool:
     ) -> HboneStream:
         """Open a CONNECT stream to `authority` through the HBONE peer at `address`."""
         key: PoolKey = (source_identity, address)
-        conn = await self._get(key, expected_peers)
-        if expected_peers is not None and conn.peer_identity not in expected_peers:
-            # The pool is keyed by address; a different identity expected at the same address
-            # (a pod moved, a node re-keyed) must never ride an old connection.
-            raise HboneError(0, f"pooled peer {conn.peer_identity} is not {sorted(expected_peers)}")
-        timer = self._idle.pop(conn, None)
-        if timer is not None:
-            timer.cancel()
-        return await conn.open_stream(authority, headers, response_timeout=self.connect_timeout)
+        for attempt in range(REFUSED_RETRIES + 1):
+            conn = await self._get(key, expected_peers)
+            if expected_peers is not None and conn.peer_identity not in expected_peers:
+                # The pool is keyed by address; a different identity expected at the same
+                # address (a pod moved, a node re-keyed) must never ride an old connection.
+                raise HboneError(
+                    0, f"pooled peer {conn.peer_identity} is not {sorted(expected_peers)}"
+                )
+            timer = self._idle.pop(conn, None)
+            if timer is not None:
+                timer.cancel()
+            try:
+                return await conn.open_stream(
+                    authority, headers, response_timeout=self.connect_timeout
+                )
+            except HboneError as exc:
+                # Over the server's stream limit (we sent before its SETTINGS said so): that
+                # connection is full now (h2 knows the limit), so the next try goes elsewhere.
+                if not exc.refused or attempt == REFUSED_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     def connections(self, source_identity: str, address: tuple[str, int]) -> int:
         return len(self._conns.get((source_identity, address), []))
