@@ -6,6 +6,12 @@ per-peer or per-node count is closed before its first stream, the others stay. E
 reported through the listener's `on_refused(reason, peer)` hook, which ztunnel turns into a
 metric (`ambientmesh_refused_total{reason}`) and an access-log line with Istio's `UO` flag.
 
+Response flags in ztunnel's access log and `istio_tcp_connections_closed_total`, by Envoy's
+names as Istio uses them: `UO` (upstream overflow) for a stream, connection or upstream dial
+refused by a limit; `DT` for a handshake not completed within the handshake timeout; `NR` (no
+route) for a dial refused because its destination is one of ztunnel's own listeners;
+`DC`/`UF`/`DENY` keep their existing meanings.
+
 The one exception is the header-list size: HPACK state is shared by every stream of a
 connection, so a header block too large to decode leaves the connection unusable and h2 ends
 it (GOAWAY); other connections are untouched.
