@@ -183,6 +183,10 @@ class MeshMetrics:
             ("component", "version"),
             registry=r,
         )
+        # Work a proxy refused to protect itself (a limit reached, a self-loop): by reason.
+        self.refused_c = Counter(
+            "ambientmesh_refused", "Work refused by a limit or a guard", ("reason",), registry=r
+        )
         self._tcp: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
         self._http: dict[tuple[ConnectionLabels, int], tuple[Any, Any, Any, Any]] = {}
 
@@ -234,6 +238,9 @@ class MeshMetrics:
         ch[1].observe(duration_s * 1000.0)
         ch[2].observe(req_bytes)
         ch[3].observe(resp_bytes)
+
+    def refused(self, reason: str) -> None:
+        self.refused_c.labels(reason).inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format, for `/metrics`."""

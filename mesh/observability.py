@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -63,6 +64,10 @@ class ObservabilityServer:
         if self._server is None:
             raise RuntimeError("server not started")
         return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._server.sockets) if self._server is not None else ()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(

@@ -4,7 +4,9 @@ For each pod enrolled on this node the workload manager opens, inside the pod's 
 15001 outbound (on 127.0.0.1, where the pod's redirected connects land, and on the pod IP),
 15006 inbound plaintext and 15008 inbound HBONE (on 0.0.0.0, presenting the pod's own
 certificate). The sockets are created by this process, which is in no pod's cgroup, so the
-pod's redirect programs never see them: nothing ztunnel dials can loop back into ztunnel.
+pod's redirect programs never see them. They are also registered with the node as ztunnel's
+own (`Node.add_listeners`): a pod that *asks* for one of them (connects to 127.0.0.1:15001,
+or its own IP:15006, directly or through HBONE) is refused instead of looping.
 
 Enrolment is requested (by the CNI plugin or the lab) with the pod's netns and cgroup paths;
 whether the pod is *in the mesh* is the snapshot's call. A requested pod is enrolled while the
@@ -298,6 +300,7 @@ class WorkloadManager:
                 raise EnrolError(f"pod {req.key}: no cgroup given, cannot redirect its traffic")
         except BaseException as exc:
             await _close_servers(inpod.servers)
+            self.node.forget_listeners(netns)
             netns.close()
             if isinstance(exc, EnrolError | asyncio.CancelledError):
                 raise
@@ -326,8 +329,13 @@ class WorkloadManager:
                 InboundHbone(node, pod_key=key, netns=ns),
                 trust_domain=node.trust_domain,
                 sock=sock,
+                limits=node.limits,
+                gate=node.gate,
+                on_refused=node.hbone_refused,
             )
         )
+        for srv in inpod.servers:
+            node.add_listeners(ns, srv.sockets, addrs=[inpod.ip] if inpod.ip else [])
 
     async def _unenrol(self, key: str) -> None:
         inpod = self.enrolled.pop(key, None)
@@ -341,6 +349,7 @@ class WorkloadManager:
             log.error("pod %s: undoing redirection failed: %s", key, exc)
         finally:
             await _close_servers(inpod.servers)
+            self.node.forget_listeners(inpod.netns)
             inpod.netns.close()
             log.info("unenrolled %s", key)
 
@@ -349,6 +358,7 @@ class WorkloadManager:
         async with self._lock:
             for inpod in self.enrolled.values():
                 await _close_servers(inpod.servers)
+                self.node.forget_listeners(inpod.netns)
                 inpod.netns.close()
             self.enrolled.clear()
 

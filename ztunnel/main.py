@@ -29,7 +29,7 @@ from certs.spiffe import node_id
 from certs.svid import Svid
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
-from mesh.hbone import serve
+from mesh.hbone import HboneLimits, serve
 from mesh.hbone.pool import Listener
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
@@ -115,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-cap", type=int, default=100, help="HBONE streams per connection")
     p.add_argument("--pool-idle", type=positive, default=60.0, help="idle HBONE connection (s)")
     p.add_argument("--drain-timeout", type=positive, default=5.0, help="SIGTERM drain (s)")
+    lim = HboneLimits()
+    g = p.add_argument_group("limits", "what one peer may cost this node (past one: refused)")
+    g.add_argument("--handshake-timeout", type=positive, default=lim.handshake_timeout,
+                   help="TLS handshake on HBONE listeners (s)")  # fmt: skip
+    g.add_argument("--max-streams", type=int, default=lim.max_streams,
+                   help="concurrent CONNECT streams per HBONE connection (advertised and "
+                   "enforced: extra streams get REFUSED_STREAM)")  # fmt: skip
+    g.add_argument("--max-header-list-size", type=int, default=lim.max_header_list_size,
+                   help="SETTINGS_MAX_HEADER_LIST_SIZE (bytes)")  # fmt: skip
+    g.add_argument(
+        "--hbone-idle-timeout",
+        type=positive,
+        default=lim.idle_timeout,
+        help="an inbound HBONE connection with no stream is closed after (s)",
+    )
+    g.add_argument("--max-connections-per-peer", type=int,
+                   default=lim.max_connections_per_peer,
+                   help="inbound HBONE connections from one peer IP")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=lim.max_connections,
+                   help="inbound HBONE connections in total")  # fmt: skip
+    g.add_argument(
+        "--max-pending-dials",
+        type=int,
+        default=1024,
+        help="upstream connects (TCP or HBONE) under way at once",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument(
@@ -286,6 +312,7 @@ class Ztunnel:
                 args.node, lambda: self.store.current, ids, self.metrics,
                 trust_domain=args.trust_domain, hbone_port=args.hbone_addr[1],
                 stream_cap=args.stream_cap, idle_timeout=args.pool_idle,
+                limits=limits_from(args), max_pending_dials=args.max_pending_dials,
             )  # fmt: skip
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
@@ -303,6 +330,9 @@ class Ztunnel:
                     ids.listener_context(node.identity),
                     InboundHbone(node),
                     trust_domain=args.trust_domain,
+                    limits=node.limits,
+                    gate=node.gate,
+                    on_refused=node.hbone_refused,
                 )
             )
             if args.outbound_addr:
@@ -312,6 +342,10 @@ class Ztunnel:
             if args.inbound_plaintext_addr:
                 plain = InboundPlaintext(node).protocol
                 self.servers.append(await loop.create_server(plain, *args.inbound_plaintext_addr))
+            for srv in self.servers:  # every one of these proxies onward: never dial them
+                node.add_listeners(None, srv.sockets)
+            for obs in (ready_srv, met_srv):
+                node.add_listeners(None, obs.sockets, forwarding=False)
             enrol = None
             if args.enrol_socket:
                 enrol = EnrolServer(args.enrol_socket, manager)
@@ -334,11 +368,19 @@ class Ztunnel:
                     "workloads_enrolled": manager.dump(),
                     "hbone_pool": node.pool.stats(),
                     "redirect": args.redirect,
+                    "limits": {
+                        **node.limits.dump(),
+                        "max_pending_dials": node.max_pending_dials,
+                        "pending_dials": node.pending_dials,
+                        "hbone_connections": node.gate.total,
+                        "hbone_peers": node.gate.peers(),
+                    },
                 },
             )
             admin = await stack.enter_async_context(
                 ObservabilityServer(*args.admin_addr, routes=routes)
             )
+            node.add_listeners(None, admin.sockets, forwarding=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             self.ready = True
@@ -369,6 +411,17 @@ class Ztunnel:
                 t.cancel()
 
 
+def limits_from(args: argparse.Namespace) -> HboneLimits:
+    return HboneLimits(
+        handshake_timeout=args.handshake_timeout,
+        max_streams=args.max_streams,
+        max_header_list_size=args.max_header_list_size,
+        idle_timeout=args.hbone_idle_timeout,
+        max_connections_per_peer=args.max_connections_per_peer,
+        max_connections=args.max_connections,
+    )
+
+
 def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for e in eg.exceptions:
@@ -388,6 +441,12 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--ca-bundle, --node-cert and --ca-token go with --ca HOST:PORT"
     if args.stream_cap < 1:
         return "--stream-cap must be >= 1"
+    for flag in ("max_streams", "max_connections_per_peer", "max_connections",
+                 "max_pending_dials"):  # fmt: skip
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be >= 1"
+    if args.max_header_list_size < 1024:
+        return "--max-header-list-size must be >= 1024"
     return None
 
 

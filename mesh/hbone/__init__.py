@@ -11,13 +11,16 @@ from mesh.hbone.connection import (  # noqa: E402 (after the fix, before any h2 
     HboneError,
     HboneStream,
 )
+from mesh.hbone.limits import ConnectionGate, HboneLimits  # noqa: E402
 from mesh.hbone.pool import HbonePool, dial, serve  # noqa: E402
 
 __all__ = [
     "SOURCE_PRINCIPAL_HEADER",
     "ConnectRequest",
+    "ConnectionGate",
     "HboneConnection",
     "HboneError",
+    "HboneLimits",
     "HbonePool",
     "HboneStream",
     "dial",

@@ -34,7 +34,8 @@ from mesh.hbone.frames import (
     data_header,
     window_update,
 )
-from mesh.stream import EndpointBase
+from mesh.hbone.limits import ConnectionGate, HboneLimits, RefusedHook
+from mesh.stream import Endpoint, EndpointBase
 from mesh.tls import PeerIdentityError, check_identity, peer_identity
 
 log = logging.getLogger("mesh.hbone")
@@ -52,14 +53,20 @@ CONNECTION_UPDATE_AT = CONNECTION_WINDOW // 4
 # Sent by a waypoint to the destination's ztunnel: the SPIFFE ID of the caller it acts for.
 # The receiver believes it only when the TLS peer is a waypoint serving that destination.
 SOURCE_PRINCIPAL_HEADER = "x-ambientmesh-source-principal"
+# What h2 is told it may open: h2 answers one stream too many with a GOAWAY that kills every
+# stream of the connection, so it never decides; `_on_request` refuses the extra one alone.
+_H2_STREAM_CEILING = 2**31 - 1
 
 
 class HboneError(Exception):
-    """A CONNECT that did not open; `status` is the HTTP status (0 when the connection died)."""
+    """A CONNECT that did not open; `status` is the HTTP status (0 when the connection died).
+    `refused`: the server refused the stream unprocessed (REFUSED_STREAM: over its stream
+    limit), so trying it again, elsewhere, is safe (RFC 9113 §8.7)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, refused: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.refused = refused
 
 
 class HboneStream(EndpointBase):
@@ -82,6 +89,12 @@ class HboneStream(EndpointBase):
         self._fast_in = not conn.client_side  # client: once the 200 response arrived
         self._send_window = conn.h2.remote_settings.initial_window_size
         self._credit = 0  # received bytes not yet credited back to the peer
+        self._reset = False  # ended by RST_STREAM (either side) or by the connection dying
+        self._reset_code: int | None = None  # the peer's RST_STREAM error code
+        # server side: the task answering this CONNECT, cancelled if the stream is reset
+        # before it was accepted (its dial is then for nobody)
+        self.handler_task: asyncio.Task[None] | None = None
+        self._accepted = False
         self.response: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -131,15 +144,29 @@ class HboneStream(EndpointBase):
             self._early_eof = True
         self._check_done()
 
-    def _on_reset(self) -> None:
+    def _on_reset(self, code: int | None = None) -> None:
+        self._reset = True
+        self._reset_code = code
         if self._peer is not None:
             self._peer.abort()
+        task = self.handler_task
+        if task is not None and not self._accepted and not task.done():
+            task.cancel()  # the dial it is waiting on would be an upstream for nobody
         self._finish()
+
+    def join(self, peer: Endpoint) -> None:
+        """A stream reset before the join (the peer gave up while we were dialing) takes the
+        newly joined upstream down with it: nothing else would ever close that one."""
+        super().join(peer)
+        if self._reset:
+            peer.abort()
 
     def _finish(self) -> None:
         self.conn._streams.pop(self.stream_id, None)
         if self.conn.client_side and not self.response.done():
-            self.response.set_exception(HboneError(0, "stream reset"))
+            refused = self._reset_code == h2.errors.ErrorCodes.REFUSED_STREAM
+            why = "stream refused (server's stream limit)" if refused else "stream reset"
+            self.response.set_exception(HboneError(0, why, refused=refused))
             self.response.exception()  # whoever awaits still gets it; nobody must
         if not self._done.done():
             self._done.set_result(None)
@@ -215,6 +242,7 @@ class HboneStream(EndpointBase):
     def abort(self) -> None:
         if self._done.done():
             return
+        self._reset = True
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.conn.h2.reset_stream(self.stream_id, h2.errors.ErrorCodes.CANCEL)
         self.conn._schedule_flush()
@@ -244,6 +272,7 @@ class ConnectRequest:
 
     def accept(self) -> HboneStream:
         self._answered = True
+        self.stream._accepted = True
         self.stream.conn._respond(self.stream.stream_id, 200, end=False)
         return self.stream
 
@@ -268,8 +297,15 @@ class HboneConnection(asyncio.Protocol):
         expected_peers: frozenset[str] | None = None,
         handler: Handler | None = None,
         on_idle: Callable[[HboneConnection], None] | None = None,
+        limits: HboneLimits | None = None,
+        gate: ConnectionGate | None = None,
+        on_refused: RefusedHook | None = None,
     ) -> None:
         self.client_side = client_side
+        self.limits = limits or HboneLimits()
+        self.gate = gate
+        self.on_refused = on_refused
+        self._gated: str | None = None  # the peer IP counted in `gate`
         self.trust_domain = trust_domain
         self.expected_peers = expected_peers
         self.handler = handler
@@ -277,6 +313,15 @@ class HboneConnection(asyncio.Protocol):
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
         )
+        # What our first SETTINGS frame advertises (initiate_connection sends these values).
+        self.h2.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_list_size,
+            },
+        )
+        self.h2.decoder.max_header_list_size = self.limits.max_header_list_size
         self.transport: asyncio.Transport | None = None
         self.peer_identity = ""
         self.peer_address: tuple[str, int] | None = None
@@ -292,12 +337,46 @@ class HboneConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.streams_opened = 0
+        self.streams_refused = 0
+        loop = asyncio.get_running_loop()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # Server side, created at TCP accept: a handshake not done in time is reported (the
+        # listener's own timeout closes it; we never see its transport).
+        self._handshake_timer: asyncio.TimerHandle | None = (
+            None
+            if client_side
+            else loop.call_later(self.limits.handshake_timeout * 1.05, self._handshake_expired)
+        )
 
     # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.transport is None:
+            self._refused("handshake", None)
+
+    def _refused(self, reason: str, peer: tuple[str, int] | None) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason, peer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.peer_address = transport.get_extra_info("peername")
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self.gate is not None and not self.client_side:
+            ip = self.peer_address[0] if self.peer_address else ""
+            why = self.gate.admit(ip)
+            if why is not None:
+                log.warning("hbone: refusing connection from %s: %s limit", ip, why)
+                self._refused(why, self.peer_address)
+                if not self.ready.done():
+                    self.ready.set_exception(HboneError(0, f"{why} limit"))
+                    self.ready.exception()
+                self.transport.abort()
+                return
+            self._gated = ip
         ssl_obj = transport.get_extra_info("ssl_object")
         try:
             if ssl_obj is None:
@@ -314,13 +393,16 @@ class HboneConnection(asyncio.Protocol):
             self.transport.abort()
             return
         self.h2.initiate_connection()
+        # Our SETTINGS frame now says max_streams; h2 itself must not enforce it (see
+        # _H2_STREAM_CEILING): its own limit goes to the ceiling, applied at once.
+        self.h2.local_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = _H2_STREAM_CEILING
+        self.h2.local_settings.acknowledge()
         # Through update_settings, not initial values: h2 applies a larger inbound frame size
         # and window only when the peer acknowledges them.
         self.h2.update_settings(
             {
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
             }
         )
         # ...but h2 raises its inbound frame limit only on the receive_data call *after* the
@@ -329,6 +411,8 @@ class HboneConnection(asyncio.Protocol):
         self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
+        if not self.client_side:
+            self._arm_idle()
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -405,6 +489,12 @@ class HboneConnection(asyncio.Protocol):
         self._out.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gated is not None and self.gate is not None:
+            self.gate.release(self._gated)
+            self._gated = None
+        for timer in (self._idle_timer, self._handshake_timer):
+            if timer is not None:
+                timer.cancel()
         for s in list(self._streams.values()):
             s._on_reset()
         for t in self._tasks:
@@ -438,7 +528,7 @@ class HboneConnection(asyncio.Protocol):
         elif isinstance(ev, h2.events.StreamReset):
             s = self._streams.get(ev.stream_id)
             if s is not None:
-                s._on_reset()
+                s._on_reset(ev.error_code)
         elif isinstance(ev, h2.events.RequestReceived):
             self._on_request(ev)
         elif isinstance(ev, h2.events.ResponseReceived):
@@ -452,6 +542,18 @@ class HboneConnection(asyncio.Protocol):
             self.transport.close()
 
     def _on_request(self, ev: h2.events.RequestReceived) -> None:
+        if len(self._streams) >= self.limits.max_streams:
+            # What we advertised, enforced on this stream alone (also for streams the peer
+            # sent before it saw our SETTINGS); the connection and its streams carry on.
+            self.streams_refused += 1
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._schedule_flush()
+            self._refused("streams", self.peer_address)
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         headers = {str(k): str(v) for k, v in ev.headers}
         stream = HboneStream(self, ev.stream_id)
         self._streams[ev.stream_id] = stream
@@ -462,6 +564,7 @@ class HboneConnection(asyncio.Protocol):
             return
         req = ConnectRequest(stream, authority, headers, self.peer_identity, self.peer_address)
         task = asyncio.get_running_loop().create_task(self._handle(req))
+        stream.handler_task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -469,6 +572,10 @@ class HboneConnection(asyncio.Protocol):
         assert self.handler is not None
         try:
             await self.handler(req)
+        except asyncio.CancelledError:
+            if req.stream._reset:
+                return  # the peer reset the stream: nobody is waiting for an answer
+            raise
         except Exception:  # one bad stream never takes the connection down
             log.exception("hbone: handler failed for %s", req.authority)
             if not req._answered:
@@ -525,8 +632,27 @@ class HboneConnection(asyncio.Protocol):
             t.write(data)
 
     def _stream_finished(self) -> None:
-        if not self._streams and self.on_idle is not None:
+        if self._streams:
+            return
+        if self.on_idle is not None:
             self.on_idle(self)
+        if not self.client_side:
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """Server side: a connection that carries no stream for `idle_timeout` is closed
+        (a peer cannot park connections forever)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.limits.idle_timeout, self._idle_expired
+        )
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self._streams:
+            log.info("hbone: closing idle connection from %s", self.peer_address)
+            self.close()
 
     # -- client API ------------------------------------------------------------------------
 

@@ -18,10 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from mesh import ktls
 from mesh.hbone.connection import Handler, HboneConnection, HboneError, HboneStream
+from mesh.hbone.limits import ConnectionGate, HboneLimits, RefusedHook
 
 DEFAULT_STREAM_CAP = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
+REFUSED_RETRIES = 2  # a CONNECT refused unprocessed (REFUSED_STREAM) is tried again this often
 
 PoolKey = tuple[str, tuple[str, int]]  # (source identity, destination ip:port)
 # A stdlib context (user-space TLS) or a kTLS one (handshake in user space, records in the
@@ -70,22 +72,33 @@ async def serve(
     *,
     trust_domain: str,
     sock: socket.socket | None = None,
+    limits: HboneLimits | None = None,
+    gate: ConnectionGate | None = None,
+    on_refused: RefusedHook | None = None,
 ) -> Listener:
     """An HBONE listener (:15008). `handler` gets every CONNECT and must accept or reject.
     With `sock` (a listening socket made elsewhere, e.g. inside a pod's netns), `host` and
-    `port` are ignored."""
+    `port` are ignored. `limits` bound what a peer may cost (mesh.hbone.limits); `gate`
+    counts connections across all of a node's listeners; `on_refused` hears every refusal."""
     loop = asyncio.get_running_loop()
+    lim = limits or HboneLimits()
 
     def factory() -> HboneConnection:
-        return HboneConnection(client_side=False, trust_domain=trust_domain, handler=handler)
+        return HboneConnection(
+            client_side=False, trust_domain=trust_domain, handler=handler,
+            limits=lim, gate=gate, on_refused=on_refused,
+        )  # fmt: skip
 
+    hs = lim.handshake_timeout
     if not isinstance(ctx, ssl.SSLContext):
         if sock is not None:
-            return ktls.KtlsServer(sock, ctx, factory)
-        return await ktls.start_server(factory, host, port, ctx)
+            return ktls.KtlsServer(sock, ctx, factory, timeout=hs)
+        return await ktls.start_server(factory, host, port, ctx, handshake_timeout=hs)
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, ssl=ctx)
-    return await loop.create_server(factory, host, port, ssl=ctx, reuse_address=True)
+        return await loop.create_server(factory, sock=sock, ssl=ctx, ssl_handshake_timeout=hs)
+    return await loop.create_server(
+        factory, host, port, ssl=ctx, reuse_address=True, ssl_handshake_timeout=hs
+    )
 
 
 class HbonePool:
@@ -209,15 +222,27 @@ class HbonePool:
     ) -> HboneStream:
         """Open a CONNECT stream to `authority` through the HBONE peer at `address`."""
         key: PoolKey = (source_identity, address)
-        conn = await self._get(key, expected_peers)
-        if expected_peers is not None and conn.peer_identity not in expected_peers:
-            # The pool is keyed by address; a different identity expected at the same address
-            # (a pod moved, a node re-keyed) must never ride an old connection.
-            raise HboneError(0, f"pooled peer {conn.peer_identity} is not {sorted(expected_peers)}")
-        timer = self._idle.pop(conn, None)
-        if timer is not None:
-            timer.cancel()
-        return await conn.open_stream(authority, headers, response_timeout=self.connect_timeout)
+        for attempt in range(REFUSED_RETRIES + 1):
+            conn = await self._get(key, expected_peers)
+            if expected_peers is not None and conn.peer_identity not in expected_peers:
+                # The pool is keyed by address; a different identity expected at the same
+                # address (a pod moved, a node re-keyed) must never ride an old connection.
+                raise HboneError(
+                    0, f"pooled peer {conn.peer_identity} is not {sorted(expected_peers)}"
+                )
+            timer = self._idle.pop(conn, None)
+            if timer is not None:
+                timer.cancel()
+            try:
+                return await conn.open_stream(
+                    authority, headers, response_timeout=self.connect_timeout
+                )
+            except HboneError as exc:
+                # Over the server's stream limit (we sent before its SETTINGS said so): that
+                # connection is full now (h2 knows the limit), so the next try goes elsewhere.
+                if not exc.refused or attempt == REFUSED_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     def connections(self, source_identity: str, address: tuple[str, int]) -> int:
         return len(self._conns.get((source_identity, address), []))

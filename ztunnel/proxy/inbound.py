@@ -9,6 +9,12 @@ see the waypoint's identity. When (and only when) the peer's identity is a pod o
 waypoint that serves the destination, the original caller's SPIFFE ID is taken from the
 `x-ambientmesh-source-principal` request header (`SOURCE_PRINCIPAL_HEADER`). From any other
 peer the header is ignored: a workload cannot claim to be someone else.
+
+The caller's address follows the same rule. A waypoint's `Forwarded: for=` is believed. Anyone
+else's is believed only when it adds nothing the connection does not already prove: the
+claimed address is a pod running as the peer's own identity, and the connection comes from
+that pod's address or from its node's (the node's ztunnel dials on the pod's behalf). Any
+other claim is ignored (logged): access log and `ipBlocks` see the real peer address.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from mesh.hbone import ConnectRequest
 from mesh.hbone.connection import SOURCE_PRINCIPAL_HEADER
 from mesh.metrics import ConnectionLabels
 from mesh.netns import NetNs
-from ztunnel.proxy.node import Accounting, Node, forwarded_for, splice
+from ztunnel.proxy.node import Accounting, DialRefused, Node, forwarded_for, splice
 
 log = logging.getLogger("ztunnel.inbound")
 
@@ -55,6 +61,16 @@ class InboundHbone:
         self.pod_key = pod_key
         self.netns = netns
 
+    @staticmethod
+    def _own_address(snap: Snapshot, identity: str, claimed: str, peer_ip: str) -> bool:
+        """A non-waypoint peer may name its own pod's address, if the connection comes from
+        that pod or from that pod's node (never another identity's pod, never from afar)."""
+        src = snap.pod_by_ip(claimed)
+        if src is None or snap.identity(src) != identity:
+            return False
+        node = snap.node(src.node) if src.node else None
+        return peer_ip == claimed or (node is not None and node.address == peer_ip)
+
     async def __call__(self, req: ConnectRequest) -> None:
         node = self.node
         snap = node.snapshot()
@@ -81,16 +97,24 @@ class InboundHbone:
 
         principal = req.peer_identity
         claimed = req.headers.get(SOURCE_PRINCIPAL_HEADER)
-        if claimed and principal in waypoint_identities_for(snap, pod):
+        vouches = req.peer_identity in waypoint_identities_for(snap, pod)
+        if claimed and vouches:
             principal = claimed  # the waypoint vouches for its caller
         try:
             src_ns: str | None = SpiffeId.parse(principal).namespace
         except ValueError:
             req.reject(400, f"{SOURCE_PRINCIPAL_HEADER} {claimed!r} is not a SPIFFE ID")
             return
-        src_ip = forwarded_for(req.headers.get("forwarded", "")) or (
-            req.peer_address[0] if req.peer_address else ""
-        )
+        peer_ip = req.peer_address[0] if req.peer_address else ""
+        src_ip = peer_ip
+        fwd = forwarded_for(req.headers.get("forwarded", ""))
+        if fwd and fwd != peer_ip:
+            if vouches or self._own_address(snap, req.peer_identity, fwd, peer_ip):
+                src_ip = fwd
+            else:
+                node.metrics.refused("forwarded_ignored")
+                log.info("inbound from %s (%s): ignoring Forwarded for=%s: not its to claim",
+                         peer_ip, req.peer_identity, fwd)  # fmt: skip
         decision = authorize(
             snap.policies_for(pod), AuthzRequest(principal, src_ns, src_ip, port), l7=False
         )
@@ -122,6 +146,10 @@ class InboundHbone:
         netns = self.netns if self.netns is not None else node.netns_of(pod.key)
         try:
             app = await node.connect_tcp(host, port, netns)
+        except DialRefused as exc:
+            req.reject(exc.status, str(exc))
+            acct.refused("error", exc.flag)
+            return
         except TimeoutError:
             req.reject(504, f"{req.authority}: connect timed out")
             acct.refused("error", "UF")

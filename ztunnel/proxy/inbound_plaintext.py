@@ -14,7 +14,7 @@ from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import MtlsMode
 from mesh.metrics import ConnectionLabels
 from mesh.tcp import TcpEndpoint
-from ztunnel.proxy.node import Accounting, Redirected, splice
+from ztunnel.proxy.node import Accounting, DialRefused, Redirected, splice
 
 log = logging.getLogger("ztunnel.plaintext")
 
@@ -67,6 +67,11 @@ class InboundPlaintext(Redirected):
         netns = self.netns if self.netns is not None else node.netns_of(pod.key)
         try:
             app = await node.connect_tcp(dst_ip, dst_port, netns)
+        except DialRefused as exc:
+            log.info("plaintext %s -> %s:%s: %s", src_ip, dst_ip, dst_port, exc)
+            ep.abort()
+            acct.refused("error", exc.flag)
+            return
         except (OSError, TimeoutError) as exc:
             log.info("plaintext %s -> %s:%s: %s", src_ip, dst_ip, dst_port, exc)
             ep.abort()

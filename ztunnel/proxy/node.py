@@ -8,17 +8,20 @@ metric update and one access-log line per connection, never per chunk).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import ipaddress
 import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from certs.spiffe import node_id
 from mesh.accesslog import AccessRecord, log_access
 from mesh.config.snapshot import Snapshot
+from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
 from mesh.metrics import ConnectionLabels, MeshMetrics
 from mesh.netns import NetNs, connect_in
@@ -30,6 +33,31 @@ log = logging.getLogger("ztunnel")
 
 SO_ORIGINAL_DST = 80
 HBONE_PORT = 15008
+DEFAULT_MAX_PENDING_DIALS = 1024
+_ANY = ("0.0.0.0", "::")
+
+
+class DialRefused(Exception):
+    """A dial ztunnel will not make. `reason` labels the metric, `flag` is the access log's
+    response flag (Istio's names), `status` the HBONE answer when the dial was for a CONNECT."""
+
+    def __init__(self, message: str, *, reason: str, flag: str, status: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.flag = flag
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class OwnListener:
+    """One of ztunnel's listening sockets: where it is (netns key: the namespace's inode, 0
+    for ztunnel's own), and whether what it accepts is proxied onward (15001/15006/15008:
+    dialing one of those is a loop) or answered locally (admin, metrics, readiness)."""
+
+    netns: int
+    host: str
+    port: int
+    forwarding: bool
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -60,8 +88,15 @@ class Node:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
     netns_of: Callable[[str], NetNs | None] = _no_netns
+    limits: HboneLimits = field(default_factory=HboneLimits)
+    max_pending_dials: int = DEFAULT_MAX_PENDING_DIALS
     pool: HbonePool = field(init=False)
+    gate: ConnectionGate = field(init=False)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    pending_dials: int = field(default=0, init=False)
+    # (netns key) -> ztunnel's listeners there, and the addresses we know are local there
+    listeners: dict[int, set[OwnListener]] = field(default_factory=dict, init=False)
+    local_addrs: dict[int, set[str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.pool = HbonePool(
@@ -71,6 +106,7 @@ class Node:
             idle_timeout=self.idle_timeout,
             connect_timeout=self.connect_timeout,
         )
+        self.gate = ConnectionGate(self.limits)
 
     @property
     def identity(self) -> str:
@@ -102,10 +138,122 @@ class Node:
         return len(left)
 
     async def connect_tcp(self, ip: str, port: int, netns: NetNs | None) -> TcpEndpoint:
-        """A plain TCP connection, from inside `netns` when given (an enrolled pod's)."""
-        proto = await connect_in(netns, TcpEndpoint, ip, port, connect_timeout=self.connect_timeout)
+        """A plain TCP connection, from inside `netns` when given (an enrolled pod's). Never
+        to one of our own listeners (see `self_target`), and only while fewer than
+        `max_pending_dials` dials are under way: raises DialRefused otherwise."""
+        self.check_not_self(ip, port, netns)
+        with self.dial_slot():
+            proto = await connect_in(
+                netns, TcpEndpoint, ip, port, connect_timeout=self.connect_timeout
+            )
         assert isinstance(proto, TcpEndpoint)
         return proto
+
+    # -- guards ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def dial_slot(self) -> Iterator[None]:
+        """A pending upstream dial (TCP or HBONE), within `max_pending_dials`."""
+        if self.pending_dials >= self.max_pending_dials:
+            self.metrics.refused("pending_dials")
+            raise DialRefused(
+                f"{self.pending_dials} upstream dials pending (limit {self.max_pending_dials})",
+                reason="pending_dials", flag="UO", status=503,
+            )  # fmt: skip
+        self.pending_dials += 1
+        try:
+            yield
+        finally:
+            self.pending_dials -= 1
+
+    def add_listeners(
+        self,
+        netns: NetNs | None,
+        socks: Iterable[socket.socket],
+        *,
+        forwarding: bool = True,
+        addrs: Iterable[str] = (),
+    ) -> None:
+        """Remember listening sockets as ours; `addrs` are addresses local to that netns (a
+        pod's IP) that a wildcard bind there answers on."""
+        key = netns.inode if netns is not None else 0
+        mine = self.listeners.setdefault(key, set())
+        for sock in socks:
+            host, port = sock.getsockname()[:2]
+            mine.add(OwnListener(key, host, port, forwarding))
+        self.local_addrs.setdefault(key, set()).update(addrs)
+
+    def forget_listeners(self, netns: NetNs) -> None:
+        self.listeners.pop(netns.inode, None)
+        self.local_addrs.pop(netns.inode, None)
+
+    def _local_to(self, key: int) -> set[str]:
+        addrs = set(self.local_addrs.get(key, ()))
+        if key == 0:
+            node = self.snapshot().node(self.name)
+            if node is not None and node.address:
+                addrs.add(node.address)
+        return addrs
+
+    def self_target(self, ip: str, port: int, netns: NetNs | None) -> bool:
+        """Would a connect from `netns` to `ip:port` land on one of our own listeners?
+
+        Loopback (and 0.0.0.0, which connects to loopback) reaches only the listeners of the
+        namespace we dial from. Any other address reaches a listener bound to it, wherever
+        (pod IPs are routed between namespaces), or a wildcard-bound forwarding listener in
+        the namespace that owns that address (a pod's IP in its netns, the node's address in
+        ours). Listeners that only answer (metrics, readiness) count through loopback only:
+        a pod reaching the node's metrics port is no loop."""
+        here = netns.inode if netns is not None else 0
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        loop_like = addr.is_loopback or addr.is_unspecified
+        if addr.is_unspecified:
+            ip = "127.0.0.1" if addr.version == 4 else "::1"
+        for key, mine in self.listeners.items():
+            if loop_like and key != here:
+                continue
+            local: set[str] | None = None
+            for ln in mine:
+                if ln.port != port:
+                    continue
+                if not ln.forwarding and not loop_like:
+                    continue
+                if ln.host == ip:
+                    return True
+                if ln.host in _ANY:
+                    if loop_like:
+                        return True
+                    if local is None:
+                        local = self._local_to(key)
+                    if ip in local:
+                        return True
+        return False
+
+    def check_not_self(self, ip: str, port: int, netns: NetNs | None) -> None:
+        if self.self_target(ip, port, netns):
+            self.metrics.refused("self_loop")
+            where = f" in {netns.path}" if netns is not None else ""
+            log.warning("refusing to dial %s:%s%s: it is one of ztunnel's own listeners",
+                        ip, port, where)  # fmt: skip
+            raise DialRefused(
+                f"{ip}:{port} is ztunnel's own listener", reason="self_loop", flag="NR",
+                status=400,
+            )  # fmt: skip
+
+    def hbone_refused(self, reason: str, peer: tuple[str, int] | None) -> None:
+        """An HBONE listener refused a connection or stream (mesh.hbone.limits)."""
+        self.metrics.refused(reason)
+        log_access(
+            AccessRecord(
+                src=f"{peer[0]}:{peer[1]}" if peer else "-", dst="-", src_identity=None,
+                dst_identity=None, service=None, bytes_sent=0, bytes_received=0,
+                duration_s=0.0, verdict="error",
+                response_flags="DT" if reason == "handshake" else "UO", mtls=True,
+            )
+        )  # fmt: skip
 
 
 def forwarded_for(value: str) -> str | None:

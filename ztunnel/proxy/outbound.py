@@ -22,7 +22,7 @@ from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
-from ztunnel.proxy.node import HBONE_PORT, Accounting, Redirected, splice
+from ztunnel.proxy.node import HBONE_PORT, Accounting, DialRefused, Redirected, splice
 
 log = logging.getLogger("ztunnel.outbound")
 
@@ -135,11 +135,17 @@ class Outbound(Redirected):
                 upstream = await node.connect_tcp(r.ip, r.port, self.netns)
             else:
                 assert src is not None
-                upstream = await node.pool.connect(
-                    snap.identity(src), r.hbone_addr, r.authority,
-                    expected_peers=frozenset({r.peer}),
-                    headers=[("forwarded", f"for={src_ip}")],
-                )  # fmt: skip
+                with node.dial_slot():
+                    upstream = await node.pool.connect(
+                        snap.identity(src), r.hbone_addr, r.authority,
+                        expected_peers=frozenset({r.peer}),
+                        headers=[("forwarded", f"for={src_ip}")],
+                    )  # fmt: skip
+        except DialRefused as exc:
+            log.info("outbound %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, exc)
+            ep.abort()
+            acct.refused("error", exc.flag)
+            return
         except (HboneError, OSError) as exc:
             status = exc.status if isinstance(exc, HboneError) else 0
             denied = status in (401, 403)

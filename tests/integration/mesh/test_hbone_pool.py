@@ -85,6 +85,22 @@ async def test_stream_cap_opens_a_second_connection(peer: Peer) -> None:
         pool.close()
 
 
+async def test_streams_the_server_refuses_over_its_limit_are_retried_elsewhere(
+    peer: Peer,
+) -> None:
+    """A pool whose cap (150) is above the server's limit (100): every CONNECT opens, over two
+    connections. Streams sent before the server's SETTINGS arrived are refused unprocessed
+    (REFUSED_STREAM) and retried on another connection; streams after it see the limit in h2.
+    Which of the two happens depends on timing, so this checks the outcome, not the path."""
+    pool = pool_for(peer, stream_cap=150)
+    try:
+        streams = await open_streams(pool, peer, WEB, 150)
+        assert len(streams) == 150 and len(peer.accepted) == 150
+        assert pool.connections(WEB, peer.address) == 2
+    finally:
+        pool.close()
+
+
 async def test_identities_never_share_a_connection(peer: Peer) -> None:
     pool = pool_for(peer)
     try:

@@ -29,14 +29,14 @@ status: {podIP: 10.244.1.5}
 """
 
 
-def start(tmp_path: Path, config: str) -> subprocess.Popen[str]:
+def start(tmp_path: Path, config: str, *extra: str) -> subprocess.Popen[str]:
     CertificateAuthority.init(tmp_path / "ca")
     (tmp_path / "mesh.yaml").write_text(config)
     return subprocess.Popen(
         [sys.executable, "-m", "ztunnel.main", "--node", "n1", "--config",
          str(tmp_path / "mesh.yaml"), "--ca-dir", str(tmp_path / "ca"),
          "--hbone-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-         "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"],
+         "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0", *extra],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -59,6 +59,28 @@ def test_ready_dump_and_metrics(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_limits_are_flags_and_in_the_config_dump(tmp_path: Path) -> None:
+    """Defaults a production node runs with, each overridable, all shown to the operator."""
+    proc = start(tmp_path, CONFIG, "--max-streams", "50", "--handshake-timeout", "3")
+    try:
+        assert proc.stdout is not None
+        ports = dict(kv.split("=") for kv in proc.stdout.readline().split()[1:])
+        url = f"http://127.0.0.1:{ports['admin']}/config_dump"
+        limits = json.loads(urllib.request.urlopen(url, timeout=10).read())["limits"]
+        assert limits["max_streams"] == 50 and limits["handshake_timeout"] == 3.0
+        assert limits["max_header_list_size"] == 64 * 1024
+        assert limits["max_connections_per_peer"] == 1024 and limits["max_connections"] == 10000
+        assert limits["idle_timeout"] == 300.0 and limits["max_pending_dials"] == 1024
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "ztunnel.main", "--node", "n1", "--config", "x", "--ca-dir", "y",
+         "--max-streams", "0"], env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--max-streams must be >= 1" in bad.stderr
 
 
 def test_bad_config_at_start_is_refused(tmp_path: Path) -> None:
