@@ -17,7 +17,8 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from waypointkit import (
+
+from tests.integration.waypoint.waypointkit import (
     CLIENT_ID,
     ECHO_VIP,
     GRPC_VIP,
