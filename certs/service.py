@@ -39,6 +39,7 @@ from certs.ca import MAX_TTL, CertificateAuthority, CertificateError
 from certs.spiffe import SpiffeId, node_id
 from certs.svid import Svid
 from mesh.config.snapshot import Snapshot
+from mesh.httpserver import HttpError, Request, read_request, render, send_and_close
 from mesh.tls import PeerIdentityError, check_peer, client_context, server_context
 
 log = logging.getLogger("certs.service")
@@ -90,41 +91,28 @@ class CaService:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, body = await asyncio.wait_for(self._respond(reader, writer), READ_TIMEOUT)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            status, body = await asyncio.wait_for(self._exchange(reader, writer), READ_TIMEOUT)
+        except (TimeoutError, HttpError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError, ValueError):  # fmt: skip
             status, body = 400, {"error": "malformed or incomplete request"}
-        data = json.dumps(body).encode()
-        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                  404: "Not Found"}[status]  # fmt: skip
-        try:
-            writer.write(
-                f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(data)}\r\nconnection: close\r\n\r\n".encode()
-                + data
-            )
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        data = render(status, "application/json", json.dumps(body).encode())
+        await send_and_close(writer, data, wait_closed=False)
 
-    async def _respond(
+    async def _exchange(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[int, dict[str, Any]]:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = lines[0].split(" ", 2)
-        length, token = 0, ""
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "authorization":
-                scheme, _, cred = value.strip().partition(" ")
-                if scheme.lower() == "bearer":
-                    token = cred.strip()
+        """Read one request (the whole exchange is bounded by `_handle`) and answer it."""
+        req = await read_request(reader, within=READ_TIMEOUT)
+        return await self._respond(req, reader, writer)
+
+    async def _respond(
+        self, req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[int, dict[str, Any]]:
+        method, path = req.method, req.target
+        length, token = req.content_length(), ""
+        scheme, _, cred = req.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            token = cred.strip()
         if method != "POST" or path != "/v1/sign":
             return 404, {"error": f"no route {method} {path}"}
         if not 0 < length <= MAX_BODY:

@@ -1,24 +1,24 @@
 """The small HTTP/1.1 servers both proxies expose: metrics, readiness, admin.
 
 Not a hot path, so it stays simple: asyncio streams, one request per connection
-(`Connection: close`), GET/HEAD only. It must never crash the proxy: every malformed or
-oversized request gets a 4xx and the connection is closed; a failing handler is a 500.
+(`Connection: close`), GET/HEAD only, the HTTP/1.1 rules the CA shares (`mesh.httpserver`).
+It must never crash the proxy: every malformed or oversized request gets a 4xx and the
+connection is closed; a failing handler is a 500.
 Admin defaults to loopback (DESIGN.md: 15000 is loopback-only) because `/logging` changes state.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 from mesh.config.dump import snapshot_to_json
 from mesh.config.snapshot import Snapshot
+from mesh.httpserver import HttpError, Request, read_request, render, send_and_close
 from mesh.metrics import MeshMetrics
 
 log = logging.getLogger("mesh.observability")
@@ -30,16 +30,6 @@ JsonHandler = Callable[[Mapping[str, str]], tuple[int, Any]]
 
 _MAX_HEAD = 16 * 1024
 _READ_TIMEOUT = 10.0
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
 class ObservabilityServer:
@@ -88,46 +78,27 @@ class ObservabilityServer:
         await self.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, ctype, body, head_only = await self._respond(reader)
-            reason = _REASONS.get(status, "Unknown")
-            head = (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            writer.write(head if head_only else head + body)
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass  # the client went away; nothing to answer
-        except Exception:  # never let one request take the server down
-            log.exception("observability request failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
         text = "text/plain; charset=utf-8"
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
-        except TimeoutError:
-            return 408, text, b"request timeout\n", False
-        except asyncio.LimitOverrunError:
-            return 431, text, b"request head too large\n", False
-        except asyncio.IncompleteReadError:
-            return 400, text, b"incomplete request\n", False
-        try:
-            line = raw.split(b"\r\n", 1)[0].decode("ascii")
-            method, target, version = line.split(" ")
-        except (UnicodeDecodeError, ValueError):
-            return 400, text, b"malformed request line\n", False
-        if not version.startswith("HTTP/1."):
-            return 400, text, b"unsupported HTTP version\n", False
-        if method not in ("GET", "HEAD"):
+            try:
+                status, ctype, body, head_only = self._respond(
+                    await read_request(reader, within=_READ_TIMEOUT)
+                )
+            except HttpError as exc:
+                status, ctype, body, head_only = exc.status, text, f"{exc}\n".encode(), False
+            await send_and_close(writer, render(status, ctype, body, head_only=head_only))
+        except (ConnectionError, OSError):  # the client went away; nothing to answer
+            await send_and_close(writer, b"")
+        except Exception:  # never let one request take the server down
+            log.exception("observability request failed")
+            await send_and_close(writer, b"")
+
+    def _respond(self, req: Request) -> tuple[int, str, bytes, bool]:
+        text = "text/plain; charset=utf-8"
+        if req.method not in ("GET", "HEAD"):
             return 405, text, b"only GET and HEAD\n", False
-        head_only = method == "HEAD"
-        url = urlsplit(target)
-        path = url.path
+        head_only = req.method == "HEAD"
+        path = req.path
         if path == "/metrics" and self.metrics is not None:
             ctype = "text/plain; version=0.0.4; charset=utf-8"
             return 200, ctype, self.metrics.exposition(), head_only
@@ -138,7 +109,7 @@ class ObservabilityServer:
         if handler is None:
             return 404, text, b"not found\n", head_only
         try:
-            status, obj = handler(dict(parse_qsl(url.query)))
+            status, obj = handler(req.query)
             body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
         except Exception as exc:
             log.exception("admin handler %s failed", path)

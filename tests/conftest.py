@@ -1,2 +1,4 @@
-"""Root conftest: its directory goes on sys.path, so every test module can import the shared
-helpers in `meshkit` (test directories have no `__init__.py`)."""
+"""Root conftest. `tests` is a package (every directory has an `__init__.py`), so pytest puts
+the repository root on sys.path and every shared helper is imported one way, absolutely:
+`from tests.meshkit import ...`, `from tests.fakes.kube_apiserver import ...`. A subprocess
+that needs them gets PYTHONPATH=<repo root>, as it does for the code under test."""

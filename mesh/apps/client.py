@@ -19,11 +19,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
+def exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes | None = None,
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on a keep-alive connection and its whole answer (tests drive it too)."""
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    return resp, resp.read()
+
+
 def fetch(conn: http.client.HTTPConnection, path: str, headers: dict[str, str]) -> dict[str, Any]:
     started = time.monotonic()
-    conn.request("GET", path, headers=headers)
-    resp = conn.getresponse()
-    raw = resp.read()
+    resp, raw = exchange(conn, "GET", path, headers)
     out: dict[str, Any] = {"ok": True, "status": resp.status}
     try:
         out["body"] = json.loads(raw)

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import cast
 
 import h2.config
@@ -112,24 +113,39 @@ class HttpEcho(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode()
-        body = {
+        payload = json.dumps(self.describe(), separators=(",", ":")).encode() + b"\n"
+        self._reply(200, payload, close=not self._parser.should_keep_alive(), head=method == "HEAD")
+
+    def describe(self) -> dict[str, object]:
+        """The answer's JSON: who called, who answered, what the request looked like (also
+        what tests' backends built on this class answer with)."""
+        return {
             "pod": self._ident["pod"],
             "namespace": self._ident["namespace"],
             "peer": self._peer,
             "local": self._local,
-            "method": method,
+            "method": self._parser.get_method().decode(),
             "path": self._url.decode("latin-1"),
             "headers": self._headers,
             "body_bytes": self._body_len,
         }
-        payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-        self._reply(200, payload, close=not self._parser.should_keep_alive(), head=method == "HEAD")
 
-    def _reply(self, status: int, payload: bytes, *, close: bool, head: bool = False) -> None:
+    def _reply(
+        self,
+        status: int,
+        payload: bytes,
+        *,
+        close: bool,
+        head: bool = False,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         t = self._transport
         if t is None or t.is_closing():
             return
-        reason = b"OK" if status == 200 else b"Bad Request"
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b"Unknown"
         head_bytes = (
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             % (
@@ -138,6 +154,7 @@ class HttpEcho(asyncio.Protocol):
                 len(payload),
             )
         )
+        head_bytes += b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers)
         head_bytes += b"connection: close\r\n\r\n" if close else b"\r\n"
         t.write(head_bytes if head else head_bytes + payload)
         if close:

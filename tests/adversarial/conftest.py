@@ -3,18 +3,14 @@
 `test_hbone_*` run ztunnel's roles in this process on loopback (real TLS, h2, sockets), so they
 can count this process's fds; `test_lab_*` attack real ztunnel processes in a lab (root: netns,
 cgroups, BPF) and read the ztunnel's own /proc. The lab helpers are the e2e suite's
-(tests/e2e/lab/labkit.py), put on the path here rather than copied.
+(tests/e2e/lab/labkit.py), imported from there rather than copied.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e" / "lab"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

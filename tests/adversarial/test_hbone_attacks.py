@@ -19,8 +19,6 @@ from typing import Any
 
 import h2.errors
 import pytest
-from attackkit import Peer, fd_count, open_peer, tls_context
-from meshkit import WEB, sample, two_nodes
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
@@ -28,6 +26,8 @@ from mesh.config.snapshot import Snapshot
 from mesh.hbone import HboneLimits, serve
 from mesh.hbone.pool import Listener
 from mesh.metrics import MeshMetrics
+from tests.adversarial.attackkit import Peer, fd_count, open_peer, tls_context
+from tests.meshkit import WEB, sample, two_nodes
 from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
 
 ECHO_IP = "127.0.0.3"

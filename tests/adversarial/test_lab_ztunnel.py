@@ -26,14 +26,14 @@ from typing import Any
 
 import h2.errors
 import pytest
-from attackkit import Peer, fd_count, open_peer, rss_kib, tls_context
-from labkit import MANIFEST, leftovers, remove_roots, seen, unique_paths
 
 from certs.ca import CertificateAuthority
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
 from meshctl.lab.lab import HBONE_PORT, Lab, ZtunnelFeatures
 from meshctl.lab.system import socket_in_netns
+from tests.adversarial.attackkit import Peer, fd_count, open_peer, rss_kib, tls_context
+from tests.e2e.lab.labkit import MANIFEST, leftovers, remove_roots, seen, unique_paths
 
 WEB_ID = "spiffe://cluster.local/ns/mesh/sa/web"
 FD_SLACK = 4

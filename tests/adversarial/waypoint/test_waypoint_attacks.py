@@ -13,7 +13,8 @@ import h2.events
 import hpack
 import pytest
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
-from wpkit import LIMITS, H2Client, Waypoint
+
+from tests.adversarial.waypoint.wpkit import LIMITS, H2Client, Waypoint
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -5,24 +5,25 @@
 The waypoint runs as `python -m waypoint.main` with small limits (so each attack trips them
 fast); the hostile bytes travel inside CONNECT streams exactly as a mesh client's would: raw
 HTTP/1.1 bytes, or HTTP/2 frames made with the real `h2`/`hyperframe`/`hpack` libraries. The
-backend counts the requests it is serving, so a test can see upstream work being cancelled.
-`Proc` reads the process's fds and RSS from /proc, for the "back to baseline" checks.
+backend (`tests.fakes.backend`) counts the requests it is serving, so a test can see upstream
+work being cancelled. `Proc` reads the process's fds and RSS from /proc (with attackkit's
+readers), for the "back to baseline" checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
-import httptools
 import yaml
 
 from certs.ca import CertificateAuthority
@@ -30,6 +31,8 @@ from mesh.config.parse import parse_objects
 from mesh.hbone import HbonePool, serve
 from mesh.hbone.pool import Listener
 from mesh.metrics import MeshMetrics
+from tests.adversarial.attackkit import fd_count, rss_kib
+from tests.fakes.backend import Backend, BackendStats
 from ztunnel.proxy import Identities, InboundHbone, Node
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -89,66 +92,6 @@ spec:
 
 
 # ---------------------------------------------------------------------------------------------
-# The backend
-
-
-@dataclass
-class BackendStats:
-    requests: int = 0
-    serving: int = 0  # requests whose connection is open and not answered yet (/slow)
-    paths: list[str] = field(default_factory=list)
-
-
-class Backend(asyncio.Protocol):
-    """HTTP/1.1: `/slow` never answers (until the connection goes), `/bad-response` answers
-    with a smuggling-shaped response (Content-Length and Transfer-Encoding), else 200 "ok"."""
-
-    def __init__(self, stats: BackendStats) -> None:
-        self.stats = stats
-        self.parser = httptools.HttpRequestParser(self)
-        self.t: asyncio.Transport | None = None
-        self.url = b""
-        self.slow = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.slow:
-            self.slow = False
-            self.stats.serving -= 1
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.t is not None
-            self.t.close()
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_message_complete(self) -> None:
-        assert self.t is not None
-        path = self.url.decode()
-        self.stats.requests += 1
-        self.stats.paths.append(path)
-        if path == "/slow":
-            self.slow = True
-            self.stats.serving += 1
-        elif path == "/bad-response":
-            self.t.write(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
-                b"0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"
-            )
-        else:
-            self.t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-
-
-# ---------------------------------------------------------------------------------------------
 # The waypoint process
 
 
@@ -157,13 +100,10 @@ class Proc:
         self.pid = pid
 
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return fd_count(self.pid)
 
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return rss_kib(self.pid)
 
 
 class Inner:
@@ -241,7 +181,8 @@ class Waypoint:
 
     async def good_h1(self) -> None:
         data, _ = await self.h1(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
-        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok"), data
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["pod"] == "backend", data
 
     async def good_h2(self) -> None:
         c = H2Client(await self.stream())
@@ -342,7 +283,7 @@ async def start(tmp: Path) -> tuple[Waypoint, Callable[[], Awaitable[None]]]:
     ids = Identities(ca)
     stats = BackendStats()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Backend(stats), BACKEND_IP, 0)
+    server = await loop.create_server(lambda: Backend("backend", stats, "ns"), BACKEND_IP, 0)
     bport = server.sockets[0].getsockname()[1]
     text = CONFIG.format(wp=WAYPOINT_IP, backend=BACKEND_IP, port=bport)
     cfg = tmp / "mesh.yaml"

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.bpf.test_redirect import CLIENT, SERVER
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for netns/cgroup/BPF")
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(Path(__file__).parent))
-from test_redirect import CLIENT, SERVER  # noqa: E402
-
 ZTUNNEL_SIDE = textwrap.dedent(
     """
     import sys

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labkit import MANIFEST, LabFactory, leftovers, remove_roots, seen, unique_paths
 
 from meshctl.lab.lab import Lab
+from tests.e2e.lab.labkit import MANIFEST, LabFactory, leftovers, remove_roots, seen, unique_paths
 
 
 @pytest.fixture

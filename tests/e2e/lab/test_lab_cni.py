@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 import pytest
-from labkit import LabFactory
 
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
 from meshctl.lab.lab import Lab, ZtunnelFeatures, enrol_request
 from meshctl.lab.system import LabError
+from tests.e2e.lab.labkit import LabFactory
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import signal
 import time
 
 import pytest
-from labkit import LabFactory, leftovers, seen
 
 from bpf import syscall
 from meshctl.lab.lab import Lab, ZtunnelFeatures
 from meshctl.lab.system import proc_alive
+from tests.e2e.lab.labkit import LabFactory, leftovers, seen
 
 
 def test_down_after_ztunnels_were_killed_leaves_nothing(lab_factory: LabFactory) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labkit import LabFactory, leftovers, remove_roots, unique_paths
 
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
 from meshctl.lab.lab import REPO_ROOT, Lab, ZtunnelFeatures
+from tests.e2e.lab.labkit import LabFactory, leftovers, remove_roots, unique_paths
 
 ENROL_MISSING = (
     "ztunnel in this tree has no --enrol-socket: the 'enrol' capture (BPF connect4/getpeername4 "

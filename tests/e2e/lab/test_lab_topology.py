@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labkit import MANIFEST, LabFactory, leftovers, remove_roots, unique_paths
-
 from meshctl.lab.demo import wait_for_app
 from meshctl.lab.lab import REPO_ROOT, Lab
 from meshctl.lab.names import netns_path
 from meshctl.lab.state import LabState
+from tests.e2e.lab.labkit import MANIFEST, LabFactory, leftovers, remove_roots, unique_paths
 
 GETPEERNAME = (
     "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5);"

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshkit import sample
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
@@ -29,6 +28,7 @@ from mesh.config.source import ConfigStore
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
+from tests.meshkit import sample
 from ztunnel.enrol import EnrolServer
 from ztunnel.identity import Identities
 from ztunnel.inpod import WorkloadManager

@@ -15,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = textwrap.dedent(
     """
-    import asyncio, sys, tempfile
+    import asyncio, tempfile
     from pathlib import Path
-    sys.path.insert(0, sys.argv[1] + "/tests")
-    from meshkit import two_nodes as manifest, echo, VIP
+    from tests.meshkit import two_nodes as manifest, echo, VIP
     from certs.ca import CertificateAuthority
     from mesh.config.parse import parse_objects
     from mesh.hbone import serve
@@ -62,7 +61,7 @@ def test_vip_connect_is_redirected_and_tunnelled(tmp_path: Path) -> None:
         run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "10.96.0.10",
             "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001")  # fmt: skip
         out = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, str(script), str(ROOT)],
+            ["ip", "netns", "exec", ns, sys.executable, str(script)],
             capture_output=True, text=True, timeout=60,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )  # fmt: skip

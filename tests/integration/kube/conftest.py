@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from fake_apiserver import FakeApiServer
 from kubernetes_asyncio import client as k8s
+
+from tests.fakes.kube_apiserver import FakeApiServer
 
 
 @pytest.fixture

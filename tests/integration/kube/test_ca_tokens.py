@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_apiserver import FakeApiServer, TokenIdentity
 from kubernetes_asyncio import client as k8s
 
 from certs.ca import CertificateAuthority
@@ -21,6 +20,7 @@ from certs.kube_auth import DEFAULT_AUDIENCE, TokenReviewAuthorizer
 from certs.service import CaClient, CaError, CaService
 from certs.spiffe import node_id, workload_id
 from mesh.tls import server_context
+from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity
 
 TD = "cluster.local"
 ZT = "system:serviceaccount:ambientmesh-system:ztunnel"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_apiserver import FakeApiServer
+
+from tests.fakes.kube_apiserver import FakeApiServer
 
 ROOT = Path(__file__).resolve().parents[3]
 

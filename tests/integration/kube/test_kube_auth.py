@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fake_apiserver import FakeApiServer, TokenIdentity
 from kubernetes_asyncio import client as k8s
 
 from certs.kube_auth import DEFAULT_AUDIENCE, AuthorizationError, TokenReviewAuthorizer
 from certs.spiffe import node_id, workload_id
+from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity
 
 TD = "cluster.local"
 ZT = "system:serviceaccount:ambientmesh-system:ztunnel"

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-from fake_apiserver import FakeApiServer, TokenIdentity
 
 from certs.ca import CertificateAuthority
 from certs.kube_auth import DEFAULT_AUDIENCE
@@ -26,6 +25,7 @@ from certs.spiffe import node_id, workload_id
 from mesh.hbone import HboneError, HbonePool
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import client_context
+from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity
 
 ROOT = Path(__file__).resolve().parents[3]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")

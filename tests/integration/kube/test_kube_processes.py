@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fake_apiserver import FakeApiServer, TokenIdentity
 
 from certs.ca import CertificateAuthority
 from certs.kube_auth import DEFAULT_AUDIENCE
+from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity
 
 ROOT = Path(__file__).resolve().parents[3]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))

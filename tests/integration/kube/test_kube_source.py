@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import yaml
-from fake_apiserver import FakeApiServer
 from kubernetes_asyncio import client as k8s
 
 from mesh.config.kube import KubeSource
 from mesh.config.snapshot import Snapshot
 from mesh.config.source import ConfigStore
+from tests.fakes.kube_apiserver import FakeApiServer
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "kinds.yaml"
 

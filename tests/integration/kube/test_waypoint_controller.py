@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from fake_apiserver import FakeApiServer
 from kubernetes_asyncio import client as k8s
 
+from tests.fakes.kube_apiserver import FakeApiServer
 from waypoint.controller import HASH_ANNOTATION, WaypointController
 
 IMAGE = "ghcr.io/ambientmesh/ambientmesh:test"

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from waypointkit import Mesh, start_mesh, stop_mesh
+
+from tests.integration.waypoint.waypointkit import Mesh, start_mesh, stop_mesh
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from waypointkit import (
+
+from mesh.config.model import ConfigError
+from tests.integration.waypoint.waypointkit import (
     CONSUMER_IP,
     CONSUMER_NS,
     ECHO_V1_VIP,
@@ -23,8 +25,6 @@ from waypointkit import (
     Mesh,
     Response,
 )
-
-from mesh.config.model import ConfigError
 
 Doc = dict[str, Any]
 

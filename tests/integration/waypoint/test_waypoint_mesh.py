@@ -17,7 +17,8 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from waypointkit import (
+
+from tests.integration.waypoint.waypointkit import (
     CLIENT_ID,
     ECHO_VIP,
     GRPC_VIP,
@@ -180,7 +181,7 @@ async def test_content_length_body_and_response(mesh: Mesh) -> None:
     try:
         body = b"x" * 300_000
         r = await c.request("/upload", method="POST", body=body)
-        assert r.status == 200 and r.json()["body_len"] == len(body)
+        assert r.status == 200 and r.json()["body_bytes"] == len(body)
         assert r.json()["headers"]["content-length"] == str(len(body))
     finally:
         c.close()
@@ -229,7 +230,8 @@ async def test_h2_client_to_http1_backend(mesh: Mesh) -> None:
     status, headers, body = await h2_request(port, "/over-h2?x=1", method="POST", body=b"a" * 60000)
     assert status == 200 and headers["x-pod"] in ("echo-v1", "echo-v2")
     info = json.loads(body)
-    assert info["path"] == "/over-h2?x=1" and info["host"] == "echo" and info["body_len"] == 60000
+    assert info["path"] == "/over-h2?x=1" and info["headers"]["host"] == "echo"
+    assert info["body_bytes"] == 60000
 
 
 async def grpc_channel(mesh: Mesh) -> Any:

@@ -8,17 +8,16 @@ destination of an outbound connection comes from a per-listener resolver (BPF/ne
 it in the e2e tests); everything after that is the production path. Config is a list of
 manifests: `apply(extra)` re-parses and swaps the snapshot, as a FileSource would.
 
-The echo backend answers JSON describing what it received (pod, method, path, host, headers),
-and misbehaves on request: `/status/N`, `/delay/MS`, `/reset`, `/flaky/N/KEY` (503 for the
-first N requests of KEY), `/reset-once/KEY`, `/echo-body` (streams the request body back as
-it arrives), `/then-close` (answers, then closes the idle connection), `/drop-second`
-(closes without answering when it is not the connection's first request: what a backend
-closing an idle keep-alive connection looks like to a request racing the close).
+The backends are `tests.fakes.backend.Backend`: the lab's echo (JSON describing what it
+received: pod, method, path, headers, body_bytes), misbehaving on request (`/status/N`,
+`/delay/MS`, `/reset`, `/flaky/N/KEY`, ...; see there). The client is the lab's
+(`mesh.apps.client`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -26,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httptools
-
 from certs.ca import CertificateAuthority
+from mesh.apps.client import exchange
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
+from tests.fakes.backend import Backend, BackendStats
 from waypoint.proxy import Waypoint
 from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
 
@@ -54,143 +53,14 @@ Doc = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
-# The echo backend
-
-
-class EchoBackend(asyncio.Protocol):
-    """One connection of a pod's HTTP/1.1 server (httptools, keep-alive, chunked in/out)."""
-
-    def __init__(self, pod: str, stats: BackendStats) -> None:
-        self.pod = pod
-        self.stats = stats
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.served = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.body_len = 0
-        self.streaming = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.stats.connections += 1
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.transport is not None
-            self.transport.close()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode().lower(), value.decode()))
-
-    def on_headers_complete(self) -> None:
-        self.stats.requests += 1
-        path = self.url.decode()
-        assert self.transport is not None
-        if path == "/drop-second" and self.served:
-            self.stats.dropped += 1
-            self.transport.close()
-            return
-        if path == "/reset" or (path.startswith("/reset-once/") and self.stats.bump(path) == 1):
-            self.stats.dropped += 1
-            sock = self.transport.get_extra_info("socket")
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
-            self.transport.abort()
-            return
-        if path == "/echo-body":
-            self.streaming = True
-            self.transport.write(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-pod: "
-                + self.pod.encode()
-                + b"\r\n\r\n"
-            )
-
-    def on_body(self, body: bytes) -> None:
-        self.body_len += len(body)
-        if self.streaming and self.transport is not None:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-
-    def on_message_complete(self) -> None:
-        assert self.transport is not None
-        self.served += 1
-        if self.streaming:
-            self.transport.write(b"0\r\nx-body-len: %d\r\n\r\n" % self.body_len)
-            self._reset()
-            return
-        path = self.url.decode()
-        status = 200
-        delay = 0.0
-        parts = path.split("?")[0].split("/")
-        if len(parts) >= 3 and parts[1] == "status":
-            status = int(parts[2])
-        elif len(parts) >= 3 and parts[1] == "delay":
-            delay = int(parts[2]) / 1000
-        elif len(parts) >= 4 and parts[1] == "flaky" and self.stats.bump(path) <= int(parts[2]):
-            status = 503
-        info = {
-            "pod": self.pod,
-            "method": self.parser.get_method().decode(),
-            "path": path,
-            "host": next((v for k, v in self.headers if k == "host"), ""),
-            "headers": dict(self.headers),
-            "body_len": self.body_len,
-        }
-        body = json.dumps(info).encode()
-        resp = (
-            b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"x-pod: %s\r\n\r\n%s" % (status, len(body), self.pod.encode(), body)
-        )
-        self._reset()
-        if len(parts) >= 3 and parts[1] == "stall-body":  # head and half, the rest later
-            cut = len(body) // 2
-            self.transport.write(resp[: len(resp) - len(body) + cut])
-            later = int(parts[2]) / 1000
-            asyncio.get_running_loop().call_later(later, self._late, body[cut:])
-            return
-        if path == "/then-close":  # answer, keep alive, then close while idle
-            asyncio.get_running_loop().call_later(0.05, self.transport.close)
-        if delay:
-            asyncio.get_running_loop().call_later(delay, self._late, resp)
-        else:
-            self.transport.write(resp)
-
-    def _late(self, resp: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(resp)
-
-
-@dataclass
-class BackendStats:
-    connections: int = 0
-    requests: int = 0
-    dropped: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-    def bump(self, key: str) -> int:
-        self.counters[key] = self.counters.get(key, 0) + 1
-        return self.counters[key]
-
-
-# ---------------------------------------------------------------------------------------------
-# A test HTTP/1.1 client
+# The client pod's HTTP/1.1 client: the lab's (`mesh.apps.client`), off the event loop
 
 
 @dataclass
 class Response:
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]]  # lower-case names
     body: bytes
-    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -200,41 +70,19 @@ class Response:
         return data
 
 
-class _RespParser:
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[str, str]] = []
-        self.trailers: list[tuple[str, str]] = []
-        self.in_body = False
-        self.body = bytearray()
-        self.done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        pair = (name.decode().lower(), value.decode())
-        (self.trailers if self.in_body else self.headers).append(pair)
-
-    def on_headers_complete(self) -> None:
-        self.in_body = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 class HttpClient:
-    """A keep-alive HTTP/1.1 client connection (through ztunnel's outbound listener)."""
+    """A keep-alive HTTP/1.1 client connection (through ztunnel's outbound listener). Its
+    blocking calls run in a thread: the mesh it talks to runs on this test's event loop."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn = conn
 
     @classmethod
     async def connect(cls, port: int, source: str = "127.0.0.1") -> HttpClient:
         """`source`: the client pod's address (ztunnel finds the source pod by it)."""
-        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        return cls(r, w)
+        conn = http.client.HTTPConnection("127.0.0.1", port, source_address=(source, 0))
+        await asyncio.to_thread(conn.connect)
+        return cls(conn)
 
     async def request(
         self,
@@ -246,22 +94,17 @@ class HttpClient:
         body: bytes | None = None,
         deadline: float = 20.0,
     ) -> Response:
-        lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
-        lines += [f"{k}: {v}" for k, v in headers or []]
-        if body is not None:
-            lines.append(f"content-length: {len(body)}")
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-        p = _RespParser()
-        async with asyncio.timeout(deadline):
-            while not p.done:
-                data = await self.reader.read(1 << 16)
-                if not data:
-                    raise ConnectionError("connection closed before a complete response")
-                p.parser.feed_data(data)
-        return Response(p.parser.get_status_code(), p.headers, bytes(p.body), p.trailers)
+        assert self.conn.sock is not None
+        self.conn.sock.settimeout(deadline)
+        hs = {"host": host, **dict(headers or [])}
+        try:
+            resp, raw = await asyncio.to_thread(exchange, self.conn, method, path, hs, body)
+        except http.client.IncompleteRead:
+            raise ConnectionError("connection closed before a complete response") from None
+        return Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], raw)
 
     def close(self) -> None:
-        self.writer.close()
+        self.conn.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +295,7 @@ async def start_mesh(tmp_path: Path) -> Mesh:
     stats = {"echo-v1": BackendStats(counters=shared), "echo-v2": BackendStats(counters=shared)}
     ip_pod = {"127.0.0.3": "echo-v1", "127.0.0.4": "echo-v2"}
     echo_servers, echo_port = await _bind_pair(
-        lambda ip: EchoBackend(ip_pod[ip], stats[ip_pod[ip]]), ["127.0.0.3", "127.0.0.4"]
+        lambda ip: Backend(ip_pod[ip], stats[ip_pod[ip]], NS), ["127.0.0.3", "127.0.0.4"]
     )
     grpc_srv = await start_grpc("127.0.0.5")
     snap: list[Snapshot] = [Snapshot()]

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from meshkit import VIP, WEB, echo, sample, two_nodes
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import serve
 from mesh.metrics import MeshMetrics
+from tests.meshkit import VIP, WEB, echo, sample, two_nodes
 from ztunnel.proxy import Identities, InboundHbone, InboundPlaintext, Node, Outbound
 
 manifest = two_nodes

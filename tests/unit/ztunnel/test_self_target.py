@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshkit import two_nodes
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.hbone import ConnectionGate, HboneLimits
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
+from tests.meshkit import two_nodes
 from ztunnel.proxy import Identities, Node
 
 POD_IP = "10.244.1.5"
