@@ -395,7 +395,7 @@ def run(inv: Invocation, log: _Log) -> dict[str, Any] | None:
         return _unreachable(inv, ns, name, result, str(exc), log)
     if not reply["ok"]:
         raise CniError(
-            ERR_ENROLMENT,
+            ERR_TRY_AGAIN_LATER if reply.get("busy") is True else ERR_ENROLMENT,
             f"pod {ns}/{name}: ztunnel could not enrol it: {reply.get('error', 'no reason')}",
             f"netns {inv.netns}, cgroup {cgroup}",
         )
