@@ -35,6 +35,12 @@ kind: Pod
 metadata: {name: web, namespace: shop}
 spec: {nodeName: n1, serviceAccountName: web}
 status: {podIP: 10.244.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: plain}
+spec: {nodeName: n1, serviceAccountName: web}
+status: {podIP: 10.244.1.6}
 """
 
 
@@ -44,6 +50,10 @@ class Ztunnel:
     ports: dict[str, str]
     enrol: Path
     config: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -98,21 +108,25 @@ def ztunnel(tmp_path: Path, config: str = CONFIG) -> Iterator[Ztunnel]:
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(config)
     enrol = tmp_path / "enrol.sock"
+    log = tmp_path / "ztunnel.log"
+    errf = log.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ztunnel.main", "--node", "n1", "--config", str(cfg),
          "--ca-dir", str(tmp_path / "ca"), "--enrol-socket", str(enrol), "--redirect", "none",
          "--hbone-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
          "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=ENV, stdout=subprocess.PIPE, stderr=errf, text=True,
     )  # fmt: skip
+    errf.close()
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(f"ztunnel exited: {proc.communicate(timeout=10)[1][-2000:]}")
+            proc.wait(10)
+            raise AssertionError(f"ztunnel exited: {log.read_text()[-2000:]}")
         ports = dict(kv.split("=") for kv in line.split()[1:])
         assert eventually(enrol.exists)
-        yield Ztunnel(proc, ports, enrol, cfg)
+        yield Ztunnel(proc, ports, enrol, cfg, log)
     finally:
         if proc.poll() is None:
             proc.terminate()
