@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -119,6 +120,7 @@ class Proc:
     name: str
     cmd: list[str]
     popen: subprocess.Popen[str] | None = None
+    ready: str = ""  # the first line the process printed (ztunnel: its ports)
 
     @property
     def pid(self) -> int:
@@ -213,9 +215,20 @@ class Rig:
                 wait_port(ECHO_IP, ECHO_PORT)
             except OSError:
                 raise SystemExit(f"echo did not start: {log.read_text()[-2000:]}") from None
-        elif not p.popen.stdout.readline():
-            p.popen.wait(10)
-            raise SystemExit(f"{name} did not start: {log.read_text()[-2000:]}")
+        else:
+            p.ready = p.popen.stdout.readline()
+            if not p.ready:
+                p.popen.wait(10)
+                raise SystemExit(f"{name} did not start: {log.read_text()[-2000:]}")
+
+    def admin(self, name: str, path: str) -> bytes:
+        """GET from a ztunnel's admin port (named on its ready line)."""
+        ports = dict(kv.split("=", 1) for kv in self.procs[name].ready.split()[1:] if "=" in kv)
+        ip = N1_IP if name.endswith("n1") else N2_IP
+        url = f"http://{ip}:{ports['admin']}{path}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body: bytes = resp.read()
+        return body
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         p = self.procs[name]

@@ -50,6 +50,17 @@ def _executed(err: str) -> int:
     return int(pulses[-1]) if pulses else 0
 
 
+_EXC_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Hang|Warning)\b.*)$", re.M)
+
+
+def signature(stderr: str) -> str:
+    """The exception a crash ended in (its last line), so repeats of one bug group together."""
+    found = _EXC_LINE.findall(stderr[stderr.rfind("Traceback") :])
+    if found:
+        return re.sub(r"(position|byte 0x)\s*\w+", r"\1 _", found[-1])[:300]
+    return stderr.strip().splitlines()[-1][:300] if stderr.strip() else "(no output)"
+
+
 def fuzz_one(name: str, seconds: float, work: Path, artifacts: Path, nice: int) -> Result:
     corpus = work / name
     corpus.mkdir(parents=True, exist_ok=True)
@@ -95,8 +106,7 @@ def fuzz_one(name: str, seconds: float, work: Path, artifacts: Path, nice: int) 
             res.hangs += 1
         else:
             res.crashes += 1
-        tail = proc.stderr[proc.stderr.find("=== Uncaught") :][:2000] or proc.stderr[-2000:]
-        res.findings.append(f"{written[0] if written else '(no artifact)'}\n{tail}")
+        res.findings.append(f"{signature(err)}\n  e.g. {written[0] if written else '(none)'}")
     res.seconds = time.monotonic() - start
     return res
 
@@ -151,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(r.hangs for r in results):>6}"
     )
     for r in results:
-        for f in r.findings:
-            print(f"\n--- {r.target} finding ---\n{f}")
+        groups: dict[str, int] = {}
+        for finding in r.findings:
+            groups[finding] = groups.get(finding, 0) + 1
+        for finding, n in groups.items():
+            print(f"\n{r.target}: {n}x {finding}")
     return 0
 
 
