@@ -37,6 +37,12 @@ class Log:
     new: list[tuple[float, bool]] = field(default_factory=list)  # (t, ok)
     held: list[tuple[float, bool]] = field(default_factory=list)
     broken: list[float] = field(default_factory=list)  # held connections that died
+    reasons: dict[str, int] = field(default_factory=dict)  # why requests failed
+
+    def failed(self, why: BaseException | str) -> None:
+        key = why if isinstance(why, str) else type(why).__name__
+        self.reasons[key] = self.reasons.get(key, 0) + 1
+
     late: int = 0  # requests the generator could not start on time (client-side overload)
 
     def now(self) -> float:
@@ -64,8 +70,11 @@ async def new_conn(log: Log) -> None:
                 ok = await read_response(r)
             finally:
                 w.close()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        if not ok:
+            log.failed("new: not 200")
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
         ok = False
+        log.failed(f"new: {type(e).__name__}")
     log.new.append((t, ok))
 
 
@@ -77,6 +86,7 @@ class Held:
         self.log = log
         self.q: asyncio.Queue[float] = asyncio.Queue()
         self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.served = 0  # requests answered on the current connection
 
     async def run(self) -> None:
         while True:
@@ -89,12 +99,21 @@ class Held:
                     r, w = self.conn
                     w.write(REQ_KEEP)
                     ok = await read_response(r)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                if not ok:
+                    self.log.failed("held: not 200")
+            except (
+                OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
+            ) as e:  # fmt: skip
                 ok = False
-            if not ok and self.conn is not None:
-                self.log.broken.append(self.log.now())
+                self.log.failed(f"held: {type(e).__name__}")
+            if ok:
+                self.served += 1
+            elif self.conn is not None:
+                if self.served:  # an established connection broke (not a failed reconnect)
+                    self.log.broken.append(self.log.now())
                 self.conn[1].close()
                 self.conn = None
+                self.served = 0
             self.log.held.append((t, ok))
             self.q.task_done()
 
@@ -141,7 +160,26 @@ def summary(log: Log, label: str) -> None:
         return f"{len(xs):,} requests, {bad:,} failed"
 
     print(f"{label}: new connections: {count(log.new)}; held connections: {count(log.held)}"
-          f"; held connections broken: {len(log.broken)}")  # fmt: skip
+          f"; established held connections broken: {len(log.broken)}")  # fmt: skip
+    if log.reasons:
+        print("failures by reason: " + ", ".join(f"{k} {v:,}" for k, v in log.reasons.items()))
+    per_s: dict[int, int] = {}
+    for t, ok in log.new + log.held:
+        if not ok:
+            per_s[int(t)] = per_s.get(int(t), 0) + 1
+    if per_s:
+        print("failures per second (s: n): "
+              + " ".join(f"{k}:{v}" for k, v in sorted(per_s.items())))  # fmt: skip
+
+
+def log_tail(rig: Rig, n: int = 4) -> None:
+    """What the proxies complained about: the count and the last few warnings/errors."""
+    for p in rig.proxies():
+        bad = [ln for ln in rig.log(p.name).splitlines() if " WARNING " in ln or " ERROR " in ln]
+        if bad:
+            print(f"{p.name}: {len(bad)} warning/error lines, last: ")
+            for ln in bad[-n:]:
+                print(f"    {ln[:220]}")
 
 
 def serials(rig: Rig) -> dict[str, set[str]]:
@@ -168,9 +206,7 @@ async def rotate(a: argparse.Namespace) -> None:
             print(f"{name}: {len(ids)} identities; serials replaced: "
                   f"{len(before[name] - after[name])} of {len(before[name])}")  # fmt: skip
         summary(log, "rotate")
-        fails = [round(t, 1) for t, ok in log.new + log.held if not ok]
-        if fails:
-            print(f"failures at (s): {fails[:20]}{' ...' if len(fails) > 20 else ''}")
+        log_tail(rig)
 
 
 async def restart(a: argparse.Namespace) -> None:
@@ -187,32 +223,35 @@ async def restart(a: argparse.Namespace) -> None:
             await asyncio.to_thread(rig.start, name)
             return t_stop, t_down, log.now()
 
-        b = asyncio.create_task(bounce())
+        bouncer = asyncio.create_task(bounce())
         await load(log, a, a.seconds)
-        t_stop, t_down, t_up = await b
+        t_stop, t_down, t_up = await bouncer
         print(f"\n-- restart {name}: {a.seconds:g} s at {a.rate:g} req/s, "
               f"{a.new_share:.0%} on new connections, {a.held} held")  # fmt: skip
         print(f"SIGTERM at {t_stop:.2f} s, exited at {t_down:.2f} s (drain "
               f"{t_down - t_stop:.2f} s), ready again at {t_up:.2f} s "
               f"(down {t_up - t_down:.2f} s)")  # fmt: skip
         summary(log, "restart")
-        bad_new = [t for t, ok in log.new if not ok]
-        if bad_new:
-            first, last = min(bad_new), max(bad_new)
-            after = [t for t, ok in log.new if ok and t > last]
-            print(f"new connections failed from {first:.2f} s to {last:.2f} s: a fail-closed "
-                  f"window of {last - first:.2f} s ({len(bad_new):,} refused); first success "
-                  f"after it at {min(after) if after else float('nan'):.2f} s")  # fmt: skip
+        log_tail(rig)
+        after_stop = sorted((t, ok) for t, ok in log.new if t >= t_stop)
+        first_fail = next((t for t, ok in after_stop if not ok), None)
+        if first_fail is None:
+            print("no new connection failed after the SIGTERM")
         else:
-            print("no new connection failed")
+            recovered = next((t for t, ok in after_stop if ok and t > first_fail), None)
+            n_out = sum(1 for t, ok in after_stop if not ok and t < (recovered or 1e9))
+            if recovered is None:
+                print(f"new connections failed from {first_fail:.2f} s and never recovered")
+            else:
+                print(f"new connections failed closed from {first_fail:.2f} s until the first "
+                      f"success at {recovered:.2f} s: {recovered - first_fail:.2f} s, "
+                      f"{n_out:,} refused")  # fmt: skip
         if log.broken:
-            print(f"held connections broken at (s): "
-                  f"{sorted(round(t, 2) for t in log.broken)}")  # fmt: skip
-        bad_held = [t for t, ok in log.held if not ok]
-        print(
-            f"held-connection requests failed: {len(bad_held)} "
-            f"(between {min(bad_held, default=0):.2f} and {max(bad_held, default=0):.2f} s)"
-        )
+            b = sorted(log.broken)
+            print(f"established held connections broken: {len(b)} of {a.held}, "
+                  f"between {b[0]:.2f} and {b[-1]:.2f} s")  # fmt: skip
+        else:
+            print(f"no established held connection broke (of {a.held})")
 
 
 async def inside(a: argparse.Namespace) -> None:
