@@ -388,8 +388,6 @@ class H2Target:
         self._l.run(self._one(data))
 
     async def _one(self, data: bytes) -> None:
-        from h2.connection import H2Connection  # noqa: F401  (h2 errors must not escape)
-
         from mesh.hbone.frames import CLIENT_PREFACE
         from waypoint.h2 import H2Server
 
