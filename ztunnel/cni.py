@@ -112,8 +112,12 @@ def read_invocation(env: Mapping[str, str], stdin: IO[str]) -> Invocation:
         conf = json.loads(text) if text.strip() else {}
     except ValueError as exc:
         raise CniError(ERR_INVALID_NETCONF, f"network config on stdin is not JSON: {exc}") from None
+    except RecursionError:
+        raise CniError(ERR_INVALID_NETCONF, "network config on stdin nests too deeply") from None
     if not isinstance(conf, dict):
         raise CniError(ERR_INVALID_NETCONF, "network config must be a JSON object")
+    if not isinstance(conf.get("cniVersion", ""), str):
+        raise CniError(ERR_INVALID_NETCONF, "network config: cniVersion must be a string")
     version = str(conf.get("cniVersion", "1.0.0"))
     if version not in SUPPORTED_VERSIONS:
         raise CniError(
@@ -125,6 +129,7 @@ def read_invocation(env: Mapping[str, str], stdin: IO[str]) -> Invocation:
         raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID is required")
     if command in ("ADD", "CHECK") and not env.get("CNI_NETNS"):
         raise CniError(ERR_INVALID_ENV, "CNI_NETNS is required")
+    _check_conf(conf)
     return Invocation(
         command,
         env.get("CNI_CONTAINERID", ""),
@@ -133,6 +138,37 @@ def read_invocation(env: Mapping[str, str], stdin: IO[str]) -> Invocation:
         _parse_args(env.get("CNI_ARGS", "")),
         conf,
     )
+
+
+_PATH_KEYS = ("enrolSocket", "kubeconfig", "meshConfig", "cgroupRoot", "logFile")
+MAX_TIMEOUT = 300.0
+
+
+def _check_conf(conf: Mapping[str, Any]) -> None:
+    """Our keys of the network config, checked before any is used: a wrong type must be a
+    config error the runtime reports, not an exception (a number as `logFile` would even have
+    been opened as a file descriptor, closing the plugin's own stdout)."""
+
+    def bad(key: str, want: str) -> CniError:
+        return CniError(
+            ERR_INVALID_NETCONF, f"network config: {key} must be {want}, not {conf[key]!r:.80}"
+        )
+
+    for key in _PATH_KEYS:
+        v = conf.get(key)
+        if v is not None and (not isinstance(v, str) or not v or "\x00" in v):
+            raise bad(key, "a non-empty path string")
+    t = conf.get("timeoutSeconds")
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= MAX_TIMEOUT
+    ):
+        raise bad("timeoutSeconds", f"a number of seconds in (0, {MAX_TIMEOUT:g}]")
+    ex = conf.get("excludeNamespaces")
+    if ex is not None and (not isinstance(ex, list) or not all(isinstance(n, str) for n in ex)):
+        raise bad("excludeNamespaces", "a list of namespace names")
+    prev = conf.get("prevResult")
+    if prev is not None and not isinstance(prev, dict):
+        raise bad("prevResult", "an object")
 
 
 class _Log:
@@ -321,9 +357,11 @@ def run(inv: Invocation, log: _Log) -> dict[str, Any] | None:
         )
     ns = inv.args.get("K8S_POD_NAMESPACE", "")
     name = inv.args.get("K8S_POD_NAME", "")
-    sock = str(conf.get("enrolSocket", DEFAULT_SOCKET))
-    timeout = float(conf.get("timeoutSeconds", 5))
-    excluded = conf.get("excludeNamespaces", list(DEFAULT_EXCLUDED))
+    sock = str(conf.get("enrolSocket") or DEFAULT_SOCKET)
+    timeout = float(conf.get("timeoutSeconds") or 5)
+    excluded = conf.get("excludeNamespaces")
+    if excluded is None:
+        excluded = list(DEFAULT_EXCLUDED)
     result = {**prev, "cniVersion": inv.cni_version} if isinstance(prev, dict) else None
     if inv.command == "CHECK":
         return None
@@ -332,8 +370,9 @@ def run(inv: Invocation, log: _Log) -> dict[str, Any] | None:
         return result if inv.command == "ADD" else None
     if ns in excluded:
         return result if inv.command == "ADD" else None
+    cgroup_root = str(conf.get("cgroupRoot") or "/sys/fs/cgroup")
     cgroup = inv.args.get("AMBIENT_CGROUP") or (
-        find_cgroup(inv.netns, str(conf.get("cgroupRoot", "/sys/fs/cgroup"))) if inv.netns else None
+        find_cgroup(inv.netns, cgroup_root) if inv.netns else None
     )
     request = {
         "op": "add" if inv.command == "ADD" else "del",
@@ -356,7 +395,7 @@ def run(inv: Invocation, log: _Log) -> dict[str, Any] | None:
         return _unreachable(inv, ns, name, result, str(exc), log)
     if not reply["ok"]:
         raise CniError(
-            ERR_ENROLMENT,
+            ERR_TRY_AGAIN_LATER if reply.get("busy") is True else ERR_ENROLMENT,
             f"pod {ns}/{name}: ztunnel could not enrol it: {reply.get('error', 'no reason')}",
             f"netns {inv.netns}, cgroup {cgroup}",
         )
@@ -376,7 +415,7 @@ def _unreachable(
             "whether the pod is in the mesh",
             why,
         )
-    timeout = float(inv.conf.get("timeoutSeconds", 5))
+    timeout = float(inv.conf.get("timeoutSeconds") or 5)
     source = "the API server" if kubeconfig else f"meshConfig {mesh_config}"
     try:
         if kubeconfig:

@@ -11,7 +11,9 @@ One request per line, one reply line each, several per connection allowed:
 `"enrolled": false` on add means the pod is not in the mesh (ztunnel remembers it and enrols it
 if a label puts it in later). The socket is created 0600: whoever can talk to it can make
 ztunnel open listeners in a namespace and fetch a pod's certificate, so it is root's alone.
-A malformed request is answered and never disturbs the node proxy.
+A malformed request is answered and never disturbs the node proxy. At most MAX_CLIENTS
+connections are served at once (each may sit READ_TIMEOUT without sending): past that a client
+is told the API is busy and closed, so idle or hostile clients cannot pin ztunnel's fds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger("ztunnel.enrol")
 
 MAX_LINE = 64 * 1024
 READ_TIMEOUT = 60.0
+MAX_CLIENTS = 64
 
 __all__ = ["EnrolServer"]
 
@@ -39,6 +42,8 @@ class EnrolServer:
         self.path = Path(path)
         self.manager = manager
         self._server: asyncio.AbstractServer | None = None
+        self.clients = 0
+        self.refused = 0
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +67,17 @@ class EnrolServer:
             self.path.unlink()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("enrolment: %d clients connected, refusing more", self.clients)
+            busy = {"ok": False, "busy": True, "error": f"busy: {MAX_CLIENTS} clients connected"}
+            writer.write(_reply(busy))
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        self.clients += 1
         try:
             while True:
                 try:
@@ -78,6 +94,7 @@ class EnrolServer:
         except (TimeoutError, ConnectionError):
             pass
         finally:
+            self.clients -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -88,6 +105,8 @@ class EnrolServer:
             req = json.loads(line)
         except ValueError as exc:
             return {"ok": False, "error": f"request is not JSON: {exc}"}
+        except RecursionError:  # 64 KiB of "[" is deeper than the decoder recurses
+            return {"ok": False, "error": "request is not JSON: nested too deeply"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "request must be a JSON object"}
         op = req.get("op")

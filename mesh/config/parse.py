@@ -801,12 +801,23 @@ _GW_GROUP = "gateway.networking.k8s.io/"
 _SEC_GROUP = "security.istio.io/"
 
 
-def _flatten(docs: Iterable[Any]) -> Iterator[Mapping[str, Any]]:
+MAX_LIST_DEPTH = 8
+
+
+def _flatten(
+    docs: Iterable[Any], errors: list[ConfigError], depth: int = 0
+) -> Iterator[Mapping[str, Any]]:
+    """Documents with `kind: List` expanded. YAML anchors can make a List contain itself,
+    and nesting has no natural bound: both stop at MAX_LIST_DEPTH with an error."""
     for d in docs:
         if d is None:
             continue
         if isinstance(d, Mapping) and d.get("kind") == "List" and isinstance(d.get("items"), list):
-            yield from _flatten(d["items"])
+            if depth >= MAX_LIST_DEPTH:
+                why = f"Lists nest deeper than {MAX_LIST_DEPTH} (or a List contains itself)"
+                errors.append(ConfigError("List", "items", why))
+                continue
+            yield from _flatten(d["items"], errors, depth + 1)
         else:
             yield d
 
@@ -833,7 +844,7 @@ def parse_objects(
     policies: list[AuthorizationPolicy] = []
     peers: list[PeerAuthentication] = []
     seen: set[tuple[str, str]] = set()
-    for i, doc in enumerate(_flatten(docs)):
+    for i, doc in enumerate(_flatten(docs, errors)):
         if not isinstance(doc, Mapping):
             errors.append(ConfigError(f"document {i}", "", "must be a mapping"))
             continue
@@ -937,6 +948,8 @@ def read_documents(paths: Sequence[str | Path]) -> list[Any]:
             docs.extend(yaml.safe_load_all(f.read_text()))
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
             errors.append(ConfigError(f"file {f}", "", str(exc).replace("\n", " ")))
+        except RecursionError:  # PyYAML's parser recurses once per nesting level
+            errors.append(ConfigError(f"file {f}", "", "nests too deeply to be a manifest"))
     if errors:
         raise ConfigErrors(errors)
     return docs

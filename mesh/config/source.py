@@ -126,6 +126,9 @@ class FileSource:
                     "config rejected, keeping version %d: %s", self.store.current.version, err
                 )
             return None
+        except Exception:  # a parser bug must not end live reload (run() would die with it)
+            log.exception("config reload failed, keeping version %d", self.store.current.version)
+            return None
 
     def _publish(self, snap: Snapshot) -> None:
         published = self.store.publish(snap)
