@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fuzzkit import CI
 from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.fuzz.seeds import cni_seeds
 from benchmarks.fuzz.targets import CniTarget
+from tests.fuzz.fuzzkit import CI
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from fuzzkit import CI
 from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.fuzz.seeds import config_seeds
 from benchmarks.fuzz.targets import ConfigTarget
 from mesh.config.parse import ConfigErrors, load_snapshot
+from tests.fuzz.fuzzkit import CI
 
 
 @pytest.fixture(scope="module")

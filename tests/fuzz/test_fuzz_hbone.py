@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fuzzkit import CI, H2_STREAMS, SETTINGS, encode_headers, frame
 from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.fuzz.seeds import hbone_seeds
 from benchmarks.fuzz.targets import HboneTarget
+from tests.fuzz.fuzzkit import CI, H2_STREAMS, SETTINGS, encode_headers, frame
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import h2.connection
 import h2.errors
 import hpack
 import pytest
-from fuzzkit import CI, H2_STREAMS, SETTINGS, frame
 from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.fuzz.seeds import h1_seeds, h2_seeds
 from benchmarks.fuzz.targets import H1Target, H2Target, MemoryWire, _answer
+from tests.fuzz.fuzzkit import CI, H2_STREAMS, SETTINGS, frame
 
 
 @pytest.fixture(scope="module")

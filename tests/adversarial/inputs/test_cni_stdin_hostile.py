@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 import pytest
-from inputkit import ROOT, Ztunnel, eventually, ztunnel
+
+from tests.adversarial.inputs.inputkit import ROOT, Ztunnel, eventually, ztunnel
 
 PLUGIN = ROOT / "ztunnel" / "cni.py"  # the very file the installer copies to the host
 PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": []}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from inputkit import CONFIG, Ztunnel, eventually, ztunnel
+
+from tests.adversarial.inputs.inputkit import CONFIG, Ztunnel, eventually, ztunnel
 
 HOSTILE = [
     ("deep", "[" * 5000, "nests too deeply"),

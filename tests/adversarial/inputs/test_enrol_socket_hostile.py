@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from inputkit import Ztunnel, eventually, ztunnel
 
+from tests.adversarial.inputs.inputkit import Ztunnel, eventually, ztunnel
 from ztunnel.enrol import MAX_CLIENTS, MAX_LINE
 
 
