@@ -63,7 +63,7 @@ Output = bytes | memoryview
 # -- events --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectRequested:
     """A well-formed CONNECT (server side): answer with `accept` or `reject`."""
 
@@ -72,7 +72,7 @@ class ConnectRequested:
     headers: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectRejected:
     """A request the core answered itself (not CONNECT: 405; no authority or nobody
     serving: 400); the stream is closed."""
@@ -81,14 +81,14 @@ class ConnectRejected:
     status: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamRefused:
     """A stream past the stream limit, reset with REFUSED_STREAM; the connection carries on."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseReceived:
     """The answer to our CONNECT (client side); 200 opens the tunnel."""
 
@@ -97,7 +97,7 @@ class ResponseReceived:
     headers: list[tuple[str, str]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """Tunnel payload; a zero-copy slice of the received bytes on the lean path."""
 
@@ -105,14 +105,14 @@ class DataReceived:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEnded:
     """The peer half-closed the stream (END_STREAM)."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamReset:
     """The stream died under us: the peer's RST_STREAM (`error_code`), or the connection
     (None). Whatever the stream is joined to must go down too."""
@@ -121,7 +121,7 @@ class StreamReset:
     error_code: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamClosed:
     """The stream left the connection (both directions ended, reset, refused by its answer);
     emitted once per stream."""
@@ -129,28 +129,28 @@ class StreamClosed:
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteBlocked:
     """The stream's send queue is above the high-water mark: stop feeding it."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteUnblocked:
     """The stream's send queue drained below the low-water mark."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionTerminated:
     """The peer sent GOAWAY: the connection is over."""
 
     error_code: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionFailed:
     """The peer broke the protocol; a GOAWAY is queued and the connection must close."""
 
