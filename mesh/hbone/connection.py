@@ -50,6 +50,22 @@ WRITELINES_AT = 1 << 16
 SOURCE_PRINCIPAL_HEADER = "x-ambientmesh-source-principal"
 
 
+# Says who the peer of a new transport is (its SPIFFE ID), or raises PeerIdentityError.
+PeerCheck = Callable[[asyncio.BaseTransport], str]
+
+
+def tls_peer(
+    transport: asyncio.BaseTransport, expected_peers: frozenset[str] | None, trust_domain: str
+) -> str:
+    """The default PeerCheck: mutual TLS with ALPN h2 and a SPIFFE ID we accept."""
+    ssl_obj = transport.get_extra_info("ssl_object")
+    if ssl_obj is None:
+        raise PeerIdentityError("HBONE requires TLS")
+    if ssl_obj.selected_alpn_protocol() != "h2":
+        raise PeerIdentityError("peer did not negotiate ALPN h2")
+    return check_identity(peer_identity(ssl_obj), expected_peers, trust_domain)
+
+
 class HboneError(Exception):
     """A CONNECT that did not open; `status` is the HTTP status (0 when the connection died).
     `refused`: the server refused the stream unprocessed (REFUSED_STREAM: over its stream
@@ -201,8 +217,12 @@ class HboneConnection(asyncio.Protocol):
         limits: HboneLimits | None = None,
         gate: ConnectionGate | None = None,
         on_refused: RefusedHook | None = None,
+        check_peer: PeerCheck | None = None,
     ) -> None:
+        """`check_peer` replaces the TLS peer check (`tls_peer`), e.g. for a transport
+        without TLS in tests; the identity it returns is what handlers see."""
         self.client_side = client_side
+        self.check_peer = check_peer
         self.limits = limits or HboneLimits()
         self.gate = gate
         self.on_refused = on_refused
@@ -273,15 +293,11 @@ class HboneConnection(asyncio.Protocol):
                 self.transport.abort()
                 return
             self._gated = ip
-        ssl_obj = transport.get_extra_info("ssl_object")
         try:
-            if ssl_obj is None:
-                raise PeerIdentityError("HBONE requires TLS")
-            if ssl_obj.selected_alpn_protocol() != "h2":
-                raise PeerIdentityError("peer did not negotiate ALPN h2")
-            self.peer_identity = check_identity(
-                peer_identity(ssl_obj), self.expected_peers, self.trust_domain
-            )
+            if self.check_peer is not None:
+                self.peer_identity = self.check_peer(transport)
+            else:
+                self.peer_identity = tls_peer(transport, self.expected_peers, self.trust_domain)
         except PeerIdentityError as exc:
             log.warning("hbone: refusing peer %s: %s", self.peer_address, exc)
             if not self.ready.done():
