@@ -12,9 +12,12 @@ events too; they wait in `events` until `take_events()`.
 
 Flow control is the back-pressure: received DATA is credited back to the sender only while
 the stream is not paused (`pause`/`resume`), so a slow reader stops the sender at the stream
-window instead of growing buffers. Sends are queued per stream and released as the peer's
-windows allow; a queue above the high-water mark says `WriteBlocked`, below the low-water
-mark `WriteUnblocked`.
+window instead of growing buffers. Credit is decided as the bytes are parsed, before the
+events are handled: a pause asked for while handling one read's events applies from the next
+read (what a paused stream holds stays bounded by its window plus one read, and a peer going
+past the window while paused is a FLOW_CONTROL_ERROR). Sends are queued per stream and
+released as the peer's windows allow; a queue above the high-water mark says `WriteBlocked`,
+below the low-water mark `WriteUnblocked`.
 
 DATA and WINDOW_UPDATE frames of established streams take the lean path
 (`mesh.hbone.frames`): h2 never sees them, so their windows are kept here.
