@@ -343,6 +343,8 @@ class HboneConnection(asyncio.Protocol):
                 s = streams.get(ev.stream_id)
                 if s is not None:
                     s._on_data(ev.data)
+                if ev.flow_controlled:  # delivered (maybe pausing us): now credit decides
+                    self.core.consumed(ev.stream_id, ev.flow_controlled)
             elif isinstance(ev, StreamClosed):
                 s = streams.pop(ev.stream_id, None)
                 if s is not None:

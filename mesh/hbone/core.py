@@ -12,12 +12,12 @@ events too; they wait in `events` until `take_events()`.
 
 Flow control is the back-pressure: received DATA is credited back to the sender only while
 the stream is not paused (`pause`/`resume`), so a slow reader stops the sender at the stream
-window instead of growing buffers. Credit is decided as the bytes are parsed, before the
-events are handled: a pause asked for while handling one read's events applies from the next
-read (what a paused stream holds stays bounded by its window plus one read, and a peer going
-past the window while paused is a FLOW_CONTROL_ERROR). Sends are queued per stream and
-released as the peer's windows allow; a queue above the high-water mark says `WriteBlocked`,
-below the low-water mark `WriteUnblocked`.
+window instead of growing buffers. As with h2's `acknowledge_received_data`, the caller
+hands delivered DATA back with `consumed()`, so a pause asked for while delivering one event
+already holds back the credit of the next one; a peer sending past the window of a paused
+stream is a FLOW_CONTROL_ERROR. Sends are queued per stream and released as the peer's
+windows allow; a queue above the high-water mark says `WriteBlocked`, below the low-water
+mark `WriteUnblocked`.
 
 DATA and WINDOW_UPDATE frames of established streams take the lean path
 (`mesh.hbone.frames`): h2 never sees them, so their windows are kept here.
@@ -102,10 +102,13 @@ class ResponseReceived:
 
 @dataclass(slots=True)
 class DataReceived:
-    """Tunnel payload; a zero-copy slice of the received bytes on the lean path."""
+    """Tunnel payload; a zero-copy slice of the received bytes on the lean path. Once it is
+    delivered, `flow_controlled` bytes go back through `consumed()` (0: h2 parsed this DATA
+    and has credited it already)."""
 
     stream_id: int
     data: bytes | memoryview
+    flow_controlled: int = 0
 
 
 @dataclass(slots=True)
@@ -187,6 +190,7 @@ class StreamState:
         "ended_out",
         "eof_pending",
         "fast_in",
+        "held",
         "paused",
         "pending",
         "pending_bytes",
@@ -209,7 +213,8 @@ class StreamState:
         self.pending_bytes = 0
         self.eof_pending = False
         self.paused = False  # the reader asked us to stop crediting
-        self.unacked = 0  # bytes received while paused, not yet credited back
+        self.unacked = 0  # bytes consumed while paused, not yet credited back
+        self.held = 0  # lean-path bytes handed out in events, not yet consumed
         self.credit = 0  # received bytes not yet credited back to the peer
         self.blocked = False  # our send queue is over the high-water mark
         self.ended_in = False
@@ -392,6 +397,19 @@ class HboneCore:
         """Stop crediting received DATA: the sender stops at the stream window."""
         st.paused = True
 
+    def consumed(self, stream_id: int, n: int) -> None:
+        """`n` bytes of a DataReceived were delivered: credit them back unless the stream is
+        paused (then they are credited at `resume`)."""
+        st = self.streams.get(stream_id)
+        if st is None:  # closed meanwhile: the bytes still used connection window
+            self._credit += n
+            return
+        st.held -= n
+        if st.paused:
+            st.unacked += n
+        else:
+            self._credit_back(st, n)
+
     def resume(self, st: StreamState) -> None:
         st.paused = False
         if st.unacked:
@@ -412,13 +430,11 @@ class HboneCore:
             self._credit += n
             return
         st.received += n
-        self.events.append(DataReceived(st.stream_id, data))
-        if st.paused:
-            st.unacked += n
-            if st.unacked > STREAM_WINDOW:  # what a paused stream holds stays bounded
-                raise FrameError("DATA beyond the stream's flow-control window", FLOW_CONTROL_ERROR)
-        else:
-            self._credit_back(st, n)
+        st.held += n
+        if st.paused and st.unacked + st.held > STREAM_WINDOW:
+            # what a paused stream holds stays bounded
+            raise FrameError("DATA beyond the stream's flow-control window", FLOW_CONTROL_ERROR)
+        self.events.append(DataReceived(st.stream_id, data, n))
 
     def on_window_update(self, stream_id: int, increment: int) -> bool:
         if not increment:

@@ -53,9 +53,14 @@ class Playbook:
         )
         self.peer.initiate_connection()
 
-    def to_core(self, raw: bytes | None = None) -> list[Event]:
-        """What the peer wrote (or `raw`), fed to the core."""
-        return self.core.receive_data(self.peer.data_to_send() if raw is None else raw)
+    def to_core(self, raw: bytes | None = None, *, consume: bool = True) -> list[Event]:
+        """What the peer wrote (or `raw`), fed to the core; DATA delivered at once."""
+        events = self.core.receive_data(self.peer.data_to_send() if raw is None else raw)
+        if consume:
+            for e in events:
+                if isinstance(e, DataReceived) and e.flow_controlled:
+                    self.core.consumed(e.stream_id, e.flow_controlled)
+        return events
 
     def wire(self) -> bytes:
         return b"".join(bytes(b) for b in self.core.data_to_send())
@@ -485,3 +490,26 @@ def test_client_error_answer_is_not_a_tunnel() -> None:
     assert not st.fast_in
     c.core.discard(st)
     assert c.core.streams == {}
+
+
+def test_pause_during_delivery_holds_back_the_rest_of_the_same_read() -> None:
+    """Credit follows delivery, not parsing: a reader that pauses on the first chunk of a read
+    gets no credit returned for the chunks after it."""
+    p = Playbook()
+    p.settle()
+    st = p.accepted()
+    chunk = p.peer.max_outbound_frame_size
+    n = STREAM_UPDATE_AT // chunk + 1
+    for _ in range(n):
+        p.peer.send_data(st.stream_id, bytes(chunk))
+    events = of(p.to_core(consume=False), DataReceived)
+    assert len(events) == n
+    first, *rest = events
+    p.core.consumed(first.stream_id, first.flow_controlled)
+    p.core.pause(st)  # the first chunk filled the reader's buffer
+    for e in rest:
+        p.core.consumed(e.stream_id, e.flow_controlled)
+    assert window_updates(p.to_peer()) == []
+    assert st.unacked == (n - 1) * chunk
+    p.core.resume(st)
+    assert window_updates(p.to_peer()) == [(st.stream_id, n * chunk)]
