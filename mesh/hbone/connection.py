@@ -103,12 +103,6 @@ class HboneStream(EndpointBase):
 
     # -- events from the core --------------------------------------------------------------
 
-    def _on_data(self, data: bytes | memoryview) -> None:
-        if self._peer is not None:
-            self._peer.write(data)
-        else:
-            self._early.append(bytes(data))
-
     def _on_end(self) -> None:
         if self._peer is not None:
             self._peer.write_eof()
@@ -339,12 +333,19 @@ class HboneConnection(asyncio.Protocol):
     def _process(self, events: list[Event]) -> None:
         streams = self._streams
         for ev in events:
-            if type(ev) is DataReceived:  # the per-byte path first
+            if type(ev) is DataReceived:  # the per-byte path first, inline
                 s = streams.get(ev.stream_id)
-                if s is not None:
-                    s._on_data(ev.data)
+                if s is None:
+                    if ev.flow_controlled:
+                        self.core.consumed(ev.stream_id, ev.flow_controlled)
+                    continue
+                peer = s._peer
+                if peer is not None:
+                    peer.write(ev.data)
+                else:
+                    s._early.append(bytes(ev.data))
                 if ev.flow_controlled:  # delivered (maybe pausing us): now credit decides
-                    self.core.consumed(ev.stream_id, ev.flow_controlled)
+                    self.core.consume(s._st, ev.flow_controlled)
             elif isinstance(ev, StreamClosed):
                 s = streams.pop(ev.stream_id, None)
                 if s is not None:

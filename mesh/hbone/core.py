@@ -404,6 +404,13 @@ class HboneCore:
         if st is None:  # closed meanwhile: the bytes still used connection window
             self._credit += n
             return
+        self.consume(st, n)
+
+    def consume(self, st: StreamState, n: int) -> None:
+        """`consumed` for a caller that holds the stream's state (the per-chunk path)."""
+        if st.closed:
+            self._credit += n
+            return
         st.held -= n
         if st.paused:
             st.unacked += n
