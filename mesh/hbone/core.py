@@ -227,6 +227,9 @@ class StreamState:
         self.sent = 0
 
 
+CLOSED_STREAMS_KEPT = 1024
+
+
 class HboneCore:
     """One end of an HBONE connection's HTTP/2, without I/O. `serving`: CONNECTs are
     answered by someone (else the core rejects them with 400)."""
@@ -239,6 +242,10 @@ class HboneCore:
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
         )
+        # h2 remembers up to 65,536 closed streams (about 140 B each) per connection: 9 MB
+        # for one long-lived pooled connection. A few limits' worth is plenty to answer
+        # late frames of recently closed streams.
+        self.h2.MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
         # What our first SETTINGS frame advertises (initiate_connection sends these values).
         self.h2.local_settings = h2.settings.Settings(
             client=client_side,
@@ -287,6 +294,10 @@ class HboneCore:
         """Feed bytes from the peer; the events they caused (and any queued before)."""
         try:
             self._reader.feed(data)
+        except UnicodeDecodeError as exc:  # h2 decodes header values as UTF-8 after HPACK
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.events.append(ConnectionFailed(f"header value is not UTF-8: {exc.reason}"))
         except (h2.exceptions.ProtocolError, FrameError) as exc:
             if isinstance(exc, FrameError):  # found by the lean path: h2 has not said GOAWAY
                 with contextlib.suppress(h2.exceptions.ProtocolError):
