@@ -15,8 +15,8 @@ from collections.abc import Collection
 
 from cryptography import x509
 
-from certs.spiffe import SpiffeId
-from certs.svid import Svid
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.svid import Svid
 
 ALPN_H2 = "h2"
 

@@ -17,11 +17,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from certs.spiffe import SpiffeId
 from mesh.authz import waypoint_policies
 from mesh.config.model import Service
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import ConnectRequest
+from mesh.identity.spiffe import SpiffeId
 from mesh.stream import Endpoint
 from waypoint.detect import detect
 from waypoint.h1 import H1Server, H1ServerExchange

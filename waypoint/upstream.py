@@ -20,10 +20,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from certs.spiffe import node_id
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import SOURCE_PRINCIPAL_HEADER, HbonePool
 from mesh.hbone.pool import CONNECT_TIMEOUT
+from mesh.identity.spiffe import node_id
 from mesh.stream import Endpoint
 from waypoint.h1 import H1Client
 from waypoint.h2 import H2Client

@@ -24,17 +24,17 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from certs.ca import CertificateAuthority, CertificateError
-from certs.spiffe import node_id
-from certs.svid import Svid
+from certs.ca import CertificateAuthority
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.hbone import HboneLimits, serve
 from mesh.hbone.pool import Listener
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
+from mesh.identity.svid import CertificateError, Svid
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
 from ztunnel.enrol import EnrolServer
-from ztunnel.identity import Identities
 from ztunnel.inpod import Redirector, WorkloadManager
 from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 
@@ -217,7 +217,7 @@ async def build_identities(args: argparse.Namespace) -> Identities:
         return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
     if not args.ca_bundle or not (args.node_cert or args.ca_token):
         raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token")
-    from certs.service import CaClient
+    from mesh.identity.caclient import CaClient
 
     try:
         bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)

@@ -18,16 +18,16 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from certs.spiffe import node_id
 from mesh.accesslog import AccessRecord, log_access
 from mesh.config.snapshot import Snapshot
 from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
 from mesh.metrics import ConnectionLabels, MeshMetrics
 from mesh.netns import NetNs, connect_in
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
-from ztunnel.identity import Identities
 
 log = logging.getLogger("ztunnel")
 

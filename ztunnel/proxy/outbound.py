@@ -15,10 +15,10 @@ import logging
 import random
 from dataclasses import dataclass
 
-from certs.spiffe import node_id
 from mesh.config.model import Pod, Service
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import HboneError
+from mesh.identity.spiffe import node_id
 from mesh.metrics import ConnectionLabels
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint

@@ -17,9 +17,9 @@ import pytest
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
-from ztunnel.identity import Identities
 from ztunnel.inpod import WorkloadManager
 from ztunnel.proxy import Node
 
