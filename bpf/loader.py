@@ -20,10 +20,11 @@ from typing import Any
 
 from bpf import syscall
 from bpf.mounts import BPFFS_ROOT, MountUnavailable, default_cgroup_root, ensure_bpffs
+from mesh.ports import PROXY_PORTS
 from mesh.process import EnvironmentUnfit
 
 DEFAULT_PIN_ROOT = f"{BPFFS_ROOT}/ambientmesh"
-DEFAULT_EXCLUDED_PORTS = (15000, 15001, 15006, 15008, 15020, 15021)
+DEFAULT_EXCLUDED_PORTS = PROXY_PORTS
 _SRC = Path(__file__).with_name("redirect.bpf.c")
 
 

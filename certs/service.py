@@ -38,6 +38,7 @@ from mesh.config.snapshot import Snapshot
 from mesh.httpserver import HttpError, Request, read_request, render, send_and_close
 from mesh.identity.spiffe import SpiffeId, node_id
 from mesh.identity.svid import CertificateError
+from mesh.ports import CA_PORT
 from mesh.tls import PeerIdentityError, check_peer, server_context
 
 log = logging.getLogger("certs.service")
@@ -202,7 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Shared by `python -m certs.service` and `meshctl ca serve`."""
     p.add_argument("--ca-dir", required=True, help="the CA directory (meshctl ca init)")
     p.add_argument("--trust-domain", help="refuse to start unless the CA is for this domain")
-    p.add_argument("--listen", type=_hostport, default=("0.0.0.0", 15012), metavar="HOST:PORT")
+    p.add_argument("--listen", type=_hostport, default=("0.0.0.0", CA_PORT), metavar="HOST:PORT")
     p.add_argument(
         "--authorizer",
         choices=["snapshot", "kubernetes"],

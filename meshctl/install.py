@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from mesh.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN
+from mesh.ports import CA_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 from meshctl.errors import UsageError
 
 CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"
@@ -81,7 +82,7 @@ DEFAULT_VALUES: Obj = {
     },
     "ca": {
         "replicas": 2,
-        "port": 15012,
+        "port": CA_PORT,
         "secretName": "ambientmesh-ca",
         "tokenAudience": "ambientmesh-ca",
         "resources": {
@@ -98,9 +99,6 @@ DEFAULT_VALUES: Obj = {
     },
 }
 
-READY_PORT = 15021
-METRICS_PORT = 15020
-HBONE_PORT = 15008
 ENROL_SOCKET_DIR = "/run/ambientmesh"
 
 
@@ -172,7 +170,7 @@ def _image(v: Mapping[str, Any]) -> str:
 
 
 def _probes() -> Obj:
-    http = {"path": "/healthz/ready", "port": READY_PORT}
+    http = {"path": "/healthz/ready", "port": READINESS_PORT}
     return {
         "readinessProbe": {
             "httpGet": dict(http),
@@ -352,7 +350,7 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
         "ports": [
             {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},
             {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-            {"name": "http-ready", "containerPort": READY_PORT, "protocol": "TCP"},
+            {"name": "http-ready", "containerPort": READINESS_PORT, "protocol": "TCP"},
         ],
         **_probes(),
         "resources": copy.deepcopy(zt["resources"]),
@@ -485,7 +483,7 @@ def _ca(v: Mapping[str, Any]) -> list[Obj]:
                             ],
                             "ports": [
                                 {"name": "grpc-ca", "containerPort": ca["port"]},
-                                {"name": "http-ready", "containerPort": READY_PORT},
+                                {"name": "http-ready", "containerPort": READINESS_PORT},
                             ],
                             **_probes(),
                             "resources": copy.deepcopy(ca["resources"]),
@@ -557,13 +555,13 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
                                 "--trust-domain",
                                 v["trustDomain"],
                                 "--readiness-addr",
-                                f"0.0.0.0:{READY_PORT}",
+                                f"0.0.0.0:{READINESS_PORT}",
                                 "--ca-address",
                                 f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}",
                                 "--mesh-namespace",
                                 ns,
                             ],
-                            "ports": [{"name": "http-ready", "containerPort": READY_PORT}],
+                            "ports": [{"name": "http-ready", "containerPort": READINESS_PORT}],
                             **_probes(),
                             "resources": copy.deepcopy(c["resources"]),
                             "securityContext": _security(),

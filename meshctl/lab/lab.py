@@ -26,6 +26,7 @@ from typing import Any
 from bpf.mounts import MountUnavailable, ensure_bpffs, ensure_cgroup2
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
+from mesh.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 from meshctl.lab import cni, kubeproxy, manifest
 from meshctl.lab.names import (
     LabPaths,
@@ -58,10 +59,6 @@ from meshctl.lab.system import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HBONE_PORT = 15008
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
-READINESS_PORT = 15021
 
 
 @dataclass(frozen=True, slots=True)
