@@ -18,6 +18,7 @@ from typing import Any
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.ports import HBONE_PORT, METRICS_PORT, READINESS_PORT
+from meshctl.gateway import gateway_manifest
 from meshctl.lab import manifest
 from meshctl.lab.lab import Lab
 from meshctl.lab.system import LabError, http_get_in_netns, patience, wait_ready
@@ -32,8 +33,6 @@ def pod_name(name: str) -> str:
 
 def waypoint_docs(lab: Lab, namespace: str, name: str, node: str) -> list[manifest.Doc]:
     """The Gateway and the pod that runs it."""
-    from waypoint.cli import gateway_manifest
-
     p = lab.paths
     gw = gateway_manifest(namespace, name)
     pod: dict[str, Any] = {
