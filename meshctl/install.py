@@ -11,7 +11,7 @@ What gets installed, and why it looks the way it does:
   dir (HostToContainer propagation so pods' netns mounts appear), CNI bin/conf dirs, kernel
   modules and headers (BCC compiles the programs on the node), and /run/ambientmesh (the
   enrolment socket the CNI plugin dials). A second container keeps the CNI plugin installed
-  and chained (ztunnel.cni_install). RollingUpdate with maxUnavailable so a bad rollout stops.
+  and chained (cni.install). RollingUpdate with maxUnavailable so a bad rollout stops.
 * CA Deployment (2 replicas sharing the CA key from a Secret, PodDisruptionBudget minAvailable
   1) behind a Service on 15012; it reviews ztunnel tokens (TokenReview), so ztunnel mounts a
   projected token with the CA's audience, and the trust bundle from the ConfigMap
@@ -361,7 +361,7 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
         "name": "install-cni",
         "image": _image(v),
         "imagePullPolicy": v["image"]["pullPolicy"],
-        "command": ["python3", "-m", "ztunnel.cni_install"],
+        "command": ["python3", "-m", "cni.install"],
         "args": [
             "--bin-dir",
             "/host/opt/cni/bin",
@@ -548,7 +548,7 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
                             "name": "controller",
                             "image": _image(v),
                             "imagePullPolicy": v["image"]["pullPolicy"],
-                            "command": ["python3", "-m", "waypoint.controller"],
+                            "command": ["python3", "-m", "controller.waypoint"],
                             "args": [
                                 "--image",
                                 _image(v),

@@ -493,7 +493,7 @@ class CniTarget:
         self.run(*cni_input(data))
 
     def run(self, env: dict[str, str], stdin: str) -> dict[str, Any] | None:
-        from ztunnel import cni
+        from cni import plugin as cni
 
         env = {**env}
         if "CNI_NETNS" in env:

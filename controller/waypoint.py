@@ -43,7 +43,7 @@ from mesh.config.model import (
 from mesh.config.source import ConfigStore
 from mesh.ports import CA_PORT, HBONE_PORT, READINESS_PORT
 
-log = logging.getLogger("waypoint.controller")
+log = logging.getLogger("controller.waypoint")
 
 __all__ = ["CONTROLLER_NAME", "WaypointController", "desired_objects", "main"]
 
