@@ -406,7 +406,7 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
                 "spec": {
                     "serviceAccountName": name,
                     "hostNetwork": True,
-                    # the node's pids: ztunnel.discover finds pods that were running before
+                    # the node's pids: ztunnel.inpod.discover finds pods that were running before
                     # the install in /proc; in the pod's own pid namespace it would see none
                     "hostPID": True,
                     "dnsPolicy": "ClusterFirstWithHostNet",

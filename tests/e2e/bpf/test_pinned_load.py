@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 ZTUNNEL_SIDE = textwrap.dedent(
     """
     import sys
-    from ztunnel.redirect import NodeRedirector
+    from ztunnel.inpod.redirect import NodeRedirector
     node, pins, own_cg, pod_cg, netns = sys.argv[1:6]
     r = NodeRedirector(node, pins, own_cg)
     r.install()

@@ -1,6 +1,6 @@
 """Real netns + cgroup + BPF: outbound redirect and SO_ORIGINAL_DST (root only).
 
-Wired as ztunnel.redirect wires a node: connect4/getpeername4/sockops on the pod's cgroup,
+Wired as ztunnel.inpod.redirect wires a node: connect4/getpeername4/sockops on the pod's cgroup,
 getsockopt/sockops on a cgroup of the proxy's own, in which the proxy's stand-in creates its
 listener. Nothing is attached to the machine's root cgroup (it would catch every process, and
 another test attaching there at the same time would replace our programs)."""

@@ -91,7 +91,7 @@ def node(request: pytest.FixtureRequest) -> Iterator[Node]:
             made.append(p)
             subprocess.run(["ip", "-n", p.netns, "link", "set", "lo", "up"], check=True)
             r.enrol(p.cgroup, f"/run/netns/{p.netns}")
-            r._attach(p.cgroup, ("sockops",))  # as ztunnel.redirect wires a pod
+            r._attach(p.cgroup, ("sockops",))  # as ztunnel.inpod.redirect wires a pod
         yield Node(r, proxy_cg, pods)
     finally:
         for p in made:

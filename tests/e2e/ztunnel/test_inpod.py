@@ -30,8 +30,8 @@ from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
 from tests.meshkit import sample
-from ztunnel.enrol import EnrolServer
-from ztunnel.inpod import WorkloadManager
+from ztunnel.inpod.protocol import EnrolServer
+from ztunnel.inpod.workloadmanager import WorkloadManager
 from ztunnel.proxy import InboundHbone, Node
 
 WEB_ID = "spiffe://cluster.local/ns/shop/sa/web"

@@ -35,7 +35,7 @@ def own_cgroup(root: str, proc_cgroup: str = "/proc/self/cgroup") -> str:
         if line.startswith("0::"):
             path = os.path.join(root, line[3:].strip().lstrip("/")).rstrip("/") or root
             if os.path.realpath(path) == os.path.realpath(root) and os.environ.get("POD_UID"):
-                from ztunnel.discover import find_pod_cgroup
+                from ztunnel.inpod.discover import find_pod_cgroup
 
                 return find_pod_cgroup(os.environ["POD_UID"], root) or path
             return path
@@ -43,7 +43,7 @@ def own_cgroup(root: str, proc_cgroup: str = "/proc/self/cgroup") -> str:
 
 
 class NodeRedirector:
-    """`ztunnel.inpod.Redirector` on top of `bpf.loader.BpfRedirector`."""
+    """`ztunnel.inpod.workloadmanager.Redirector` on top of `bpf.loader.BpfRedirector`."""
 
     def __init__(
         self, node: str, pin_root: str | None = None, ztunnel_cgroup: str | None = None
@@ -67,7 +67,7 @@ class NodeRedirector:
         """Compile and pin in a child process (BCC's LLVM never enters ztunnel: ~100 MiB of
         RSS saved for the process's life), then attach the pinned programs here."""
         env = dict(os.environ)
-        here = str(Path(__file__).resolve().parents[1])
+        here = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         res = subprocess.run(
             [sys.executable, "-m", "bpf.loader", "load", "--pin-root", self.pin_root],
