@@ -778,7 +778,7 @@ def _detach_programs(p: LabPaths, st: LabState | None) -> None:
     go. Removing a cgroup detaches too, but the kernel frees a removed cgroup (and with it
     the programs and their maps) only once the last socket accounted to it is gone, which a
     connection lingering in FIN_WAIT can delay by a minute; detaching frees them now."""
-    from bpf.loader import BpfRedirector, BpfUnavailable
+    from bpf.loader import NODE_PROGRAMS, POD_PROGRAMS, BpfRedirector, BpfUnavailable
 
     if not p.lab_pins.is_dir():
         return
@@ -791,12 +791,11 @@ def _detach_programs(p: LabPaths, st: LabState | None) -> None:
         except BpfUnavailable:
             continue  # nothing loaded for this node
         for cg, names in [
-            (str(p.ztunnel_cgroup(node)), ("sockops", "getsockopt")),
-            *[(str(i["cgroup"]), ("connect4", "getpeername4", "sockops"))
-              for i in pods if i.get("node") == node],
+            (str(p.ztunnel_cgroup(node)), NODE_PROGRAMS),
+            *[(str(i["cgroup"]), POD_PROGRAMS) for i in pods if i.get("node") == node],
         ]:  # fmt: skip
             if os.path.isdir(cg):
-                r._attach(cg, names, detach=True)
+                r.detach(cg, names)
         r.close()
 
 

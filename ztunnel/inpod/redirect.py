@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.process import EnvironmentUnfit
+from ztunnel.inpod.capture import add_inbound_capture, remove_inbound_capture
 
 log = logging.getLogger("ztunnel.redirect")
 
@@ -80,14 +81,13 @@ class NodeRedirector:
         for line in res.stderr.splitlines():  # e.g. that it mounted bpffs first
             log.info("%s", line)
         self.bpf.open_pinned()
-        self.bpf._attach(self.cgroup, ("getsockopt", "sockops"))
+        self.bpf.attach_node()
         log.info("redirect programs loaded (pins %s, cgroup %s)", self.pin_root, self.cgroup)
 
     def enrol(self, cgroup_path: str, netns_path: str) -> None:
-        self.bpf.enrol(cgroup_path, netns_path)
-        self.bpf._attach(cgroup_path, ("sockops",))
+        self.bpf.enrol(cgroup_path)
+        add_inbound_capture(netns_path)
 
     def unenrol(self, cgroup_path: str, netns_path: str) -> None:
-        if os.path.isdir(cgroup_path):
-            self.bpf._attach(cgroup_path, ("sockops",), detach=True)
-        self.bpf.unenrol(cgroup_path, netns_path)
+        self.bpf.unenrol(cgroup_path)
+        remove_inbound_capture(netns_path)
