@@ -19,7 +19,7 @@ from typing import Any
 
 from bpf import syscall
 from bpf.mounts import BPFFS_ROOT, MountUnavailable, default_cgroup_root, ensure_bpffs
-from mesh.ports import PROXY_PORTS
+from mesh.ports import OUTBOUND_PORT, PROXY_PORTS
 from mesh.process import EnvironmentUnfit
 
 DEFAULT_PIN_ROOT = f"{BPFFS_ROOT}/ambientmesh"
@@ -65,7 +65,7 @@ class BpfRedirector:
     def __init__(
         self,
         pin_root: str = DEFAULT_PIN_ROOT,
-        proxy_port: int = 15001,
+        proxy_port: int = OUTBOUND_PORT,
         fastpath: bool = False,
         ztunnel_cgroup: str | None = None,
         excluded_ports: tuple[int, ...] = DEFAULT_EXCLUDED_PORTS,
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     ld = sub.add_parser("load", help="compile, load and pin the programs and maps")
     ld.add_argument("--pin-root", default=DEFAULT_PIN_ROOT)
-    ld.add_argument("--proxy-port", type=int, default=15001)
+    ld.add_argument("--proxy-port", type=int, default=OUTBOUND_PORT)
     ld.add_argument("--fastpath", action="store_true", help="sk_msg/sockhash between local sockets")
     args = p.parse_args(argv)
     r = BpfRedirector(pin_root=args.pin_root, proxy_port=args.proxy_port, fastpath=args.fastpath)

@@ -51,6 +51,32 @@ def package_graph() -> dict[str, set[str]]:
     return graph
 
 
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (`from a import b` counts `a.b` when that is a
+    module). An import of one's own enclosing package (its `__init__` re-exports) is left out:
+    that is how a package exposes its parts, not a dependency between two concerns."""
+    files: dict[str, Path] = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py") if (ROOT / pkg).is_dir() else ():
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            files[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for target in targets:
+                if target in files and target != name and not name.startswith(f"{target}."):
+                    graph[name].add(target)
+    return graph
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle in `graph` as a path, or None; depth-first search with a colour per node."""
     state: dict[str, int] = {}
@@ -112,6 +138,12 @@ def test_nothing_but_the_tools_imports_meshctl() -> None:
 
 def test_no_cycle_between_top_level_packages() -> None:
     assert _cycle(package_graph()) is None
+
+
+def test_no_cycle_between_modules() -> None:
+    """Catches what the package graph cannot: two modules of one package that import each
+    other (as `waypoint.cli` and `meshctl.lab.waypoints` did, through an import in a function)."""
+    assert _cycle(module_graph()) is None
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
