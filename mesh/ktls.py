@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from OpenSSL import SSL, crypto
 
-from certs.svid import Svid
+from mesh.identity.svid import Svid
 from mesh.tls import ALPN_H2
 
 log = logging.getLogger("mesh.ktls")

@@ -20,8 +20,8 @@ from typing import Any
 
 from cryptography import x509
 
-from certs.spiffe import SpiffeId
-from certs.svid import Svid
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.svid import Svid
 
 ALPN_H2 = "h2"
 

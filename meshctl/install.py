@@ -11,7 +11,7 @@ What gets installed, and why it looks the way it does:
   dir (HostToContainer propagation so pods' netns mounts appear), CNI bin/conf dirs, kernel
   modules and headers (BCC compiles the programs on the node), and /run/ambientmesh (the
   enrolment socket the CNI plugin dials). A second container keeps the CNI plugin installed
-  and chained (ztunnel.cni_install). RollingUpdate with maxUnavailable so a bad rollout stops.
+  and chained (cni.install). RollingUpdate with maxUnavailable so a bad rollout stops.
 * CA Deployment (2 replicas sharing the CA key from a Secret, PodDisruptionBudget minAvailable
   1) behind a Service on 15012; it reviews ztunnel tokens (TokenReview), so ztunnel mounts a
   projected token with the CA's audience, and the trust bundle from the ConfigMap
@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from mesh.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN
+from mesh.ports import CA_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 from meshctl.errors import UsageError
 
 CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"
@@ -81,7 +82,7 @@ DEFAULT_VALUES: Obj = {
     },
     "ca": {
         "replicas": 2,
-        "port": 15012,
+        "port": CA_PORT,
         "secretName": "ambientmesh-ca",
         "tokenAudience": "ambientmesh-ca",
         "resources": {
@@ -98,9 +99,6 @@ DEFAULT_VALUES: Obj = {
     },
 }
 
-READY_PORT = 15021
-METRICS_PORT = 15020
-HBONE_PORT = 15008
 ENROL_SOCKET_DIR = "/run/ambientmesh"
 
 
@@ -172,7 +170,7 @@ def _image(v: Mapping[str, Any]) -> str:
 
 
 def _probes() -> Obj:
-    http = {"path": "/healthz/ready", "port": READY_PORT}
+    http = {"path": "/healthz/ready", "port": READINESS_PORT}
     return {
         "readinessProbe": {
             "httpGet": dict(http),
@@ -352,7 +350,7 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
         "ports": [
             {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},
             {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-            {"name": "http-ready", "containerPort": READY_PORT, "protocol": "TCP"},
+            {"name": "http-ready", "containerPort": READINESS_PORT, "protocol": "TCP"},
         ],
         **_probes(),
         "resources": copy.deepcopy(zt["resources"]),
@@ -363,7 +361,7 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
         "name": "install-cni",
         "image": _image(v),
         "imagePullPolicy": v["image"]["pullPolicy"],
-        "command": ["python3", "-m", "ztunnel.cni_install"],
+        "command": ["python3", "-m", "cni.install"],
         "args": [
             "--bin-dir",
             "/host/opt/cni/bin",
@@ -408,7 +406,7 @@ def _ztunnel(v: Mapping[str, Any]) -> list[Obj]:
                 "spec": {
                     "serviceAccountName": name,
                     "hostNetwork": True,
-                    # the node's pids: ztunnel.discover finds pods that were running before
+                    # the node's pids: ztunnel.inpod.discover finds pods that were running before
                     # the install in /proc; in the pod's own pid namespace it would see none
                     "hostPID": True,
                     "dnsPolicy": "ClusterFirstWithHostNet",
@@ -485,7 +483,7 @@ def _ca(v: Mapping[str, Any]) -> list[Obj]:
                             ],
                             "ports": [
                                 {"name": "grpc-ca", "containerPort": ca["port"]},
-                                {"name": "http-ready", "containerPort": READY_PORT},
+                                {"name": "http-ready", "containerPort": READINESS_PORT},
                             ],
                             **_probes(),
                             "resources": copy.deepcopy(ca["resources"]),
@@ -550,20 +548,20 @@ def _controller(v: Mapping[str, Any]) -> list[Obj]:
                             "name": "controller",
                             "image": _image(v),
                             "imagePullPolicy": v["image"]["pullPolicy"],
-                            "command": ["python3", "-m", "waypoint.controller"],
+                            "command": ["python3", "-m", "controller.waypoint"],
                             "args": [
                                 "--image",
                                 _image(v),
                                 "--trust-domain",
                                 v["trustDomain"],
                                 "--readiness-addr",
-                                f"0.0.0.0:{READY_PORT}",
+                                f"0.0.0.0:{READINESS_PORT}",
                                 "--ca-address",
                                 f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}",
                                 "--mesh-namespace",
                                 ns,
                             ],
-                            "ports": [{"name": "http-ready", "containerPort": READY_PORT}],
+                            "ports": [{"name": "http-ready", "containerPort": READINESS_PORT}],
                             **_probes(),
                             "resources": copy.deepcopy(c["resources"]),
                             "securityContext": _security(),

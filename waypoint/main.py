@@ -22,14 +22,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from certs.ca import CertificateAuthority
-from certs.service import CaClient
 from mesh import process
 from mesh.config.source import ConfigStore, FileSource
+from mesh.identity.caclient import CaClient
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
 from waypoint.limits import Limits
 from waypoint.proxy import Waypoint
-from ztunnel.identity import Identities
 
 
 def parse_addr(flag: str, value: str) -> tuple[str, int]:

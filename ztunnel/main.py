@@ -24,18 +24,18 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from certs.ca import CertificateAuthority, CertificateError
-from certs.spiffe import node_id
-from certs.svid import Svid
+from certs.ca import CertificateAuthority
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.hbone import HboneLimits, serve
 from mesh.hbone.pool import Listener
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
+from mesh.identity.svid import CertificateError, Svid
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
-from ztunnel.enrol import EnrolServer
-from ztunnel.identity import Identities
-from ztunnel.inpod import Redirector, WorkloadManager
+from ztunnel.inpod.protocol import EnrolServer
+from ztunnel.inpod.workloadmanager import Redirector, WorkloadManager
 from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 
 log = logging.getLogger("ztunnel")
@@ -217,7 +217,7 @@ async def build_identities(args: argparse.Namespace) -> Identities:
         return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
     if not args.ca_bundle or not (args.node_cert or args.ca_token):
         raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token")
-    from certs.service import CaClient
+    from mesh.identity.caclient import CaClient
 
     try:
         bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
@@ -245,7 +245,7 @@ def enrol_state_path(socket_path: str) -> Path:
 def build_redirector(args: argparse.Namespace) -> Redirector | None:
     if args.redirect == "none":
         return None
-    from ztunnel.redirect import NodeRedirector
+    from ztunnel.inpod.redirect import NodeRedirector
 
     r = NodeRedirector(args.node, args.bpf_pin_root, args.bpf_cgroup)
     r.install()  # compiles and attaches once; enrolment then only attaches per pod
@@ -353,7 +353,7 @@ class Ztunnel:
                 await manager.restore()  # before readiness: pods from a previous run first
                 if args.kube:
                     # pods that were running before the install: no CNI ADD will come for them
-                    from ztunnel.discover import Discoverer
+                    from ztunnel.inpod.discover import Discoverer
 
                     disc = Discoverer(manager)
                     await disc.sweep(self.store.current)

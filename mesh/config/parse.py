@@ -20,7 +20,6 @@ import yaml
 from mesh.config.model import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
-    HBONE_PORT,
     WAYPOINT_GATEWAY_CLASS,
     AuthorizationPolicy,
     BackendRef,
@@ -58,6 +57,7 @@ from mesh.config.model import (
     Waypoint,
 )
 from mesh.config.snapshot import Snapshot
+from mesh.ports import HBONE_PORT
 
 __all__ = ["ConfigErrors", "load_snapshot", "parse_duration", "parse_objects"]
 

@@ -26,6 +26,7 @@ from typing import Any
 from bpf.mounts import MountUnavailable, ensure_bpffs, ensure_cgroup2
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
+from mesh.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 from meshctl.lab import cni, kubeproxy, manifest
 from meshctl.lab.names import (
     LabPaths,
@@ -58,10 +59,6 @@ from meshctl.lab.system import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HBONE_PORT = 15008
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
-READINESS_PORT = 15021
 
 
 @dataclass(frozen=True, slots=True)
@@ -781,7 +778,7 @@ def _detach_programs(p: LabPaths, st: LabState | None) -> None:
     go. Removing a cgroup detaches too, but the kernel frees a removed cgroup (and with it
     the programs and their maps) only once the last socket accounted to it is gone, which a
     connection lingering in FIN_WAIT can delay by a minute; detaching frees them now."""
-    from bpf.loader import BpfRedirector, BpfUnavailable
+    from bpf.loader import NODE_PROGRAMS, POD_PROGRAMS, BpfRedirector, BpfUnavailable
 
     if not p.lab_pins.is_dir():
         return
@@ -794,12 +791,11 @@ def _detach_programs(p: LabPaths, st: LabState | None) -> None:
         except BpfUnavailable:
             continue  # nothing loaded for this node
         for cg, names in [
-            (str(p.ztunnel_cgroup(node)), ("sockops", "getsockopt")),
-            *[(str(i["cgroup"]), ("connect4", "getpeername4", "sockops"))
-              for i in pods if i.get("node") == node],
+            (str(p.ztunnel_cgroup(node)), NODE_PROGRAMS),
+            *[(str(i["cgroup"]), POD_PROGRAMS) for i in pods if i.get("node") == node],
         ]:  # fmt: skip
             if os.path.isdir(cg):
-                r._attach(cg, names, detach=True)
+                r.detach(cg, names)
         r.close()
 
 

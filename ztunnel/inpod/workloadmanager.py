@@ -37,16 +37,13 @@ from mesh.config.snapshot import Snapshot
 from mesh.hbone import serve
 from mesh.hbone.pool import Listener
 from mesh.netns import NetNs, NetNsError
+from mesh.ports import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from ztunnel.proxy.inbound import InboundHbone
 from ztunnel.proxy.inbound_plaintext import InboundPlaintext
 from ztunnel.proxy.node import Node
 from ztunnel.proxy.outbound import Outbound
 
 log = logging.getLogger("ztunnel.inpod")
-
-OUTBOUND_PORT = 15001
-PLAINTEXT_PORT = 15006
-HBONE_PORT = 15008
 
 
 class Redirector(Protocol):
@@ -99,7 +96,7 @@ class WorkloadManager:
         refresh: Callable[[], Awaitable[object]] | None = None,
         wait_timeout: float = 5.0,
         outbound_port: int = OUTBOUND_PORT,
-        plaintext_port: int = PLAINTEXT_PORT,
+        plaintext_port: int = INBOUND_PLAINTEXT_PORT,
         hbone_port: int = HBONE_PORT,
         state_path: str | Path | None = None,
     ) -> None:

@@ -1,8 +1,8 @@
-"""Workload certificates for the node proxy: fetched on demand, cached, rotated at half life.
+"""Workload certificates for both proxies: fetched on demand, cached, rotated at half life.
 
 The signer is either the local CA (`--ca-dir`: single host, the lab, tests) or the CA service
 client (`--ca`: a node proves itself with its node certificate and gets only its own pods'
-identities). Everything else in ztunnel asks this class for TLS contexts and never sees keys.
+identities). Everything else in a proxy asks this class for TLS contexts and never sees keys.
 
 Rotation never breaks a live connection: TLS authenticates once, at the handshake, so a live
 session keeps the certificate it negotiated; new handshakes get the new one. Listeners switch
@@ -17,15 +17,14 @@ import logging
 import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
-from certs.ca import CertificateAuthority
-from certs.svid import Svid
 from mesh import ktls
 from mesh.hbone.pool import ClientContext, ListenerContext
+from mesh.identity.svid import Svid
 from mesh.tls import client_context, server_context
 
-log = logging.getLogger("ztunnel.identity")
+log = logging.getLogger("mesh.identity")
 
 DEFAULT_TTL = timedelta(hours=24)
 
@@ -36,10 +35,21 @@ class Signer(Protocol):
     async def sign(self, identity: str, ttl: timedelta) -> Svid: ...
 
 
+@runtime_checkable
+class LocalCa(Protocol):
+    """A CA whose key this process holds (`certs.ca.CertificateAuthority`, `--ca-dir`).
+
+    A protocol, not the class, so the shared floor never imports the CA room above it."""
+
+    bundle_pem: bytes
+
+    def issue(self, identity: str, ttl: timedelta) -> Svid: ...
+
+
 class LocalSigner:
     """Signs with a CA whose key this process holds: single-host demos and tests."""
 
-    def __init__(self, ca: CertificateAuthority) -> None:
+    def __init__(self, ca: LocalCa) -> None:
         self.ca = ca
 
     def sign_now(self, identity: str, ttl: timedelta) -> Svid:
@@ -63,14 +73,14 @@ class Identities:
 
     def __init__(
         self,
-        source: CertificateAuthority | Signer,
+        source: LocalCa | Signer,
         ttl: timedelta = DEFAULT_TTL,
         *,
         bundle_pem: bytes | None = None,
         ktls: bool = False,
         on_rotate: Callable[[Svid], None] | None = None,
     ) -> None:
-        if isinstance(source, CertificateAuthority):
+        if isinstance(source, LocalCa):
             self.signer: Signer = LocalSigner(source)
             self.bundle_pem = source.bundle_pem
         else:

@@ -12,8 +12,8 @@ from meshctl import cli
 
 @pytest.fixture(autouse=True)
 def _with_waypoint_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    if "waypoint.cli" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "waypoint.cli"))
+    if "meshctl.waypoint" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "meshctl.waypoint"))
 
 
 def test_apply_list_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 import bpf.doctor as doctor
-from bpf.cli import _doctor
+from meshctl.doctor import _doctor
 
 
 def test_missing_required_check_exits_1_with_fix(

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ztunnel.inpod import EnrolError, WorkloadManager
+from ztunnel.inpod.workloadmanager import EnrolError, WorkloadManager
 
 log = logging.getLogger("ztunnel.enrol")
 

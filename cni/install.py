@@ -1,7 +1,7 @@
 """The CNI installer: puts `ambientmesh-cni` on the node and chains it into the active conflist.
 
 Runs as a container of the ztunnel DaemonSet with the host's CNI bin and conf dirs mounted. It
-copies the plugin (ztunnel/cni.py: stdlib only, run by the host's python3) into the bin dir,
+copies the plugin (cni/plugin.py: stdlib only, run by the host's python3) into the bin dir,
 writes a kubeconfig for the plugin's fallback lookup (JSON, with this pod's service-account
 token inline because the host cannot read the container's projected-token path), and appends
 our entry to the plugins of the conflist the runtime uses (the lexically first *.conflist /
@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ztunnel.cni as plugin
+import cni.plugin as plugin
 
-log = logging.getLogger("ztunnel.cni_install")
+log = logging.getLogger("cni.install")
 
 __all__ = ["install", "main", "primary_conf", "uninstall"]
 

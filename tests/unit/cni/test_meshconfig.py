@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel import cni
+from cni import plugin as cni
 
 CONFIG = """
 apiVersion: v1

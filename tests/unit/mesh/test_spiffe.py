@@ -1,6 +1,6 @@
 import pytest
 
-from certs.spiffe import SpiffeId, node_id, workload_id
+from mesh.identity.spiffe import SpiffeId, node_id, workload_id
 
 
 def test_workload_roundtrip() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel.cni import pod_level
-from ztunnel.discover import find_pod_cgroup
+from cni.plugin import pod_level
+from ztunnel.inpod.discover import find_pod_cgroup
 
 UID = "0badc0de-1234-4000-8000-000000001234"
 

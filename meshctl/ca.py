@@ -15,9 +15,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 
-from certs.ca import CertificateAuthority, CertificateError
-from certs.spiffe import node_id
-from certs.svid import Svid
+from certs.ca import CertificateAuthority
+from mesh.identity.spiffe import node_id
+from mesh.identity.svid import CertificateError, Svid
 from meshctl.errors import UsageError
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.process import EnvironmentUnfit
+from ztunnel.inpod.capture import add_inbound_capture, remove_inbound_capture
 
 log = logging.getLogger("ztunnel.redirect")
 
@@ -35,7 +36,7 @@ def own_cgroup(root: str, proc_cgroup: str = "/proc/self/cgroup") -> str:
         if line.startswith("0::"):
             path = os.path.join(root, line[3:].strip().lstrip("/")).rstrip("/") or root
             if os.path.realpath(path) == os.path.realpath(root) and os.environ.get("POD_UID"):
-                from ztunnel.discover import find_pod_cgroup
+                from ztunnel.inpod.discover import find_pod_cgroup
 
                 return find_pod_cgroup(os.environ["POD_UID"], root) or path
             return path
@@ -43,7 +44,7 @@ def own_cgroup(root: str, proc_cgroup: str = "/proc/self/cgroup") -> str:
 
 
 class NodeRedirector:
-    """`ztunnel.inpod.Redirector` on top of `bpf.loader.BpfRedirector`."""
+    """`ztunnel.inpod.workloadmanager.Redirector` on top of `bpf.loader.BpfRedirector`."""
 
     def __init__(
         self, node: str, pin_root: str | None = None, ztunnel_cgroup: str | None = None
@@ -67,7 +68,7 @@ class NodeRedirector:
         """Compile and pin in a child process (BCC's LLVM never enters ztunnel: ~100 MiB of
         RSS saved for the process's life), then attach the pinned programs here."""
         env = dict(os.environ)
-        here = str(Path(__file__).resolve().parents[1])
+        here = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         res = subprocess.run(
             [sys.executable, "-m", "bpf.loader", "load", "--pin-root", self.pin_root],
@@ -80,14 +81,13 @@ class NodeRedirector:
         for line in res.stderr.splitlines():  # e.g. that it mounted bpffs first
             log.info("%s", line)
         self.bpf.open_pinned()
-        self.bpf._attach(self.cgroup, ("getsockopt", "sockops"))
+        self.bpf.attach_node()
         log.info("redirect programs loaded (pins %s, cgroup %s)", self.pin_root, self.cgroup)
 
     def enrol(self, cgroup_path: str, netns_path: str) -> None:
-        self.bpf.enrol(cgroup_path, netns_path)
-        self.bpf._attach(cgroup_path, ("sockops",))
+        self.bpf.enrol(cgroup_path)
+        add_inbound_capture(netns_path)
 
     def unenrol(self, cgroup_path: str, netns_path: str) -> None:
-        if os.path.isdir(cgroup_path):
-            self.bpf._attach(cgroup_path, ("sockops",), detach=True)
-        self.bpf.unenrol(cgroup_path, netns_path)
+        self.bpf.unenrol(cgroup_path)
+        remove_inbound_capture(netns_path)

@@ -10,6 +10,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 
+class CertificateError(ValueError):
+    """A CSR or issuance request the CA refuses, or a certificate nobody can use; the message
+    says why. It lives beside `Svid` so both proxies can catch it without importing the CA."""
+
+
 @dataclass(frozen=True)
 class Svid:
     """Leaf first, intermediates after; the root is the trust bundle, never part of the chain."""

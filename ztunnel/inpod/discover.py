@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mesh.config.snapshot import Snapshot
-from ztunnel.inpod import EnrolError, WorkloadManager
+from ztunnel.inpod.workloadmanager import EnrolError, WorkloadManager
 
 log = logging.getLogger("ztunnel.discover")
 

@@ -19,27 +19,11 @@ from typing import Any
 import yaml
 
 from meshctl.errors import UsageError
+from meshctl.gateway import gateway_manifest
 
 DEFAULT_NAME = "waypoint"
 CONFIG_DIR_ENV = "AMBIENTMESH_CONFIG_DIR"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-def gateway_manifest(namespace: str, name: str) -> dict[str, Any]:
-    """The waypoint Gateway as Istio ambient declares it (class waypoint, HBONE on 15008)."""
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "Gateway",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"istio.io/waypoint-for": "service"},
-        },
-        "spec": {
-            "gatewayClassName": "waypoint",
-            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-        },
-    }
 
 
 def _config_dir(args: argparse.Namespace) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ztunnel.cni_install import KUBECONFIG_NAME, PLUGIN_TYPE, install, kubeconfig, uninstall
+from cni.install import KUBECONFIG_NAME, PLUGIN_TYPE, install, kubeconfig, uninstall
 
 BRIDGE = {
     "cniVersion": "1.0.0",

@@ -38,21 +38,20 @@ from mesh.config.model import (
     DATAPLANE_MODE_LABEL,
     DATAPLANE_MODE_NONE,
     GATEWAY_NAME_LABEL,
-    HBONE_PORT,
     WAYPOINT_GATEWAY_CLASS,
 )
 from mesh.config.source import ConfigStore
+from mesh.ports import CA_PORT, HBONE_PORT, READINESS_PORT
 
-log = logging.getLogger("waypoint.controller")
+log = logging.getLogger("controller.waypoint")
 
 __all__ = ["CONTROLLER_NAME", "WaypointController", "desired_objects", "main"]
 
 CONTROLLER_NAME = "ambientmesh.io/waypoint-controller"
 HASH_ANNOTATION = "ambientmesh.io/config-hash"
 GATEWAY_KIND = WatchedKind("Gateway", "gateway.networking.k8s.io/v1", "gateways")
-READY_PORT = 15021
 MERGE_PATCH = "application/merge-patch+json"
-DEFAULT_CA_ADDRESS = "ambientmesh-ca.ambientmesh-system.svc:15012"
+DEFAULT_CA_ADDRESS = f"ambientmesh-ca.ambientmesh-system.svc:{CA_PORT}"
 CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"  # in the mesh's namespace (see meshctl install)
 CA_ROOT_KEY = "root-cert.pem"
 CA_TOKEN_AUDIENCE = "ambientmesh-ca"
@@ -156,7 +155,7 @@ def desired_objects(
                                 "--hbone-addr",
                                 f"0.0.0.0:{port}",
                                 "--readiness-addr",
-                                f"0.0.0.0:{READY_PORT}",
+                                f"0.0.0.0:{READINESS_PORT}",
                                 "--ca",
                                 ca_address,
                                 "--ca-bundle",
@@ -178,10 +177,10 @@ def desired_objects(
                             ],
                             "ports": [
                                 {"name": "hbone", "containerPort": port},
-                                {"name": "http-ready", "containerPort": READY_PORT},
+                                {"name": "http-ready", "containerPort": READINESS_PORT},
                             ],
                             "readinessProbe": {
-                                "httpGet": {"path": "/healthz/ready", "port": READY_PORT},
+                                "httpGet": {"path": "/healthz/ready", "port": READINESS_PORT},
                                 "periodSeconds": 5,
                             },
                             "resources": {

@@ -5,7 +5,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certs.svid import Svid
+from mesh.identity.svid import Svid
 
 
 def test_svid_accessors() -> None:
