@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the {CA_ROOT_CONFIGMAP} ConfigMap lives",
     )
     p.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
-    p.add_argument("--readiness-addr", default="0.0.0.0:15021")
+    p.add_argument("--readiness-addr", default=f"0.0.0.0:{READINESS_PORT}")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full resyncs")
     p.add_argument("--log-level", default="info")
     return p

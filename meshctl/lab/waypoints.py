@@ -109,11 +109,11 @@ def apply_waypoint(
     for d in waypoint_docs(lab, namespace, name, node):
         if manifest.key(d) not in have:
             docs.append(d)
-    ip = lab._make_pod(namespace, pod_name(name), node)
+    ip = lab.topology.make_pod(namespace, pod_name(name), node)
     snap = _regenerate(lab, docs)
-    lab._apply_service_rules(snap)
-    lab._start_pod(snap, namespace, pod_name(name))
-    lab._record_pods(snap)
+    lab.topology.apply_service_rules(snap)
+    lab.procs.start_pod(snap, namespace, pod_name(name))
+    lab.topology.record_pods(snap)
     _wait_ready(lab, key, ip)
     lab.out(f"waypoint {namespace}/{name}: pod {key} at {ip}:{HBONE_PORT} on {node}")
     return ip
@@ -121,7 +121,7 @@ def apply_waypoint(
 
 def _wait_ready(lab: Lab, key: str, ip: str, timeout: float = 30.0) -> None:
     netns = str(lab.state.pods[key]["netns"])
-    rec = lab._proc("pod", key)
+    rec = lab.procs.find("pod", key)
     if rec is None:
         raise LabError(f"waypoint {key} was never started")
 
