@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import h2.config
+import h2.connection
+import h2.events
 import httptools
 import pytest
 
@@ -635,7 +638,7 @@ async def test_backend_request_timeout_before_the_head_is_504_UT(
 async def test_request_timeout_covers_the_retries(make: Callable[..., Waypoint]) -> None:
     """Each try times out (backendRequest) and is retried, until the whole request's time is
     up: then 504 UT, long before the 100 retries the route allows."""
-    timeouts = {"request": "300ms", "backendRequest": "50ms"}
+    timeouts = {"request": "500ms", "backendRequest": "50ms"}
     wp = make([route(attempts=100, codes=[504], timeouts=timeouts)])
     v1 = wp.pods["echo-v1"]
     v1.script = stall
@@ -685,6 +688,70 @@ async def test_no_timeout_lets_a_slow_response_finish(make: Callable[..., Waypoi
     r = await wp.request("/slow")
     assert (r.status, r.body, r.complete) == (200, b"part-rest", True)
     assert outcome(wp) == (200, "-")
+
+
+async def test_cut_response_on_h2_resets_only_that_stream(make: Callable[..., Waypoint]) -> None:
+    """An HTTP/2 client: the response cut at the deadline is a RST_STREAM of its stream, and
+    the connection goes on serving the client's next request."""
+    wp = make([route(timeouts={"request": "100ms"})])
+    v1 = wp.pods["echo-v1"]
+    v1.script = sequence(head_then_stall, answer(200, b"ok"))
+    down = Downstream()
+    served = asyncio.get_running_loop().create_task(
+        serve_stream(down, wp.ctx(ECHO_VIP, 80), wp.handler)
+    )
+    await turns_until(lambda: down.peer is not None)
+    peer = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    peer.initiate_connection()
+    events: list[Any] = []
+
+    async def until(cond: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while True:
+                if data := peer.data_to_send():
+                    down.send(data)
+                if down.out:
+                    out = bytes(down.out)
+                    down.out.clear()
+                    events.extend(peer.receive_data(out))
+                    continue
+                if cond():
+                    return
+                down.changed.clear()
+                await down.changed.wait()
+
+    def get(path: str) -> int:
+        sid: int = peer.get_next_available_stream_id()
+        hs = [(":method", "GET"), (":scheme", "http"), (":path", path),
+              (":authority", f"echo.{NS}.svc.cluster.local")]  # fmt: skip
+        peer.send_headers(sid, hs, end_stream=True)
+        return sid
+
+    def on(sid: int, kind: type[Any]) -> list[Any]:
+        return [e for e in events if isinstance(e, kind) and e.stream_id == sid]
+
+    first = get("/cut")
+    await until(lambda: bool(on(first, h2.events.StreamReset)))
+    (head,) = on(first, h2.events.ResponseReceived)
+    assert dict(head.headers)[":status"] == "200"
+    assert b"".join(e.data for e in on(first, h2.events.DataReceived)) == b"part"
+    assert not on(first, h2.events.StreamEnded)
+    second = get("/again")
+    await until(lambda: bool(on(second, h2.events.StreamEnded)))
+    assert b"".join(e.data for e in on(second, h2.events.DataReceived)) == b"ok"
+    assert not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [(a["path"], a["status"], a["response_flags"]) for a in wp.access] == [
+        ("/cut", 200, "UT"),
+        ("/again", 200, "-"),
+    ]
+    peer.close_connection()
+    down.send(peer.data_to_send())
+    assert down.peer is not None
+    down.peer.write_eof()
+    async with asyncio.timeout(5):
+        await served
 
 
 # -- mirrors -----------------------------------------------------------------------------------
