@@ -360,7 +360,7 @@ class Response:
         self.complete = True
 
 
-class Waypoint:
+class Rig:
     """A RequestHandler over real Upstreams, the pods of `manifest()` as in-memory backends,
     and the access log and metrics it writes."""
 
@@ -471,11 +471,11 @@ class _Capture(logging.Handler):
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Callable[..., Waypoint]]:
-    made: list[Waypoint] = []
+async def make() -> AsyncIterator[Callable[..., Rig]]:
+    made: list[Rig] = []
 
-    def build(extra: list[Doc], **kw: Any) -> Waypoint:
-        wp = Waypoint(extra, **kw)
+    def build(extra: list[Doc], **kw: Any) -> Rig:
+        wp = Rig(extra, **kw)
         made.append(wp)
         return wp
 
@@ -486,7 +486,7 @@ async def make() -> AsyncIterator[Callable[..., Waypoint]]:
             await wp.close()
 
 
-def outcome(wp: Waypoint) -> tuple[int, str]:
+def outcome(wp: Rig) -> tuple[int, str]:
     """The one access-log line's status and response flags."""
     (line,) = wp.access
     return line["status"], line["response_flags"]
@@ -495,7 +495,7 @@ def outcome(wp: Waypoint) -> tuple[int, str]:
 # -- retries -----------------------------------------------------------------------------------
 
 
-async def test_503_is_retried_and_the_next_answer_forwarded(make: Callable[..., Waypoint]) -> None:
+async def test_503_is_retried_and_the_next_answer_forwarded(make: Callable[..., Rig]) -> None:
     wp = make([route(attempts=2, codes=[503])])
     v1 = wp.pods["echo-v1"]
     v1.script = sequence(answer(503, b"busy"), answer(200, b"fine"))
@@ -513,7 +513,7 @@ async def test_503_is_retried_and_the_next_answer_forwarded(make: Callable[..., 
     assert wp.requests_total(response_code="503") == 0  # a retried answer is not a request
 
 
-async def test_connection_reset_before_the_head_is_retried(make: Callable[..., Waypoint]) -> None:
+async def test_connection_reset_before_the_head_is_retried(make: Callable[..., Rig]) -> None:
     wp = make([route(attempts=2, codes=[503])])
     v1 = wp.pods["echo-v1"]
     v1.script = sequence(reset, answer(200, b"fine"))
@@ -526,7 +526,7 @@ async def test_connection_reset_before_the_head_is_retried(make: Callable[..., W
 
 
 async def test_reset_of_an_h2_stream_is_retried_on_the_same_connection(
-    make: Callable[..., Waypoint],
+    make: Callable[..., Rig],
 ) -> None:
     """HTTP/2 upstream: RST_STREAM fails only that stream; the retry rides the same
     connection."""
@@ -540,7 +540,7 @@ async def test_reset_of_an_h2_stream_is_retried_on_the_same_connection(
     assert outcome(wp) == (200, "-")
 
 
-async def test_retries_stop_at_the_routes_limit(make: Callable[..., Waypoint]) -> None:
+async def test_retries_stop_at_the_routes_limit(make: Callable[..., Rig]) -> None:
     wp = make([route(attempts=2, codes=[503])])
     v1 = wp.pods["echo-v1"]
     v1.script = answer(503, b"busy")
@@ -551,7 +551,7 @@ async def test_retries_stop_at_the_routes_limit(make: Callable[..., Waypoint]) -
     assert wp.requests_total(response_code="503", response_flags="-") == 1
 
 
-async def test_resets_past_the_limit_are_a_503_flagged_UR(make: Callable[..., Waypoint]) -> None:
+async def test_resets_past_the_limit_are_a_503_flagged_UR(make: Callable[..., Rig]) -> None:
     wp = make([route(attempts=1, codes=[503])])
     v1 = wp.pods["echo-v1"]
     v1.script = reset
@@ -562,7 +562,7 @@ async def test_resets_past_the_limit_are_a_503_flagged_UR(make: Callable[..., Wa
     assert wp.requests_total(response_code="503", response_flags="UR") == 1
 
 
-async def test_codes_not_listed_are_not_retried(make: Callable[..., Waypoint]) -> None:
+async def test_codes_not_listed_are_not_retried(make: Callable[..., Rig]) -> None:
     wp = make([route(attempts=3, codes=[502])])
     v1 = wp.pods["echo-v1"]
     v1.script = answer(503, b"busy")
@@ -570,7 +570,7 @@ async def test_codes_not_listed_are_not_retried(make: Callable[..., Waypoint]) -
     assert r.status == 503 and len(v1.requests) == 1
 
 
-async def test_request_body_is_replayed_on_retry(make: Callable[..., Waypoint]) -> None:
+async def test_request_body_is_replayed_on_retry(make: Callable[..., Rig]) -> None:
     """A chunked body arriving in parts: the first try streams it as it comes, the retry gets
     it whole from the replay buffer."""
     wp = make([route(attempts=1, codes=[503])])
@@ -590,7 +590,7 @@ async def test_request_body_is_replayed_on_retry(make: Callable[..., Waypoint]) 
 
 @pytest.mark.parametrize("first", [answer(503, b"busy"), reset], ids=["503", "reset"])
 async def test_body_past_the_replay_buffer_is_not_retried(
-    make: Callable[..., Waypoint], first: Script
+    make: Callable[..., Rig], first: Script
 ) -> None:
     """Past `retry_buffer` the body is no longer held, so it cannot be sent again: the first
     try's outcome is final (the backend's 503, or a 503 UR for a reset)."""
@@ -609,7 +609,7 @@ async def test_body_past_the_replay_buffer_is_not_retried(
         assert outcome(wp) == (503, "-")
 
 
-async def test_body_within_the_replay_buffer_is_retried(make: Callable[..., Waypoint]) -> None:
+async def test_body_within_the_replay_buffer_is_retried(make: Callable[..., Rig]) -> None:
     """The same request as above with the body under the limit: retried (so the limit, not
     the size alone, is what stops the retry above)."""
     wp = make([route(attempts=3, codes=[503])], retry_buffer=8192)
@@ -623,7 +623,7 @@ async def test_body_within_the_replay_buffer_is_retried(make: Callable[..., Wayp
 
 
 async def test_backend_request_timeout_before_the_head_is_504_UT(
-    make: Callable[..., Waypoint],
+    make: Callable[..., Rig],
 ) -> None:
     wp = make([route(timeouts={"backendRequest": "50ms"})])
     v1 = wp.pods["echo-v1"]
@@ -635,7 +635,7 @@ async def test_backend_request_timeout_before_the_head_is_504_UT(
     await turns_until(lambda: v1.cancelled == 1)  # the attempt's stream was reset
 
 
-async def test_request_timeout_covers_the_retries(make: Callable[..., Waypoint]) -> None:
+async def test_request_timeout_covers_the_retries(make: Callable[..., Rig]) -> None:
     """Each try times out (backendRequest) and is retried, until the whole request's time is
     up: then 504 UT, long before the 100 retries the route allows."""
     timeouts = {"request": "500ms", "backendRequest": "50ms"}
@@ -652,9 +652,7 @@ async def test_request_timeout_covers_the_retries(make: Callable[..., Waypoint])
 
 
 @pytest.mark.parametrize("key", ["request", "backendRequest"])
-async def test_timeout_after_the_head_cuts_the_response(
-    make: Callable[..., Waypoint], key: str
-) -> None:
+async def test_timeout_after_the_head_cuts_the_response(make: Callable[..., Rig], key: str) -> None:
     """The head and part of the body went out, then the backend stalls: the client sees the
     response break off (the connection reset), flagged UT; nothing is retried."""
     wp = make([route(attempts=2, codes=[504], timeouts={key: "100ms"})])
@@ -669,7 +667,7 @@ async def test_timeout_after_the_head_cuts_the_response(
     await turns_until(lambda: v1.cancelled == 1)
 
 
-async def test_no_timeout_lets_a_slow_response_finish(make: Callable[..., Waypoint]) -> None:
+async def test_no_timeout_lets_a_slow_response_finish(make: Callable[..., Rig]) -> None:
     """The same stalling backend without a timeout: the response waits for it (so the cuts
     above are the timeouts' doing)."""
     wp = make([route()])
@@ -690,7 +688,7 @@ async def test_no_timeout_lets_a_slow_response_finish(make: Callable[..., Waypoi
     assert outcome(wp) == (200, "-")
 
 
-async def test_cut_response_on_h2_resets_only_that_stream(make: Callable[..., Waypoint]) -> None:
+async def test_cut_response_on_h2_resets_only_that_stream(make: Callable[..., Rig]) -> None:
     """An HTTP/2 client: the response cut at the deadline is a RST_STREAM of its stream, and
     the connection goes on serving the client's next request."""
     wp = make([route(timeouts={"request": "100ms"})])
@@ -757,7 +755,7 @@ async def test_cut_response_on_h2_resets_only_that_stream(make: Callable[..., Wa
 # -- mirrors -----------------------------------------------------------------------------------
 
 
-async def test_mirror_gets_a_copy_of_the_request(make: Callable[..., Waypoint]) -> None:
+async def test_mirror_gets_a_copy_of_the_request(make: Callable[..., Rig]) -> None:
     wp = make([route(mirror="echo-v2")])
     v1, v2 = wp.pods["echo-v1"], wp.pods["echo-v2"]
     v2.script = answer(500, b"ignored")
@@ -775,7 +773,7 @@ async def test_mirror_gets_a_copy_of_the_request(make: Callable[..., Waypoint]) 
     ids=["reset", "stall", "503", "no-endpoints"],
 )
 async def test_mirror_failure_never_affects_the_main_response(
-    make: Callable[..., Waypoint], mirror: str, script: Script | None
+    make: Callable[..., Rig], mirror: str, script: Script | None
 ) -> None:
     wp = make([route(mirror=mirror, attempts=2, codes=[503])])
     v1, v2 = wp.pods["echo-v1"], wp.pods["echo-v2"]
