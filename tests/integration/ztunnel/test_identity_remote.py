@@ -113,7 +113,7 @@ async def test_ca_outage_keeps_the_current_certificate_and_recovers(
     await ca.stop()
     rotation = asyncio.create_task(ids.run(min_sleep=0.05, retry=0.2, max_retry=0.4))
     try:
-        with caplog.at_level(logging.WARNING, "ztunnel"):
+        with caplog.at_level(logging.WARNING, "mesh.identity"):
             await asyncio.sleep(3.0)  # past half life: renewals fail, the SVID is still valid
         assert ids.svid(WEB).serial == first.serial
         # it kept trying, backing off (0.2, 0.4, 0.4 s...), never in a tight loop
