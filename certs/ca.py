@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.identity.spiffe import SpiffeId
-from mesh.identity.svid import CertificateError, Svid
+from mesh.identity.svid import CertificateError, Svid, new_key_and_csr
 
 ROOT_KEY = "root-key.pem"
 ROOT_CERT = "root-cert.pem"
@@ -240,18 +240,9 @@ class CertificateAuthority:
         not_after: datetime | None = None,
     ) -> Svid:
         """Generate a key and sign it: for operators (`meshctl ca issue`) and tests."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([]))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
+        key, csr = new_key_and_csr(identity)
         chain = self.sign_csr(
-            csr.public_bytes(serialization.Encoding.PEM),
+            csr,
             ttl=ttl,
             not_before=not_before,
             not_after=not_after,

@@ -12,11 +12,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.identity.spiffe import SpiffeId, node_id
-from mesh.identity.svid import Svid
+from mesh.identity.svid import Svid, new_key_and_csr
 from mesh.tls import PeerIdentityError, check_peer, client_context
 
 
@@ -73,19 +71,10 @@ class CaClient:
 
     async def sign(self, identity: str, ttl: timedelta = timedelta(hours=24)) -> Svid:
         trust_domain = SpiffeId.parse(identity).trust_domain
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([]))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
+        key, csr = new_key_and_csr(identity)
         body = json.dumps(
             {
-                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+                "csr": csr.decode(),
                 "ttl_seconds": int(ttl.total_seconds()),
             }
         ).encode()

@@ -60,3 +60,19 @@ class Svid:
 
     def expired(self, now: datetime) -> bool:
         return now >= self.not_after
+
+
+def new_key_and_csr(identity: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A fresh P-256 key and a PEM CSR naming `identity` as its only (URI) SAN: what a node
+    sends the CA, and what the CA's own `issue` signs for operators and tests."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
