@@ -95,6 +95,7 @@ class Node:
     # (netns key) -> ztunnel's listeners there, and the addresses we know are local there
     listeners: dict[int, set[OwnListener]] = field(default_factory=dict, init=False)
     local_addrs: dict[int, set[str]] = field(default_factory=dict, init=False)
+    listen_ports: frozenset[int] = field(default=frozenset(), init=False)
 
     def __post_init__(self) -> None:
         self.pool = HbonePool(
@@ -180,10 +181,17 @@ class Node:
             host, port = sock.getsockname()[:2]
             mine.add(OwnListener(key, host, port, forwarding))
         self.local_addrs.setdefault(key, set()).update(addrs)
+        self._index_ports()
 
     def forget_listeners(self, netns: NetNs) -> None:
         self.listeners.pop(netns.inode, None)
         self.local_addrs.pop(netns.inode, None)
+        self._index_ports()
+
+    def _index_ports(self) -> None:
+        """Every port we listen on anywhere: `self_target` runs on every dial, and almost
+        every dial goes to a port that is none of ours."""
+        self.listen_ports = frozenset(ln.port for mine in self.listeners.values() for ln in mine)
 
     def _local_to(self, key: int) -> set[str]:
         addrs = set(self.local_addrs.get(key, ()))
@@ -202,6 +210,8 @@ class Node:
         the namespace that owns that address (a pod's IP in its netns, the node's address in
         ours). Listeners that only answer (metrics, readiness) count through loopback only:
         a pod reaching the node's metrics port is no loop."""
+        if port not in self.listen_ports:
+            return False  # the common case, decided without parsing the address
         here = netns.inode if netns is not None else 0
         try:
             addr = ipaddress.ip_address(ip)
