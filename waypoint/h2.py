@@ -31,7 +31,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from mesh.hbone.core import CLOSED_STREAMS_KEPT
+from mesh.hbone.core import H2Connection
 from waypoint.limits import OVERLOAD, PROTOCOL_ERROR, TIMEOUT, Limits, OnRefused, Refusal
 from waypoint.wire import (
     Body,
@@ -85,7 +85,7 @@ class H2Stream:
             self.window.set_result(None)
 
 
-class _ServerConnection(h2.connection.H2Connection):
+class _ServerConnection(H2Connection):
     """h2 answers a stream past our MAX_CONCURRENT_STREAMS by killing the whole connection
     (and before our SETTINGS are acknowledged it applies its own default of 100): H2Server
     counts streams itself and refuses the extra ones with REFUSED_STREAM instead."""
@@ -101,9 +101,8 @@ class H2Conn(WireConn):
 
     def __init__(self, *, client_side: bool) -> None:
         super().__init__()
-        cls = h2.connection.H2Connection if client_side else _ServerConnection
+        cls = H2Connection if client_side else _ServerConnection
         self.h2 = cls(h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8"))
-        self.h2.MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT  # h2 keeps 65,536: 9 MB a connection
         self.streams: dict[int, H2Stream] = {}
         self._flush_scheduled = False
         self.dead = False

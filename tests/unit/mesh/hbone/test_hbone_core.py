@@ -513,3 +513,19 @@ def test_pause_during_delivery_holds_back_the_rest_of_the_same_read() -> None:
     assert st.unacked == (n - 1) * chunk
     p.core.resume(st)
     assert window_updates(p.to_peer()) == [(st.stream_id, n * chunk)]
+
+
+def test_closed_streams_are_remembered_within_a_bound() -> None:
+    """A long-lived pooled connection carries stream after stream; h2 would remember 65,536
+    closed ones (about 9 MB). Both ends of the tunnel keep at most 1,024."""
+    p = Playbook()
+    p.settle()
+    for _ in range(1500):
+        sid = p.connect()
+        (req,) = of(p.to_core(), ConnectRequested)
+        st = p.core.stream(req.stream_id)
+        assert st is not None
+        p.core.reset_stream(st)
+        p.to_peer()
+        assert sid == req.stream_id
+    assert 0 < len(p.core.h2._closed_streams) <= 1024
