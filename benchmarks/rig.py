@@ -283,11 +283,22 @@ def outer(module: str, argv: list[str]) -> int:
         for vip in (L4_VIP, WP_VIP):
             run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", vip,
                 "--dport", "80", "-j", "REDIRECT", "--to-ports", str(OUTBOUND_PORT))  # fmt: skip
-        inner = subprocess.run(
+        inner = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", module, "--role", "inside", *argv],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, check=False,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
         )  # fmt: skip
-        return inner.returncode
+        try:
+            return inner.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C: let the inner side stop what it started (its Rig's __exit__) before the
+            # namespace goes; subprocess.run would SIGKILL it and orphan the proxies and app.
+            inner.send_signal(signal.SIGINT)
+            try:
+                inner.wait(30)
+            except subprocess.TimeoutExpired:
+                inner.kill()
+                inner.wait()
+            return 130
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
