@@ -67,17 +67,33 @@ def _flatten(
             yield d
 
 
+def _describe(doc: Mapping[str, Any], api: str) -> str:
+    """ "Kind ns/name (apiVersion)" of an object we skip, tolerating any shape of metadata."""
+    meta = doc.get("metadata")
+    name = ns = ""
+    if isinstance(meta, Mapping):
+        name = str(meta.get("name", "") or "")
+        ns = str(meta.get("namespace", "") or "")
+    who = f"{ns}/{name}" if ns and name else name or "(unnamed)"
+    kind = doc.get("kind")
+    kind = kind if isinstance(kind, str) and kind else "(no kind)"
+    return f"{kind} {who} ({api or 'no apiVersion'})"
+
+
 def parse_objects(
     docs: Iterable[Mapping[str, Any]],
     *,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     version: int = 0,
+    ignored: list[str] | None = None,
 ) -> Snapshot:
     """Validate raw objects and build a Snapshot; raise `ConfigErrors` listing every problem.
 
     Kinds we do not model (ConfigMap, Deployment, …) are skipped: the same manifests go to
-    `kubectl apply`, and they are not ours to judge.
+    `kubectl apply`, and they are not ours to judge. But skipping must not look like
+    accepting, so each skipped object is described in `ignored` when the caller passes a
+    list (`meshctl config validate` names them all).
     """
     errors: list[ConfigError] = []
     nodes: list[Node] = []
@@ -114,6 +130,8 @@ def parse_objects(
         elif kind == "PeerAuthentication" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _peer_authn(doc, errors), peers
         else:
+            if ignored is not None:
+                ignored.append(_describe(doc, api))
             continue
         if obj is None:
             continue
@@ -206,6 +224,7 @@ def load_snapshot(
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     version: int = 0,
+    ignored: list[str] | None = None,
 ) -> Snapshot:
     """`parse_objects` over every *.yaml/*.yml under `paths` (multi-document, `kind: List`)."""
     return parse_objects(
@@ -213,4 +232,5 @@ def load_snapshot(
         trust_domain=trust_domain,
         root_namespace=root_namespace,
         version=version,
+        ignored=ignored,
     )
