@@ -273,6 +273,12 @@ class ParentRef:
 
 @dataclass(frozen=True, slots=True)
 class HTTPRoute:
+    """An HTTPRoute, or a GRPCRoute compiled into the same model (`kind` says which).
+
+    A gRPC call is an HTTP/2 POST to /<service>/<method>, so a GRPCRoute's method match is a
+    path match and everything else (headers, filters, weights, mirrors) is HTTPRoute's: one
+    routing engine serves both, and a GRPCRoute only ever matches gRPC requests."""
+
     namespace: str
     name: str
     parent_refs: tuple[ParentRef, ...]
@@ -280,6 +286,7 @@ class HTTPRoute:
     rules: tuple[RouteRule, ...] = ()
     # Creation order breaks ties in the spec's precedence rules (oldest first, then name).
     creation_timestamp: str = ""
+    kind: str = "HTTPRoute"  # or "GRPCRoute"
 
     @property
     def key(self) -> str:

@@ -33,7 +33,7 @@ from mesh.config.model import (
 )
 from mesh.config.parse.common import ConfigErrors, parse_duration
 from mesh.config.parse.core import _gateway, _namespace, _node, _pod, _service
-from mesh.config.parse.routes import _http_route
+from mesh.config.parse.routes import _grpc_route, _http_route
 from mesh.config.parse.security import _authz, _peer_authn
 from mesh.config.snapshot import Snapshot
 
@@ -125,6 +125,8 @@ def parse_objects(
             obj, bucket = _gateway(doc, errors), waypoints
         elif kind == "HTTPRoute" and api.startswith(_GW_GROUP):
             obj, bucket = _http_route(doc, errors), routes
+        elif kind == "GRPCRoute" and api == _GW_GROUP + "v1":
+            obj, bucket = _grpc_route(doc, errors), routes
         elif kind == "AuthorizationPolicy" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _authz(doc, errors, root_namespace), policies
         elif kind == "PeerAuthentication" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):

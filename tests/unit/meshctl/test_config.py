@@ -90,3 +90,24 @@ def test_validate_ok_counts_ignored(tmp_path: Path) -> None:
         "ignored: Secret s (v1): not a kind the mesh reads",
         "ok: 1 objects, 1 ignored",
     ]
+
+
+def test_validate_reads_grpc_route(tmp_path: Path) -> None:
+    f = tmp_path / "grpc.yaml"
+    route = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n"
+        "metadata: {name: echo, namespace: grpc}\n"
+        "spec:\n  parentRefs: [{kind: Service, group: '', name: echo}]\n"
+        "  rules:\n  - matches: [{method: {service: echo.Echo, method: %s}}]\n"
+        "    backendRefs: [{name: echo, port: 50051}]\n"
+    )
+    f.write_text(route % "Say")
+    out = run(str(f))
+    assert (out.returncode, out.stdout) == (0, "ok: 1 objects\n")
+    f.write_text(route % "'Say/Hi'")
+    out = run(str(f))
+    assert out.returncode == 1
+    assert out.stdout == (
+        "GRPCRoute grpc/echo: spec.rules[0].matches[0].method.method "
+        "'Say/Hi' is not a valid gRPC method name\n"
+    )
