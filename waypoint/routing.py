@@ -140,13 +140,14 @@ def _precedence(
     more query matches; oldest route; alphabetical namespace/name; rule order; match order.
     """
     if route.kind == "GRPCRoute":
-        # Full /service/method first, then a partial (or regex) method match, then none.
-        if m.path is not None and m.path.type is PathMatchType.EXACT:
-            path_rank: tuple[int, int] = (0, -len(m.path.value))
-        elif m.path is not None and m.path.type is PathMatchType.REGULAR_EXPRESSION:
-            path_rank = (1, 0)
-        else:
-            path_rank = (2, 0)
+        # GEP-1016: most characters of an exact service, then of an exact method (a regex
+        # counts as a wildcard: no characters), then header matches.
+        g = m.grpc_method
+        exact = g is not None and g.type is ValueMatchType.EXACT
+        path_rank: tuple[int, int] = (
+            -len(g.service or "") if g is not None and exact else 0,
+            -len(g.method or "") if g is not None and exact else 0,
+        )
     elif m.path is None:
         path_rank = (1, 0)
     elif m.path.type is PathMatchType.EXACT:

@@ -165,11 +165,22 @@ class ValueMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class GRPCMethodMatch:
+    """A GRPCRoute method match as written. Routing uses the path match compiled from it; this
+    is kept for the spec's precedence (exact service, then exact method characters) and dumps."""
+
+    type: ValueMatchType = ValueMatchType.EXACT
+    service: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     path: PathMatch | None = PathMatch()
     headers: tuple[ValueMatch, ...] = ()
     query_params: tuple[ValueMatch, ...] = ()
     method: str | None = None
+    grpc_method: GRPCMethodMatch | None = None  # GRPCRoute only: what `path` was compiled from
 
 
 @dataclass(frozen=True, slots=True)

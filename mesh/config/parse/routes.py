@@ -15,6 +15,7 @@ from mesh.config.model import (
     BackendRef,
     ConfigError,
     FilterType,
+    GRPCMethodMatch,
     HeaderModifier,
     HTTPRoute,
     ParentRef,
@@ -360,9 +361,9 @@ _GRPC_MAX = 1024
 _ANY_SEGMENT = "[^/]+"
 
 
-def _grpc_method(ctx: _Ctx, v: Any, path: str) -> PathMatch | None:
-    """A GRPCRoute method match as the path match it is on the wire: /<service>/<method>.
-    None (any path) when the match names neither; the spec requires one of them."""
+def _grpc_method(ctx: _Ctx, v: Any, path: str) -> tuple[PathMatch, GRPCMethodMatch] | None:
+    """A GRPCRoute method match and the path match it is on the wire: /<service>/<method>.
+    None (any path) when the match is invalid; the spec requires service, method or both."""
     m = ctx.mapping(v, path)
     for k in m:
         if k not in ("type", "service", "method"):
@@ -394,15 +395,16 @@ def _grpc_method(ctx: _Ctx, v: Any, path: str) -> PathMatch | None:
                 ok = False
     if not ok:
         return None
+    written = GRPCMethodMatch(ValueMatchType(typ), svc or None, meth or None)
     if typ == "Exact":
         if svc and meth:
-            return PathMatch(PathMatchType.EXACT, f"/{svc}/{meth}")
+            return PathMatch(PathMatchType.EXACT, f"/{svc}/{meth}"), written
         s = re.escape(svc) if svc else _ANY_SEGMENT
         mm = re.escape(meth) if meth else _ANY_SEGMENT
     else:
         s = f"(?:{svc})" if svc else _ANY_SEGMENT
         mm = f"(?:{meth})" if meth else _ANY_SEGMENT
-    return PathMatch(PathMatchType.REGULAR_EXPRESSION, f"/{s}/{mm}")
+    return PathMatch(PathMatchType.REGULAR_EXPRESSION, f"/{s}/{mm}"), written
 
 
 def _grpc_match(ctx: _Ctx, v: Any, path: str) -> RouteMatch:
@@ -410,9 +412,11 @@ def _grpc_match(ctx: _Ctx, v: Any, path: str) -> RouteMatch:
     for k in m:
         if k not in ("method", "headers"):
             ctx.err(f"{path}.{k}", "is not a field of a GRPCRoute match")
-    pm = _grpc_method(ctx, m["method"], f"{path}.method") if "method" in m else None
+    got = _grpc_method(ctx, m["method"], f"{path}.method") if "method" in m else None
     headers = _value_matches(ctx, m.get("headers"), f"{path}.headers", True)
-    return RouteMatch(pm or PathMatch(), headers)
+    if got is None:
+        return RouteMatch(PathMatch(), headers)
+    return RouteMatch(got[0], headers, grpc_method=got[1])
 
 
 def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:

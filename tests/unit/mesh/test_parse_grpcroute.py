@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mesh.config.model import FilterType, PathMatchType
+from mesh.config.model import FilterType, GRPCMethodMatch, PathMatchType, ValueMatchType
 from mesh.config.parse import ConfigErrors, parse_objects
 
 
@@ -75,6 +75,12 @@ def test_grpc_route_compiles_into_the_route_model() -> None:
         (PathMatchType.REGULAR_EXPRESSION, r"/(?:echo\..*)/[^/]+"),
     ]
     assert rule.matches[3].headers[0].name == "x-tier"
+    assert [m.grpc_method for m in rule.matches] == [
+        GRPCMethodMatch(ValueMatchType.EXACT, "echo.Echo", "Say"),
+        GRPCMethodMatch(ValueMatchType.EXACT, "echo.Echo", None),
+        GRPCMethodMatch(ValueMatchType.EXACT, None, "Say"),
+        GRPCMethodMatch(ValueMatchType.REGULAR_EXPRESSION, r"echo\..*", None),
+    ]
     assert [f.type for f in rule.filters] == [
         FilterType.REQUEST_HEADER_MODIFIER,
         FilterType.REQUEST_MIRROR,

@@ -51,23 +51,47 @@ def test_method_matching_and_precedence() -> None:
     t = table(
         grpc_route(
             "r",
-            rule("any"),
             rule("service", {"method": {"service": "echo.Echo"}}),
             rule("exact", {"method": {"service": "echo.Echo", "method": "Say"}}),
             rule("method", {"method": {"method": "Ping"}}),
             rule("rx", {"method": {"type": "RegularExpression", "service": "other\\..*"}}),
             rule("gold", {"headers": [{"name": "x-tier", "value": "gold"}]}),
+            rule("any"),
         )
     )
     assert backend_of(t, "/echo.Echo/Say") == "exact"
     assert backend_of(t, "/echo.Echo/Shout") == "service"
     assert backend_of(t, "/health.Health/Ping") == "method"
+    # GEP-1016: exact service characters count before exact method characters.
+    assert backend_of(t, "/echo.Echo/Ping") == "service"
     assert backend_of(t, "/other.Thing/Do") == "rx"
     assert backend_of(t, "/x.Y/Z", [*GRPC, ("x-tier", "gold")]) == "gold"
     assert backend_of(t, "/x.Y/Z") == "any"
     # Exact means exact: case and segment boundaries matter.
     assert backend_of(t, "/echo.echo/Say") == "any"
     assert backend_of(t, "/echo.Echo/Say/extra") == "any"
+
+
+def test_precedence_is_the_specs_not_rule_order() -> None:
+    """Longer exact service, then longer exact method, then more headers; regex is a wildcard,
+    so it ties with no match and rule order decides."""
+    t = table(
+        grpc_route(
+            "r",
+            rule("rx", {"method": {"type": "RegularExpression", "service": ".*"}}),
+            rule("method", {"method": {"method": "Say"}}),
+            rule("short", {"method": {"service": "a.B"}}),
+            rule("hdr", {"method": {"service": "a.B"}, "headers": [{"name": "x", "value": "1"}]}),
+            rule("long", {"method": {"service": "a.Bc"}}),
+            rule("both", {"method": {"service": "a.B", "method": "Say"}}),
+        )
+    )
+    assert backend_of(t, "/a.B/Say") == "both"
+    assert backend_of(t, "/a.B/Other", [*GRPC, ("x", "1")]) == "hdr"
+    assert backend_of(t, "/a.B/Other") == "short"
+    assert backend_of(t, "/a.Bc/Say") == "long"
+    assert backend_of(t, "/z.Z/Say") == "method"
+    assert backend_of(t, "/z.Z/Other") == "rx"
 
 
 def test_grpc_route_matches_only_grpc_requests() -> None:
