@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,28 @@ class StreamContext:
     table: RouteTable
     policies: PolicySet  # L7 policies of this waypoint for this service
     caller_ns: str | None = None
+
+
+def with_request_identity(req: Request, client_ip: str, scheme: str) -> Request:
+    """The headers every forwarded request carries, as Envoy (Istio's waypoint) adds them, so
+    applications moving from other meshes keep their request correlation and client address.
+
+    `x-request-id` is kept when the caller sent one (it ties the hops of one request together)
+    and generated otherwise; `x-forwarded-for` gets the caller's address appended (the address
+    HBONE vouched for, not anything the caller claims); `x-forwarded-proto` is the scheme the
+    caller used, replacing whatever the caller claimed. Added before routing, so route header
+    matches and filters see them as a backend will."""
+    hs = list(req.headers)
+    if not any(k == "x-request-id" and v for k, v in hs):
+        hs = [(k, v) for k, v in hs if k != "x-request-id"]
+        hs.append(("x-request-id", str(uuid.uuid4())))
+    if client_ip:
+        xff = [v for k, v in hs if k == "x-forwarded-for"]
+        hs = [(k, v) for k, v in hs if k != "x-forwarded-for"]
+        hs.append(("x-forwarded-for", ", ".join([*xff, client_ip])))
+    hs = [(k, v) for k, v in hs if k != "x-forwarded-proto"]
+    hs.append(("x-forwarded-proto", scheme if scheme in ("http", "https") else "http"))
+    return dataclasses.replace(req, headers=tuple(hs))
 
 
 class _Failed(Exception):
@@ -118,6 +142,7 @@ class RequestHandler:
         t0 = time.monotonic()
         head = ex.head
         req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
+        req = with_request_identity(req, ctx.src_ip, head.scheme)
         body = ReplayableBody(ex.body, self.retry_buffer)
         outcome = _Outcome()
         self.in_flight += 1

@@ -1,5 +1,9 @@
 """Sans-IO HTTPRoute engine: match a request to a rule, apply filters, pick a backend.
 
+GRPCRoutes arrive already compiled into the HTTPRoute model (a method match is a path match on
+/<service>/<method>), so they share all of this; the only difference is that a GRPCRoute match
+also requires the request to be gRPC (`is_grpc`).
+
 No sockets here: the HTTP/1.1 and HTTP/2 glue hands in (method, path, headers) and gets back a
 decision, so every Gateway API precedence and filter rule is unit-tested without I/O. A
 ``RouteTable`` is compiled once per (snapshot, service) and is immutable, like the snapshot.
@@ -54,6 +58,15 @@ class Request:
         return Request(method.upper(), path or "/", query, hs, host)
 
 
+def is_grpc(headers: Sequence[tuple[str, str]]) -> bool:
+    """gRPC over HTTP/2 says so in its content-type: application/grpc, optionally +proto etc."""
+    for k, v in headers:
+        if k == "content-type":
+            ct = v.split(";", 1)[0].strip().lower()
+            return ct == "application/grpc" or ct.startswith("application/grpc+")
+    return False
+
+
 def _prefix_matches(prefix: str, path: str) -> bool:
     """PathPrefix matches whole path elements: "/foo" matches "/foo/bar", not "/foobar"."""
     p = prefix.rstrip("/")
@@ -76,9 +89,12 @@ class _CompiledMatch:
     header_regexes: tuple[tuple[str, re.Pattern[str] | None, str], ...]
     query_regexes: tuple[tuple[str, re.Pattern[str] | None, str], ...]
     sort_key: tuple[object, ...]
+    grpc_only: bool = False
 
     def matches(self, req: Request, query: Mapping[str, str]) -> bool:
         m = self.match
+        if self.grpc_only and not is_grpc(req.headers):
+            return False
         if m.method is not None and m.method != req.method:
             return False
         pm = m.path
@@ -118,11 +134,22 @@ def _precedence(
 ) -> tuple[object, ...]:
     """Gateway API precedence: smaller sorts first.
 
+    A GRPCRoute's matches come first: they only match gRPC requests, so for those they are the
+    more specific (an HTTPRoute catch-all must not shadow them). Then, as the spec orders:
     Exact path > longest PathPrefix > RegularExpression; a method match; more header matches;
     more query matches; oldest route; alphabetical namespace/name; rule order; match order.
     """
-    if m.path is None:
-        path_rank: tuple[int, int] = (1, 0)
+    if route.kind == "GRPCRoute":
+        # GEP-1016: most characters of an exact service, then of an exact method (a regex
+        # counts as a wildcard: no characters), then header matches.
+        g = m.grpc_method
+        exact = g is not None and g.type is ValueMatchType.EXACT
+        path_rank: tuple[int, int] = (
+            -len(g.service or "") if g is not None and exact else 0,
+            -len(g.method or "") if g is not None and exact else 0,
+        )
+    elif m.path is None:
+        path_rank = (1, 0)
     elif m.path.type is PathMatchType.EXACT:
         path_rank = (0, -len(m.path.value))
     elif m.path.type is PathMatchType.PATH_PREFIX:
@@ -130,12 +157,14 @@ def _precedence(
     else:
         path_rank = (2, 0)
     return (
+        0 if route.kind == "GRPCRoute" else 1,
         path_rank,
         0 if m.method else 1,
         -len(m.headers),
         -len(m.query_params),
         route.creation_timestamp or "\uffff",
         route.key,
+        route.kind,
         rule_index,
         match_index,
     )
@@ -179,7 +208,7 @@ def _regex(route: HTTPRoute, field_path: str, value: str) -> re.Pattern[str]:
         return re.compile(value)
     except re.error as exc:
         raise ConfigError(
-            f"HTTPRoute {route.key}", field_path, f"invalid regular expression {value!r}: {exc}"
+            f"{route.kind} {route.key}", field_path, f"invalid regular expression {value!r}: {exc}"
         ) from exc
 
 
@@ -188,10 +217,10 @@ class RouteTable:
 
     def __init__(self, routes: Sequence[HTTPRoute]) -> None:
         compiled: list[_CompiledMatch] = []
-        self._choosers: dict[tuple[str, int], BackendChooser] = {}
+        self._choosers: dict[tuple[str, str, int], BackendChooser] = {}
         for route in routes:
             for ri, rule in enumerate(route.rules):
-                self._choosers[(route.key, ri)] = BackendChooser(rule.backend_refs)
+                self._choosers[(route.kind, route.key, ri)] = BackendChooser(rule.backend_refs)
                 for mi, m in enumerate(rule.matches):
                     where = f"spec.rules[{ri}].matches[{mi}]"
                     prx = None
@@ -219,7 +248,15 @@ class RouteTable:
                     )
                     compiled.append(
                         _CompiledMatch(
-                            route, rule, ri, m, prx, hdr, qry, _precedence(route, ri, mi, m)
+                            route,
+                            rule,
+                            ri,
+                            m,
+                            prx,
+                            hdr,
+                            qry,
+                            _precedence(route, ri, mi, m),
+                            route.kind == "GRPCRoute",
                         )
                     )
         compiled.sort(key=lambda c: c.sort_key)
@@ -242,7 +279,10 @@ class RouteTable:
                     pm.value if pm is not None and pm.type is PathMatchType.PATH_PREFIX else None
                 )
                 return RouteDecision(
-                    c.route, c.rule, prefix, self._choosers[(c.route.key, c.rule_index)]
+                    c.route,
+                    c.rule,
+                    prefix,
+                    self._choosers[(c.route.kind, c.route.key, c.rule_index)],
                 )
         return None
 

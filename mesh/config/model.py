@@ -165,11 +165,22 @@ class ValueMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class GRPCMethodMatch:
+    """A GRPCRoute method match as written. Routing uses the path match compiled from it; this
+    is kept for the spec's precedence (exact service, then exact method characters) and dumps."""
+
+    type: ValueMatchType = ValueMatchType.EXACT
+    service: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     path: PathMatch | None = PathMatch()
     headers: tuple[ValueMatch, ...] = ()
     query_params: tuple[ValueMatch, ...] = ()
     method: str | None = None
+    grpc_method: GRPCMethodMatch | None = None  # GRPCRoute only: what `path` was compiled from
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +284,12 @@ class ParentRef:
 
 @dataclass(frozen=True, slots=True)
 class HTTPRoute:
+    """An HTTPRoute, or a GRPCRoute compiled into the same model (`kind` says which).
+
+    A gRPC call is an HTTP/2 POST to /<service>/<method>, so a GRPCRoute's method match is a
+    path match and everything else (headers, filters, weights, mirrors) is HTTPRoute's: one
+    routing engine serves both, and a GRPCRoute only ever matches gRPC requests."""
+
     namespace: str
     name: str
     parent_refs: tuple[ParentRef, ...]
@@ -280,6 +297,7 @@ class HTTPRoute:
     rules: tuple[RouteRule, ...] = ()
     # Creation order breaks ties in the spec's precedence rules (oldest first, then name).
     creation_timestamp: str = ""
+    kind: str = "HTTPRoute"  # or "GRPCRoute"
 
     @property
     def key(self) -> str:

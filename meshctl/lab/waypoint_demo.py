@@ -37,6 +37,8 @@ class Split:
 def splits(snap: Snapshot) -> list[Split]:
     out: list[Split] = []
     for r in snap.http_routes:
+        if r.kind != "HTTPRoute":
+            continue  # the demo's client speaks HTTP/1.1; a GRPCRoute never matches it
         for ref in r.parent_refs:
             svc = snap.service(ref.namespace, ref.name) if ref.kind == "Service" else None
             wp = _wanted_waypoint(snap, svc) if svc is not None else None

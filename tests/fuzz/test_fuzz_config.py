@@ -27,7 +27,7 @@ def target() -> Iterator[ConfigTarget]:
 
 _KINDS = st.sampled_from(
     ["Namespace", "Pod", "Service", "Node", "Gateway", "HTTPRoute", "AuthorizationPolicy",
-     "PeerAuthentication", "List", "ConfigMap"]
+     "PeerAuthentication", "List", "ConfigMap", "GRPCRoute"]
 )  # fmt: skip
 _APIS = st.sampled_from(
     ["v1", "gateway.networking.k8s.io/v1", "security.istio.io/v1", "security.istio.io/v1beta1"]
@@ -41,7 +41,7 @@ _KEYS = st.sampled_from(
      "methods", "paths", "mtls", "mode", "portLevelMtls", "gatewayClassName", "listeners",
      "addresses", "address", "items", "targetRefs", "group", "kind", "requestHeaderModifier",
      "set", "add", "remove", "urlRewrite", "requestRedirect", "statusCode", "requestMirror",
-     "backendRef", "creationTimestamp", "protocol", "appProtocol", "hostnames"]
+     "backendRef", "creationTimestamp", "protocol", "appProtocol", "hostnames", "service"]
 )  # fmt: skip
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70),

@@ -33,7 +33,7 @@ from mesh.config.model import (
 )
 from mesh.config.parse.common import ConfigErrors, parse_duration
 from mesh.config.parse.core import _gateway, _namespace, _node, _pod, _service
-from mesh.config.parse.routes import _http_route
+from mesh.config.parse.routes import _grpc_route, _http_route
 from mesh.config.parse.security import _authz, _peer_authn
 from mesh.config.snapshot import Snapshot
 
@@ -67,17 +67,33 @@ def _flatten(
             yield d
 
 
+def _describe(doc: Mapping[str, Any], api: str) -> str:
+    """ "Kind ns/name (apiVersion)" of an object we skip, tolerating any shape of metadata."""
+    meta = doc.get("metadata")
+    name = ns = ""
+    if isinstance(meta, Mapping):
+        name = str(meta.get("name", "") or "")
+        ns = str(meta.get("namespace", "") or "")
+    who = f"{ns}/{name}" if ns and name else name or "(unnamed)"
+    kind = doc.get("kind")
+    kind = kind if isinstance(kind, str) and kind else "(no kind)"
+    return f"{kind} {who} ({api or 'no apiVersion'})"
+
+
 def parse_objects(
     docs: Iterable[Mapping[str, Any]],
     *,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     version: int = 0,
+    ignored: list[str] | None = None,
 ) -> Snapshot:
     """Validate raw objects and build a Snapshot; raise `ConfigErrors` listing every problem.
 
     Kinds we do not model (ConfigMap, Deployment, …) are skipped: the same manifests go to
-    `kubectl apply`, and they are not ours to judge.
+    `kubectl apply`, and they are not ours to judge. But skipping must not look like
+    accepting, so each skipped object is described in `ignored` when the caller passes a
+    list (`meshctl config validate` names them all).
     """
     errors: list[ConfigError] = []
     nodes: list[Node] = []
@@ -109,11 +125,15 @@ def parse_objects(
             obj, bucket = _gateway(doc, errors), waypoints
         elif kind == "HTTPRoute" and api.startswith(_GW_GROUP):
             obj, bucket = _http_route(doc, errors), routes
+        elif kind == "GRPCRoute" and api == _GW_GROUP + "v1":
+            obj, bucket = _grpc_route(doc, errors), routes
         elif kind == "AuthorizationPolicy" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _authz(doc, errors, root_namespace), policies
         elif kind == "PeerAuthentication" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _peer_authn(doc, errors), peers
         else:
+            if ignored is not None:
+                ignored.append(_describe(doc, api))
             continue
         if obj is None:
             continue
@@ -206,6 +226,7 @@ def load_snapshot(
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     version: int = 0,
+    ignored: list[str] | None = None,
 ) -> Snapshot:
     """`parse_objects` over every *.yaml/*.yml under `paths` (multi-document, `kind: List`)."""
     return parse_objects(
@@ -213,4 +234,5 @@ def load_snapshot(
         trust_domain=trust_domain,
         root_namespace=root_namespace,
         version=version,
+        ignored=ignored,
     )

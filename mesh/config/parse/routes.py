@@ -1,5 +1,9 @@
-"""Gateway API HTTPRoute: matches, filters (header and path rewrites, redirects, mirrors) and
-weighted backends, each field checked as the Gateway API spec words it."""
+"""Gateway API HTTPRoute and GRPCRoute: matches, filters (header and path rewrites, redirects,
+mirrors) and weighted backends, each field checked as the Gateway API spec words it.
+
+A GRPCRoute is parsed into the HTTPRoute model (see `HTTPRoute`): its method match becomes a
+path match on /<service>/<method>, and its filters and backends go through HTTPRoute's own
+checks, restricted to the filter types GRPCRoute allows."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from mesh.config.model import (
     BackendRef,
     ConfigError,
     FilterType,
+    GRPCMethodMatch,
     HeaderModifier,
     HTTPRoute,
     ParentRef,
@@ -148,7 +153,18 @@ _FILTER_FIELD = {
 }
 
 
-def _filters(ctx: _Ctx, v: Any, path: str, ns: str) -> tuple[RouteFilter, ...]:
+_GRPC_FILTERS = frozenset(
+    [
+        FilterType.REQUEST_HEADER_MODIFIER,
+        FilterType.RESPONSE_HEADER_MODIFIER,
+        FilterType.REQUEST_MIRROR,
+    ]
+)
+
+
+def _filters(
+    ctx: _Ctx, v: Any, path: str, ns: str, allowed: frozenset[FilterType] | None = None
+) -> tuple[RouteFilter, ...]:
     out = []
     for i, f in enumerate(ctx.seq(v, path)):
         p = f"{path}[{i}]"
@@ -156,6 +172,8 @@ def _filters(ctx: _Ctx, v: Any, path: str, ns: str) -> tuple[RouteFilter, ...]:
         try:
             typ = FilterType(f.get("type"))
         except ValueError:
+            typ = None
+        if typ is None or (allowed is not None and typ not in allowed):
             ctx.err(f"{p}.type", f"unsupported filter type {f.get('type')!r}")
             continue
         want = _FILTER_FIELD[typ]
@@ -204,7 +222,15 @@ def _filters(ctx: _Ctx, v: Any, path: str, ns: str) -> tuple[RouteFilter, ...]:
     return tuple(out)
 
 
-def _backend(ctx: _Ctx, v: Any, path: str, ns: str, *, filters: bool) -> BackendRef | None:
+def _backend(
+    ctx: _Ctx,
+    v: Any,
+    path: str,
+    ns: str,
+    *,
+    filters: bool,
+    allowed: frozenset[FilterType] | None = None,
+) -> BackendRef | None:
     b = ctx.mapping(v, path)
     kind = b.get("kind", "Service")
     if kind != "Service" or b.get("group", "") not in ("", "core"):
@@ -223,18 +249,14 @@ def _backend(ctx: _Ctx, v: Any, path: str, ns: str, *, filters: bool) -> Backend
         ctx.err(f"{path}.weight", "must be >= 0")
     elif weight > 1_000_000:
         ctx.err(f"{path}.weight", "must be <= 1000000")
-    fl = _filters(ctx, b.get("filters"), f"{path}.filters", ns) if filters else ()
+    fl = _filters(ctx, b.get("filters"), f"{path}.filters", ns, allowed) if filters else ()
     if name is None or bns is None:
         return None
     return BackendRef(name, bns, port, weight, fl)
 
 
-def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:
-    m = _meta(doc, "HTTPRoute", errors, namespaced=True)
-    if m is None:
-        return None
-    ctx, ns, name, meta = m
-    spec = ctx.mapping(doc.get("spec"), "spec")
+def _parents(ctx: _Ctx, spec: Mapping[str, Any], ns: str) -> tuple[ParentRef, ...]:
+    """parentRefs, the same for HTTPRoute and GRPCRoute: a Service (mesh) or a Gateway."""
     parents = []
     for i, pr in enumerate(ctx.seq(spec.get("parentRefs"), "spec.parentRefs")):
         p = f"spec.parentRefs[{i}]"
@@ -253,11 +275,26 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
         port = ctx.port(pr["port"], f"{p}.port") if "port" in pr else None
         if pname and pns:
             parents.append(ParentRef(kind, pname, pns, port, str(group)))
+    return tuple(parents)
+
+
+def _hostnames(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[str, ...]:
     hostnames = ctx.strings(spec.get("hostnames"), "spec.hostnames")
     for i, h in enumerate(hostnames):
         bare = h[2:] if h.startswith("*.") else h
         if len(h) > 253 or not _DNS1123_SUBDOMAIN.match(bare):
             ctx.err(f"spec.hostnames[{i}]", f"{h!r} is not a valid hostname")
+    return hostnames
+
+
+def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:
+    m = _meta(doc, "HTTPRoute", errors, namespaced=True)
+    if m is None:
+        return None
+    ctx, ns, name, meta = m
+    spec = ctx.mapping(doc.get("spec"), "spec")
+    parents = _parents(ctx, spec, ns)
+    hostnames = _hostnames(ctx, spec)
     rules = []
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         p = f"spec.rules[{i}]"
@@ -311,4 +348,104 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
             )
         )
     created = meta.get("creationTimestamp", "")
-    return HTTPRoute(ns, name, tuple(parents), hostnames, tuple(rules), str(created or ""))
+    return HTTPRoute(ns, name, parents, hostnames, tuple(rules), str(created or ""))
+
+
+# -- GRPCRoute ---------------------------------------------------------------------------------
+
+# The Gateway API's own patterns for an exact service (a dotted protobuf package + service)
+# and method name; RegularExpression values only need to compile.
+_GRPC_SERVICE = re.compile(r"(?i)^\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*$")
+_GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+_GRPC_MAX = 1024
+_ANY_SEGMENT = "[^/]+"
+
+
+def _grpc_method(ctx: _Ctx, v: Any, path: str) -> tuple[PathMatch, GRPCMethodMatch] | None:
+    """A GRPCRoute method match and the path match it is on the wire: /<service>/<method>.
+    None (any path) when the match is invalid; the spec requires service, method or both."""
+    m = ctx.mapping(v, path)
+    for k in m:
+        if k not in ("type", "service", "method"):
+            ctx.err(f"{path}.{k}", "is not a field of a gRPC method match")
+    typ = m.get("type", "Exact")
+    if typ not in ("Exact", "RegularExpression"):
+        ctx.err(f"{path}.type", "must be Exact or RegularExpression")
+        return None
+    svc = ctx.string(m.get("service"), f"{path}.service")
+    meth = ctx.string(m.get("method"), f"{path}.method")
+    if not svc and not meth:
+        ctx.err(path, "must set service, method or both")
+        return None
+    ok = True
+    for key, val, pat in (("service", svc, _GRPC_SERVICE), ("method", meth, _GRPC_METHOD)):
+        if not val:
+            continue
+        if len(val) > _GRPC_MAX:
+            ctx.err(f"{path}.{key}", f"must be at most {_GRPC_MAX} characters")
+            ok = False
+        elif typ == "Exact" and not pat.match(val):
+            ctx.err(f"{path}.{key}", f"{val!r} is not a valid gRPC {key} name")
+            ok = False
+        elif typ == "RegularExpression":
+            try:
+                re.compile(val)
+            except re.error as exc:
+                ctx.err(f"{path}.{key}", f"invalid regular expression: {exc}")
+                ok = False
+    if not ok:
+        return None
+    written = GRPCMethodMatch(ValueMatchType(typ), svc or None, meth or None)
+    if typ == "Exact":
+        if svc and meth:
+            return PathMatch(PathMatchType.EXACT, f"/{svc}/{meth}"), written
+        s = re.escape(svc) if svc else _ANY_SEGMENT
+        mm = re.escape(meth) if meth else _ANY_SEGMENT
+    else:
+        s = f"(?:{svc})" if svc else _ANY_SEGMENT
+        mm = f"(?:{meth})" if meth else _ANY_SEGMENT
+    return PathMatch(PathMatchType.REGULAR_EXPRESSION, f"/{s}/{mm}"), written
+
+
+def _grpc_match(ctx: _Ctx, v: Any, path: str) -> RouteMatch:
+    m = ctx.mapping(v, path)
+    for k in m:
+        if k not in ("method", "headers"):
+            ctx.err(f"{path}.{k}", "is not a field of a GRPCRoute match")
+    got = _grpc_method(ctx, m["method"], f"{path}.method") if "method" in m else None
+    headers = _value_matches(ctx, m.get("headers"), f"{path}.headers", True)
+    if got is None:
+        return RouteMatch(PathMatch(), headers)
+    return RouteMatch(got[0], headers, grpc_method=got[1])
+
+
+def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:
+    """A GRPCRoute as an `HTTPRoute` of kind GRPCRoute (no timeouts or retries: v1 has none)."""
+    m = _meta(doc, "GRPCRoute", errors, namespaced=True)
+    if m is None:
+        return None
+    ctx, ns, name, meta = m
+    spec = ctx.mapping(doc.get("spec"), "spec")
+    parents = _parents(ctx, spec, ns)
+    hostnames = _hostnames(ctx, spec)
+    rules = []
+    for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
+        p = f"spec.rules[{i}]"
+        r = ctx.mapping(r, p)
+        for k in r:
+            if k not in ("name", "matches", "filters", "backendRefs", "sessionPersistence"):
+                ctx.err(f"{p}.{k}", "is not a field of a GRPCRoute rule")
+        matches = tuple(
+            _grpc_match(ctx, mm, f"{p}.matches[{j}]")
+            for j, mm in enumerate(ctx.seq(r.get("matches"), f"{p}.matches"))
+        ) or (RouteMatch(),)
+        filters = _filters(ctx, r.get("filters"), f"{p}.filters", ns, _GRPC_FILTERS)
+        backends = []
+        for j, b in enumerate(ctx.seq(r.get("backendRefs"), f"{p}.backendRefs")):
+            ref = _backend(ctx, b, f"{p}.backendRefs[{j}]", ns, filters=True, allowed=_GRPC_FILTERS)
+            if ref is not None:
+                backends.append(ref)
+        rule_name = ctx.string(r.get("name"), f"{p}.name", "") or ""
+        rules.append(RouteRule(matches, filters, tuple(backends), name=rule_name))
+    created = meta.get("creationTimestamp", "")
+    return HTTPRoute(ns, name, parents, hostnames, tuple(rules), str(created or ""), "GRPCRoute")

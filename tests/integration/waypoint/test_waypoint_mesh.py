@@ -542,3 +542,30 @@ async def test_grpc_large_messages_cross_http2_flow_control(mesh: Mesh) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
         got = await ch.unary_unary("/test.Echo/Unary")(big, timeout=30)
     assert got == b"echo:" + big
+
+
+# -- request identity ---------------------------------------------------------------------------
+
+
+async def test_forwarded_requests_carry_request_id_and_forwarded_headers(mesh: Mesh) -> None:
+    import uuid
+
+    r = await mesh.get("/id")
+    assert r.status == 200
+    seen = json.loads(r.body)["headers"]
+    assert uuid.UUID(seen["x-request-id"]).version == 4
+    assert seen["x-forwarded-for"] == "127.0.0.1"  # the client pod, as HBONE vouched for it
+    assert seen["x-forwarded-proto"] == "http"
+
+    r = await mesh.get(
+        "/id",
+        headers=[
+            ("x-request-id", "from-the-caller"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-proto", "https"),
+        ],
+    )
+    seen = json.loads(r.body)["headers"]
+    assert seen["x-request-id"] == "from-the-caller"
+    assert seen["x-forwarded-for"] == "192.0.2.1, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
