@@ -159,8 +159,9 @@ def summary_table(results: Result, *, reference_rate: float, densities: Iterable
         "max rps",
         "mesh CPU s / 1k req",
     ]
-    header += [f"mesh RSS, {d} pods/node" for d in dens]
-    header += [f"RSS per pod ({d}/node)" for d in dens[-1:]]
+    header += [f"mesh PSS, {d} pods/node" for d in dens]
+    header += [f"PSS per pod ({d}/node)" for d in dens[-1:]]
+    header += [f"(RSS per pod, {d}/node)" for d in dens[-1:]]
     header += ["pod ready (ms)"]
     rows = [header]
     for name, mode in modes.items():
@@ -178,10 +179,11 @@ def summary_table(results: Result, *, reference_rate: float, densities: Iterable
         ]
         for d in dens:
             m = memory(mode, d)
-            row.append("-" if name == BASELINE else fmt_mib(m.get("total_kib") if m else None))
+            row.append("-" if name == BASELINE else fmt_mib(m.get("pss_kib") if m else None))
         for d in dens[-1:]:
             m = memory(mode, d)
-            row.append("-" if name == BASELINE else fmt_mib(m.get("per_pod_kib") if m else None))
+            for key in ("per_pod_pss_kib", "per_pod_rss_kib"):
+                row.append("-" if name == BASELINE else fmt_mib(m.get(key) if m else None))
         row.append(fmt_ms(startup_ms(mode)))
         rows.append(row)
     return markdown(rows)
@@ -264,8 +266,9 @@ def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str,
         out["p99_overhead"] = oa[0] / os_[0]
     out["cpu_per_request"] = ratio(cpu_per_1k(amb), cpu_per_1k(side))
     ma, ms = memory(amb, density), memory(side, density)
+    # PSS: shared pages (the Envoy binary, the interpreter) charged once across the processes
     out["memory_per_pod"] = ratio(
-        ma.get("per_pod_kib") if ma else None, ms.get("per_pod_kib") if ms else None
+        ma.get("per_pod_pss_kib") if ma else None, ms.get("per_pod_pss_kib") if ms else None
     )
     return out
 
@@ -282,8 +285,10 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
         "",
         f"Latency: open-loop HTTP/1.1 keep-alive, small body, {reference_rate:g} req/s from a"
         " client pod on node 1 to a server pod on node 2, milliseconds (coordinated-omission"
-        " corrected). Mesh CPU and RSS count only the mesh's processes (ztunnels, Envoys,"
-        " waypoints).",
+        " corrected). Mesh CPU and memory count only the mesh's processes (ztunnels, Envoys,"
+        " waypoints). Memory is PSS (/proc/<pid>/smaps_rollup: a page shared by N processes"
+        " counts 1/N to each, so a binary shared by every sidecar is counted once); RSS, which"
+        " counts it once per process, is shown in brackets for comparison only.",
         "",
         summary_table(results, reference_rate=reference_rate, densities=densities),
         "",
@@ -293,7 +298,7 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
         names = {
             "p99_overhead": "p99 overhead",
             "cpu_per_request": "CPU per request",
-            "memory_per_pod": f"memory per pod ({max(densities)} pods/node)",
+            "memory_per_pod": f"memory (PSS) per pod ({max(densities)} pods/node)",
         }
         cells = [f"{names[k]} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()]
         parts += ["ambient / sidecar: " + ", ".join(cells), ""]

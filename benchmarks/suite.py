@@ -6,8 +6,9 @@ API and torn down before the next (so modes never share a machine state and noth
 behind, Ctrl-C included). In each: the open-loop load generator (`benchmarks.loadgen`) runs
 *inside the client pod* (its netns and cgroup, so the mesh's capture applies to it exactly as to
 an app) against the server's Service VIP; the mesh's processes' CPU ticks are read from /proc
-before and after each run; their RSS is read once the pods are ready. The machine is shared and
-noisy, so what to read are the ratios within the run, never the absolute figures of another.
+before and after each run; their PSS (and RSS) is read once the pods are ready. The machine is
+shared and noisy, so what to read are the ratios within the run, never the absolute figures of
+another.
 """
 
 from __future__ import annotations
@@ -135,17 +136,23 @@ class Bench:
         return out
 
     def memory(self, pods_per_node: int) -> dict[str, Any]:
+        """PSS (the headline: a shared page is split between the processes mapping it, so one
+        Envoy binary behind 40 sidecars is charged once) and RSS (each process charged for every
+        page it maps, kept labelled for comparison) of the mesh's processes."""
         pids = self.pids()
-        rss = procstat.rss_of(pids.values())
-        by = {label: rss[p] for label, p in pids.items() if p in rss}
+        mem = procstat.memory_of(pids.values())
+        by = {label: mem[p] for label, p in pids.items() if p in mem}
         pods = pods_per_node * len(M.NODES)
-        total = sum(by.values())
+        pss = sum(m.pss_kib for m in by.values())
+        rss = sum(m.rss_kib for m in by.values())
         return {
             "pods_per_node": pods_per_node,
             "pods": pods,
-            "total_kib": total,
-            "per_pod_kib": round(total / pods, 1),
-            "by_process": by,
+            "pss_kib": pss,
+            "rss_kib": rss,
+            "per_pod_pss_kib": round(pss / pods, 1),
+            "per_pod_rss_kib": round(rss / pods, 1),
+            "by_process": {k: {"pss_kib": m.pss_kib, "rss_kib": m.rss_kib} for k, m in by.items()},
         }
 
     def loadgen(self, proto: str, body: int, rate: float, p: Preset) -> dict[str, Any]:
@@ -389,7 +396,9 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
             got = f"{bulk['mib_per_s']:.1f} MiB/s" if bulk.get("ok") else f"FAILED {bulk}"
             say(f"[{mode.name}] bulk {p.bulk_mib} MiB: {got}")
         if mode.mesh or mode.sidecar:
-            memory[str(d0)]["after_load_kib"] = b.memory(d0)["total_kib"]
+            after = b.memory(d0)
+            memory[str(d0)]["after_load_pss_kib"] = after["pss_kib"]
+            memory[str(d0)]["after_load_rss_kib"] = after["rss_kib"]
         try:
             v = b.verify()
         except (LabError, OSError, ValueError) as exc:
@@ -414,8 +423,9 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
                 M.wait_waypoint(lab)
             b.wait_app()
             memory[str(d)] = b.memory(d)
-            say(f"[{mode.name}] {d} pods/node: mesh RSS "
-                f"{memory[str(d)]['total_kib'] / 1024:.1f} MiB")  # fmt: skip
+            say(f"[{mode.name}] {d} pods/node: mesh PSS "
+                f"{memory[str(d)]['pss_kib'] / 1024:.1f} MiB, RSS "
+                f"{memory[str(d)]['rss_kib'] / 1024:.1f} MiB")  # fmt: skip
     if memory:
         result["memory"] = memory
 

@@ -39,8 +39,9 @@ def results() -> dict[str, Any]:
                 "title": "sidecar (Envoy)",
                 "runs": [run("http/1.1", 0, 1000.0, 1.2, 3.0, 1000)],
                 "cpu": {"per_1k_requests": 0.4},
-                "memory": {"2": {"total_kib": 4096, "per_pod_kib": 1024.0},
-                           "20": {"total_kib": 40960, "per_pod_kib": 1024.0}},
+                "memory": {"2": {"pss_kib": 4096, "per_pod_pss_kib": 1024.0},
+                           "20": {"pss_kib": 40960, "per_pod_pss_kib": 1024.0,
+                                  "per_pod_rss_kib": 3072.0}},
                 "startup": {"median_ms": 190.0, "what": "sidecar ready"},
             },
             "ambient": {
@@ -48,8 +49,9 @@ def results() -> dict[str, Any]:
                 "title": "ambient L4 (ztunnel)",
                 "runs": [run("http/1.1", 0, 1000.0, 0.8, 2.0, 1000)],
                 "cpu": {"per_1k_requests": 0.3},
-                "memory": {"2": {"total_kib": 2048, "per_pod_kib": 512.0},
-                           "20": {"total_kib": 5120, "per_pod_kib": 128.0}},
+                "memory": {"2": {"pss_kib": 2048, "per_pod_pss_kib": 512.0},
+                           "20": {"pss_kib": 5120, "per_pod_pss_kib": 128.0,
+                                  "per_pod_rss_kib": 4096.0}},
                 "startup": {"median_ms": 8.0, "what": "enrol"},
             },
             "waypoint": {"status": "skipped", "reason": "no HBONE in the waypoint yet"},
@@ -85,6 +87,8 @@ def test_summary_table_rows_and_overheads() -> None:
     assert "+2.00 ms (3.00x)" in sidecar and "0.400" in sidecar and "1.0 MiB" in sidecar
     assert "+1.00 ms (2.00x)" in ambient and "0.125 MiB" not in ambient
     assert "5.0 MiB" in ambient and "8.00" in ambient
+    assert "PSS per pod (20/node)" in lines[0] and "(RSS per pod, 20/node)" in lines[0]
+    assert "3.0 MiB" in sidecar and "4.0 MiB" in ambient  # RSS shown, labelled, beside PSS
     # nothing measured -> "-", never 0: no max-rate run for the mesh modes here
     assert ambient.split("|")[5].strip() == "-"
 
