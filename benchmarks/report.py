@@ -86,10 +86,12 @@ def max_rate(mode: Result, protocol: str = "http/1.1", body_size: int = 0) -> fl
     return float(run["achieved_rate"]) if run and run.get("completed") else None
 
 
-def cpu_per_1k(mode: Result) -> float | None:
-    """Mesh CPU seconds per 1,000 requests over every latency run of the mode together."""
-    cpu = mode.get("cpu") or {}
-    v = cpu.get("per_1k_requests")
+def cpu_per_1k(mode: Result, rate: float) -> float | None:
+    """Mesh CPU seconds per 1,000 requests at one rate (HTTP/1.1, small body). Never the
+    aggregate over all runs: that is weighted toward the max-rate runs, where the faster mode
+    completes more requests, and so compares the modes at different loads."""
+    run = find_run(mode, protocol="http/1.1", body_size=0, rate=rate)
+    v = run.get("cpu_per_1k_requests") if run else None
     return None if v is None else float(v)
 
 
@@ -157,7 +159,7 @@ def summary_table(results: Result, *, reference_rate: float, densities: Iterable
         "p99 ms",
         "p99 overhead vs no mesh",
         "max rps",
-        "mesh CPU s / 1k req",
+        f"mesh CPU s / 1k req @{reference_rate:g} rps",
     ]
     header += [f"mesh PSS, {d} pods/node" for d in dens]
     header += [f"PSS per pod ({d}/node)" for d in dens[-1:]]
@@ -175,7 +177,7 @@ def summary_table(results: Result, *, reference_rate: float, densities: Iterable
             fmt_ms(p99),
             "baseline" if name == BASELINE else fmt_over(overhead(p99, latency(base_run, "p99"))),
             fmt_num(max_rate(mode)),
-            "-" if name == BASELINE else fmt_num(cpu_per_1k(mode), 3),
+            "-" if name == BASELINE else fmt_num(cpu_per_1k(mode, reference_rate), 3),
         ]
         for d in dens:
             m = memory(mode, d)
@@ -264,7 +266,9 @@ def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str,
     # a ratio of overheads means something only when both are above the baseline's p99
     if oa is not None and os_ is not None and oa[0] > 0 and os_[0] > 0:
         out["p99_overhead"] = oa[0] / os_[0]
-    out["cpu_per_request"] = ratio(cpu_per_1k(amb), cpu_per_1k(side))
+    out["cpu_per_request"] = ratio(
+        cpu_per_1k(amb, reference_rate), cpu_per_1k(side, reference_rate)
+    )
     ma, ms = memory(amb, density), memory(side, density)
     # PSS: shared pages (the Envoy binary, the interpreter) charged once across the processes
     out["memory_per_pod"] = ratio(
@@ -297,7 +301,7 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
     if any(v is not None for v in r.values()):
         names = {
             "p99_overhead": "p99 overhead",
-            "cpu_per_request": "CPU per request",
+            "cpu_per_request": f"CPU per request @{reference_rate:g} rps",
             "memory_per_pod": f"memory (PSS) per pod ({max(densities)} pods/node)",
         }
         cells = [f"{names[k]} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()]

@@ -386,6 +386,8 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
             reqs = sum(int(r["completed"]) for r in runs)
             per = procstat.per_thousand(cpu, reqs)
             result["cpu"] = {
+                "what": "aggregate over every latency run (weighted to max-rate runs); the"
+                " headline is each run's own cpu_per_1k_requests at the reference rate",
                 "seconds": round(cpu, 3),
                 "requests": reqs,
                 "per_1k_requests": None if per is None else round(per, 4),

@@ -11,7 +11,9 @@ import pytest
 from benchmarks import report
 
 
-def run(proto: str, body: int, rate: float, p50: float, p99: float, rps: float) -> dict[str, Any]:
+def run(
+    proto: str, body: int, rate: float, p50: float, p99: float, rps: float, cpu: float = 0.25
+) -> dict[str, Any]:
     return {
         "protocol": proto,
         "body_size": body,
@@ -20,7 +22,7 @@ def run(proto: str, body: int, rate: float, p50: float, p99: float, rps: float) 
         "completed": int(rps * 2),
         "errors": 0,
         "latency_ms": {"p50": p50, "p90": p50 * 1.5, "p99": p99, "p99.9": p99 * 2},
-        "cpu_per_1k_requests": 0.25,
+        "cpu_per_1k_requests": cpu,
     }
 
 
@@ -37,8 +39,9 @@ def results() -> dict[str, Any]:
             "sidecar": {
                 "status": "ok",
                 "title": "sidecar (Envoy)",
-                "runs": [run("http/1.1", 0, 1000.0, 1.2, 3.0, 1000)],
-                "cpu": {"per_1k_requests": 0.4},
+                "runs": [run("http/1.1", 0, 1000.0, 1.2, 3.0, 1000, cpu=0.4),
+                         run("http/1.1", 0, 0.0, 5.0, 9.0, 6000, cpu=0.2)],
+                "cpu": {"per_1k_requests": 0.1},  # aggregate: never the headline
                 "memory": {"2": {"pss_kib": 4096, "per_pod_pss_kib": 1024.0},
                            "20": {"pss_kib": 40960, "per_pod_pss_kib": 1024.0,
                                   "per_pod_rss_kib": 3072.0}},
@@ -47,8 +50,9 @@ def results() -> dict[str, Any]:
             "ambient": {
                 "status": "ok",
                 "title": "ambient L4 (ztunnel)",
-                "runs": [run("http/1.1", 0, 1000.0, 0.8, 2.0, 1000)],
-                "cpu": {"per_1k_requests": 0.3},
+                "runs": [run("http/1.1", 0, 1000.0, 0.8, 2.0, 1000, cpu=0.3),
+                         run("http/1.1", 0, 0.0, 4.0, 8.0, 11000, cpu=0.05)],
+                "cpu": {"per_1k_requests": 0.02},  # aggregate: never the headline
                 "memory": {"2": {"pss_kib": 2048, "per_pod_pss_kib": 512.0},
                            "20": {"pss_kib": 5120, "per_pod_pss_kib": 128.0,
                                   "per_pod_rss_kib": 4096.0}},
@@ -89,7 +93,12 @@ def test_summary_table_rows_and_overheads() -> None:
     assert "5.0 MiB" in ambient and "8.00" in ambient
     assert "PSS per pod (20/node)" in lines[0] and "(RSS per pod, 20/node)" in lines[0]
     assert "3.0 MiB" in sidecar and "4.0 MiB" in ambient  # RSS shown, labelled, beside PSS
-    # nothing measured -> "-", never 0: no max-rate run for the mesh modes here
+    # CPU at the headline rate, not the all-runs aggregate
+    assert ambient.split("|")[6].strip() == "0.300" and sidecar.split("|")[6].strip() == "0.400"
+    # nothing measured -> "-", never 0
+    res = results()
+    res["modes"]["ambient"]["runs"].pop()  # no max-rate run
+    ambient = report.summary_table(res, reference_rate=1000.0, densities=[2, 20]).splitlines()[4]
     assert ambient.split("|")[5].strip() == "-"
 
 
@@ -101,13 +110,17 @@ def test_ratios_ambient_over_sidecar() -> None:
     res = results()
     res["modes"]["ambient"]["runs"][0]["latency_ms"]["p99"] = 0.9  # below no mesh: noise
     assert report.ratios(res, reference_rate=1000.0, density=20)["p99_overhead"] is None
+    # CPU per request is taken at the asked rate, not pooled over the runs
+    assert report.ratios(res, reference_rate=0.0, density=20)["cpu_per_request"] == pytest.approx(
+        0.05 / 0.2
+    )
     del res["modes"]["sidecar"]
     assert all(v is None for v in report.ratios(res, reference_rate=1000.0, density=20).values())
 
 
 def test_render_has_every_section_and_skip_reasons() -> None:
     md = report.render(results(), reference_rate=1000.0, densities=[2, 20])
-    assert "ambient / sidecar: p99 overhead 0.50x, CPU per request 0.75x" in md
+    assert "ambient / sidecar: p99 overhead 0.50x, CPU per request @1000 rps 0.75x" in md
     assert "## All latency runs" in md and "| nomesh | http/1.1 | 0 B" in md.replace("  ", " ")
     assert "no HBONE in the waypoint yet" in md
     assert "| max " in md.replace("  ", " ")
