@@ -126,6 +126,55 @@ def test_render_has_every_section_and_skip_reasons() -> None:
     assert "| max " in md.replace("  ", " ")
 
 
+def test_render_records_commit_and_command() -> None:
+    res = results()
+    res["meta"]["host"] = {"commit": "0123abcd-dirty"}
+    res["meta"]["command"] = "python3 -m meshctl bench --quick"
+    md = report.render(res, reference_rate=1000.0, densities=[2, 20])
+    assert "Commit `0123abcd-dirty`; command: `python3 -m meshctl bench --quick`" in md
+    assert "Commit `not recorded`" in report.render(results(), reference_rate=1000.0, densities=[2])
+
+
 def test_markdown_pads_columns() -> None:
     t = report.markdown([["a", "bb"], ["ccc", "d"]])
     assert t.splitlines() == ["| a   | bb |", "|-----|----|", "| ccc | d  |"]
+
+
+def test_repeats_merge_to_medians_with_spread_and_sums() -> None:
+    a = [run("http/1.1", 0, 1000.0, 0.5, 2.0, 990, cpu=0.3), run("h2", 0, 0.0, 1.0, 4.0, 5000)]
+    b = [run("http/1.1", 0, 1000.0, 0.7, 3.0, 1000, cpu=0.5), run("h2", 0, 0.0, 1.0, 4.0, 6000)]
+    c = [run("http/1.1", 0, 1000.0, 0.6, 9.0, 1010, cpu=0.4)]  # one point missing: still merged
+    a[0]["samples_ms"] = [0.5]
+    merged = report.merge_repeats([a, b, c])
+    assert [report.point(r) for r in merged] == [("http/1.1", 0, 1000.0), ("h2", 0, 0.0)]
+    ref, h2 = merged
+    assert ref["latency_ms"]["p99"] == 3.0 and ref["latency_ms"]["p50"] == 0.6
+    assert ref["spread_ms"]["p99"] == pytest.approx(7.0)
+    assert ref["n_repeats"] == 3 and len(ref["repeats"]) == 3
+    assert ref["achieved_rate"] == 1000 and ref["completed"] == 2 * (990 + 1000 + 1010)
+    assert ref["cpu_per_1k_requests"] == pytest.approx(0.4)
+    assert ref["samples_ms"] == [0.5]
+    assert h2["n_repeats"] == 2 and h2["achieved_rate"] == 5500
+    single = report.merge_repeats([a])
+    assert single[0]["spread_ms"] is None and single[0]["n_repeats"] == 1
+
+
+def test_a_difference_inside_the_spread_is_noise() -> None:
+    res = results()
+    modes = res["modes"]
+    for name, rounds in (
+        ("nomesh", [[run("http/1.1", 0, 1000.0, 0.5, v, 1000)] for v in (1.0, 1.4, 1.2)]),
+        ("sidecar", [[run("http/1.1", 0, 1000.0, 1.2, v, 1000)] for v in (3.0, 3.1, 2.9)]),
+        ("ambient", [[run("http/1.1", 0, 1000.0, 0.8, v, 1000)] for v in (1.3, 1.5, 1.6)]),
+    ):
+        modes[name]["runs"] = report.merge_repeats(rounds)
+    res["meta"]["repeats"] = 3
+    # ambient's p99 1.5 vs no mesh 1.2: +0.3, inside no mesh's spread 0.4 -> noise, no ratio
+    table = report.summary_table(res, reference_rate=1000.0, densities=[2, 20])
+    ambient, sidecar = table.splitlines()[4], table.splitlines()[3]
+    assert "(noise)" in ambient and "(noise)" not in sidecar
+    assert "1.50 (spread 0.30)" in ambient
+    assert report.ratios(res, reference_rate=1000.0, density=20)["p99_overhead"] is None
+    md = report.render(res, reference_rate=1000.0, densities=[2, 20])
+    assert "ran 3 times, interleaved" in md
+    assert "ran ONCE" in report.render(results(), reference_rate=1000.0, densities=[2, 20])
