@@ -321,6 +321,17 @@ def detail_table(results: Result) -> str:
     return markdown(rows)
 
 
+def distribution(samples: Sequence[float]) -> str:
+    """min / median / p90 / max in ms and the count: a start-up figure is a distribution (the
+    slow pods are the ones a rollout waits for), so a median alone hides the tail."""
+    if not samples:
+        return "-"
+    return (
+        f"min {fmt_ms(min(samples))} / median {fmt_ms(median(samples))} / p90"
+        f" {fmt_ms(percentile(samples, 90))} / max {fmt_ms(max(samples))} ms (n={len(samples)})"
+    )
+
+
 def other_table(results: Result) -> str:
     """Bulk throughput, startup, and why any mode did not run."""
     rows = [["mode", "status", "bulk MiB/s", "pod ready", "note"]]
@@ -332,7 +343,9 @@ def other_table(results: Result) -> str:
                 name,
                 str(mode.get("status")),
                 fmt_num(bulk.get("mib_per_s"), 1),
-                f"{fmt_ms(startup_ms(mode))} ms ({st.get('what', '-')})" if st else "-",
+                f"{distribution(st.get('samples_ms') or [])} ({st.get('what', '-')})"
+                if st
+                else "-",
                 str(mode.get("reason") or mode.get("description") or ""),
             ]
         )

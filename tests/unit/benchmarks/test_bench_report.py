@@ -135,6 +135,17 @@ def test_render_records_commit_and_command() -> None:
     assert "Commit `not recorded`" in report.render(results(), reference_rate=1000.0, densities=[2])
 
 
+def test_pod_ready_is_shown_as_a_distribution() -> None:
+    samples = [float(v) for v in range(1, 11)]
+    assert report.distribution(samples) == (
+        "min 1.00 / median 5.50 / p90 9.00 / max 10.00 ms (n=10)"
+    )
+    assert report.distribution([]) == "-"
+    res = results()
+    res["modes"]["ambient"]["startup"]["samples_ms"] = samples
+    assert "median 5.50" in report.other_table(res)
+
+
 def test_markdown_pads_columns() -> None:
     t = report.markdown([["a", "bb"], ["ccc", "d"]])
     assert t.splitlines() == ["| a   | bb |", "|-----|----|", "| ccc | d  |"]
