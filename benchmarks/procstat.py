@@ -1,10 +1,10 @@
 """CPU time and memory of the mesh's own processes, read from /proc.
 
 The comparison the benchmark exists for is "what does the mesh cost": CPU seconds per 1,000
-requests and resident memory of ztunnels, Envoys and waypoints, never of the apps or the load
-generator. So the harness samples exactly those PIDs before and after each run and charges the
-difference to that run's completed requests. Parsing is pure (text in, numbers out) so it is
-unit-tested on real /proc formats without a process to read.
+requests and memory (PSS; RSS alongside) of ztunnels, Envoys and waypoints, never of the apps or
+the load generator. So the harness samples exactly those PIDs before and after each run and
+charges the difference to that run's completed requests. Parsing is pure (text in, numbers out)
+so it is unit-tested on real /proc formats without a process to read.
 """
 
 from __future__ import annotations
@@ -46,6 +46,34 @@ def rss_kib(status_text: str) -> int:
                 raise ProcStatError(f"/proc/<pid>/status: bad VmRSS line {line!r}")
             return int(parts[1])
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One process's memory in KiB. PSS splits each shared page between the processes that map
+    it, so N Envoys sharing one binary are charged for it once in total, not N times; RSS
+    charges every process for every page it maps and is kept only for comparison."""
+
+    pss_kib: int
+    rss_kib: int
+
+
+def smaps_rollup(text: str) -> Memory:
+    """Pss and Rss of /proc/<pid>/smaps_rollup (zero for a kernel thread, whose file is empty)."""
+    got: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep or key not in ("Pss", "Rss"):
+            continue
+        parts = rest.split()
+        if len(parts) != 2 or not parts[0].isdigit() or parts[1] != "kB":
+            raise ProcStatError(f"/proc/<pid>/smaps_rollup: bad {key} line {line!r}")
+        got[key] = int(parts[0])
+    if not got:
+        return Memory(0, 0)
+    if set(got) != {"Pss", "Rss"}:
+        raise ProcStatError(f"/proc/<pid>/smaps_rollup: no Pss or no Rss line in {text[:120]!r}")
+    return Memory(pss_kib=got["Pss"], rss_kib=got["Rss"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +120,18 @@ def rss_of(pids: Iterable[int], proc: Path = Path("/proc")) -> dict[int, int]:
     for pid in pids:
         try:
             out[pid] = rss_kib((proc / str(pid) / "status").read_text())
+        except (OSError, ProcStatError):
+            continue
+    return out
+
+
+def memory_of(pids: Iterable[int], proc: Path = Path("/proc")) -> dict[int, Memory]:
+    """PSS and RSS per PID (PIDs that are gone are left out). PSS depends on who else maps the
+    same pages at that instant, so every process of one measurement is read in one pass."""
+    out: dict[int, Memory] = {}
+    for pid in pids:
+        try:
+            out[pid] = smaps_rollup((proc / str(pid) / "smaps_rollup").read_text())
         except (OSError, ProcStatError):
             continue
     return out

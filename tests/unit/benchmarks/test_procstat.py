@@ -62,3 +62,37 @@ def test_sampling_this_process_sees_its_own_cpu_and_memory(tmp_path: Path) -> No
     assert procstat.cpu_seconds(before, procstat.sample_cpu([pid])) > 0
     assert procstat.rss_of([pid])[pid] > 1000
     assert pid in procstat.descendants(os.getppid())
+
+
+ROLLUP = """55c165e94000-7ffda8590000 ---p 00000000 00:00 0                          [rollup]
+Rss:               67012 kB
+Pss:               14630 kB
+Pss_Dirty:         12001 kB
+Pss_Anon:          11960 kB
+Shared_Clean:      52700 kB
+Private_Dirty:     12000 kB
+"""
+
+
+def test_smaps_rollup_reads_pss_and_rss_not_their_look_alikes() -> None:
+    # Pss_Dirty/Pss_Anon start with "Pss" too: only the exact key counts
+    assert procstat.smaps_rollup(ROLLUP) == procstat.Memory(pss_kib=14630, rss_kib=67012)
+    assert procstat.smaps_rollup("") == procstat.Memory(0, 0)  # kernel thread
+    with pytest.raises(procstat.ProcStatError, match="smaps_rollup"):
+        procstat.smaps_rollup(ROLLUP.replace("14630 kB", "lots kB"))
+    with pytest.raises(procstat.ProcStatError, match="no Pss or no Rss"):
+        procstat.smaps_rollup(ROLLUP.replace("Pss:", "Xss:"))
+
+
+def test_pss_of_this_process_from_its_real_smaps_rollup() -> None:
+    """The kernel's own file for the test process parses, and PSS <= RSS (the interpreter's
+    shared libraries are mapped by other processes too, so they are only partly ours)."""
+    pid = os.getpid()
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    mem = procstat.smaps_rollup(text)
+    assert 0 < mem.pss_kib <= mem.rss_kib
+    got = procstat.memory_of([pid, 2**22 + 7])  # the second PID does not exist
+    assert set(got) == {pid}
+    assert 0 < got[pid].pss_kib <= got[pid].rss_kib
+    # RSS here agrees with VmRSS of /proc/<pid>/status to within what moved between two reads
+    assert abs(got[pid].rss_kib - procstat.rss_of([pid])[pid]) < 8192
