@@ -78,6 +78,10 @@ SMOKE_CHECK = (
 MERGED_USR_HOOKS = "/usr/share/mmdebstrap/hooks/merged-usr"
 # Bump when the way the Debian layer is made changes, so cached layers are not reused.
 BASE_RECIPE = 1
+# Every mtime of the Debian layer (and mmdebstrap's SOURCE_DATE_EPOCH): the recipe's date, not
+# the commit's, so the layer's digest changes only with the packages and registries and nodes
+# keep the blob across releases. 2025-11-30T00:00:00Z.
+BASE_EPOCH = 1764460800
 # Kept out of the Debian layer: documentation, manuals, translations (copyright files stay:
 # they are the licences of what we ship).
 DPKG_EXCLUDES = (
@@ -187,6 +191,7 @@ def base_key(packages: Sequence[str], suite: str = SUITE) -> str:
             "packages": sorted(packages),
             "dpkg": list(DPKG_EXCLUDES),
             "user": [USER_NAME, USER_ID],
+            "epoch": BASE_EPOCH,
         },
         sort_keys=True,
     )
@@ -260,7 +265,7 @@ def _is_whiteout(st: os.stat_result) -> bool:
 def write_layer(
     root: Path, out: Path, *, epoch: int, created_by: str, skip_children_of: Sequence[str] = ()
 ) -> Layer:
-    """Tar `root` into `out` (gzip) as an OCI layer: sorted entries, mtimes clamped to `epoch`,
+    """Tar `root` into `out` (gzip) as an OCI layer: sorted entries, every mtime `epoch`,
     numeric owners kept and names dropped, the gzip header's time zero, so the same tree gives
     the same digest. An overlayfs upper dir's whiteouts become OCI `.wh.` entries, and its
     opaque directories `.wh..wh..opq`. Device nodes and sockets are left out (the runtime
@@ -291,7 +296,7 @@ def write_layer(
                     ):
                         continue
                     ti = tar.gettarinfo(str(path), arcname=rel)
-                    ti.mtime = min(int(ti.mtime), epoch)
+                    ti.mtime = epoch
                     ti.uname = ti.gname = ""
                     ti.pax_headers = {}
                     if ti.isreg():
@@ -761,7 +766,7 @@ def build_image(
     secs: dict[str, float] = {}
     t0 = time.monotonic()
     rootfs, base, cached = build_base(
-        packages, cache_dir, epoch=src.commit_time, log=log, refresh=refresh_base
+        packages, cache_dir, epoch=BASE_EPOCH, log=log, refresh=refresh_base
     )
     secs["debian_layer"] = time.monotonic() - t0
     with tempfile.TemporaryDirectory(prefix="ambientmesh-image-") as tmp:
