@@ -35,8 +35,12 @@ __all__ = [
     "UnpackedImage",
     "cgroup_v1_hierarchies",
     "choose_runtime",
+    "image_command",
+    "lab_waypoint",
+    "lab_ztunnel",
     "remove_v1_cgroups",
     "unpack",
+    "unpack_cached",
     "ztunnel_mounts",
 ]
 
@@ -112,9 +116,11 @@ def unpack(archive: Path, dest: Path) -> UnpackedImage:
                     return UnpackedImage(rootfs, digest, refs, cfg.get("config") or {})
             except ValueError:
                 pass
+        stamp.unlink(missing_ok=True)  # a half-unpacked tree is never taken for a whole one
         if rootfs.exists():
             shutil.rmtree(rootfs)
         rootfs.mkdir(parents=True)
+        os.chmod(dest, 0o755)  # the unprivileged components reach their root through it
         for layer in manifest.get("layers") or []:
             member = tar.extractfile(_blob(layer["digest"]))
             if member is None:
@@ -122,6 +128,31 @@ def unpack(archive: Path, dest: Path) -> UnpackedImage:
             _apply_layer(member, rootfs)
     stamp.write_text(json.dumps({"digest": digest, "refs": list(refs)}))
     return UnpackedImage(rootfs, digest, refs, cfg.get("config") or {})
+
+
+def archive_digest(archive: Path) -> str:
+    """The manifest digest the archive's index names first (what `unpack` would run)."""
+    try:
+        with tarfile.open(archive) as tar:
+            manifests = _read_json(tar, "index.json").get("manifests") or []
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageError(f"{archive}: {exc}") from None
+    if not manifests:
+        raise ImageError(f"{archive}: index.json lists no image")
+    return str(manifests[0].get("digest"))
+
+
+def unpack_cached(archive: Path, cache_root: Path) -> UnpackedImage:
+    """`unpack` into `cache_root`/rootfs-<digest>, shared by every lab and test that runs the
+    same image (unpacking takes seconds and 400 MB); concurrent callers wait on a lock."""
+    import fcntl
+
+    digest = archive_digest(archive)
+    dest = cache_root / f"rootfs-{_blob(digest).rsplit('/', 1)[1][:16]}"
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return unpack(archive, dest)
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -458,3 +489,56 @@ def container_names(prefix: str) -> Iterator[str]:
         for line in res.stdout.split():
             if line.startswith(prefix):
                 yield line
+
+
+# -- the lab's components --------------------------------------------------------------------
+
+
+def image_command(argv: Sequence[str]) -> list[str]:
+    """A command line the lab runs on the host, as the image runs it: this interpreter (or a
+    manifest's `python`) is the image's `python3`, `python -m ztunnel.main` its `ztunnel`."""
+    import sys
+
+    out = list(argv)
+    if out and (out[0] in ("python", "python3") or out[0] == sys.executable):
+        out[0] = "python3"
+        if out[1:3] == ["-m", "ztunnel.main"]:
+            out = ["ztunnel", *out[3:]]
+    return out
+
+
+def cgroup_rel(path: Path) -> str:
+    """A cgroup directory as a runtime's cgroupsPath (relative to the hierarchy's root)."""
+    from bpf.mounts import default_cgroup_root
+
+    return "/" + str(path.relative_to(default_cgroup_root())).strip("/")
+
+
+def lab_ztunnel(
+    img: UnpackedImage, name: str, argv: Sequence[str], *, bundle: Path, node_netns: str,
+    cgroup: Path, state_dir: Path, env: Mapping[str, str],
+) -> Container:  # fmt: skip
+    """A node's ztunnel as its DaemonSet runs it: root, privileged, the node's network and
+    pids, the DaemonSet's host paths; its cgroup the one the lab made for it (the lab's BPF
+    programs tell ztunnel's own sockets by it)."""
+    return Container(
+        name, img, image_command(argv), bundle, netns=f"/var/run/netns/{node_netns}",
+        privileged=True, user=0, env=env, mounts=ztunnel_mounts(state_dir),
+        cgroup=cgroup_rel(cgroup),
+    )  # fmt: skip
+
+
+def lab_waypoint(
+    img: UnpackedImage, name: str, argv: Sequence[str], *, bundle: Path, pod_netns: str,
+    cgroup: Path, state_dir: Path, env: Mapping[str, str],
+) -> Container:  # fmt: skip
+    """A namespace's waypoint as its Deployment runs it: no capabilities, no new privileges, a
+    read-only root, its pod's network and cgroup. One difference: on Kubernetes it gets its
+    certificate from the CA service with its token (as uid 1337); in the lab it signs its own
+    with the lab CA's key (root's, 0600), so it runs as uid 0, still without any capability."""
+    return Container(
+        name, img, image_command(argv), bundle, netns=f"/var/run/netns/{pod_netns}",
+        privileged=False, user=0, env=env,
+        mounts=[BindMount(str(state_dir), str(state_dir))],
+        cgroup=cgroup_rel(cgroup),
+    )  # fmt: skip

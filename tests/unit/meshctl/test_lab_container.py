@@ -154,3 +154,23 @@ def test_the_runtime_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESH_OCI_RUNTIME", "no-such-runtime")
     with pytest.raises(ctr.ImageError, match="no OCI runtime"):
         ctr.choose_runtime()
+
+
+def test_the_labs_command_lines_become_the_images() -> None:
+    import sys
+
+    assert ctr.image_command([sys.executable, "-m", "ztunnel.main", "--node", "n1"]) == [
+        "ztunnel", "--node", "n1",
+    ]  # fmt: skip
+    assert ctr.image_command(["python", "-m", "waypoint.main", "--name", "w"]) == [
+        "python3", "-m", "waypoint.main", "--name", "w",
+    ]  # fmt: skip
+    assert ctr.image_command(["sh", "-c", "true"]) == ["sh", "-c", "true"]
+
+
+def test_unpack_cached_shares_one_tree_per_image(tmp_path: Path) -> None:
+    arch = _archive(tmp_path, [_layer(tmp_path, "l", [("etc", None), ("etc/a", b"1")])])
+    a = ctr.unpack_cached(arch, tmp_path / "cache")
+    b = ctr.unpack_cached(arch, tmp_path / "cache")
+    assert a.rootfs == b.rootfs and (a.rootfs / "etc" / "a").read_bytes() == b"1"
+    assert a.rootfs.parent.name == "rootfs-" + a.digest.split(":")[1][:16]
