@@ -28,8 +28,9 @@ from mesh import ktls
 from mesh import tls as mtls
 from mesh.config.parse import parse_objects
 from mesh.hbone import serve
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
-from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
+from ztunnel.proxy import InboundHbone, Node, Outbound
 
 CHUNK = 256 * 1024
 SERVER = "spiffe://cluster.local/ns/bench/sa/server"

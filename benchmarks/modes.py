@@ -32,7 +32,8 @@ from typing import Any
 import yaml
 
 from benchmarks import sidecar
-from meshctl.lab.lab import Lab, podexec_argv
+from meshctl.lab.lab import Lab
+from meshctl.lab.processes import podexec_argv
 from meshctl.lab.system import (
     LabError,
     http_get_in_netns,

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from mesh.ports import HBONE_PORT, OUTBOUND_PORT
+
 ROOT = Path(__file__).resolve().parents[1]
 N1_IP, N2_IP, ECHO_IP, WP_IP = "127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.9"
 ECHO_PORT = 8080
 L4_VIP, WP_VIP = "10.96.0.10", "10.96.0.11"
-OUTBOUND_PORT = 15001
-HBONE_PORT = 15008
 
 
 def manifest(*, waypoint: bool) -> str:

@@ -31,9 +31,11 @@ from typing import Any
 from benchmarks import modes as M
 from benchmarks import procstat, report, sidecar
 from meshctl.errors import UsageError
-from meshctl.lab.lab import REPO_ROOT, Lab, enrol_request
+from meshctl.lab.lab import Lab
 from meshctl.lab.names import CGROUP_ROOT, PIN_ROOT, STATE_ROOT, LabPaths, netns_path
+from meshctl.lab.processes import REPO_ROOT
 from meshctl.lab.system import LabError
+from meshctl.lab.ztunnels import enrol_request
 
 H1, H2 = "http/1.1", "h2"
 BIG = 16 * 1024

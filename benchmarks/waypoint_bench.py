@@ -87,9 +87,10 @@ async def _serve() -> None:
     from mesh.config.parse import parse_objects
     from mesh.config.snapshot import Snapshot
     from mesh.hbone import serve
+    from mesh.identity.manager import Identities
     from mesh.metrics import MeshMetrics
     from waypoint.proxy import Waypoint
-    from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
+    from ztunnel.proxy import InboundHbone, Node, Outbound
 
     body = b"hello from backend\n"
     resp = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)

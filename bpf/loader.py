@@ -13,17 +13,17 @@ import argparse
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from bpf import syscall
 from bpf.mounts import BPFFS_ROOT, MountUnavailable, default_cgroup_root, ensure_bpffs
+from mesh.ports import OUTBOUND_PORT, PROXY_PORTS
 from mesh.process import EnvironmentUnfit
 
 DEFAULT_PIN_ROOT = f"{BPFFS_ROOT}/ambientmesh"
-DEFAULT_EXCLUDED_PORTS = (15000, 15001, 15006, 15008, 15020, 15021)
+DEFAULT_EXCLUDED_PORTS = PROXY_PORTS
 _SRC = Path(__file__).with_name("redirect.bpf.c")
 
 
@@ -50,6 +50,11 @@ def import_bcc() -> Any:
     return bcc
 
 
+# The attach map: which programs go on which cgroup. Only this module attaches or detaches.
+NODE_PROGRAMS = ("sockops", "getsockopt")  # ztunnel's own cgroup (its accepted sockets)
+POD_PROGRAMS = ("connect4", "getpeername4", "sockops")  # each enrolled pod's cgroup
+
+
 class BpfRedirector:
     """Node-wide owner of the redirect programs; enrol/unenrol attach per pod cgroup.
 
@@ -60,17 +65,13 @@ class BpfRedirector:
     def __init__(
         self,
         pin_root: str = DEFAULT_PIN_ROOT,
-        proxy_port: int = 15001,
-        inbound_port: int = 15006,
-        hbone_port: int = 15008,
+        proxy_port: int = OUTBOUND_PORT,
         fastpath: bool = False,
         ztunnel_cgroup: str | None = None,
         excluded_ports: tuple[int, ...] = DEFAULT_EXCLUDED_PORTS,
     ) -> None:
         self.pin_root = pin_root
         self.proxy_port = proxy_port
-        self.inbound_port = inbound_port
-        self.hbone_port = hbone_port
         self.fastpath = fastpath
         self.ztunnel_cgroup = ztunnel_cgroup or default_cgroup_root()
         self.excluded_ports = excluded_ports
@@ -155,65 +156,52 @@ class BpfRedirector:
         for p in self.excluded_ports:
             ports[ports.Key(p)] = ports.Leaf(1)
 
-    def _attach(self, cgroup: str, names: tuple[str, ...], detach: bool = False) -> None:
+    def attach(self, cgroup: str, names: tuple[str, ...]) -> None:
+        """Attach the named programs (loaded or opened) to `cgroup`."""
+        self._on_cgroup(cgroup, names, syscall.prog_attach, tolerate=False)
+
+    def detach(self, cgroup: str, names: tuple[str, ...]) -> None:
+        """Detach the named programs from `cgroup`; what is not attached is skipped."""
+        self._on_cgroup(cgroup, names, syscall.prog_detach, tolerate=True)
+
+    def _on_cgroup(self, cgroup: str, names: tuple[str, ...], op: Any, *, tolerate: bool) -> None:
         fd = os.open(cgroup, os.O_RDONLY)
         try:
             for n in names:
                 try:
-                    if detach:
-                        syscall.prog_detach(self._fns[n], fd, syscall.ATTACH_TYPES[n])
-                    else:
-                        syscall.prog_attach(self._fns[n], fd, syscall.ATTACH_TYPES[n])
+                    op(self._fns[n], fd, syscall.ATTACH_TYPES[n])
                 except OSError:
-                    if not detach:  # detaching what is not attached is fine
+                    if not tolerate:
                         raise
         finally:
             os.close(fd)
 
+    def attach_node(self) -> None:
+        """The node's half: SO_ORIGINAL_DST and sockops on ztunnel's own cgroup."""
+        self.attach(self.ztunnel_cgroup, NODE_PROGRAMS)
+
     def install(self) -> None:
         self._load()
-        self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"))
+        self.attach_node()
 
     def uninstall(self) -> None:
         if not self._fns and os.path.exists(self._prog_pin("getsockopt")):
             self.open_pinned()
         if self._fns:
-            self._attach(self.ztunnel_cgroup, ("sockops", "getsockopt"), detach=True)
+            self.detach(self.ztunnel_cgroup, NODE_PROGRAMS)
         shutil.rmtree(self.pin_root, ignore_errors=True)
         if self._bpf is None:
             self.close()
 
-    def _inbound_rule(self) -> list[str]:
-        skip = ",".join(str(p) for p in (self.hbone_port, self.inbound_port, self.proxy_port))
-        return [
-            "PREROUTING", "-p", "tcp", "!", "-i", "lo", "-m", "multiport", "!", "--dports",
-            skip, "-m", "comment", "--comment", "ambientmesh-inbound",
-            "-j", "REDIRECT", "--to-ports", str(self.inbound_port),
-        ]  # fmt: skip
-
-    def _iptables(self, netns_path: str, op: str) -> int:
-        cmd = ["nsenter", f"--net={netns_path}", "iptables", "-w", "-t", "nat", op]
-        res = subprocess.run(cmd + self._inbound_rule(), capture_output=True, text=True)
-        if res.returncode not in (0, 1):
-            raise BpfUnavailable(
-                f"iptables in {netns_path} failed: {res.stderr.strip()}; "
-                "fix: apt-get install -y iptables"
-            )
-        return res.returncode
-
-    def enrol(self, cgroup_path: str, netns_path: str) -> None:
-        """Attach outbound redirect to the pod cgroup and capture inbound plaintext to 15006."""
+    def enrol(self, cgroup_path: str) -> None:
+        """Attach the outbound redirect (and sockops) to one pod's cgroup. Inbound capture
+        is not BPF's: ztunnel's in-pod capture adds that rule (`ztunnel.inpod.capture`)."""
         self._load()
-        self._attach(cgroup_path, ("connect4", "getpeername4"))
-        if self._iptables(netns_path, "-C") != 0 and self._iptables(netns_path, "-A") != 0:
-            raise BpfUnavailable(f"iptables could not add the inbound rule in {netns_path}")
+        self.attach(cgroup_path, POD_PROGRAMS)
 
-    def unenrol(self, cgroup_path: str, netns_path: str) -> None:
+    def unenrol(self, cgroup_path: str) -> None:
         self._load()
-        self._attach(cgroup_path, ("connect4", "getpeername4"), detach=True)
-        if os.path.exists(netns_path):
-            while self._iptables(netns_path, "-C") == 0:
-                self._iptables(netns_path, "-D")
+        self.detach(cgroup_path, POD_PROGRAMS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     ld = sub.add_parser("load", help="compile, load and pin the programs and maps")
     ld.add_argument("--pin-root", default=DEFAULT_PIN_ROOT)
-    ld.add_argument("--proxy-port", type=int, default=15001)
+    ld.add_argument("--proxy-port", type=int, default=OUTBOUND_PORT)
     ld.add_argument("--fastpath", action="store_true", help="sk_msg/sockhash between local sockets")
     args = p.parse_args(argv)
     r = BpfRedirector(pin_root=args.pin_root, proxy_port=args.proxy_port, fastpath=args.fastpath)

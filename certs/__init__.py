@@ -1,1 +1,1 @@
-"""The mesh CA: root, SVID issuance from CSRs, the CA service, and the SVID manager."""
+"""The mesh CA: root, SVID issuance from CSRs, the CA service (the client is mesh.identity)."""

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certs.spiffe import SpiffeId
-from certs.svid import Svid
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.svid import CertificateError, Svid
 
 ROOT_KEY = "root-key.pem"
 ROOT_CERT = "root-cert.pem"
@@ -29,10 +29,6 @@ MAX_TTL = timedelta(days=30)
 ROOT_TTL = timedelta(days=3650)
 # Clock skew between nodes must not make a fresh certificate "not yet valid".
 BACKDATE = timedelta(minutes=5)
-
-
-class CertificateError(ValueError):
-    """A CSR or issuance request the CA refuses; the message says why."""
 
 
 class CaExistsError(CertificateError):

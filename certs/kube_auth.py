@@ -31,7 +31,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
-from certs.spiffe import SpiffeId, node_id, workload_id
+from mesh.identity.spiffe import SpiffeId, node_id, workload_id
 
 log = logging.getLogger("certs.kube_auth")
 

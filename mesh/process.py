@@ -13,8 +13,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from certs.ca import CertificateError
 from mesh.config.model import ConfigError
+from mesh.identity.svid import CertificateError
 
 
 class EnvironmentUnfit(RuntimeError):

@@ -18,10 +18,10 @@ __all__ = ["UsageError", "build_parser", "main"]
 
 # Modules that contribute subcommands; each has `register(subparsers) -> None`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "certs.cli",
-    "mesh.config.cli",
-    "waypoint.cli",
-    "bpf.cli",
+    "meshctl.ca",
+    "meshctl.config",
+    "meshctl.waypoint",
+    "meshctl.doctor",
     "meshctl.install",
     "meshctl.lab.cli",
     "benchmarks.suite",

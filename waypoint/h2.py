@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from mesh.hbone.core import CLOSED_STREAMS_KEPT
 from waypoint.limits import OVERLOAD, PROTOCOL_ERROR, TIMEOUT, Limits, OnRefused, Refusal
 from waypoint.wire import (
     Body,
@@ -101,6 +103,7 @@ class H2Conn(WireConn):
         super().__init__()
         cls = h2.connection.H2Connection if client_side else _ServerConnection
         self.h2 = cls(h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8"))
+        self.h2.MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT  # h2 keeps 65,536: 9 MB a connection
         self.streams: dict[int, H2Stream] = {}
         self._flush_scheduled = False
         self.dead = False
@@ -200,7 +203,7 @@ class H2Conn(WireConn):
         if self.dead:
             return
         try:
-            events = self.h2.receive_data(data)
+            events = self._receive(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("h2: protocol error: %s", exc)
             self.protocol_error(exc)
@@ -213,6 +216,15 @@ class H2Conn(WireConn):
                 break  # a flood ended the connection part-way through this batch
             self.dispatch(ev)
         self.flush()
+
+    def _receive(self, data: bytes) -> list[h2.events.Event]:
+        try:
+            return list(self.h2.receive_data(data))
+        except UnicodeDecodeError as exc:
+            # h2 decodes header values as UTF-8 after HPACK: one that is not is the peer's
+            # protocol error, ending this HTTP/2 connection only (never the HBONE connection
+            # under it, which carries other pods' streams)
+            raise h2.exceptions.ProtocolError(f"header value is not UTF-8: {exc.reason}") from None
 
     def dispatch(self, ev: Any) -> None:
         if isinstance(ev, h2.events.DataReceived):
@@ -540,6 +552,9 @@ class H2Server(H2Conn):
         ex = H2ServerExchange(self, st, head)
         task = asyncio.get_running_loop().create_task(self._serve(ex))
         self._tasks[sid] = task
+        # Bookkeeping by callback, not in _serve's `finally`: a task cancelled before its
+        # first step (HEADERS and RST_STREAM in one read: rapid reset) never runs its body.
+        task.add_done_callback(functools.partial(self._task_done, sid))
         self.opened += 1
         self._idle.clear()
 
@@ -553,10 +568,11 @@ class H2Server(H2Conn):
         except Exception:  # a bug in one request never takes the connection down
             log.exception("h2: request on stream %d failed", ex.st.sid)
             ex.reset()
-        finally:
-            self._tasks.pop(ex.st.sid, None)
-            if not self._tasks:
-                self._idle.set()
+
+    def _task_done(self, sid: int, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(sid, None)
+        if not self._tasks:
+            self._idle.set()
 
     def _local_ended(self, sid: int) -> None:
         self._count_end(sid)

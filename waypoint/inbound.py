@@ -17,11 +17,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from certs.spiffe import SpiffeId
 from mesh.authz import waypoint_policies
 from mesh.config.model import Service
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import ConnectRequest
+from mesh.hbone.forwarded import forwarded_for
+from mesh.identity.spiffe import SpiffeId
 from mesh.stream import Endpoint
 from waypoint.detect import detect
 from waypoint.h1 import H1Server, H1ServerExchange
@@ -30,7 +31,6 @@ from waypoint.limits import OVERLOAD, TIMEOUT, Limits, Refusal
 from waypoint.request import RequestHandler, StreamContext
 from waypoint.service import ServiceRoutes
 from waypoint.wire import WireConn
-from ztunnel.proxy.node import forwarded_for
 
 log = logging.getLogger("waypoint.inbound")
 

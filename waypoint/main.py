@@ -19,52 +19,50 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 
 from certs.ca import CertificateAuthority
-from certs.service import CaClient
 from mesh import process
 from mesh.config.source import ConfigStore, FileSource
+from mesh.identity.caclient import CaClient
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
-from waypoint.limits import Limits
+from waypoint.config import WaypointConfig, WaypointConfigError, host_port
 from waypoint.proxy import Waypoint
-from ztunnel.identity import Identities
-
-
-def parse_addr(flag: str, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{flag} {value!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="waypoint", description="ambientmesh namespace L7 proxy")
-    p.add_argument("--name", default="waypoint", help="the waypoint Gateway's name")
+    c = WaypointConfig(namespace="")  # the defaults live once, in the config the flags fill
+    p.add_argument("--name", default=c.name, help="the waypoint Gateway's name")
     p.add_argument("--namespace", required=True)
     p.add_argument("--service-account", help="identity's service account (default: --name)")
     p.add_argument("--config", nargs="*", default=[], help="YAML files/dirs (mesh.config.parse)")
-    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--trust-domain", default=c.trust_domain)
     p.add_argument("--ca-dir", help="local CA directory (meshctl ca init) that signs our SVID")
     p.add_argument("--ca", help="CA service HOST:PORT (instead of --ca-dir; Kubernetes)")
     p.add_argument("--ca-bundle", help="with --ca: the trust bundle PEM")
     p.add_argument(
         "--token-file",
         "--ca-token",
-        default="/var/run/secrets/tokens/istio-token",
+        default=c.token_file,
         help="with --ca: the projected service-account token that proves who we are",
     )
-    p.add_argument("--cert-ttl", type=float, default=24 * 3600.0, help="SVID lifetime (s)")
-    p.add_argument("--hbone-addr", default="0.0.0.0:15008")
+    p.add_argument("--cert-ttl", type=float, default=c.cert_ttl, help="SVID lifetime (s)")
+    p.add_argument("--hbone-addr", default=host_port(c.hbone_addr))
     p.add_argument(
-        "--upstream-hbone-port", type=int, default=15008, help="backends' ztunnel HBONE port"
+        "--upstream-hbone-port",
+        type=int,
+        default=c.upstream_hbone_port,
+        help="backends' ztunnel HBONE port",
     )
-    p.add_argument("--metrics-addr", default="0.0.0.0:15020")
-    p.add_argument("--readiness-addr", default="0.0.0.0:15021")
-    p.add_argument("--admin-addr", default="127.0.0.1:15000", help="/config_dump, /logging")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    d = Limits()
+    p.add_argument("--metrics-addr", default=host_port(c.metrics_addr))
+    p.add_argument("--readiness-addr", default=host_port(c.readiness_addr))
+    p.add_argument("--admin-addr", default=host_port(c.admin_addr), help="/config_dump, /logging")
+    p.add_argument(
+        "--log-level", default=c.log_level, choices=["debug", "info", "warning", "error"]
+    )
+    d = c.limits
     lim = p.add_argument_group("limits (what one client may cost; past them: refused)")
     lim.add_argument(
         "--max-header-bytes",
@@ -102,56 +100,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-def limits_from(args: argparse.Namespace) -> Limits:
-    lim = Limits(
-        max_header_bytes=args.max_header_bytes,
-        max_headers=args.max_headers,
-        headers_timeout=args.headers_timeout,
-        idle_timeout=args.idle_timeout,
-        max_concurrent_streams=args.max_concurrent_streams,
-        max_connections=args.max_connections,
-    )
-    lim.check()
-    return lim
-
-
-async def run(args: argparse.Namespace) -> None:
+async def run(config: WaypointConfig) -> None:
     store = ConfigStore()
-    source = FileSource(args.config, store, trust_domain=args.trust_domain) if args.config else None
-    if source is not None:
+    source = None
+    if config.config:
+        source = FileSource(config.config, store, trust_domain=config.trust_domain)
         source.load_initial()
-    ttl = timedelta(seconds=args.cert_ttl)
-    if args.ca_dir:
-        identities = Identities(CertificateAuthority.load(args.ca_dir), ttl)
+    ttl = timedelta(seconds=config.cert_ttl)
+    if config.ca_dir:
+        identities = Identities(CertificateAuthority.load(config.ca_dir), ttl)
     else:
-        bundle = args.ca_bundle_pem
-        client = CaClient(parse_addr("--ca", args.ca), None, bundle, token_file=args.token_file)
+        # from_args: --ca-dir or --ca, and --ca comes with its bundle
+        assert config.ca is not None and config.ca_bundle_pem is not None
+        bundle = config.ca_bundle_pem
+        client = CaClient(config.ca, None, bundle, token_file=config.token_file)
         identities = Identities(client, ttl, bundle_pem=bundle)
     metrics = MeshMetrics()
     metrics.info.labels("waypoint", "dev").set(1)
     wp = Waypoint(
-        args.namespace,
-        args.name,
+        config.namespace,
+        config.name,
         lambda: store.current,
         identities,
-        trust_domain=args.trust_domain,
-        service_account=args.service_account,
+        trust_domain=config.trust_domain,
+        service_account=config.service_account,
         metrics=metrics,
-        hbone_port=args.upstream_hbone_port,
-        limits=args.limits,
+        hbone_port=config.upstream_hbone_port,
+        limits=config.limits,
     )
-    listener = await wp.listen(*parse_addr("--hbone-addr", args.hbone_addr))
-    ready = ObservabilityServer(
-        *parse_addr("--readiness-addr", args.readiness_addr), ready=lambda: True
-    )
-    met = ObservabilityServer(*parse_addr("--metrics-addr", args.metrics_addr), metrics=metrics)
+    listener = await wp.listen(*config.hbone_addr)
+    ready = ObservabilityServer(*config.readiness_addr, ready=lambda: True)
+    met = ObservabilityServer(*config.metrics_addr, metrics=metrics)
     admin = ObservabilityServer(
-        *parse_addr("--admin-addr", args.admin_addr),
+        *config.admin_addr,
         routes=admin_routes(lambda: store.current, lambda: {"limits": wp.limits.as_dict()}),
     )
     try:
         async with ready, met, admin, asyncio.TaskGroup() as tg:
-            tag = f"waypoint {args.namespace}/{args.name}"
+            tag = f"waypoint {config.namespace}/{config.name}"
             print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
             print(f"{tag}: readiness on {ready.port}", flush=True)
             print(f"{tag}: metrics on {met.port}", flush=True)
@@ -169,35 +155,12 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.limits = limits_from(args)
-    except ValueError as exc:
-        print(f"waypoint: limits: {exc}", file=sys.stderr)
+        config = WaypointConfig.from_args(args)
+    except WaypointConfigError as exc:
+        print(f"waypoint: {exc}", file=sys.stderr)
         return 2
-    for flag in ("readiness_addr", "hbone_addr", "metrics_addr", "admin_addr"):
-        try:
-            parse_addr("--" + flag.replace("_", "-"), getattr(args, flag))
-        except argparse.ArgumentTypeError as exc:
-            print(f"waypoint: {exc}", file=sys.stderr)
-            return 2
-    if bool(args.ca_dir) == bool(args.ca):
-        print("waypoint: give --ca-dir or --ca (the CA signing our SVID)", file=sys.stderr)
-        return 2
-    if args.ca:
-        try:
-            parse_addr("--ca", args.ca)
-        except argparse.ArgumentTypeError as exc:
-            print(f"waypoint: {exc}", file=sys.stderr)
-            return 2
-        if not args.ca_bundle:
-            print("waypoint: --ca needs --ca-bundle (the trust bundle PEM)", file=sys.stderr)
-            return 2
-        try:
-            args.ca_bundle_pem = Path(args.ca_bundle).read_bytes()
-        except OSError as exc:
-            print(f"waypoint: --ca-bundle {args.ca_bundle}: {exc.strerror}", file=sys.stderr)
-            return 2
-    logging.getLogger("waypoint").setLevel(args.log_level.upper())
-    return process.run("waypoint", run(args), log_level=args.log_level)
+    logging.getLogger("waypoint").setLevel(config.log_level.upper())
+    return process.run("waypoint", run(config), log_level=config.log_level)
 
 
 if __name__ == "__main__":

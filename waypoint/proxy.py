@@ -12,17 +12,18 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 
-from certs.spiffe import workload_id
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import HbonePool, serve
 from mesh.hbone.pool import Listener
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import workload_id
 from mesh.metrics import MeshMetrics
+from mesh.ports import HBONE_PORT
 from waypoint.inbound import WaypointInbound
 from waypoint.limits import Limits
 from waypoint.request import RequestHandler
 from waypoint.service import ServiceRoutes
-from waypoint.upstream import HBONE_PORT, Upstreams
-from ztunnel.identity import Identities
+from waypoint.upstream import Upstreams
 
 log = logging.getLogger("waypoint")
 

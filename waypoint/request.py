@@ -35,6 +35,7 @@ from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeo
 from mesh.config.snapshot import PolicySet
 from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels, MeshMetrics
+from mesh.telemetry import account_request
 from waypoint.limits import Refusal
 from waypoint.routing import Forward, Redirect, Request, RouteTable, apply_filters, modify_headers
 from waypoint.service import NoBackend, ServiceRoutes, Target
@@ -534,8 +535,9 @@ class RequestHandler:
             )
         req_bytes = body.rec.size
         resp_bytes = ex.bytes_sent
-        self.metrics.request_done(labels, out.status, duration, req_bytes, resp_bytes)
-        log_access(
+        account_request(
+            self.metrics,
+            labels,
             AccessRecord(
                 src=ctx.src_ip,
                 dst=f"{t.ip}:{t.port}" if t is not None else "-",
@@ -554,7 +556,7 @@ class RequestHandler:
                 path=req.path,
                 status=out.status,
                 reporter="waypoint",
-            )
+            ),
         )
 
 

@@ -20,10 +20,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from certs.spiffe import node_id
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import SOURCE_PRINCIPAL_HEADER, HbonePool
+from mesh.hbone.nexthop import next_hop
 from mesh.hbone.pool import CONNECT_TIMEOUT
+from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from waypoint.h1 import H1Client
 from waypoint.h2 import H2Client
@@ -32,7 +33,6 @@ from waypoint.wire import ClientExchange, RequestHead
 
 log = logging.getLogger("waypoint.upstream")
 
-HBONE_PORT = 15008
 MAX_IDLE_PER_KEY = 64
 IDLE_TIMEOUT = 60.0  # an unused upstream connection (and its CONNECT stream) is closed
 
@@ -67,14 +67,13 @@ class Upstreams:
     def hbone_address(self, t: Target) -> tuple[tuple[str, int], str]:
         """Where to send the CONNECT for `t`, and which identity must answer there."""
         snap = self.snapshot()
-        node = snap.node(t.node) if t.node else None
-        if node is not None and node.address:
-            port = self.node_ports.get(node.name, self.hbone_port)
-            return (node.address, port), node_id(snap.trust_domain, node.name)
         pod = t.pod or snap.pod_by_ip(t.ip)
-        if pod is None:
+        hop = next_hop(
+            snap, pod, t.ip, node=t.node, hbone_port=self.hbone_port, node_ports=self.node_ports
+        )
+        if hop is None:
             raise OSError(f"{t.ip}:{t.port} is not a known workload")
-        return (t.ip, self.hbone_port), snap.identity(pod)
+        return hop
 
     async def _tunnel(self, t: Target, caller: str, src_ip: str) -> Endpoint:
         addr, peer = self.hbone_address(t)

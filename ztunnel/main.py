@@ -24,18 +24,19 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from certs.ca import CertificateAuthority, CertificateError
-from certs.spiffe import node_id
-from certs.svid import Svid
+from certs.ca import CertificateAuthority
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
-from mesh.hbone import HboneLimits, serve
+from mesh.hbone import serve
 from mesh.hbone.pool import Listener
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
+from mesh.identity.svid import CertificateError, Svid
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
-from ztunnel.enrol import EnrolServer
-from ztunnel.identity import Identities
-from ztunnel.inpod import Redirector, WorkloadManager
+from ztunnel.config import ZtunnelConfig
+from ztunnel.inpod.protocol import EnrolServer
+from ztunnel.inpod.workloadmanager import Redirector, WorkloadManager
 from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 
 log = logging.getLogger("ztunnel")
@@ -62,6 +63,7 @@ def positive(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ztunnel", description="ambientmesh node proxy")
+    d = ZtunnelConfig(node="")  # the defaults live once, in the config the flags fill
     p.add_argument(
         "--node",
         default=os.environ.get("NODE_NAME"),
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", nargs="+", help="YAML files or directories (reloaded live)")
     src.add_argument("--kube", action="store_true", help="watch the Kubernetes API for config")
     p.add_argument("--kubeconfig", help="with --kube: a kubeconfig (default: in-cluster)")
-    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--trust-domain", default=d.trust_domain)
     ca = p.add_mutually_exclusive_group(required=True)
     ca.add_argument("--ca-dir", help="local CA directory (meshctl ca init): sign directly")
     ca.add_argument("--ca", "--ca-address", dest="ca", type=addr, help="CA service HOST:PORT")
@@ -88,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --ca, instead of --node-cert: a projected service-account token the CA "
         "reviews with the API server (re-read on every request: the kubelet rotates it)",
     )
-    p.add_argument("--cert-ttl", type=positive, default=24 * 3600.0, help="SVID lifetime (s)")
-    p.add_argument("--hbone-addr", type=addr, default=("0.0.0.0", 15008))
+    p.add_argument("--cert-ttl", type=positive, default=d.cert_ttl, help="SVID lifetime (s)")
+    p.add_argument("--hbone-addr", type=addr, default=d.hbone_addr)
     p.add_argument("--outbound-addr", type=addr, help="node-level outbound listener (15001)")
     p.add_argument("--inbound-plaintext-addr", type=addr, help="node-level 15006 listener")
-    p.add_argument("--admin-addr", type=addr, default=("127.0.0.1", 15000))
-    p.add_argument("--metrics-addr", type=addr, default=("0.0.0.0", 15020))
-    p.add_argument("--readiness-addr", type=addr, default=("0.0.0.0", 15021))
+    p.add_argument("--admin-addr", type=addr, default=d.admin_addr)
+    p.add_argument("--metrics-addr", type=addr, default=d.metrics_addr)
+    p.add_argument("--readiness-addr", type=addr, default=d.readiness_addr)
     p.add_argument(
         "--enrol-socket",
         metavar="PATH",
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--redirect",
         choices=["bpf", "none"],
-        default="none",
+        default=d.redirect,
         help="how enrolled pods' traffic is steered in: bpf (cgroup programs), none (someone "
         "else does it, e.g. netfilter rules)",
     )
@@ -112,10 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--bpf-cgroup",
         help="with --redirect bpf: the cgroup of ztunnel's own sockets (default: its own)",
     )
-    p.add_argument("--stream-cap", type=int, default=100, help="HBONE streams per connection")
-    p.add_argument("--pool-idle", type=positive, default=60.0, help="idle HBONE connection (s)")
-    p.add_argument("--drain-timeout", type=positive, default=5.0, help="SIGTERM drain (s)")
-    lim = HboneLimits()
+    p.add_argument(
+        "--stream-cap", type=int, default=d.stream_cap, help="HBONE streams per connection"
+    )
+    p.add_argument(
+        "--pool-idle", type=positive, default=d.pool_idle, help="idle HBONE connection (s)"
+    )
+    p.add_argument(
+        "--drain-timeout", type=positive, default=d.drain_timeout, help="SIGTERM drain (s)"
+    )
+    lim = d.limits
     g = p.add_argument_group("limits", "what one peer may cost this node (past one: refused)")
     g.add_argument("--handshake-timeout", type=positive, default=lim.handshake_timeout,
                    help="TLS handshake on HBONE listeners (s)")  # fmt: skip
@@ -138,14 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-pending-dials",
         type=int,
-        default=1024,
+        default=d.max_pending_dials,
         help="upstream connects (TCP or HBONE) under way at once",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
+    )
+    p.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
     p.add_argument(
         "--ktls",
-        default="auto",
+        default=d.ktls,
         choices=[m.value for m in ktls.KtlsMode],
         help="TLS record layer in the kernel: auto (when it can), on (or refuse to start), off",
     )
@@ -209,28 +219,28 @@ def _read_node_svid(prefix: str, identity: str) -> Svid:
     return svid
 
 
-async def build_identities(args: argparse.Namespace) -> Identities:
+async def build_identities(config: ZtunnelConfig) -> Identities:
     from datetime import timedelta
 
-    ttl = timedelta(seconds=args.cert_ttl)
-    if args.ca_dir:
-        return Identities(CertificateAuthority.load(args.ca_dir), ttl, ktls=args.ktls_enabled)
-    if not args.ca_bundle or not (args.node_cert or args.ca_token):
+    ttl = timedelta(seconds=config.cert_ttl)
+    if config.ca_dir:
+        return Identities(CertificateAuthority.load(config.ca_dir), ttl, ktls=config.ktls_enabled)
+    if config.ca is None or not config.ca_bundle or not (config.node_cert or config.ca_token):
         raise CertificateError("--ca needs --ca-bundle FILE and --node-cert PREFIX or --ca-token")
-    from certs.service import CaClient
+    from mesh.identity.caclient import CaClient
 
     try:
-        bundle = await asyncio.to_thread(Path(args.ca_bundle).read_bytes)
+        bundle = await asyncio.to_thread(Path(config.ca_bundle).read_bytes)
     except OSError as exc:
-        raise CertificateError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
-    if args.node_cert:
-        node_svid = _read_node_svid(args.node_cert, node_id(args.trust_domain, args.node))
-        client = CaClient(args.ca, node_svid, bundle)
+        raise CertificateError(f"--ca-bundle {config.ca_bundle}: {exc.strerror}") from None
+    if config.node_cert:
+        node_svid = _read_node_svid(config.node_cert, node_id(config.trust_domain, config.node))
+        client = CaClient(config.ca, node_svid, bundle)
     else:
         # the node's own certificate comes from the CA too (`ensure(node.identity)` at start)
-        client = CaClient(args.ca, None, bundle, token_file=args.ca_token)
-    ids = Identities(client, ttl, bundle_pem=bundle, ktls=args.ktls_enabled)
-    if args.node_cert:
+        client = CaClient(config.ca, None, bundle, token_file=config.ca_token)
+    ids = Identities(client, ttl, bundle_pem=bundle, ktls=config.ktls_enabled)
+    if config.node_cert:
         ids.add(node_svid)
     return ids
 
@@ -242,12 +252,12 @@ def enrol_state_path(socket_path: str) -> Path:
     return sock.with_name(sock.name + ".pods.json")
 
 
-def build_redirector(args: argparse.Namespace) -> Redirector | None:
-    if args.redirect == "none":
+def build_redirector(config: ZtunnelConfig) -> Redirector | None:
+    if config.redirect == "none":
         return None
-    from ztunnel.redirect import NodeRedirector
+    from ztunnel.inpod.redirect import NodeRedirector
 
-    r = NodeRedirector(args.node, args.bpf_pin_root, args.bpf_cgroup)
+    r = NodeRedirector(config.node, config.bpf_pin_root, config.bpf_cgroup)
     r.install()  # compiles and attaches once; enrolment then only attaches per pod
     return r
 
@@ -255,8 +265,8 @@ def build_redirector(args: argparse.Namespace) -> Redirector | None:
 class Ztunnel:
     """The process: everything `run` opens, so that shutdown closes it in one place."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config = config
         self.store = ConfigStore()
         self.metrics = MeshMetrics()
         self.ready = False
@@ -276,29 +286,29 @@ class Ztunnel:
             raise
 
     async def _run(self) -> None:
-        args = self.args
+        config = self.config
         bg: list[asyncio.Task[Any]] = []
-        self.metrics.ktls_enabled.set(1 if args.ktls_enabled else 0)
+        self.metrics.ktls_enabled.set(1 if config.ktls_enabled else 0)
         self.metrics.info.labels("ztunnel", "0.1.0").set(1)
         async with AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
             # Observability first: readiness answers "not ready" while we load.
-            ready_srv = ObservabilityServer(*args.readiness_addr, ready=lambda: self.ready)
-            met_srv = ObservabilityServer(*args.metrics_addr, metrics=self.metrics)
+            ready_srv = ObservabilityServer(*config.readiness_addr, ready=lambda: self.ready)
+            met_srv = ObservabilityServer(*config.metrics_addr, metrics=self.metrics)
             await stack.enter_async_context(ready_srv)
             await stack.enter_async_context(met_srv)
 
             refresh = None
-            if args.kube:
+            if config.kube:
                 from mesh.config.kube import KubeSource, load_api_client
 
-                api = await load_api_client(args.kubeconfig)
+                api = await load_api_client(config.kubeconfig)
                 stack.push_async_callback(api.close)
-                ksrc = KubeSource(api, self.store, node_name=args.node,
-                                  trust_domain=args.trust_domain)  # fmt: skip
+                ksrc = KubeSource(api, self.store, node_name=config.node,
+                                  trust_domain=config.trust_domain)  # fmt: skip
                 bg.append(tg.create_task(ksrc.run()))
                 await ksrc.ready.wait()
             else:
-                fsrc = FileSource(args.config, self.store, trust_domain=args.trust_domain)
+                fsrc = FileSource(config.config, self.store, trust_domain=config.trust_domain)
                 fsrc.load_initial()
 
                 async def poll() -> None:
@@ -307,53 +317,53 @@ class Ztunnel:
                 refresh = poll
                 bg.append(tg.create_task(fsrc.run()))
 
-            ids = await build_identities(args)
+            ids = await build_identities(config)
             node = Node(
-                args.node, lambda: self.store.current, ids, self.metrics,
-                trust_domain=args.trust_domain, hbone_port=args.hbone_addr[1],
-                stream_cap=args.stream_cap, idle_timeout=args.pool_idle,
-                limits=limits_from(args), max_pending_dials=args.max_pending_dials,
+                config.node, lambda: self.store.current, ids, self.metrics,
+                trust_domain=config.trust_domain, hbone_port=config.hbone_addr[1],
+                stream_cap=config.stream_cap, idle_timeout=config.pool_idle,
+                limits=config.limits, max_pending_dials=config.max_pending_dials,
             )  # fmt: skip
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
 
-            redirector = await asyncio.to_thread(build_redirector, args)
-            state = enrol_state_path(args.enrol_socket) if args.enrol_socket else None
+            redirector = await asyncio.to_thread(build_redirector, config)
+            state = enrol_state_path(config.enrol_socket) if config.enrol_socket else None
             manager = WorkloadManager(node, redirector, refresh=refresh, state_path=state)
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
 
             loop = asyncio.get_running_loop()
             self.servers.append(
                 await serve(
-                    args.hbone_addr[0],
-                    args.hbone_addr[1],
+                    config.hbone_addr[0],
+                    config.hbone_addr[1],
                     ids.listener_context(node.identity),
                     InboundHbone(node),
-                    trust_domain=args.trust_domain,
+                    trust_domain=config.trust_domain,
                     limits=node.limits,
                     gate=node.gate,
                     on_refused=node.hbone_refused,
                 )
             )
-            if args.outbound_addr:
+            if config.outbound_addr:
                 self.servers.append(
-                    await loop.create_server(Outbound(node).protocol, *args.outbound_addr)
+                    await loop.create_server(Outbound(node).protocol, *config.outbound_addr)
                 )
-            if args.inbound_plaintext_addr:
+            if config.inbound_plaintext_addr:
                 plain = InboundPlaintext(node).protocol
-                self.servers.append(await loop.create_server(plain, *args.inbound_plaintext_addr))
+                self.servers.append(await loop.create_server(plain, *config.inbound_plaintext_addr))
             for srv in self.servers:  # every one of these proxies onward: never dial them
                 node.add_listeners(None, srv.sockets)
             for obs in (ready_srv, met_srv):
                 node.add_listeners(None, obs.sockets, forwarding=False)
             enrol = None
-            if args.enrol_socket:
-                enrol = EnrolServer(args.enrol_socket, manager)
+            if config.enrol_socket:
+                enrol = EnrolServer(config.enrol_socket, manager)
                 await enrol.start()
                 await manager.restore()  # before readiness: pods from a previous run first
-                if args.kube:
+                if config.kube:
                     # pods that were running before the install: no CNI ADD will come for them
-                    from ztunnel.discover import Discoverer
+                    from ztunnel.inpod.discover import Discoverer
 
                     disc = Discoverer(manager)
                     await disc.sweep(self.store.current)
@@ -362,12 +372,12 @@ class Ztunnel:
             routes = admin_routes(
                 lambda: self.store.current,
                 extra=lambda: {
-                    "node": args.node,
+                    "node": config.node,
                     "certificates": ids.dump(),
-                    "ktls": ktls.describe(args.ktls),
+                    "ktls": ktls.describe(config.ktls),
                     "workloads_enrolled": manager.dump(),
                     "hbone_pool": node.pool.stats(),
-                    "redirect": args.redirect,
+                    "redirect": config.redirect,
                     "limits": {
                         **node.limits.dump(),
                         "max_pending_dials": node.max_pending_dials,
@@ -378,7 +388,7 @@ class Ztunnel:
                 },
             )
             admin = await stack.enter_async_context(
-                ObservabilityServer(*args.admin_addr, routes=routes)
+                ObservabilityServer(*config.admin_addr, routes=routes)
             )
             node.add_listeners(None, admin.sockets, forwarding=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -387,8 +397,8 @@ class Ztunnel:
             hbone_port = self.servers[0].sockets[0].getsockname()[1]
             log.info(
                 "ztunnel %s ready: hbone %d, admin %d, metrics %d, readiness %d%s",
-                args.node, hbone_port, admin.port, met_srv.port, ready_srv.port,
-                f", enrolment {args.enrol_socket}" if enrol else "",
+                config.node, hbone_port, admin.port, met_srv.port, ready_srv.port,
+                f", enrolment {config.enrol_socket}" if enrol else "",
             )  # fmt: skip
             print(
                 f"ready hbone={hbone_port} admin={admin.port} metrics={met_srv.port} "
@@ -397,29 +407,18 @@ class Ztunnel:
             )
             await self.stop.wait()
 
-            log.info("ztunnel %s stopping: no new connections, draining", args.node)
+            log.info("ztunnel %s stopping: no new connections, draining", config.node)
             self.ready = False
             if enrol is not None:
                 await enrol.close()
             for s in self.servers:
                 s.close()
             await manager.close()
-            cut = await node.drain(args.drain_timeout)
+            cut = await node.drain(config.drain_timeout)
             if cut:
-                log.warning("cut %d connections still open after %.1fs", cut, args.drain_timeout)
+                log.warning("cut %d connections still open after %.1fs", cut, config.drain_timeout)
             for t in bg:
                 t.cancel()
-
-
-def limits_from(args: argparse.Namespace) -> HboneLimits:
-    return HboneLimits(
-        handshake_timeout=args.handshake_timeout,
-        max_streams=args.max_streams,
-        max_header_list_size=args.max_header_list_size,
-        idle_timeout=args.hbone_idle_timeout,
-        max_connections_per_peer=args.max_connections_per_peer,
-        max_connections=args.max_connections,
-    )
 
 
 def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -457,12 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ztunnel: {problem}", file=sys.stderr)
         return 2
     try:
-        args.ktls_enabled = ktls.resolve(args.ktls)
+        ktls_enabled = ktls.resolve(args.ktls)
     except ktls.KtlsUnavailableError as exc:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level, args.log_format)
-    return process.run("ztunnel", Ztunnel(args).run(), log_level=args.log_level)
+    config = ZtunnelConfig.from_args(args, ktls_enabled=ktls_enabled)
+    setup_logging(config.log_level, config.log_format)
+    return process.run("ztunnel", Ztunnel(config).run(), log_level=config.log_level)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ INSTRUMENT = ["mesh", "waypoint", "ztunnel", "h2", "hpack", "yaml"]
 def main() -> None:
     name = sys.argv[1]
     with atheris.instrument_imports(include=INSTRUMENT):
+        import cni.plugin  # noqa: F401
         import mesh.config.parse
         import mesh.hbone  # noqa: F401
         import waypoint.h1
         import waypoint.h2  # noqa: F401
-        import ztunnel.cni  # noqa: F401
     from benchmarks.fuzz.targets import TARGETS
 
     target = TARGETS[name]()

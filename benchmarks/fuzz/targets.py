@@ -199,7 +199,7 @@ def _memory_tls(workdir: Path) -> ssl.SSLObject:
     """A server-side SSLObject after a real mutual-TLS 1.3 handshake done over memory BIOs:
     what `HboneConnection.connection_made` reads the peer identity and ALPN from."""
     from certs.ca import CertificateAuthority
-    from certs.spiffe import node_id
+    from mesh.identity.spiffe import node_id
     from mesh.tls import client_context, server_context
 
     ca = CertificateAuthority.init(workdir / "ca")
@@ -493,7 +493,7 @@ class CniTarget:
         self.run(*cni_input(data))
 
     def run(self, env: dict[str, str], stdin: str) -> dict[str, Any] | None:
-        from ztunnel import cni
+        from cni import plugin as cni
 
         env = {**env}
         if "CNI_NETNS" in env:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from mesh.ports import HBONE_PORT
+
 EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -31,7 +33,6 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_GATEWAY_CLASS = "waypoint"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
-HBONE_PORT = 15008
 
 
 class ConfigError(ValueError):

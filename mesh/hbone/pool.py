@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from mesh import ktls
 from mesh.hbone.connection import Handler, HboneConnection, HboneError, HboneStream
 from mesh.hbone.limits import ConnectionGate, HboneLimits, RefusedHook
+from mesh.tls import open_tls_connection, start_tls_server
 
 DEFAULT_STREAM_CAP = 100
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -45,7 +46,6 @@ async def dial(
     connect_timeout: float = CONNECT_TIMEOUT,
 ) -> HboneConnection:
     """A new HBONE connection whose peer has passed the SPIFFE checks."""
-    loop = asyncio.get_running_loop()
     conn = HboneConnection(
         client_side=True, trust_domain=trust_domain, expected_peers=expected_peers, on_idle=on_idle
     )
@@ -54,8 +54,8 @@ async def dial(
             if isinstance(ctx, ktls.KtlsContext):
                 await ktls.create_connection(lambda: conn, address, ctx)
             else:
-                await loop.create_connection(
-                    lambda: conn, address[0], address[1], ssl=ctx, server_hostname="hbone.mesh"
+                await open_tls_connection(
+                    lambda: conn, address[0], address[1], ctx, server_hostname="hbone.mesh"
                 )
             await conn.ready
     except (OSError, ssl.SSLError, TimeoutError, ktls.KtlsError) as exc:
@@ -80,7 +80,6 @@ async def serve(
     With `sock` (a listening socket made elsewhere, e.g. inside a pod's netns), `host` and
     `port` are ignored. `limits` bound what a peer may cost (mesh.hbone.limits); `gate`
     counts connections across all of a node's listeners; `on_refused` hears every refusal."""
-    loop = asyncio.get_running_loop()
     lim = limits or HboneLimits()
 
     def factory() -> HboneConnection:
@@ -95,9 +94,9 @@ async def serve(
             return ktls.KtlsServer(sock, ctx, factory, timeout=hs)
         return await ktls.start_server(factory, host, port, ctx, handshake_timeout=hs)
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, ssl=ctx, ssl_handshake_timeout=hs)
-    return await loop.create_server(
-        factory, host, port, ssl=ctx, reuse_address=True, ssl_handshake_timeout=hs
+        return await start_tls_server(factory, ctx, sock=sock, handshake_timeout=hs)
+    return await start_tls_server(
+        factory, ctx, host=host, port=port, reuse_address=True, handshake_timeout=hs
     )
 
 

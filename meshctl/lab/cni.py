@@ -5,7 +5,7 @@ live in the node, not on the host), with CNI_COMMAND/CNI_CONTAINERID/CNI_NETNS/C
 CNI_PATH in its environment and the network config on stdin; its JSON result on stdout carries
 the pod's address. host-local keeps its leases in a lab-owned dataDir that `lab down` removes.
 
-In the enrol capture mode the chain ends with our own plugin, `ambientmesh-cni` (ztunnel.cni),
+In the enrol capture mode the chain ends with our own plugin, `ambientmesh-cni` (cni.plugin),
 exactly as the installer chains it on a Kubernetes node: it gets the bridge's result as
 `prevResult` and the pod's name in `CNI_ARGS`, and asks the node's ztunnel to enrol the pod.
 The lab installs it into a lab-owned bin dir placed before the reference plugins in CNI_PATH.
@@ -60,7 +60,7 @@ def install_mesh_plugin(bin_dir: Path) -> str:
     bin_dir.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[2]
     exe = bin_dir / MESH_PLUGIN
-    exe.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m ztunnel.cni "$@"\n')
+    exe.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m cni.plugin "$@"\n')
     exe.chmod(0o755)
     return f"{bin_dir}:{CNI_PATH}"
 

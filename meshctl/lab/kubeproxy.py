@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mesh.config.snapshot import Snapshot
+from mesh.ports import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +52,9 @@ class NodeCapture:
 
     sources: tuple[str, ...]  # enrolled pod IPs on this node
     destinations: tuple[str, ...]  # the same pods, as destinations of inbound plaintext
-    outbound_port: int = 15001
-    inbound_port: int = 15006
-    hbone_port: int = 15008
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PLAINTEXT_PORT
+    hbone_port: int = HBONE_PORT
 
 
 def _capture_lines(cap: NodeCapture) -> list[str]:

@@ -17,13 +17,11 @@ from typing import Any
 
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
+from mesh.ports import HBONE_PORT, METRICS_PORT, READINESS_PORT
+from meshctl.gateway import gateway_manifest
 from meshctl.lab import manifest
 from meshctl.lab.lab import Lab
 from meshctl.lab.system import LabError, http_get_in_netns, patience, wait_ready
-
-HBONE_PORT = 15008
-READY_PORT = 15021
-METRICS_PORT = 15020
 
 __all__ = ["apply_waypoint", "pod_name", "waypoint_docs"]
 
@@ -35,8 +33,6 @@ def pod_name(name: str) -> str:
 
 def waypoint_docs(lab: Lab, namespace: str, name: str, node: str) -> list[manifest.Doc]:
     """The Gateway and the pod that runs it."""
-    from waypoint.cli import gateway_manifest
-
     p = lab.paths
     gw = gateway_manifest(namespace, name)
     pod: dict[str, Any] = {
@@ -62,7 +58,7 @@ def waypoint_docs(lab: Lab, namespace: str, name: str, node: str) -> list[manife
                         "--config", str(p.config_file),
                         "--ca-dir", str(p.ca_dir),
                         "--hbone-addr", f"0.0.0.0:{HBONE_PORT}",
-                        "--readiness-addr", f"0.0.0.0:{READY_PORT}",
+                        "--readiness-addr", f"0.0.0.0:{READINESS_PORT}",
                         "--metrics-addr", f"0.0.0.0:{METRICS_PORT}",
                     ],
                 }
@@ -113,11 +109,11 @@ def apply_waypoint(
     for d in waypoint_docs(lab, namespace, name, node):
         if manifest.key(d) not in have:
             docs.append(d)
-    ip = lab._make_pod(namespace, pod_name(name), node)
+    ip = lab.topology.make_pod(namespace, pod_name(name), node)
     snap = _regenerate(lab, docs)
-    lab._apply_service_rules(snap)
-    lab._start_pod(snap, namespace, pod_name(name))
-    lab._record_pods(snap)
+    lab.topology.apply_service_rules(snap)
+    lab.procs.start_pod(snap, namespace, pod_name(name))
+    lab.topology.record_pods(snap)
     _wait_ready(lab, key, ip)
     lab.out(f"waypoint {namespace}/{name}: pod {key} at {ip}:{HBONE_PORT} on {node}")
     return ip
@@ -125,12 +121,12 @@ def apply_waypoint(
 
 def _wait_ready(lab: Lab, key: str, ip: str, timeout: float = 30.0) -> None:
     netns = str(lab.state.pods[key]["netns"])
-    rec = lab._proc("pod", key)
+    rec = lab.procs.find("pod", key)
     if rec is None:
         raise LabError(f"waypoint {key} was never started")
 
     def probe() -> None:
-        http_get_in_netns(netns, ip, READY_PORT, "/healthz/ready", timeout=patience(1.0))
+        http_get_in_netns(netns, ip, READINESS_PORT, "/healthz/ready", timeout=patience(1.0))
 
     wait_ready(f"waypoint {key} (pid {rec.pid})", rec.pid, rec.start_time, rec.log, probe,
                timeout)  # fmt: skip

@@ -25,10 +25,11 @@ from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import HboneLimits, serve
 from mesh.hbone.pool import Listener
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from tests.adversarial.attackkit import Peer, fd_count, open_peer, tls_context
 from tests.meshkit import WEB, sample, two_nodes
-from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
+from ztunnel.proxy import InboundHbone, Node, Outbound
 
 ECHO_IP = "127.0.0.3"
 

@@ -28,10 +28,12 @@ import h2.errors
 import pytest
 
 from certs.ca import CertificateAuthority
+from mesh.ports import HBONE_PORT
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
-from meshctl.lab.lab import HBONE_PORT, Lab, ZtunnelFeatures
+from meshctl.lab.lab import Lab
 from meshctl.lab.system import socket_in_netns
+from meshctl.lab.ztunnels import ZtunnelFeatures
 from tests.adversarial.attackkit import Peer, fd_count, open_peer, rss_kib, tls_context
 from tests.e2e.lab.labkit import MANIFEST, leftovers, remove_roots, seen, unique_paths
 

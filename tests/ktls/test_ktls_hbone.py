@@ -12,10 +12,11 @@ from certs.ca import CertificateAuthority
 from mesh import ktls
 from mesh.config.parse import parse_objects
 from mesh.hbone import serve
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from tests.meshkit import VIP, echo
 from tests.meshkit import two_nodes as manifest
-from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
+from ztunnel.proxy import InboundHbone, Node, Outbound
 
 
 async def test_hbone_between_two_ztunnels_with_ktls_on_both_ends(

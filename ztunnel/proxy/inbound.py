@@ -23,15 +23,17 @@ import asyncio
 import ipaddress
 import logging
 
-from certs.spiffe import SpiffeId
 from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import Pod
 from mesh.config.snapshot import Snapshot, selector_matches
 from mesh.hbone import ConnectRequest
 from mesh.hbone.connection import SOURCE_PRINCIPAL_HEADER
+from mesh.hbone.forwarded import forwarded_for
+from mesh.identity.spiffe import SpiffeId
 from mesh.metrics import ConnectionLabels
 from mesh.netns import NetNs
-from ztunnel.proxy.node import Accounting, DialRefused, Node, forwarded_for, splice
+from mesh.telemetry import Accounting
+from ztunnel.proxy.node import DialRefused, Node, splice
 
 log = logging.getLogger("ztunnel.inbound")
 

@@ -14,7 +14,8 @@ from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import MtlsMode
 from mesh.metrics import ConnectionLabels
 from mesh.tcp import TcpEndpoint
-from ztunnel.proxy.node import Accounting, DialRefused, Redirected, splice
+from mesh.telemetry import Accounting
+from ztunnel.proxy.node import DialRefused, Redirected, splice
 
 log = logging.getLogger("ztunnel.plaintext")
 

@@ -1,38 +1,36 @@
 """What the node proxy's roles share: the node, its config, identities, pool and telemetry.
 
-Also the two pieces of plumbing every role needs: where a redirected connection was going
-(`original_dst`), and one connection's telemetry from open to close (`Accounting`: one
-metric update and one access-log line per connection, never per chunk).
+Also the plumbing every role needs: where a redirected connection was going (`original_dst`)
+and joining two endpoints with their telemetry (`splice`, with `mesh.telemetry.Accounting`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from certs.spiffe import node_id
 from mesh.accesslog import AccessRecord, log_access
 from mesh.config.snapshot import Snapshot
 from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
-from mesh.metrics import ConnectionLabels, MeshMetrics
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
+from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs, connect_in
+from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
-from ztunnel.identity import Identities
+from mesh.telemetry import Accounting
 
 log = logging.getLogger("ztunnel")
 
 SO_ORIGINAL_DST = 80
-HBONE_PORT = 15008
 DEFAULT_MAX_PENDING_DIALS = 1024
 _ANY = ("0.0.0.0", "::")
 
@@ -254,96 +252,6 @@ class Node:
                 response_flags="DT" if reason == "handshake" else "UO", mtls=True,
             )
         )  # fmt: skip
-
-
-def forwarded_for(value: str) -> str | None:
-    """The first `for=` address of an RFC 7239 `Forwarded` header (quotes, brackets and a
-    port stripped), or None."""
-    for element in value.split(","):
-        for pair in element.split(";"):
-            k, _, v = pair.strip().partition("=")
-            if k.lower() == "for" and v:
-                v = v.strip('"')
-                if v.startswith("["):
-                    return v[1 : v.find("]")] or None
-                host, sep, port = v.rpartition(":")
-                return host if sep and port.isdigit() else v
-    return None
-
-
-class Accounting:
-    """One connection's telemetry: `opened` once, then `refused` or `finished` once."""
-
-    __slots__ = ("done", "labels", "metrics", "record", "started")
-
-    def __init__(
-        self,
-        metrics: MeshMetrics,
-        labels: ConnectionLabels,
-        *,
-        reporter: str,
-        src: str,
-        dst: str,
-        src_identity: str | None,
-        dst_identity: str | None,
-        service: str | None,
-        mtls: bool,
-        policy: str | None = None,
-    ) -> None:
-        self.metrics = metrics
-        self.labels = labels
-        self.started = time.monotonic()
-        self.done = False
-        self.record: dict[str, object] = {
-            "reporter": reporter,
-            "src": src,
-            "dst": dst,
-            "src_identity": src_identity,
-            "dst_identity": dst_identity,
-            "service": service,
-            "mtls": mtls,
-            "policy": policy,
-        }
-        metrics.tcp_opened(labels)
-
-    def refused(self, verdict: str, flags: str, **extra: object) -> None:
-        """Closed before any byte moved (denied, or the destination failed)."""
-        if self.done:
-            return
-        self.done = True
-        labels = self.labels
-        if labels.response_flags != flags:
-            # Istio labels the closed counter with the flag the connection ended with.
-            labels = dataclasses.replace(labels, response_flags=flags)
-        self.metrics.tcp_closed(labels, 0, 0)
-        record = {**self.record, **extra}
-        log_access(
-            AccessRecord(
-                **record,  # type: ignore[arg-type]
-                bytes_sent=0,
-                bytes_received=0,
-                duration_s=time.monotonic() - self.started,
-                verdict=verdict,
-                response_flags=flags,
-            )
-        )
-
-    def finished(self, downstream: Endpoint) -> None:
-        """Spliced and now closed: bytes as seen from the downstream (caller's) side."""
-        if self.done:
-            return
-        self.done = True
-        sent, received = downstream.bytes_received, downstream.bytes_sent
-        self.metrics.tcp_closed(self.labels, sent, received)
-        log_access(
-            AccessRecord(
-                **self.record,  # type: ignore[arg-type]
-                bytes_sent=sent,
-                bytes_received=received,
-                duration_s=time.monotonic() - self.started,
-                verdict="allow",
-            )
-        )
 
 
 async def splice(down: Endpoint, up: Endpoint, acct: Accounting) -> None:

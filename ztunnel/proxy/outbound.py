@@ -15,14 +15,16 @@ import logging
 import random
 from dataclasses import dataclass
 
-from certs.spiffe import node_id
 from mesh.config.model import Pod, Service
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import HboneError
+from mesh.hbone.nexthop import next_hop
 from mesh.metrics import ConnectionLabels
+from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
-from ztunnel.proxy.node import HBONE_PORT, Accounting, DialRefused, Redirected, splice
+from mesh.telemetry import Accounting
+from ztunnel.proxy.node import DialRefused, Redirected, splice
 
 log = logging.getLogger("ztunnel.outbound")
 
@@ -80,13 +82,9 @@ def route_outbound(
     dst = snap.pod_by_ip(ip)
     if dst is None or not snap.is_ambient(dst) or not meshed_src:
         return Route("passthrough", ip, port, service=svc, dst_pod=dst)
-    dst_node = snap.node(dst.node) if dst.node else None
-    if dst_node is not None and dst_node.address:
-        return Route(
-            "hbone", ip, port, (dst_node.address, hbone_port),
-            node_id(snap.trust_domain, dst_node.name), svc, dst,
-        )  # fmt: skip
-    return Route("hbone", ip, port, (ip, hbone_port), snap.identity(dst), svc, dst)
+    hop = next_hop(snap, dst, ip, node=dst.node, hbone_port=hbone_port)
+    assert hop is not None  # the pod is known
+    return Route("hbone", ip, port, hop[0], hop[1], svc, dst)
 
 
 class Outbound(Redirected):

@@ -15,7 +15,7 @@ import pytest
 
 from tests.adversarial.inputs.inputkit import ROOT, Ztunnel, eventually, ztunnel
 
-PLUGIN = ROOT / "ztunnel" / "cni.py"  # the very file the installer copies to the host
+PLUGIN = ROOT / "cni" / "plugin.py"  # the very file the installer copies to the host
 PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": []}
 
 

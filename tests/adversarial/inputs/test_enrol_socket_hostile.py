@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial.inputs.inputkit import Ztunnel, eventually, ztunnel
-from ztunnel.enrol import MAX_CLIENTS, MAX_LINE
+from ztunnel.inpod.protocol import MAX_CLIENTS, MAX_LINE
 
 
 @pytest.fixture(scope="module")

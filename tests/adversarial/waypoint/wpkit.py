@@ -30,10 +30,11 @@ from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.hbone import HbonePool, serve
 from mesh.hbone.pool import Listener
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from tests.adversarial.attackkit import fd_count, rss_kib
 from tests.fakes.backend import Backend, BackendStats
-from ztunnel.proxy import Identities, InboundHbone, Node
+from ztunnel.proxy import InboundHbone, Node
 
 ROOT = Path(__file__).resolve().parents[3]
 TD = "cluster.local"

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 ZTUNNEL_SIDE = textwrap.dedent(
     """
     import sys
-    from ztunnel.redirect import NodeRedirector
+    from ztunnel.inpod.redirect import NodeRedirector
     node, pins, own_cg, pod_cg, netns = sys.argv[1:6]
     r = NodeRedirector(node, pins, own_cg)
     r.install()
@@ -89,7 +89,7 @@ def test_ztunnel_attaches_pinned_programs_without_bcc(tmp_path: Path) -> None:
         r = BpfRedirector(pin_root=os.path.join(pins, "n1"), ztunnel_cgroup=zt_cg)
         if os.path.exists(r.pin_root):
             r.open_pinned()
-            r._attach(pod_cg, ("connect4", "getpeername4", "sockops"), detach=True)
+            r.unenrol(pod_cg)
             r.uninstall()
         shutil.rmtree(pins, ignore_errors=True)
         for cg in (pod_cg, zt_cg):

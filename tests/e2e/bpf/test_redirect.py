@@ -1,6 +1,6 @@
 """Real netns + cgroup + BPF: outbound redirect and SO_ORIGINAL_DST (root only).
 
-Wired as ztunnel.redirect wires a node: connect4/getpeername4/sockops on the pod's cgroup,
+Wired as ztunnel.inpod.redirect wires a node: connect4/getpeername4/sockops on the pod's cgroup,
 getsockopt/sockops on a cgroup of the proxy's own, in which the proxy's stand-in creates its
 listener. Nothing is attached to the machine's root cgroup (it would catch every process, and
 another test attaching there at the same time would replace our programs)."""
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from bpf.loader import BpfRedirector
+from ztunnel.inpod.capture import add_inbound_capture, remove_inbound_capture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for netns/cgroup/BPF")
 
@@ -57,13 +58,13 @@ def lab(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, BpfRedirecto
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.2/32", "dev", "lo"], check=True)
         r.install()
-        r.enrol(cg, f"/run/netns/{ns}")
-        r._attach(cg, ("sockops",))
+        r.enrol(cg)
+        add_inbound_capture(f"/run/netns/{ns}")
         yield ns, cg, r
     finally:
         try:
-            r._attach(cg, ("sockops",), detach=True)
-            r.unenrol(cg, f"/run/netns/{ns}")
+            r.unenrol(cg)
+            remove_inbound_capture(f"/run/netns/{ns}")
             r.uninstall()
         finally:
             for d in (cg, proxy_cg, root):
@@ -188,8 +189,9 @@ def test_unenrol_stops_redirect(lab: tuple[str, str, BpfRedirector]) -> None:
     ns, cg, r = lab
     srv = _listen(ns, r)
     try:
-        r.unenrol(cg, f"/run/netns/{ns}")
-        r.unenrol(cg, f"/run/netns/{ns}")  # idempotent
+        for _ in range(2):  # idempotent
+            r.unenrol(cg)
+            remove_inbound_capture(f"/run/netns/{ns}")
         assert _run(ns, cg, "10.77.0.2", "80") == "refused"
     finally:
         srv.kill()
@@ -240,7 +242,8 @@ def test_inbound_capture_to_15006(lab: tuple[str, str, BpfRedirector]) -> None:
 
 def test_uninstall_leaves_no_pins_or_attachments(lab: tuple[str, str, BpfRedirector]) -> None:
     ns, cg, r = lab
-    r.unenrol(cg, f"/run/netns/{ns}")
+    r.unenrol(cg)
+    remove_inbound_capture(f"/run/netns/{ns}")
     r.uninstall()
     assert not os.path.exists(r.pin_root)
     srv = _listen(ns, r)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from bpf.loader import BpfRedirector
+from ztunnel.inpod.capture import add_inbound_capture, remove_inbound_capture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for netns/cgroup/BPF")
 
@@ -90,13 +91,13 @@ def node(request: pytest.FixtureRequest) -> Iterator[Node]:
             os.mkdir(p.cgroup)
             made.append(p)
             subprocess.run(["ip", "-n", p.netns, "link", "set", "lo", "up"], check=True)
-            r.enrol(p.cgroup, f"/run/netns/{p.netns}")
-            r._attach(p.cgroup, ("sockops",))  # as ztunnel.redirect wires a pod
+            r.enrol(p.cgroup)  # as ztunnel.inpod.redirect wires a pod
+            add_inbound_capture(f"/run/netns/{p.netns}")
         yield Node(r, proxy_cg, pods)
     finally:
         for p in made:
-            r._attach(p.cgroup, ("sockops",), detach=True)
-            r.unenrol(p.cgroup, f"/run/netns/{p.netns}")
+            r.unenrol(p.cgroup)
+            remove_inbound_capture(f"/run/netns/{p.netns}")
             os.rmdir(p.cgroup)
             subprocess.run(["ip", "netns", "del", p.netns], check=False)
         r.uninstall()

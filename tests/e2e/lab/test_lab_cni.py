@@ -13,8 +13,9 @@ import pytest
 
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
-from meshctl.lab.lab import Lab, ZtunnelFeatures, enrol_request
+from meshctl.lab.lab import Lab
 from meshctl.lab.system import LabError
+from meshctl.lab.ztunnels import ZtunnelFeatures, enrol_request
 from tests.e2e.lab.labkit import LabFactory
 
 

@@ -13,8 +13,9 @@ import time
 import pytest
 
 from bpf import syscall
-from meshctl.lab.lab import Lab, ZtunnelFeatures
+from meshctl.lab.lab import Lab
 from meshctl.lab.system import proc_alive
+from meshctl.lab.ztunnels import ZtunnelFeatures
 from tests.e2e.lab.labkit import LabFactory, leftovers, seen
 
 

@@ -20,7 +20,9 @@ import pytest
 
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
-from meshctl.lab.lab import REPO_ROOT, Lab, ZtunnelFeatures
+from meshctl.lab.lab import Lab
+from meshctl.lab.processes import REPO_ROOT
+from meshctl.lab.ztunnels import ZtunnelFeatures
 from tests.e2e.lab.labkit import LabFactory, leftovers, remove_roots, unique_paths
 
 ENROL_MISSING = (

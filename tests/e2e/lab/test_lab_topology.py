@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.lab.demo import wait_for_app
-from meshctl.lab.lab import REPO_ROOT, Lab
+from meshctl.lab.lab import Lab
 from meshctl.lab.names import netns_path
+from meshctl.lab.processes import REPO_ROOT
 from meshctl.lab.state import LabState
 from tests.e2e.lab.labkit import MANIFEST, LabFactory, leftovers, remove_roots, unique_paths
 

@@ -17,10 +17,10 @@ import pytest
 
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
-from ztunnel.identity import Identities
-from ztunnel.inpod import WorkloadManager
+from ztunnel.inpod.workloadmanager import WorkloadManager
 from ztunnel.proxy import Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")

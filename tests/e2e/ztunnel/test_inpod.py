@@ -26,12 +26,12 @@ from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.config.source import ConfigStore
 from mesh.hbone import serve
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
 from tests.meshkit import sample
-from ztunnel.enrol import EnrolServer
-from ztunnel.identity import Identities
-from ztunnel.inpod import WorkloadManager
+from ztunnel.inpod.protocol import EnrolServer
+from ztunnel.inpod.workloadmanager import WorkloadManager
 from ztunnel.proxy import InboundHbone, Node
 
 WEB_ID = "spiffe://cluster.local/ns/shop/sa/web"

@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent(
     from mesh.config.parse import parse_objects
     from mesh.hbone import serve
     from mesh.metrics import MeshMetrics
-    from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
+    from mesh.identity.manager import Identities
+    from ztunnel.proxy import InboundHbone, Node, Outbound
 
     async def main() -> None:
         ca = CertificateAuthority.init(Path(tempfile.mkdtemp()) / "ca")

@@ -122,8 +122,8 @@ def test_config_edits_apply_live_in_the_ca(
 ) -> None:
     import asyncio
 
-    from certs.service import CaClient, CaError
-    from certs.spiffe import node_id
+    from mesh.identity.caclient import CaClient, CaError
+    from mesh.identity.spiffe import node_id
 
     _, port = ca_process
     ca = CertificateAuthority.load(ca_dir)

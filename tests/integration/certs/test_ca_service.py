@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.service import CaClient, CaError, CaService, SnapshotAuthorizer
-from certs.spiffe import node_id
+from certs.service import CaService, SnapshotAuthorizer
 from mesh.config.parse import parse_objects
+from mesh.identity.caclient import CaClient, CaError
+from mesh.identity.spiffe import node_id
 from mesh.tls import client_context
 
 WEB = "spiffe://cluster.local/ns/shop/sa/web"  # a pod on n1

@@ -17,8 +17,9 @@ from kubernetes_asyncio import client as k8s
 
 from certs.ca import CertificateAuthority
 from certs.kube_auth import DEFAULT_AUDIENCE, TokenReviewAuthorizer
-from certs.service import CaClient, CaError, CaService
-from certs.spiffe import node_id, workload_id
+from certs.service import CaService
+from mesh.identity.caclient import CaClient, CaError
+from mesh.identity.spiffe import node_id, workload_id
 from mesh.tls import server_context
 from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity
 

@@ -45,7 +45,7 @@ async def run_plugin(
     plugin: str, command: str, conf: dict[str, Any], env: dict[str, str], node: str
 ) -> tuple[int, dict[str, Any] | None, str]:
     exe = (
-        [sys.executable, "-m", "ztunnel.cni"]
+        [sys.executable, "-m", "cni.plugin"]
         if plugin == "ambientmesh-cni"
         else [str(CNI_BIN / plugin)]
     )

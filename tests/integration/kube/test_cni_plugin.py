@@ -75,7 +75,7 @@ async def invoke(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ztunnel.cni",
+        "cni.plugin",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -9,7 +9,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 
 from certs.kube_auth import DEFAULT_AUDIENCE, AuthorizationError, TokenReviewAuthorizer
-from certs.spiffe import node_id, workload_id
+from mesh.identity.spiffe import node_id, workload_id
 from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity
 
 TD = "cluster.local"

@@ -21,8 +21,8 @@ import yaml
 
 from certs.ca import CertificateAuthority
 from certs.kube_auth import DEFAULT_AUDIENCE
-from certs.spiffe import node_id, workload_id
 from mesh.hbone import HboneError, HbonePool
+from mesh.identity.spiffe import node_id, workload_id
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import client_context
 from tests.fakes.kube_apiserver import FakeApiServer, TokenIdentity

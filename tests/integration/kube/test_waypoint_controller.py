@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client as k8s
 
+from controller.waypoint import HASH_ANNOTATION, WaypointController
 from tests.fakes.kube_apiserver import FakeApiServer
-from waypoint.controller import HASH_ANNOTATION, WaypointController
 
 IMAGE = "ghcr.io/ambientmesh/ambientmesh:test"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.spiffe import node_id
 from mesh.hbone import ConnectRequest, HboneError, HbonePool, serve
+from mesh.identity.spiffe import node_id
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import client_context, server_context
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from certs.ca import CertificateAuthority
-from certs.spiffe import node_id
 from mesh.hbone import ConnectRequest, HbonePool, serve
+from mesh.identity.spiffe import node_id
 from mesh.tcp import TcpEndpoint, join
 from mesh.tls import client_context, server_context
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.spiffe import node_id
 from mesh.hbone import ConnectRequest, HbonePool, HboneStream, serve
+from mesh.identity.spiffe import node_id
 from mesh.tls import client_context, server_context
 
 TD = "cluster.local"

@@ -15,8 +15,9 @@ import yaml
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.hbone import HboneError, HbonePool, serve
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
-from ztunnel.proxy import Identities, InboundHbone, Node
+from ztunnel.proxy import InboundHbone, Node
 
 ROOT = Path(__file__).resolve().parents[3]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))

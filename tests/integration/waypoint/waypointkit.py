@@ -30,10 +30,11 @@ from mesh.apps.client import exchange
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import serve
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from tests.fakes.backend import Backend, BackendStats
 from waypoint.proxy import Waypoint
-from ztunnel.proxy import Identities, InboundHbone, Node, Outbound
+from ztunnel.proxy import InboundHbone, Node, Outbound
 
 NS = "mesh"
 TD = "cluster.local"

@@ -16,12 +16,13 @@ from typing import cast
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.service import CaClient, CaService, SnapshotAuthorizer
-from certs.spiffe import node_id
-from certs.svid import Svid
+from certs.service import CaService, SnapshotAuthorizer
 from mesh.config.parse import parse_objects
+from mesh.identity.caclient import CaClient
+from mesh.identity.manager import Identities
+from mesh.identity.spiffe import node_id
+from mesh.identity.svid import Svid
 from mesh.tls import server_context
-from ztunnel.identity import Identities
 
 WEB = "spiffe://cluster.local/ns/shop/sa/web"
 

@@ -21,9 +21,10 @@ from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import serve
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from tests.meshkit import VIP, WEB, echo, sample, two_nodes
-from ztunnel.proxy import Identities, InboundHbone, InboundPlaintext, Node, Outbound
+from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
 
 manifest = two_nodes
 

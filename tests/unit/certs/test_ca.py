@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs.ca import CaExistsError, CertificateAuthority, CertificateError
+from certs.ca import CaExistsError, CertificateAuthority
+from mesh.identity.svid import CertificateError
 
 ID = "spiffe://cluster.local/ns/shop/sa/web"
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from controller.waypoint import desired_objects
 from meshctl.install import render
-from waypoint.controller import desired_objects
 
 CONSOLE_SCRIPTS = {"ztunnel": "ztunnel.main", "waypoint": "waypoint.main"}
 # (program, flag) whose absolute path is not opened in the container: the CNI installer
 # writes the host's enrolment socket path into the plugin config the host runs
-NOT_FILES = frozenset({("ztunnel.cni_install", "--enrol-socket")})
+NOT_FILES = frozenset({("cni.install", "--enrol-socket")})
 
 
 def parser_module(command: list[str]) -> str:

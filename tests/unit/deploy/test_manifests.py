@@ -191,7 +191,7 @@ def test_ztunnel_daemonset_has_what_a_node_proxy_needs() -> None:
     assert zt["livenessProbe"]["httpGet"]["port"] == 15021
     assert zt["resources"]["requests"]
     installer = next(c for c in pod["containers"] if c["name"] == "install-cni")
-    assert "ztunnel.cni_install" in installer["command"]
+    assert "cni.install" in installer["command"]
     assert not installer["securityContext"].get("privileged")
     assert {t.get("operator") for t in pod["tolerations"]} == {"Exists"}
     token = next(v for v in pod["volumes"] if v["name"] == "ca-token")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from certs.ca import CertificateAuthority
-from certs.svid import Svid
+from mesh.identity.svid import Svid
 from mesh.tls import PeerIdentityError, check_peer, client_context, server_context
 
 SERVER = "spiffe://cluster.local/ns/shop/sa/web"

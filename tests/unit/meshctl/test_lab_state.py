@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from meshctl.lab.lab import resolve_command
+from meshctl.lab.processes import resolve_command
 from meshctl.lab.state import CniRecord, LabState, ProcRecord
 from meshctl.lab.system import proc_alive, proc_start_time
 

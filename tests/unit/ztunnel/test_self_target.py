@@ -12,10 +12,11 @@ import pytest
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.hbone import ConnectionGate, HboneLimits
+from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
 from tests.meshkit import two_nodes
-from ztunnel.proxy import Identities, Node
+from ztunnel.proxy import Node
 
 POD_IP = "10.244.1.5"
 

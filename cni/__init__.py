@@ -1,0 +1,1 @@
+"""The CNI plugin (`ambientmesh-cni`) and its node installer: a separate binary, as istio-cni is."""

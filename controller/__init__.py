@@ -1,0 +1,1 @@
+"""Control plane: controllers that turn Kubernetes objects into running mesh components."""
