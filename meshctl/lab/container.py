@@ -542,3 +542,45 @@ def lab_waypoint(
         mounts=[BindMount(str(state_dir), str(state_dir))],
         cgroup=cgroup_rel(cgroup),
     )  # fmt: skip
+
+
+# -- the lab's record of them ----------------------------------------------------------------
+
+
+def lab_image_info(archive: Path, cache_root: Path) -> dict[str, Any]:
+    """Unpack `archive` (shared cache) and say what the lab's state file keeps of it, so every
+    later command of the lab (waypoint apply, restart-ztunnel) runs the same image."""
+    img = unpack_cached(archive, cache_root)
+    return {
+        "archive": str(archive.resolve()), "rootfs": str(img.rootfs), "digest": img.digest,
+        "refs": list(img.refs), "env": img.env, "runtime": choose_runtime(), "containers": {},
+    }  # fmt: skip
+
+
+def lab_image(info: Mapping[str, Any]) -> UnpackedImage | None:
+    """The image a lab runs its components from (None: this tree's code, on the host)."""
+    img = info.get("image")
+    if not isinstance(img, Mapping):
+        return None
+    return UnpackedImage(Path(img["rootfs"]), str(img["digest"]), tuple(img.get("refs", ())),
+                         {"Env": list(img.get("env", []))})  # fmt: skip
+
+
+def record(info: dict[str, Any], c: Container) -> None:
+    """Note a container before it exists, so `down` after a crash still removes it."""
+    info["image"]["containers"][c.name] = {"runtime": c.runtime, "cgroup": c.cgroup}
+
+
+def remove_all(info: Mapping[str, Any], prefix: str) -> None:
+    """Every container the lab recorded or that carries its name prefix: deleted from its
+    runtime (a no-op for one that ended by itself), its v1 cgroup directories removed."""
+    img = info.get("image")
+    recorded: dict[str, Any] = dict(img.get("containers", {})) if isinstance(img, Mapping) else {}
+    for name in container_names(prefix):
+        recorded.setdefault(name, {"runtime": None, "cgroup": None})
+    for name, rec in recorded.items():
+        for rt in [rec.get("runtime")] if rec.get("runtime") else ["runc", "crun"]:
+            if shutil.which(rt):
+                subprocess.run([rt, "delete", "--force", name], capture_output=True)
+        if rec.get("cgroup"):
+            remove_v1_cgroups(str(rec["cgroup"]))
