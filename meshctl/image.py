@@ -53,6 +53,7 @@ __all__ = [
     "SourceInfo",
     "build_image",
     "image_refs",
+    "parse_ref",
     "read_packages",
     "register",
     "source_info",
@@ -180,6 +181,28 @@ def source_info(root: Path = REPO_ROOT) -> SourceInfo:
 def image_refs(src: SourceInfo, repository: str = DEFAULT_REPOSITORY) -> list[str]:
     """The names one build carries: the version (what the manifests name) and the commit tag."""
     return [f"{repository}:{src.version}", f"{repository}:{src.commit_tag}"]
+
+
+_REPO = re.compile(
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """`REPOSITORY:TAG` as (repository, tag), refusing what a runtime would refuse later (on a
+    node, as ErrImagePull, far from the typo): no tag, a digest, bad characters."""
+    if "@" in ref:
+        raise UsageError(f"image {ref!r}: give a tag (REPOSITORY:TAG), not a digest")
+    repo, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        raise UsageError(f"image {ref!r}: no tag (REPOSITORY:TAG, e.g. {DEFAULT_REPOSITORY}:0.1.0)")
+    if not _REPO.match(repo):
+        raise UsageError(f"image {ref!r}: {repo!r} is not a repository name")
+    if not _TAG.match(tag):
+        raise UsageError(f"image {ref!r}: {tag!r} is not a tag")
+    return repo, tag
 
 
 def base_key(packages: Sequence[str], suite: str = SUITE) -> str:
