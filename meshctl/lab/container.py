@@ -152,7 +152,32 @@ def unpack_cached(archive: Path, cache_root: Path) -> UnpackedImage:
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return unpack(archive, dest)
+        img = unpack(archive, dest)
+        os.utime(dest / "unpacked.json")  # last used: what pruning goes by
+    prune(cache_root, keep=dest)
+    return img
+
+
+def prune(cache_root: Path, *, keep: Path, newest: int = 3, idle: float = 86400.0) -> None:
+    """Every commit builds a new image, and each unpacked tree is 400 MB: trees beyond the
+    `newest` few and unused for `idle` seconds go (never one being unpacked right now)."""
+    import fcntl
+    import time
+
+    trees = []
+    for d in cache_root.glob("rootfs-*"):
+        with contextlib.suppress(OSError):
+            trees.append(((d / "unpacked.json").stat().st_mtime, d))
+    trees.sort(reverse=True)
+    for when, d in trees[newest:]:
+        if d == keep or time.time() - when < idle:
+            continue
+        with open(d / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _inside(root: Path, rel: str) -> Path:

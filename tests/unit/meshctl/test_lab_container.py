@@ -8,7 +8,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,18 @@ def test_unpack_cached_shares_one_tree_per_image(tmp_path: Path) -> None:
     b = ctr.unpack_cached(arch, tmp_path / "cache")
     assert a.rootfs == b.rootfs and (a.rootfs / "etc" / "a").read_bytes() == b"1"
     assert a.rootfs.parent.name == "rootfs-" + a.digest.split(":")[1][:16]
+
+
+def test_old_unpacked_trees_are_pruned_but_not_recent_ones(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    for i in range(6):
+        d = cache / f"rootfs-{i:016x}"
+        (d / "rootfs").mkdir(parents=True)
+        (d / "unpacked.json").write_text("{}")
+        age = 2 * 86400 if i < 4 else 60  # 0..3 idle for two days, 4 and 5 fresh
+        t = 1_000_000_000 + i if i < 4 else time.time() - age
+        os.utime(d / "unpacked.json", (t, t))
+    ctr.prune(cache, keep=cache / "rootfs-0000000000000000", newest=3)
+    left = sorted(p.name for p in cache.iterdir())
+    # the three newest stay (5, 4, 3), the kept one stays, 1 and 2 go
+    assert left == [f"rootfs-{i:016x}" for i in (0, 3, 4, 5)]
