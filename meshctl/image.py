@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import gzip
 import hashlib
 import io
@@ -565,6 +566,9 @@ def build_base(
         created_by=f"mmdebstrap --variant=essential {SUITE} --include={','.join(packages)}",
     )
     meta.write_text(json.dumps(_layer_json(layer)))
+    for stale in cache_dir.glob("base-*"):  # an earlier package list's: 500 MB each
+        if stale != d:
+            shutil.rmtree(stale, ignore_errors=True)
     return rootfs, layer, False
 
 
@@ -788,24 +792,29 @@ def build_image(
     cache_dir.mkdir(parents=True, exist_ok=True)
     secs: dict[str, float] = {}
     t0 = time.monotonic()
-    rootfs, base, cached = build_base(
-        packages, cache_dir, epoch=BASE_EPOCH, log=log, refresh=refresh_base
-    )
-    secs["debian_layer"] = time.monotonic() - t0
-    with tempfile.TemporaryDirectory(prefix="ambientmesh-image-") as tmp:
-        work = Path(tmp)
-        t1 = time.monotonic()
-        wheels = build_wheels(root, work, log)
-        secs["wheels"] = time.monotonic() - t1
-        t2 = time.monotonic()
-        app = install_app(rootfs, wheels, work, epoch=src.commit_time, log=log)
-        secs["app_layer"] = time.monotonic() - t2
-        t3 = time.monotonic()
-        layers = [base, app]
-        config = image_config(src, layers, packages)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        digest = write_oci_archive(out, refs, layers, config, epoch=src.commit_time)
-        secs["archive"] = time.monotonic() - t3
+    # Builds on one machine share the cache: the Debian layer is made (and an earlier one
+    # removed) under an exclusive lock, and used as the install's lower dir under a shared one.
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rootfs, base, cached = build_base(
+            packages, cache_dir, epoch=BASE_EPOCH, log=log, refresh=refresh_base
+        )
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        secs["debian_layer"] = time.monotonic() - t0
+        with tempfile.TemporaryDirectory(prefix="ambientmesh-image-") as tmp:
+            work = Path(tmp)
+            t1 = time.monotonic()
+            wheels = build_wheels(root, work, log)
+            secs["wheels"] = time.monotonic() - t1
+            t2 = time.monotonic()
+            app = install_app(rootfs, wheels, work, epoch=src.commit_time, log=log)
+            secs["app_layer"] = time.monotonic() - t2
+            t3 = time.monotonic()
+            layers = [base, app]
+            config = image_config(src, layers, packages)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            digest = write_oci_archive(out, refs, layers, config, epoch=src.commit_time)
+            secs["archive"] = time.monotonic() - t3
     secs["total"] = time.monotonic() - t0
     return BuildResult(out, refs, digest, layers, cached, secs)
 
@@ -861,8 +870,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for ref in res.refs:
         print(f"  {ref}")
     print(
-        f"load it: podman load -i {out} | kind load image-archive {out} | "
-        f"ctr -n k8s.io images import {out}"
+        f"load it: kind load image-archive {out}  (or: ctr -n k8s.io images import {out}, "
+        f"podman load -i {out}, docker load -i {out})"
     )
     return 0
 
