@@ -1,4 +1,5 @@
-"""The built image, for real: podman loads it under both names with its labels, ztunnel runs from
+"""The built image, for real: podman and containerd load it under both names (podman with its
+labels), ztunnel runs from
 it as the DaemonSet runs it (root, privileged, the node's network, BPF programs compiled by the
 image's BCC and pinned) and gets ready, and the unprivileged components run as uid 1337 on a
 read-only root."""
@@ -171,3 +172,42 @@ def test_ztunnel_from_the_image_compiles_pins_and_gets_ready_like_the_daemonset(
     assert not pins.exists()
     for h in ctr.cgroup_v1_hierarchies():
         assert not (h / cg_rel.split("/")[0]).exists(), f"left {h / cg_rel}"
+
+
+@pytest.mark.skipif(shutil.which("containerd") is None, reason="needs containerd (setup.sh)")
+def test_containerd_imports_the_archive_as_kind_load_does(built_image: image.BuildResult) -> None:
+    """`kind load image-archive` runs `ctr -n k8s.io images import --all-platforms --digests`
+    on each node: a containerd of our own (its own root, state and socket) does the same."""
+    d = Path(tempfile.mkdtemp(prefix="amctrd", dir="/tmp"))
+    sock = d / "c.sock"
+    (d / "config.toml").write_text(
+        f'version = 2\nroot = "{d}/root"\nstate = "{d}/state"\n'
+        f'[grpc]\n  address = "{sock}"\n'
+        '[plugins."io.containerd.grpc.v1.cri"]\n  disable = true\n'
+    )
+    log = open(d / "log", "wb")  # noqa: SIM115
+    daemon = subprocess.Popen(["containerd", "--config", str(d / "config.toml")],
+                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        ctr = ["ctr", "--address", str(sock), "-n", "k8s.io"]
+        deadline = time.monotonic() + 30
+        while subprocess.run([*ctr, "version"], capture_output=True).returncode != 0:
+            assert daemon.poll() is None, (d / "log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "containerd never answered"
+            time.sleep(0.2)
+        res = subprocess.run(
+            [*ctr, "images", "import", "--all-platforms", "--digests", str(built_image.archive)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        listed = subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True)
+        assert set(built_image.refs) <= set(listed.stdout.split())
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)
