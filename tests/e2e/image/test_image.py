@@ -1,8 +1,7 @@
 """The built image, for real: podman and containerd load it under both names (podman with its
-labels), ztunnel runs from
-it as the DaemonSet runs it (root, privileged, the node's network, BPF programs compiled by the
-image's BCC and pinned) and gets ready, and the unprivileged components run as uid 1337 on a
-read-only root."""
+labels), ztunnel runs from it as the DaemonSet runs it (root, privileged, the node's network,
+BPF programs compiled by the image's BCC and pinned) and gets ready, and the unprivileged
+components run as uid 1337 on a read-only root."""
 
 from __future__ import annotations
 
