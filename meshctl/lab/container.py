@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 NONROOT = 1337
+CHILD_CGROUP = "ctr"  # the runtime's cgroup for a lab container, under the lab's own
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CGROUP_FS = Path("/sys/fs/cgroup")
 
@@ -522,10 +523,11 @@ def container_names(prefix: str) -> Iterator[str]:
 def image_command(argv: Sequence[str]) -> list[str]:
     """A command line the lab runs on the host, as the image runs it: this interpreter (or a
     manifest's `python`) is the image's `python3`, `python -m ztunnel.main` its `ztunnel`."""
+    import re
     import sys
 
     out = list(argv)
-    if out and (out[0] in ("python", "python3") or out[0] == sys.executable):
+    if out and (re.fullmatch(r"python(3(\.\d+)?)?", Path(out[0]).name) or out[0] == sys.executable):
         out[0] = "python3"
         if out[1:3] == ["-m", "ztunnel.main"]:
             out = ["ztunnel", *out[3:]]
@@ -544,12 +546,18 @@ def lab_ztunnel(
     cgroup: Path, state_dir: Path, env: Mapping[str, str],
 ) -> Container:  # fmt: skip
     """A node's ztunnel as its DaemonSet runs it: root, privileged, the node's network and
-    pids, the DaemonSet's host paths; its cgroup the one the lab made for it (the lab's BPF
-    programs tell ztunnel's own sockets by it)."""
+    pids, the DaemonSet's host paths. Its processes go in a child of the cgroup the lab made
+    for it, and its node programs are attached to that one (`--bpf-cgroup`, they apply to the
+    child too): the runtime removes the container's own cgroup when it ends, and a program
+    attached to a removed cgroup lingers until its last socket is gone, where the lab's down
+    could no longer detach it."""
+    args = image_command(argv)
+    if "--redirect" in args and "--bpf-cgroup" not in args:
+        args += ["--bpf-cgroup", str(cgroup)]
     return Container(
-        name, img, image_command(argv), bundle, netns=f"/var/run/netns/{node_netns}",
+        name, img, args, bundle, netns=f"/var/run/netns/{node_netns}",
         privileged=True, user=0, env=env, mounts=ztunnel_mounts(state_dir),
-        cgroup=cgroup_rel(cgroup),
+        cgroup=cgroup_rel(cgroup / CHILD_CGROUP),
     )  # fmt: skip
 
 
@@ -565,7 +573,7 @@ def lab_waypoint(
         name, img, image_command(argv), bundle, netns=f"/var/run/netns/{pod_netns}",
         privileged=False, user=0, env=env,
         mounts=[BindMount(str(state_dir), str(state_dir))],
-        cgroup=cgroup_rel(cgroup),
+        cgroup=cgroup_rel(cgroup / CHILD_CGROUP),  # the pod's cgroup outlives the container
     )  # fmt: skip
 
 

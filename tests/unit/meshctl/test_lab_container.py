@@ -191,3 +191,26 @@ def test_old_unpacked_trees_are_pruned_but_not_recent_ones(tmp_path: Path) -> No
     left = sorted(p.name for p in cache.iterdir())
     # the three newest stay (5, 4, 3), the kept one stays, 1 and 2 go
     assert left == [f"rootfs-{i:016x}" for i in (0, 3, 4, 5)]
+
+
+def test_a_lab_ztunnel_attaches_to_the_labs_cgroup_and_runs_in_a_child(tmp_path: Path) -> None:
+    """The runtime removes the container's cgroup when it ends; programs must not be attached
+    there, or the lab's down could not detach them."""
+    from bpf.mounts import default_cgroup_root
+
+    cg = Path(default_cgroup_root()) / "ambientmesh" / "lab" / "ztunnel" / "n1"
+    c = ctr.lab_ztunnel(
+        _img(tmp_path), "lab-zt-n1",
+        ["/usr/bin/python3", "-m", "ztunnel.main", "--node", "n1", "--redirect", "bpf"],
+        bundle=tmp_path / "b", node_netns="lab-node-n1", cgroup=cg, state_dir=tmp_path,
+        env={"NODE_NAME": "n1"},
+    )  # fmt: skip
+    assert c.args[0] == "ztunnel"
+    assert list(c.args[-2:]) == ["--bpf-cgroup", str(cg)]
+    assert c.cgroup == "/ambientmesh/lab/ztunnel/n1/ctr"
+    wp = ctr.lab_waypoint(
+        _img(tmp_path), "lab-wp", ["python", "-m", "waypoint.main"], bundle=tmp_path / "w",
+        pod_netns="lab-pod-x", cgroup=cg.parent / "pod", state_dir=tmp_path, env={},
+    )  # fmt: skip
+    assert wp.cgroup == "/ambientmesh/lab/ztunnel/pod/ctr"
+    assert wp.config()["process"]["capabilities"]["bounding"] == []
