@@ -168,7 +168,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def ztunnel_args(work: Path, redirect: str, pins: Path) -> list[str]:
+def ztunnel_args(work: Path, redirect: str, pins: Path, cgroup: Path) -> list[str]:
+    """`cgroup`: where ztunnel attaches its node programs, a parent of its own (the runtime
+    removes a container's cgroup, and programs on a removed cgroup outlive the run)."""
     args = [
         "--node", "n1", "--config", str(work / "mesh.yaml"), "--ca-dir", str(work / "ca"),
         "--hbone-addr", "127.0.0.1:15008", "--admin-addr", "127.0.0.1:15000",
@@ -176,7 +178,7 @@ def ztunnel_args(work: Path, redirect: str, pins: Path) -> list[str]:
         "--redirect", redirect,
     ]  # fmt: skip
     if redirect == "bpf":
-        args += ["--bpf-pin-root", str(pins)]
+        args += ["--bpf-pin-root", str(pins), "--bpf-cgroup", str(cgroup)]
     return args
 
 
@@ -185,6 +187,7 @@ def cold_starts(img: ctr.UnpackedImage, work: Path, runs: int, tag: str) -> dict
     pins_root = Path("/sys/fs/bpf") / f"ambientmesh-{tag}"
     cg_rel = f"ambientmesh-{tag}"
     cg = Path(ctr_cgroup_root()) / cg_rel
+    cg.mkdir(parents=True, exist_ok=True)
     with scratch_netns(tag) as ns:
         netns_path = f"/var/run/netns/{ns}"
         for redirect in ("none", "bpf"):
@@ -196,7 +199,7 @@ def cold_starts(img: ctr.UnpackedImage, work: Path, runs: int, tag: str) -> dict
                     c = None
                     if where == "image":
                         c = ctr.Container(
-                            name, img, ["ztunnel", *ztunnel_args(work, redirect, pins)],
+                            name, img, ["ztunnel", *ztunnel_args(work, redirect, pins, cg)],
                             work / "bundles" / name, netns=netns_path, privileged=True, user=0,
                             mounts=ctr.ztunnel_mounts(work), cgroup=f"{cg_rel}/{name}",
                         )  # fmt: skip
@@ -204,9 +207,10 @@ def cold_starts(img: ctr.UnpackedImage, work: Path, runs: int, tag: str) -> dict
                         env = None
                     else:
                         cg.mkdir(parents=True, exist_ok=True)
+                        zt = [sys.executable, "-m", "ztunnel.main",
+                              *ztunnel_args(work, redirect, pins, cg)]  # fmt: skip
                         argv = [sys.executable, "-m", "meshctl.lab.podexec", "--netns", ns,
-                                "--cgroup", str(cg), "--", sys.executable, "-m",
-                                "ztunnel.main", *ztunnel_args(work, redirect, pins)]  # fmt: skip
+                                "--cgroup", str(cg), "--", *zt]  # fmt: skip
                         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
                     log = open(work / f"{name}.log", "wb")  # noqa: SIM115
                     t0 = time.monotonic()

@@ -131,11 +131,14 @@ def test_ztunnel_from_the_image_compiles_pins_and_gets_ready_like_the_daemonset(
         "--ca-dir", str(ca / "d"), "--hbone-addr", "127.0.0.1:15008",
         "--admin-addr", "127.0.0.1:15000", "--metrics-addr", "127.0.0.1:15020",
         "--readiness-addr", f"127.0.0.1:{READY}", "--redirect", "bpf", "--bpf-pin-root", str(pins),
+        # as the lab does: programs on a cgroup we remove ourselves, the container in a child
+        "--bpf-cgroup", str(Path(default_cgroup_root()) / cg_rel),
     ]  # fmt: skip
+    (Path(default_cgroup_root()) / cg_rel).mkdir(parents=True)
     with _netns() as ns:
         c = ctr.Container(
             tag, unpacked_image, args, tmp_path / "bundle", netns=f"/var/run/netns/{ns}",
-            privileged=True, user=0, mounts=[*ctr.ztunnel_mounts(tmp_path)], cgroup=cg_rel,
+            privileged=True, user=0, mounts=[*ctr.ztunnel_mounts(tmp_path)], cgroup=f"{cg_rel}/ctr",
         )  # fmt: skip
         log = open(tmp_path / "ztunnel.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(c.argv(), stdout=log, stderr=subprocess.STDOUT)
@@ -150,7 +153,7 @@ def test_ztunnel_from_the_image_compiles_pins_and_gets_ready_like_the_daemonset(
                     assert time.monotonic() < deadline, "ztunnel never got ready"
                     time.sleep(0.1)
             assert pins.is_dir() and any(pins.rglob("*")), "no BPF pins from the image's BCC"
-            cgroup = Path(default_cgroup_root()) / cg_rel
+            cgroup = Path(default_cgroup_root()) / cg_rel / "ctr"
             assert (cgroup / "cgroup.procs").read_text().split(), "ztunnel not in its cgroup"
         finally:
             proc.terminate()
@@ -162,13 +165,13 @@ def test_ztunnel_from_the_image_compiles_pins_and_gets_ready_like_the_daemonset(
             log.close()
             c.delete()
             shutil.rmtree(pins, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (Path(default_cgroup_root()) / cg_rel).rmdir()
-            with contextlib.suppress(OSError):
-                (Path(default_cgroup_root()) / cg_rel).parent.rmdir()
-            ctr.remove_v1_cgroups(cg_rel)
+            for d in (f"{cg_rel}/ctr", cg_rel, cg_rel.split("/")[0]):
+                with contextlib.suppress(OSError):
+                    (Path(default_cgroup_root()) / d).rmdir()
+            ctr.remove_v1_cgroups(f"{cg_rel}/ctr")
     assert proc.returncode == 0 or proc.returncode == -15, (tmp_path / "ztunnel.log").read_text()
     assert not pins.exists()
+    assert not (Path(default_cgroup_root()) / cg_rel.split("/")[0]).exists()
     for h in ctr.cgroup_v1_hierarchies():
         assert not (h / cg_rel.split("/")[0]).exists(), f"left {h / cg_rel}"
 
