@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshctl.waypoint",
     "meshctl.doctor",
     "meshctl.install",
+    "meshctl.image",
     "meshctl.lab.cli",
     "benchmarks.suite",
 )

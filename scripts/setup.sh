@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins iproute2
-          iptables procps psmisc)
+          iptables procps psmisc
+          # the container image: built from Debian packages (meshctl image build), run by the
+          # lab and its tests with an OCI runtime, loaded by podman and containerd (as kind
+          # load does) in tests/e2e/image
+          mmdebstrap runc podman containerd)
 if [ "${MESH_SETUP_KTLS:-1}" = 1 ]; then
   apt_pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static)
 fi

@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from meshctl.errors import UsageError
+from meshctl.image import parse_ref
 from meshctl.install import ca, controller, ztunnel
 from meshctl.install.objects import labels
 from meshctl.install.schemas import crds
@@ -105,6 +106,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
         values = _deep(values, loaded)
     for expr in args.set or []:
         values = _deep(values, parse_set(expr))
+    if args.image:
+        repository, tag = parse_ref(args.image)
+        values = _deep(values, {"image": {"repository": repository, "tag": tag}})
     sys.stdout.write(render_yaml(values))
     return 0
 
@@ -128,5 +132,11 @@ def register(sub: Any) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="override one value, e.g. --set ztunnel.maxUnavailable=2",
+    )
+    p.add_argument(
+        "--image",
+        metavar="REF",
+        help="the image every component runs (REPOSITORY:TAG), e.g. the one `meshctl image "
+        "build` made and `kind load image-archive` loaded; default: the version's tag",
     )
     p.set_defaults(func=_cmd_install)

@@ -34,7 +34,10 @@ def _lab(args: argparse.Namespace, *, mesh: bool = True, capture: str = "auto") 
         cgroup_root=Path(args.cgroup_root),
         pin_root=Path(args.pin_root),
     )
-    return Lab(paths, mesh=mesh, capture=capture)
+    image = getattr(args, "image", None)
+    if image is not None and not Path(image).is_file():
+        raise UsageError(f"--image {image}: no such file (build one: meshctl image build)")
+    return Lab(paths, mesh=mesh, capture=capture, image=Path(image) if image else None)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,6 +45,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-root", default=str(STATE_ROOT), help=argparse.SUPPRESS)
     p.add_argument("--cgroup-root", default=str(CGROUP_ROOT), help=argparse.SUPPRESS)
     p.add_argument("--pin-root", default=str(PIN_ROOT), help=argparse.SUPPRESS)
+
+
+def _image_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        help="run each node's ztunnel and the waypoints from this image archive (meshctl "
+        "image build) with runc/crun, as the DaemonSet and Deployments run them",
+    )
 
 
 def _guard_signals() -> None:
@@ -174,6 +186,7 @@ def register(subparsers: Any) -> None:
         "REDIRECT in the node netns; auto: enrol when ztunnel supports it",
     )
     p.add_argument("--keep-on-error", action="store_true", help="leave a failed lab for study")
+    _image_arg(p)
     _common(p)
     p.set_defaults(func=cmd_up)
 
@@ -217,5 +230,6 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p.add_argument("--capture", choices=["auto", "enrol", "node"], default="auto")
+    _image_arg(p)
     _common(p)
     p.set_defaults(func=cmd_demo, name="demo")

@@ -23,7 +23,8 @@ from typing import Any
 
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
-from meshctl.lab import manifest
+from meshctl.image import default_cache_dir
+from meshctl.lab import container, manifest
 from meshctl.lab.context import LabContext
 from meshctl.lab.enrolment import MeshCni
 from meshctl.lab.names import LabPaths, check_lab_name
@@ -43,12 +44,17 @@ class Lab:
         out: Callable[[str], None] = print,
         mesh: bool = True,
         capture: str = "auto",
+        image: Path | None = None,
     ) -> None:
+        """`image`: an archive from `meshctl image build`; each node's ztunnel and the
+        waypoints then run from it with an OCI runtime (meshctl.lab.container) instead of
+        from this tree on the host."""
         check_lab_name(paths.lab)
         if capture not in ("auto", "enrol", "node"):
             raise ValueError(f"capture {capture!r}: expected auto, enrol or node")
         self.ctx = LabContext(paths, out, mesh=mesh)
         self.requested_capture = capture
+        self.image = image
         self.topology = Topology(self.ctx)
         self.procs = Processes(self.ctx)
         self.ztunnels = Ztunnels(self.ctx, self.procs)
@@ -93,6 +99,14 @@ class Lab:
             )
         docs = manifest.load([manifest_path])
         topo = manifest.plan(docs)
+        image_info = None
+        if self.image is not None:
+            self.out(f"image: {self.image} (unpacking once per image)")
+            try:
+                image_info = container.lab_image_info(self.image, default_cache_dir() / "rootfs")
+            except container.ImageError as exc:
+                raise LabError(f"--image {self.image}: {exc}") from None
+            self.out(f"image: {', '.join(image_info['refs'])} run by {image_info['runtime']}")
         self.topology.ensure_filesystems()
         leftovers = netns_list(self.paths.prefix)
         if leftovers or self.paths.lab_cgroup.exists():
@@ -107,6 +121,8 @@ class Lab:
             "started": time.time(),
             "mesh": self.mesh,
         }
+        if image_info is not None:
+            st.info["image"] = image_info
         self.ctx.begin(st)
         try:
             return self._up(docs, topo)

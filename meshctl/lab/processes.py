@@ -12,12 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mesh.config.snapshot import Snapshot
+from meshctl.lab import container
 from meshctl.lab.context import LabContext
 from meshctl.lab.names import netns_path
 from meshctl.lab.state import ProcRecord
 from meshctl.lab.system import LabError, log_tail, patience, proc_start_time
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# the label the waypoint's pod carries (meshctl.lab.waypoints): with --image, run from it
+WAYPOINT_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -91,6 +94,23 @@ class Processes:
             "POD_IP": str(info.get("ip", "")),
             "NODE_NAME": str(pod.node),
         }
+        img = container.lab_image(st.info)
+        if img is not None and WAYPOINT_LABEL in pod.labels:
+            # a waypoint from the image, as its Deployment runs it; the runtime puts it in
+            # the pod's netns and cgroup (its readiness is what the caller waits for)
+            p = self.ctx.paths
+            c = container.lab_waypoint(
+                img, f"{p.prefix}wp-{namespace}-{name}", pod.command,
+                bundle=p.state_dir / "bundles" / f"pod-{namespace}.{name}",
+                pod_netns=str(info["netns"]), cgroup=Path(str(info["cgroup"])),
+                state_dir=p.state_dir, env=env,
+            )  # fmt: skip
+            c.delete()
+            container.record(st.info, c)
+            st.save()
+            pid = self.spawn(c.argv(), log, env)
+            st.add_proc(ProcRecord("pod", pod.key, pid, proc_start_time(pid) or 0, str(log)))
+            return
         pid = self.spawn(podexec_argv(str(info["netns"]), str(info["cgroup"]), pod.command),
                          log, env)  # fmt: skip
         st.add_proc(ProcRecord("pod", pod.key, pid, proc_start_time(pid) or 0, str(log)))

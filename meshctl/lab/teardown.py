@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from meshctl.lab import cni
+from meshctl.lab import cni, container
 from meshctl.lab.names import LabPaths
 from meshctl.lab.state import LabState, ProcRecord
 from meshctl.lab.system import (
@@ -64,6 +64,7 @@ def teardown(p: LabPaths, say: Callable[[str], None]) -> list[str]:
                 )  # fmt: skip
         stop([r for r in st.procs if r.kind != "pod"])
     step("kill leftover processes", lambda: cgroup_kill_all(p.lab_cgroup))
+    step("containers", lambda: container.remove_all(st.info if st else {}, p.prefix))
     names = set(netns_list(p.prefix)) | set(st.netns if st else [])
     # pods first, then nodes, then the underlay: links die with their namespace
     order = sorted(names, key=lambda n: (0 if "-pod-" in n else 1 if "-node-" in n else 2, n))

@@ -22,6 +22,7 @@ from mesh.ports import (
     OUTBOUND_PORT,
     READINESS_PORT,
 )
+from meshctl.lab import container
 from meshctl.lab.context import LabContext
 from meshctl.lab.processes import Processes
 from meshctl.lab.state import ProcRecord
@@ -129,11 +130,24 @@ class Ztunnels:
         if sock.exists():
             sock.unlink()
         log = p.log_dir / f"ztunnel-{node}.log"
-        argv = [
-            sys.executable, "-m", "meshctl.lab.podexec",
-            "--netns", str(st.nodes[node]["netns"]), "--cgroup", str(cg), "--",
-            *self.argv(node, feats),
-        ]  # fmt: skip
+        img = container.lab_image(st.info)
+        if img is not None:  # from the image, as the DaemonSet runs it
+            c = container.lab_ztunnel(
+                img, f"{p.prefix}zt-{node}", self.argv(node, feats),
+                bundle=p.state_dir / "bundles" / f"ztunnel-{node}",
+                node_netns=str(st.nodes[node]["netns"]), cgroup=cg, state_dir=p.state_dir,
+                env={"NODE_NAME": node},
+            )  # fmt: skip
+            c.delete()  # what a hard-killed predecessor left
+            container.record(st.info, c)
+            st.save()
+            argv = c.argv()
+        else:
+            argv = [
+                sys.executable, "-m", "meshctl.lab.podexec",
+                "--netns", str(st.nodes[node]["netns"]), "--cgroup", str(cg), "--",
+                *self.argv(node, feats),
+            ]  # fmt: skip
         pid = self.procs.spawn(argv, log, {"NODE_NAME": node})
         st.add_proc(ProcRecord("ztunnel", node, pid, proc_start_time(pid) or 0, str(log)))
         self.ctx.out(f"ztunnel {node}: pid {pid}, hbone {st.nodes[node]['ip']}:{HBONE_PORT}")
