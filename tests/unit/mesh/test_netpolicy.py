@@ -164,7 +164,8 @@ def test_network_policy_peers_ip_blocks_and_namespaces() -> None:
 
 
 def test_cnp_to_cidr_and_port_only_rule() -> None:
-    docs = _docs() + [
+    docs = [
+        *_docs(),
         {
             "apiVersion": "cilium.io/v2",
             "kind": "CiliumNetworkPolicy",
@@ -176,7 +177,7 @@ def test_cnp_to_cidr_and_port_only_rule() -> None:
                     {"toPorts": [{"ports": [{"port": "53"}]}]},  # any peer, port 53
                 ],
             },
-        }
+        },
     ]
     snap = parse_objects(docs)
     assert _d(snap, BACKEND, OUTSIDE, 443, EG).verdict is Verdict.ALLOW
