@@ -33,7 +33,7 @@ _KINDS = st.sampled_from(
 _APIS = st.sampled_from(
     ["v1", "gateway.networking.k8s.io/v1", "security.istio.io/v1", "security.istio.io/v1beta1",
      "networking.k8s.io/v1", "cilium.io/v2"]
-)
+)  # fmt: skip
 _KEYS = st.sampled_from(
     ["name", "namespace", "labels", "spec", "status", "ports", "port", "targetPort", "clusterIP",
      "selector", "matchLabels", "podIP", "nodeName", "serviceAccountName", "rules", "matches",
