@@ -122,8 +122,10 @@ def _cnp_pods(snap: Snapshot, cnp: CiliumNetworkPolicy) -> list[Pod]:
 
 
 def _pod_has_waypoint(snap: Snapshot, pod: Pod) -> bool:
-    """Behind a waypoint: its namespace names an existing waypoint, or a service selecting it
-    does (the service's own label wins, as at run time)."""
+    """Behind a waypoint: enrolled in ambient (else no ztunnel sends its traffic anywhere),
+    and its namespace names an existing waypoint, or a service selecting it does."""
+    if not snap.is_ambient(pod):
+        return False
     for svc in snap.services:
         if (
             svc.namespace == pod.namespace
@@ -151,7 +153,8 @@ def _l7_without_waypoint(snap: Snapshot) -> list[Finding]:
                     f"CiliumNetworkPolicy {cnp.key}",
                     "has toPorts.rules.http but no waypoint serves "
                     f"{', '.join(sorted(bare))}: the L7 rule cannot be enforced "
-                    f"(label namespace {cnp.namespace} with {USE_WAYPOINT_LABEL})",
+                    f"(enrol the pods in ambient and label namespace {cnp.namespace} with "
+                    f"{USE_WAYPOINT_LABEL})",
                 )
             )
     for ap in snap.authorization_policies:

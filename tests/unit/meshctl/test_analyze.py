@@ -59,7 +59,8 @@ def test_injection_alone_is_not_mixed() -> None:
     labels = _find(docs, "Namespace", "shop")["metadata"]["labels"]
     labels["istio-injection"] = "enabled"
     del labels["istio.io/dataplane-mode"]
-    assert _lines(docs) == []
+    # Not mixed; but with the namespace out of ambient, no waypoint sees backend's traffic.
+    assert [x[:17] for x in _lines(docs)] == ["Warning [AM0003] "]
 
 
 def test_policies_selecting_no_pods() -> None:
@@ -120,6 +121,13 @@ def test_cnp_l7_rule_without_waypoint() -> None:
         "Warning [AM0003] (CiliumNetworkPolicy shop/allow-http-to-backend) has "
         "toPorts.rules.http but no waypoint serves backend-1"
     )
+
+
+def test_pod_opted_out_of_ambient_has_no_waypoint() -> None:
+    docs = _docs()
+    _find(docs, "Pod", "backend-1")["metadata"]["labels"]["istio.io/dataplane-mode"] = "none"
+    (line,) = _lines(docs)
+    assert line.startswith("Warning [AM0003] (CiliumNetworkPolicy shop/allow-http-to-backend)")
 
 
 def test_service_label_provides_the_waypoint() -> None:
