@@ -53,6 +53,8 @@ def _validate(args: argparse.Namespace) -> int:
             snap.http_routes,
             snap.authorization_policies,
             snap.peer_authentications,
+            snap.network_policies,
+            snap.cilium_policies,
         )
     )
     if count == 0:

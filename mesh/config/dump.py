@@ -64,4 +64,6 @@ def snapshot_to_json(snap: Snapshot) -> dict[str, Any]:
         "http_routes": _plain(snap.http_routes),
         "authorization_policies": _plain(snap.authorization_policies),
         "peer_authentications": _plain(snap.peer_authentications),
+        "network_policies": _plain(snap.network_policies),
+        "cilium_policies": _plain(snap.cilium_policies),
     }

@@ -400,3 +400,109 @@ class PeerAuthentication:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes NetworkPolicy (networking.k8s.io/v1) and the subset of Cilium's
+# CiliumNetworkPolicy (cilium.io/v2) that users bring from the article's examples.
+# Both kinds only allow: a policy selecting a pod makes that pod default-deny in each direction
+# the policy covers, and every rule is a hole in that wall.
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicyPort:
+    """A port (None: every port) of one protocol. Only TCP is carried by the mesh."""
+
+    port: int | None = None
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicyPeer:
+    """One `from`/`to` entry. A selector left out is None (it does not narrow); an empty
+    selector `{}` matches everything in its scope, as Kubernetes says."""
+
+    pod_selector: Mapping[str, str] | None = None
+    namespace_selector: Mapping[str, str] | None = None
+    ip_block: str | None = None
+    ip_block_except: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicyRule:
+    """An empty `peers` matches every peer; an empty `ports` matches every port."""
+
+    peers: tuple[NetworkPolicyPeer, ...] = ()
+    ports: tuple[NetworkPolicyPort, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicy:
+    namespace: str
+    name: str
+    pod_selector: Mapping[str, str] = field(default_factory=_no_labels)
+    policy_types: tuple[str, ...] = ("Ingress",)  # "Ingress" and/or "Egress"
+    ingress: tuple[NetworkPolicyRule, ...] = ()
+    egress: tuple[NetworkPolicyRule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class CiliumHTTPRule:
+    """An L7 rule: only a waypoint can evaluate it. `path` is a regular expression matched
+    against the whole path (Cilium's meaning); None matches any."""
+
+    method: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CiliumPortRule:
+    """`toPorts` entry: TCP ports (empty: any port) and optional HTTP rules on them."""
+
+    ports: tuple[int, ...] = ()
+    http: tuple[CiliumHTTPRule, ...] = ()
+
+
+class CiliumEntity(enum.Enum):
+    WORLD = "world"
+
+
+@dataclass(frozen=True, slots=True)
+class CiliumRule:
+    """One ingress or egress rule. `endpoints` selectors (fromEndpoints/toEndpoints) are ORed
+    with `entities` and `cidrs`; with none of the three the rule matches every peer.
+    `auth_required` is `authentication: {mode: required}`: the peer must come over mTLS."""
+
+    endpoints: tuple[Mapping[str, str], ...] = ()
+    entities: tuple[CiliumEntity, ...] = ()
+    cidrs: tuple[str, ...] = ()
+    to_ports: tuple[CiliumPortRule, ...] = ()
+    auth_required: bool = False
+
+    @property
+    def has_l7(self) -> bool:
+        return any(p.http for p in self.to_ports)
+
+
+@dataclass(frozen=True, slots=True)
+class CiliumNetworkPolicy:
+    """`ingress`/`egress` None when the section is absent: that direction stays open. A
+    section present (even empty) makes the selected endpoints default-deny that way."""
+
+    namespace: str
+    name: str
+    endpoint_selector: Mapping[str, str] = field(default_factory=_no_labels)
+    ingress: tuple[CiliumRule, ...] | None = None
+    egress: tuple[CiliumRule, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def has_l7(self) -> bool:
+        return any(r.has_l7 for r in (self.ingress or ()) + (self.egress or ()))

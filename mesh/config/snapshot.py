@@ -20,10 +20,12 @@ from mesh.config.model import (
     GATEWAY_NAME_LABEL,
     USE_WAYPOINT_LABEL,
     AuthorizationPolicy,
+    CiliumNetworkPolicy,
     Endpoint,
     HTTPRoute,
     MtlsMode,
     Namespace,
+    NetworkPolicy,
     Node,
     PeerAuthentication,
     Pod,
@@ -63,6 +65,8 @@ class Snapshot:
     http_routes: tuple[HTTPRoute, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
+    network_policies: tuple[NetworkPolicy, ...] = ()
+    cilium_policies: tuple[CiliumNetworkPolicy, ...] = ()
     # A monotonically increasing number, so logs and the config dump can say which one served.
     version: int = 0
 
@@ -252,5 +256,7 @@ class Snapshot:
             http_routes=self.http_routes,
             authorization_policies=self.authorization_policies,
             peer_authentications=self.peer_authentications,
+            network_policies=self.network_policies,
+            cilium_policies=self.cilium_policies,
             version=version,
         )

@@ -27,11 +27,13 @@ def target() -> Iterator[ConfigTarget]:
 
 _KINDS = st.sampled_from(
     ["Namespace", "Pod", "Service", "Node", "Gateway", "HTTPRoute", "AuthorizationPolicy",
-     "PeerAuthentication", "List", "ConfigMap", "GRPCRoute"]
+     "PeerAuthentication", "List", "ConfigMap", "GRPCRoute", "NetworkPolicy",
+     "CiliumNetworkPolicy"]
 )  # fmt: skip
 _APIS = st.sampled_from(
-    ["v1", "gateway.networking.k8s.io/v1", "security.istio.io/v1", "security.istio.io/v1beta1"]
-)
+    ["v1", "gateway.networking.k8s.io/v1", "security.istio.io/v1", "security.istio.io/v1beta1",
+     "networking.k8s.io/v1", "cilium.io/v2"]
+)  # fmt: skip
 _KEYS = st.sampled_from(
     ["name", "namespace", "labels", "spec", "status", "ports", "port", "targetPort", "clusterIP",
      "selector", "matchLabels", "podIP", "nodeName", "serviceAccountName", "rules", "matches",
@@ -41,14 +43,18 @@ _KEYS = st.sampled_from(
      "methods", "paths", "mtls", "mode", "portLevelMtls", "gatewayClassName", "listeners",
      "addresses", "address", "items", "targetRefs", "group", "kind", "requestHeaderModifier",
      "set", "add", "remove", "urlRewrite", "requestRedirect", "statusCode", "requestMirror",
-     "backendRef", "creationTimestamp", "protocol", "appProtocol", "hostnames", "service"]
+     "backendRef", "creationTimestamp", "protocol", "appProtocol", "hostnames", "service",
+     "podSelector", "namespaceSelector", "policyTypes", "ingress", "egress", "ipBlock", "cidr",
+     "except", "endpointSelector", "fromEndpoints", "toEndpoints", "toPorts", "toEntities",
+     "toCIDR", "authentication", "http", "specs"]
 )  # fmt: skip
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
     st.sampled_from(["10.0.0.1", "10.0.0.0/8", "::1", "1.2.3.4/99", "80", "10s", "500ms", "x",
                      "PathPrefix", "Exact", "RegularExpression", "(", "ALLOW", "DENY", "STRICT",
-                     "ambient", "waypoint", "*", "cluster.local/ns/a/sa/b"]),
+                     "ambient", "waypoint", "*", "cluster.local/ns/a/sa/b", "world",
+                     "required", "TCP", "UDP", "Ingress", "Egress", "GET", "/api/.*"]),
 )  # fmt: skip
 _VALUES: st.SearchStrategy[Any] = st.recursive(
     _SCALARS,

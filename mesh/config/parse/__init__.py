@@ -7,7 +7,7 @@ File handling lives only in `load_snapshot`, keeping `parse_objects` usable by a
 
 This package holds the assembly (`parse_objects`: which kind goes to which parser, and the
 checks across objects) and file reading; each family of kinds has its own module (`core`,
-`routes`, `security`) on top of what they share (`common`).
+`routes`, `security`, `netpol`) on top of what they share (`common`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from mesh.config.model import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
     AuthorizationPolicy,
+    CiliumNetworkPolicy,
     ConfigError,
     HTTPRoute,
     Namespace,
+    NetworkPolicy,
     Node,
     PeerAuthentication,
     Pod,
@@ -33,6 +35,7 @@ from mesh.config.model import (
 )
 from mesh.config.parse.common import ConfigErrors, parse_duration
 from mesh.config.parse.core import _gateway, _namespace, _node, _pod, _service
+from mesh.config.parse.netpol import _cilium_policy, _network_policy
 from mesh.config.parse.routes import _grpc_route, _http_route
 from mesh.config.parse.security import _authz, _peer_authn
 from mesh.config.snapshot import Snapshot
@@ -104,6 +107,8 @@ def parse_objects(
     routes: list[HTTPRoute] = []
     policies: list[AuthorizationPolicy] = []
     peers: list[PeerAuthentication] = []
+    netpols: list[NetworkPolicy] = []
+    cnps: list[CiliumNetworkPolicy] = []
     seen: set[tuple[str, str]] = set()
     for i, doc in enumerate(_flatten(docs, errors)):
         if not isinstance(doc, Mapping):
@@ -131,6 +136,10 @@ def parse_objects(
             obj, bucket = _authz(doc, errors, root_namespace), policies
         elif kind == "PeerAuthentication" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _peer_authn(doc, errors), peers
+        elif kind == "NetworkPolicy" and api == "networking.k8s.io/v1":
+            obj, bucket = _network_policy(doc, errors), netpols
+        elif kind == "CiliumNetworkPolicy" and api == "cilium.io/v2":
+            obj, bucket = _cilium_policy(doc, errors), cnps
         else:
             if ignored is not None:
                 ignored.append(_describe(doc, api))
@@ -189,6 +198,8 @@ def parse_objects(
         http_routes=tuple(sorted(routes, key=lambda r: (r.creation_timestamp, r.key))),
         authorization_policies=tuple(sorted(policies, key=k)),
         peer_authentications=tuple(sorted(peers, key=k)),
+        network_policies=tuple(sorted(netpols, key=k)),
+        cilium_policies=tuple(sorted(cnps, key=k)),
         version=version,
     )
 
