@@ -287,6 +287,23 @@ def _hostnames(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[str, ...]:
     return hostnames
 
 
+_SECTION_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+
+
+def _rule_name(ctx: _Ctx, r: Mapping[str, Any], p: str, seen: set[str]) -> str:
+    """A rule's optional name. Policies and status point at a rule by it, so it must be a
+    section name and unique in its route (the CRD enforces both; a file source must too)."""
+    name = ctx.string(r.get("name"), f"{p}.name", "") or ""
+    if not name:
+        return ""
+    if len(name) > 253 or not _SECTION_NAME.match(name):
+        ctx.err(f"{p}.name", f"{name!r} is not a valid section name (a DNS-1123 subdomain)")
+    elif name in seen:
+        ctx.err(f"{p}.name", f"{name!r} names an earlier rule of this route too")
+    seen.add(name)
+    return name
+
+
 def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:
     m = _meta(doc, "HTTPRoute", errors, namespaced=True)
     if m is None:
@@ -296,6 +313,7 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
     parents = _parents(ctx, spec, ns)
     hostnames = _hostnames(ctx, spec)
     rules = []
+    names: set[str] = set()
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         p = f"spec.rules[{i}]"
         r = ctx.mapping(r, p)
@@ -344,7 +362,7 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
                 tuple(backends),
                 RouteTimeouts(tvals["request"], tvals["backendRequest"]),
                 RouteRetry(attempts, tuple(codes), backoff),
-                ctx.string(r.get("name"), f"{p}.name", "") or "",
+                _rule_name(ctx, r, p, names),
             )
         )
     created = meta.get("creationTimestamp", "")
@@ -429,6 +447,7 @@ def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
     parents = _parents(ctx, spec, ns)
     hostnames = _hostnames(ctx, spec)
     rules = []
+    names: set[str] = set()
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         p = f"spec.rules[{i}]"
         r = ctx.mapping(r, p)
@@ -445,7 +464,7 @@ def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
             ref = _backend(ctx, b, f"{p}.backendRefs[{j}]", ns, filters=True, allowed=_GRPC_FILTERS)
             if ref is not None:
                 backends.append(ref)
-        rule_name = ctx.string(r.get("name"), f"{p}.name", "") or ""
+        rule_name = _rule_name(ctx, r, p, names)
         rules.append(RouteRule(matches, filters, tuple(backends), name=rule_name))
     created = meta.get("creationTimestamp", "")
     return HTTPRoute(ns, name, parents, hostnames, tuple(rules), str(created or ""), "GRPCRoute")
