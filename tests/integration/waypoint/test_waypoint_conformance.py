@@ -632,3 +632,91 @@ async def test_mesh_grpcroute_weight(mesh: Mesh) -> None:
             await server.stop(None)
     assert sum(got.values()) == 500 and set(got) <= {"grpc-a", "grpc-b"}, got
     assert abs(got["grpc-a"] / 500 - 0.7) <= 0.07, got
+
+
+async def test_mesh_grpcroute_request_header_modifier(mesh: Mesh) -> None:
+    """MeshGRPCRouteRequestHeaderModifier (upstream main, after v1.5): GRPCRoute rules chosen
+    by a header match set, add and remove request metadata; real grpcio on both ends, the
+    servers answer with the metadata they received."""
+    import json
+
+    import grpc
+
+    from tests.integration.waypoint.test_waypoint_grpcroute import PODS, manifests
+
+    def answer(name: str) -> Any:
+        async def handle(req: bytes, ctx: Any) -> bytes:
+            md: dict[str, list[str]] = {}
+            for k, v in ctx.invocation_metadata():
+                md.setdefault(k, []).append(v)
+            return json.dumps({"pod": name, "md": {k: ",".join(v) for k, v in md.items()}}).encode()
+
+        return handle
+
+    servers = []
+    ports = {}
+    for name, (ip, _) in PODS.items():
+        server = grpc.aio.server()
+        h = {"Call": grpc.unary_unary_rpc_method_handler(answer(name))}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", h),))
+        ports[name] = server.add_insecure_port(f"{ip}:0")
+        await server.start()
+        servers.append(server)
+
+    def rule(case: str, backend: str, **mod: list[Any]) -> Doc:
+        return {"matches": [{"headers": [{"name": "x-test-case", "value": case}]}],
+                "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": mod}],
+                "backendRefs": [{"name": backend, "port": 50051}]}  # fmt: skip
+
+    try:
+        docs = [d for d in manifests(ports) if d["kind"] != "GRPCRoute"]
+        docs.append(
+            {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+             "metadata": {"name": "grpc-headers", "namespace": NS},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "grpc",
+                                      "port": 50051}],
+                      "rules": [
+                          rule("set", "grpc-a", set=[{"name": "x-header-set", "value": "set-ow"}]),
+                          rule("add", "grpc-a", add=[{"name": "x-header-add", "value": "add-ap"}]),
+                          rule("remove", "grpc-a", remove=["x-header-remove"]),
+                          rule("multi", "grpc-b",
+                               set=[{"name": "x-header-set-1", "value": "s1"},
+                                    {"name": "x-header-set-2", "value": "s2"}],
+                               add=[{"name": "x-header-add-1", "value": "a1"},
+                                    {"name": "x-header-add-2", "value": "a2"}],
+                               remove=["x-header-remove-1", "x-header-remove-2"]),
+                      ]}}
+        )  # fmt: skip
+        mesh.apply(docs)
+        port = await mesh.port_for(GRPC_VIP, 50051)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/test.Echo/Call")
+
+            async def seen(case: str, md: list[tuple[str, str]]) -> tuple[str, dict[str, str]]:
+                got = json.loads(
+                    await call(b"x", metadata=[("x-test-case", case), *md], timeout=10)
+                )
+                return got["pod"], got["md"]
+
+            pod_, md = await seen("set", [("some-other-header", "kept"), ("x-header-set", "old")])
+            assert pod_ == "grpc-a" and (md["x-header-set"], md["some-other-header"]) == (
+                "set-ow",
+                "kept",
+            )
+            pod_, md = await seen("add", [("x-header-add", "first")])
+            assert pod_ == "grpc-a" and md["x-header-add"] == "first,add-ap"
+            pod_, md = await seen("remove", [("x-header-remove", "gone")])
+            assert pod_ == "grpc-a" and "x-header-remove" not in md
+            sent = [("x-header-set-2", "old"), ("x-header-add-2", "mine"),
+                    ("x-header-remove-2", "gone")]  # fmt: skip
+            pod_, md = await seen("multi", sent)
+            assert pod_ == "grpc-b"
+            assert (md["x-header-set-1"], md["x-header-set-2"]) == ("s1", "s2")
+            assert (md["x-header-add-1"], md["x-header-add-2"]) == ("a1", "mine,a2")
+            assert "x-header-remove-1" not in md and "x-header-remove-2" not in md
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"x", metadata=[("x-test-case", "none")], timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no rule matches
+    finally:
+        for server in servers:
+            await server.stop(None)
