@@ -113,6 +113,21 @@ class _Attempt:
     deadline: float | None = None  # loop time by which the whole response must be in
 
 
+def _grpc_retryable(att: _Attempt | None, failed: bool, codes: tuple[int, ...]) -> bool:
+    """A gRPC failure is known before anything is forwarded only as a trailers-only answer
+    (grpc-status in the head); one that comes after messages ends a stream already under way.
+    No upstream at all is what the caller would see as UNAVAILABLE (14)."""
+    if att is None:
+        return failed and 14 in codes
+    if not att.resp.end_stream:
+        return False
+    raw = next((v for k, v in att.resp.headers if k == "grpc-status"), None)
+    try:
+        return raw is not None and int(raw) in codes
+    except ValueError:
+        return False
+
+
 class RequestHandler:
     """Shared by all streams of the waypoint process; per-request state lives on the stack."""
 
@@ -284,6 +299,8 @@ class RequestHandler:
                     retryable = status in retry.codes or (
                         failure is not None and 503 in retry.codes
                     )
+                    if retry.grpc_codes and not retryable:
+                        retryable = _grpc_retryable(att, failure is not None, retry.grpc_codes)
                     if tries < retry.attempts and retryable and body.replayable:
                         tries += 1
                         out.retries = tries

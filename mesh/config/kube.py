@@ -68,6 +68,9 @@ class WatchedKind:
     kind: str
     api_version: str  # "v1" or "group/version"
     plural: str
+    # An optional kind's API may be absent (its CRD not installed): then it counts as listed
+    # and empty, so the other kinds still publish, and the source asks again now and then.
+    optional: bool = False
 
     @property
     def group(self) -> str:
@@ -86,6 +89,8 @@ DEFAULT_KINDS: tuple[WatchedKind, ...] = (
     WatchedKind("EndpointSlice", "discovery.k8s.io/v1", "endpointslices"),
     WatchedKind("Gateway", "gateway.networking.k8s.io/v1", "gateways"),
     WatchedKind("HTTPRoute", "gateway.networking.k8s.io/v1", "httproutes"),
+    # Newer than the rest of the Gateway API's standard channel in many clusters.
+    WatchedKind("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes", optional=True),
     WatchedKind("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies"),
     WatchedKind("PeerAuthentication", "security.istio.io/v1", "peerauthentications"),
 )
@@ -111,6 +116,10 @@ class Backoff:
 
 class _Gone(Exception):
     """The server no longer has the history from our resourceVersion: re-list."""
+
+
+class _NotServed(Exception):
+    """404 on an optional kind's collection: its CRD is not installed (or was removed)."""
 
 
 class WatchError(Exception):
@@ -156,6 +165,7 @@ class KubeSource:
         watch_timeout: int = 300,
         backoff_base: float = 0.2,
         backoff_cap: float = 30.0,
+        missing_recheck: float = 60.0,
     ) -> None:
         if local_pods_only and not node_name:
             raise ValueError("local_pods_only needs node_name")
@@ -170,6 +180,8 @@ class KubeSource:
         self.watch_timeout = watch_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.missing_recheck = missing_recheck
+        self.missing: set[str] = set()  # optional kinds the API server does not serve now
         self.objects: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {
             k.kind: {} for k in kinds
         }
@@ -218,6 +230,9 @@ class KubeSource:
         if resp.status == 410:
             resp.release()
             raise _Gone(f"{wk.plural}: 410 Gone")
+        if resp.status == 404 and wk.optional:
+            resp.release()
+            raise _NotServed(wk.plural)
         if resp.status != 200:
             body = (await resp.read())[:500].decode("utf-8", "replace")
             resp.release()
@@ -242,6 +257,9 @@ class KubeSource:
                 obj = self._typed(wk, item)
                 fresh[_obj_key(obj)] = obj
         self.objects[wk.kind] = fresh
+        if wk.kind in self.missing:
+            self.missing.discard(wk.kind)
+            log.info("the API server serves %s.%s now; watching it", wk.plural, wk.api_version)
         self.resource_versions[wk.kind] = str(meta.get("resourceVersion") or "") or None
         self.relists[wk.kind] += 1
         self._synced.add(wk.kind)
@@ -339,6 +357,10 @@ class KubeSource:
                 log.info("%s; re-listing", exc)
                 self.resource_versions[wk.kind] = None
                 continue
+            except _NotServed:
+                self._not_served(wk)
+                await asyncio.sleep(self.missing_recheck)
+                continue
             except asyncio.CancelledError:
                 raise
             except (
@@ -361,6 +383,26 @@ class KubeSource:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    def _not_served(self, wk: WatchedKind) -> None:
+        """An optional kind's API is gone or was never there: hold none of its objects and
+        count it as listed, so the other kinds keep publishing."""
+        if wk.kind not in self.missing:
+            log.warning(
+                "the API server does not serve %s.%s (is the %s CRD installed?); "
+                "no %s objects until it does, checking again every %.0fs",
+                wk.plural,
+                wk.api_version,
+                wk.kind,
+                wk.kind,
+                self.missing_recheck,
+            )
+            self.missing.add(wk.kind)
+        self.resource_versions[wk.kind] = None
+        if self.objects[wk.kind] or wk.kind not in self._synced:
+            self.objects[wk.kind] = {}
+            self._synced.add(wk.kind)
+            self._dirty.set()
 
     # -- snapshot --------------------------------------------------------------------------
 

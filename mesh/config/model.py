@@ -261,6 +261,9 @@ class RouteRetry:
     attempts: int = 0  # retries after the first try
     codes: tuple[int, ...] = ()
     backoff: float = 0.025  # seconds
+    # GRPCRoute: gRPC status codes (0-16) that make an attempt worth retrying. Seen in a
+    # trailers-only answer's head, the only place known before anything is forwarded.
+    grpc_codes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

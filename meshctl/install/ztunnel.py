@@ -217,6 +217,6 @@ def _daemonset(v: Mapping[str, Any], containers: list[Obj], volumes: list[Obj]) 
 _RULES = [
     rule([""], ["namespaces", "pods", "services", "nodes"], READ),
     rule(["discovery.k8s.io"], ["endpointslices"], READ),
-    rule(["gateway.networking.k8s.io"], ["gateways", "httproutes"], READ),
+    rule(["gateway.networking.k8s.io"], ["gateways", "httproutes", "grpcroutes"], READ),
     rule(["security.istio.io"], ["authorizationpolicies", "peerauthentications"], READ),
 ]

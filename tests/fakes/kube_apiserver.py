@@ -34,6 +34,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("apps/v1", "deployments"): ("Deployment", True),
     ("gateway.networking.k8s.io/v1", "gateways"): ("Gateway", True),
     ("gateway.networking.k8s.io/v1", "httproutes"): ("HTTPRoute", True),
+    ("gateway.networking.k8s.io/v1", "grpcroutes"): ("GRPCRoute", True),
     ("security.istio.io/v1", "authorizationpolicies"): ("AuthorizationPolicy", True),
     ("security.istio.io/v1", "peerauthentications"): ("PeerAuthentication", True),
 }

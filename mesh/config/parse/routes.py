@@ -287,6 +287,79 @@ def _hostnames(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[str, ...]:
     return hostnames
 
 
+GRPC_STATUS = {
+    name: i
+    for i, name in enumerate(
+        [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ]
+    )
+}
+
+
+def _grpc_retry(ctx: _Ctx, v: Any, p: str) -> RouteRetry:
+    """A GRPCRoute rule's retry (our extension, shaped like HTTPRoute's): codes are gRPC
+    status names or numbers, since a failed call is an HTTP 200 carrying grpc-status."""
+    rt = ctx.mapping(v, p)
+    for k in rt:
+        if k not in ("attempts", "codes", "backoff"):
+            ctx.err(f"{p}.{k}", "is not a field of a GRPCRoute retry")
+    attempts = rt.get("attempts", 0)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        ctx.err(f"{p}.attempts", "must be an integer >= 0")
+        attempts = 0
+    codes: list[int] = []
+    for j, c in enumerate(ctx.seq(rt.get("codes"), f"{p}.codes")):
+        code = GRPC_STATUS.get(c) if isinstance(c, str) else c
+        if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 16:
+            ctx.err(f"{p}.codes[{j}]", f"{c!r} is not a gRPC error status (a name like "
+                                       "UNAVAILABLE, or 1-16)")  # fmt: skip
+        else:
+            codes.append(code)
+    if attempts and not codes:
+        ctx.err(f"{p}.codes", "is required when attempts > 0: which statuses to retry")
+    backoff = 0.025
+    if rt.get("backoff") is not None:
+        try:
+            backoff = parse_duration(rt["backoff"])
+        except ValueError as exc:
+            ctx.err(f"{p}.backoff", str(exc))
+    return RouteRetry(attempts, (), backoff, tuple(codes))
+
+
+_SECTION_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+
+
+def _rule_name(ctx: _Ctx, r: Mapping[str, Any], p: str, seen: set[str]) -> str:
+    """A rule's optional name. Policies and status point at a rule by it, so it must be a
+    section name and unique in its route (the CRD enforces both; a file source must too)."""
+    name = ctx.string(r.get("name"), f"{p}.name", "") or ""
+    if not name:
+        return ""
+    if len(name) > 253 or not _SECTION_NAME.match(name):
+        ctx.err(f"{p}.name", f"{name!r} is not a valid section name (a DNS-1123 subdomain)")
+    elif name in seen:
+        ctx.err(f"{p}.name", f"{name!r} names an earlier rule of this route too")
+    seen.add(name)
+    return name
+
+
 def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:
     m = _meta(doc, "HTTPRoute", errors, namespaced=True)
     if m is None:
@@ -296,6 +369,7 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
     parents = _parents(ctx, spec, ns)
     hostnames = _hostnames(ctx, spec)
     rules = []
+    names: set[str] = set()
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         p = f"spec.rules[{i}]"
         r = ctx.mapping(r, p)
@@ -344,7 +418,7 @@ def _http_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
                 tuple(backends),
                 RouteTimeouts(tvals["request"], tvals["backendRequest"]),
                 RouteRetry(attempts, tuple(codes), backoff),
-                ctx.string(r.get("name"), f"{p}.name", "") or "",
+                _rule_name(ctx, r, p, names),
             )
         )
     created = meta.get("creationTimestamp", "")
@@ -429,11 +503,13 @@ def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
     parents = _parents(ctx, spec, ns)
     hostnames = _hostnames(ctx, spec)
     rules = []
+    names: set[str] = set()
     for i, r in enumerate(ctx.seq(spec.get("rules"), "spec.rules")):
         p = f"spec.rules[{i}]"
         r = ctx.mapping(r, p)
         for k in r:
-            if k not in ("name", "matches", "filters", "backendRefs", "sessionPersistence"):
+            if k not in ("name", "matches", "filters", "backendRefs", "sessionPersistence",
+                         "retry"):  # fmt: skip
                 ctx.err(f"{p}.{k}", "is not a field of a GRPCRoute rule")
         matches = tuple(
             _grpc_match(ctx, mm, f"{p}.matches[{j}]")
@@ -445,7 +521,8 @@ def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute 
             ref = _backend(ctx, b, f"{p}.backendRefs[{j}]", ns, filters=True, allowed=_GRPC_FILTERS)
             if ref is not None:
                 backends.append(ref)
-        rule_name = ctx.string(r.get("name"), f"{p}.name", "") or ""
-        rules.append(RouteRule(matches, filters, tuple(backends), name=rule_name))
+        rule_name = _rule_name(ctx, r, p, names)
+        retry = _grpc_retry(ctx, r.get("retry"), f"{p}.retry")
+        rules.append(RouteRule(matches, filters, tuple(backends), retry=retry, name=rule_name))
     created = meta.get("creationTimestamp", "")
     return HTTPRoute(ns, name, parents, hostnames, tuple(rules), str(created or ""), "GRPCRoute")

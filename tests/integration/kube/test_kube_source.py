@@ -336,3 +336,76 @@ async def test_finished_pods_do_not_claim_their_old_ip(
         pod = s.pod_by_ip("10.77.1.5")
         assert pod is not None and pod.name == "web-1"
         assert not src.skipped
+
+
+def grpc_route(name: str = "web-grpc", weight: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GRPCRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [
+                {
+                    "matches": [{"method": {"service": "shop.Cart", "method": "Add"}}],
+                    "backendRefs": [{"name": "web", "port": 80, "weight": weight}],
+                }
+            ],
+        },
+    }
+
+
+def grpc_routes(s: Snapshot) -> dict[str, int]:
+    """name -> the first backend's weight, for the GRPCRoutes in a snapshot."""
+    return {
+        r.name: r.rules[0].backend_refs[0].weight for r in s.http_routes if r.kind == "GRPCRoute"
+    }
+
+
+async def test_grpcroute_is_listed_and_watched(
+    apiserver: FakeApiServer, api_client: k8s.ApiClient
+) -> None:
+    seed(apiserver)
+    apiserver.put(grpc_route())
+    store = ConfigStore()
+    async with running(make_source(api_client, store)):
+        s = await wait_for(store, lambda s: s.version > 0)
+        assert grpc_routes(s) == {"web-grpc": 1}
+        assert [r.name for r in s.http_routes if r.kind == "HTTPRoute"] == ["web"]
+        apiserver.put(grpc_route(weight=7))
+        await wait_for(store, lambda s: grpc_routes(s) == {"web-grpc": 7})
+        apiserver.delete("GRPCRoute", "web-grpc", "shop")
+        await wait_for(store, lambda s: grpc_routes(s) == {})
+    assert any("grpcroutes" in path for _, path in apiserver.requests)
+
+
+async def test_cluster_without_grpcroute_crd_still_publishes_the_rest(
+    apiserver: FakeApiServer, api_client: k8s.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No GRPCRoute CRD: one clear warning, every other kind lands and keeps being watched,
+    and GRPCRoutes arrive once the CRD does; a CRD removed later empties them again."""
+    seed(apiserver)
+    apiserver.missing.add("grpcroutes")
+    store = ConfigStore()
+    caplog.set_level(logging.INFO, logger="mesh.config.kube")
+    async with running(make_source(api_client, store, missing_recheck=0.1)) as src:
+        s = await wait_for(store, lambda s: s.version > 0)
+        assert [r.name for r in s.http_routes] == ["web"] and grpc_routes(s) == {}
+        assert src.ready.is_set() and src.missing == {"GRPCRoute"}
+        apiserver.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+        await wait_for(store, lambda s: s.namespace("other") is not None)
+        await asyncio.sleep(0.5)  # several rechecks, all 404
+        warned = [r for r in caplog.records if "does not serve grpcroutes" in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in warned]
+        assert "GRPCRoute CRD installed?" in warned[0].getMessage()
+
+        apiserver.missing.clear()  # the CRD gets installed
+        apiserver.put(grpc_route())
+        await wait_for(store, lambda s: grpc_routes(s) == {"web-grpc": 1})
+        assert src.missing == set()
+        assert any("serves grpcroutes" in r.getMessage() for r in caplog.records)
+
+        apiserver.missing.add("grpcroutes")  # and removed again: the next watch gets 404
+        apiserver.drop_watches()
+        s = await wait_for(store, lambda s: grpc_routes(s) == {})
+        assert [r.name for r in s.http_routes] == ["web"]

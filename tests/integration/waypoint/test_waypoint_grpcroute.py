@@ -139,3 +139,64 @@ async def test_plain_http_to_a_grpc_routed_service_matches_no_grpc_route(routed:
     """A GRPCRoute only routes gRPC: the same path without application/grpc finds no route."""
     r = await routed.get("/test.Echo/Unary", vip=GRPC_VIP, port=50051, method="POST", body=b"")
     assert r.status == 404
+
+
+async def test_grpc_route_retries_on_listed_grpc_statuses(mesh: Mesh) -> None:
+    """retry.codes on a GRPCRoute rule: a call that fails UNAVAILABLE (a trailers-only
+    answer, HTTP 200 on the wire) is tried again and succeeds; a status not listed goes back
+    to the caller after one try; attempts bound the retries."""
+    import grpc
+
+    seen: dict[str, int] = {}
+    fail_first = {"Unary": 2, "Other": 1, "Nope": 99}
+
+    def answer(method: str) -> Any:
+        async def handle(req: bytes, ctx: Any) -> bytes:
+            seen[method] = seen.get(method, 0) + 1
+            if seen[method] <= fail_first[method]:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if method == "Other" else None
+                await ctx.abort(code or grpc.StatusCode.UNAVAILABLE, f"try {seen[method]}")
+            return f"ok after {seen[method]}".encode()
+
+        return handle
+
+    ip = PODS["grpc-a"][0]
+    server = grpc.aio.server()
+    handlers = {m: grpc.unary_unary_rpc_method_handler(answer(m)) for m in fail_first}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+    port = server.add_insecure_port(f"{ip}:0")
+    await server.start()
+    try:
+        docs = [d for d in manifests({"grpc-a": port, "grpc-b": port}) if d["kind"] != "GRPCRoute"]
+        docs.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "GRPCRoute",
+                "metadata": {"name": "retry", "namespace": NS},
+                "spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "grpc", "port": 50051}],
+                    "rules": [
+                        {
+                            "retry": {"attempts": 3, "codes": ["UNAVAILABLE", 4], "backoff": "1ms"},
+                            "backendRefs": [{"name": "grpc-a", "port": 50051}],
+                        }
+                    ],
+                },
+            }
+        )
+        mesh.apply(docs)
+        vport = await mesh.port_for(GRPC_VIP, 50051)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{vport}") as ch:
+            assert await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10) == b"ok after 3"
+            assert seen["Unary"] == 3
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.unary_unary("/test.Echo/Other")(b"x", timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert seen["Other"] == 1  # not a listed status: no retry
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.unary_unary("/test.Echo/Nope")(b"x", timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == "try 4"  # the last try's answer reaches the caller
+            assert seen["Nope"] == 4  # 1 + 3 attempts
+    finally:
+        await server.stop(None)

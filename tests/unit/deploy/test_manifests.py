@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from mesh.config.kube import DEFAULT_KINDS
 from meshctl.errors import UsageError
 from meshctl.install import crds, merge_values, parse_set, render, render_yaml
 
@@ -132,9 +133,12 @@ def test_rbac_is_least_privilege() -> None:
         ("discovery.k8s.io", "endpointslices"),
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "httproutes"),
+        ("gateway.networking.k8s.io", "grpcroutes"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
     }
+    # ztunnel's KubeSource lists and watches exactly these: a kind added there needs RBAC here.
+    assert readable == {(k.group, k.plural) for k in DEFAULT_KINDS}
     ca = roles["ambientmesh-ca"]
     assert {"create"} == {v for r in ca for v in r["verbs"]} & writes
     assert [r["resources"] for r in ca if "create" in r["verbs"]] == [["tokenreviews"]]

@@ -176,3 +176,30 @@ def test_only_v1_grpc_route_is_read() -> None:
     snap = parse_objects([old], ignored=ignored)
     assert snap.http_routes == ()
     assert ignored == ["GRPCRoute grpc/echo (gateway.networking.k8s.io/v1alpha2)"]
+
+
+def test_grpc_route_retry_takes_grpc_status_names_or_numbers() -> None:
+    snap = parse_objects(
+        [grpc_route({"retry": {"attempts": 2, "codes": ["UNAVAILABLE", 8], "backoff": "10ms"}})]
+    )
+    (route,) = snap.http_routes
+    retry = route.rules[0].retry
+    assert (retry.attempts, retry.grpc_codes, retry.codes) == (2, (14, 8), ())
+    assert retry.backoff == pytest.approx(0.01)
+
+
+def test_grpc_route_retry_errors_name_the_field() -> None:
+    errs = errors_of(
+        grpc_route(
+            {"retry": {"attempts": 1, "codes": ["UNAVAILIBLE", 0, 503, True]}},
+            {"retry": {"attempts": 2}},
+            {"retry": {"attempts": -1, "codes": [14], "perTry": "1s"}},
+        )
+    )
+    text = "\n".join(errs)
+    for field in ("rules[0].retry.codes[0]", "rules[0].retry.codes[1]",
+                  "rules[0].retry.codes[2]", "rules[0].retry.codes[3]",
+                  "rules[1].retry.codes", "rules[2].retry.attempts",
+                  "rules[2].retry.perTry"):  # fmt: skip
+        assert field in text, (field, text)
+    assert "'UNAVAILIBLE' is not a gRPC error status" in text
