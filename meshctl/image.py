@@ -615,15 +615,21 @@ def _source_tree(root: Path, dest: Path) -> None:
 
 def _constraints() -> str:
     """Pin every dependency to the version this interpreter has (the one the tests ran with),
-    so the image carries what was tested and a rebuild picks the same wheels."""
+    so the image carries what was tested and a rebuild picks the same wheels.
+
+    Only this interpreter's own site-packages count: a process that has loaded BCC has
+    Debian's dist-packages on sys.path too, whose older copies of the same packages
+    (cryptography, pyOpenSSL...) would pin a second, conflicting version of each."""
+    import sysconfig
     from importlib import metadata
 
-    lines: list[str] = []
-    for dist in metadata.distributions():
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    pins: dict[str, str] = {}
+    for dist in metadata.distributions(path=paths):
         name = dist.metadata["Name"]
         if name and name.lower() != "ambientmesh":
-            lines.append(f"{name}=={dist.version}")
-    return "\n".join(sorted(set(lines))) + "\n"
+            pins.setdefault(name.lower(), f"{name}=={dist.version}")
+    return "\n".join(sorted(pins.values())) + "\n"
 
 
 def build_wheels(root: Path, work: Path, log: Log) -> Path:

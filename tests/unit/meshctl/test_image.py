@@ -226,3 +226,21 @@ def test_building_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(UsageError, match="needs root"):
         image.build_image(tmp_path / "x.tar", cache_dir=tmp_path)
+
+
+def test_constraints_pin_this_interpreters_packages_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that loaded BCC has Debian's dist-packages on sys.path, with older copies of
+    packages we use: their versions must not become a second, conflicting pin."""
+    from importlib import metadata
+
+    from meshctl.image import _constraints
+
+    real = metadata.version("cryptography")
+    old = tmp_path / "dist-packages" / "cryptography-1.0.0.dist-info"
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: cryptography\nVersion: 1.0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "dist-packages"))
+    pins = [p for p in _constraints().splitlines() if p.lower().startswith("cryptography==")]
+    assert pins == [f"cryptography=={real}"]
