@@ -43,7 +43,8 @@ from meshctl.lab.ztunnels import enrol_request
 H1, H2 = "http/1.1", "h2"
 READY_PODS = 4  # pods timed per density (a sample each per repeat)
 READY_SPAN = (
-    "ambient: ambientmesh-cni ADD (its own start included) until a first answer through ztunnel",
+    "ambient: ambientmesh-cni ADD (its own start included) until a first answer through ztunnel"
+    " (or until the ADD returns, if later: the runtime starts the app only then)",
     "sidecar: capture rules + Envoy start (no Python) until a first answer through Envoy",
 )
 BIG = 16 * 1024
@@ -318,6 +319,9 @@ class Bench:
         if not res.get("ok"):
             raise LabError(f"pod ready in {key}: no answer through the mesh: {out} {err[-300:]}")
         total = (int(res["answered_ns"]) - t0) / 1e6
+        # ztunnel may answer before the plugin has exited, but a runtime starts the pod's app
+        # only once the whole chain's ADD has returned: the pod is ready at the later of the two
+        total = max(total, cni_ms or 0.0)
         return round(total, 2), None if cni_ms is None else round(cni_ms, 2)
 
     def verify(self) -> dict[str, Any]:
