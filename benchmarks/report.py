@@ -341,6 +341,14 @@ def distribution(samples: Sequence[float]) -> str:
     )
 
 
+def ready_parts(st: Result) -> str:
+    """Which part ended an ambient pod's span: the CNI ADD's return or the first answer."""
+    cni, first = st.get("cni_add_ms"), st.get("first_answer_ms")
+    if not cni or not first:
+        return ""
+    return f" [CNI ADD median {fmt_ms(median(cni))}, first answer median {fmt_ms(median(first))}]"
+
+
 def other_table(results: Result) -> str:
     """Bulk throughput, startup, and why any mode did not run."""
     rows = [["mode", "status", "bulk MiB/s", "pod ready", "note"]]
@@ -350,7 +358,8 @@ def other_table(results: Result) -> str:
         if not by and mode.get("startup"):
             by = {"?": mode["startup"]}
         ready = "; ".join(
-            f"{d}/node: {distribution(st.get('samples_ms') or [])}" for d, st in by.items()
+            f"{d}/node: {distribution(st.get('samples_ms') or [])}{ready_parts(st)}"
+            for d, st in by.items()
         )
         what = next((str(st.get("what")) for st in by.values() if st.get("what")), "")
         rows.append(

@@ -67,6 +67,12 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
             ready = amb["startup_by_density"][d]
             assert ready["samples_ms"] and all(v > 0 for v in ready["samples_ms"])
             assert len(ready["cni_add_ms"]) == len(ready["samples_ms"])
+            assert all(  # the pod is ready at the later of the ADD's return and the answer
+                v == max(c, f)
+                for v, c, f in zip(
+                    ready["samples_ms"], ready["cni_add_ms"], ready["first_answer_ms"], strict=True
+                )
+            )
         assert "pod ready ms, median (3/node)" in (out / "report.md").read_text()
         ref = [r for r in amb["runs"] if r["protocol"] == "http/1.1" and r["body_size"] == 0
                and r["target_rate"] == 200.0]  # fmt: skip
