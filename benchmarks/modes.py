@@ -312,6 +312,16 @@ def pod_names(pods_per_node: int) -> list[str]:
     return ["client", "server", *(n for n, _ in filler_pods(pods_per_node))]
 
 
+def restore_text(rules: list[list[str]]) -> str:
+    """`capture_rules` (nat-table iptables argument lists) as one iptables-restore input."""
+    lines = ["*nat"]
+    for r in rules:
+        if r[:2] != ["-t", "nat"]:
+            raise ValueError(f"capture rule outside the nat table: {r}")
+        lines.append(" ".join(r[2:]))
+    return "\n".join([*lines, "COMMIT", ""])
+
+
 # -- mesh processes --------------------------------------------------------------------------
 
 
@@ -427,6 +437,57 @@ class Sidecars:
             return None
         self.wait_ready(key)
         return time.monotonic() - t0
+
+    def prepare(self, namespace: str, name: str, sa: str) -> list[str]:
+        """Everything a sidecar start needs that the injector makes before the pod exists
+        (certificate, bootstrap file): returns Envoy's argv, to start with `start_measured`."""
+        key = f"{namespace}/{name}"
+        files = self._files(key, sa)
+        tag = key.replace("/", ".")
+        cfg = self.dir / f"{tag}-envoy.yaml"
+        boot = sidecar.bootstrap(files, admin_port=ENVOY_ADMIN_PORT, trust_domain=self.trust_domain)
+        cfg.write_text(yaml.safe_dump(boot))
+        return [self.envoy, "-c", str(cfg), "--use-dynamic-base-id",
+                "--concurrency", str(ENVOY_CONCURRENCY), "-l", "warning"]  # fmt: skip
+
+    def start_measured(self, namespace: str, name: str, envoy_argv: list[str]) -> None:
+        """The pod-ready span's sidecar part, as istio-init and the runtime do it: the capture
+        rules in one `iptables-restore` inside the pod's netns, then the Envoy ELF joined to the
+        pod's cgroup (by the forked child itself, before exec) and started by `nsenter`. No
+        Python interpreter starts in here: only nsenter, iptables-restore and Envoy."""
+        key = f"{namespace}/{name}"
+        info = self.lab.state.pods[key]
+        netns, cgroup = str(info["netns"]), str(info["cgroup"])
+        rules = sidecar.capture_rules(exclude_inbound_ports=(ENVOY_ADMIN_PORT,))
+        run(in_netns(netns, "iptables-restore", "-w", "--noflush"), stdin=restore_text(rules))
+        procs = os.path.join(cgroup, "cgroup.procs")
+
+        def join_cgroup() -> None:
+            with open(procs, "w") as f:
+                f.write("0")
+
+        log = self.lab.paths.log_dir / f"envoy-{key.replace('/', '.')}.log"
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(
+                in_netns(netns, *envoy_argv),
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=join_cgroup,
+            )
+        proc.returncode = 0  # tracked by PID from here on (stopped with stop_process)
+        self._envoys[key] = _Envoy(proc.pid, proc_start_time(proc.pid) or 0, log)
+
+    def eject(self, namespace: str, name: str) -> None:
+        """Take a pod's sidecar out again (Envoy stopped by PID, the nat table emptied), so the
+        next pod-ready sample starts from a pod with its network and nothing else."""
+        key = f"{namespace}/{name}"
+        e = self._envoys.pop(key, None)
+        if e is not None:
+            stop_process(e.pid, e.start_time, group=True)
+        netns = str(self.lab.state.pods[key]["netns"])
+        run(in_netns(netns, "iptables", "-w", "-t", "nat", "-F"))
 
     def wait_ready(self, key: str, timeout: float = 60.0) -> None:
         e = self._envoys[key]

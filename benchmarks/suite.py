@@ -29,17 +29,24 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks import modes as M
 from benchmarks import procstat, report, sidecar
 from meshctl.errors import UsageError
 from meshctl.lab.lab import Lab
 from meshctl.lab.names import CGROUP_ROOT, PIN_ROOT, STATE_ROOT, LabPaths, netns_path
-from meshctl.lab.processes import REPO_ROOT
+from meshctl.lab.processes import REPO_ROOT, child_env, podexec_argv
 from meshctl.lab.system import LabError
 from meshctl.lab.ztunnels import enrol_request
 
 H1, H2 = "http/1.1", "h2"
+READY_PODS = 4  # pods timed per density (a sample each per repeat)
+READY_SPAN = (
+    "ambient: ambientmesh-cni ADD (its own start included) until a first answer through ztunnel"
+    " (or until the ADD returns, if later: the runtime starts the app only then)",
+    "sidecar: capture rules + Envoy start (no Python) until a first answer through Envoy",
+)
 BIG = 16 * 1024
 
 
@@ -229,6 +236,99 @@ class Bench:
                 out.append(round(dt, 2))
         return out
 
+    def ready_pods(self, pods_per_node: int) -> list[str]:
+        """The pods whose start is timed: idle pods on the client's node (so the first request
+        crosses to the server's node, like the latency runs), at most READY_PODS of them."""
+        names = [n for n, node in M.filler_pods(pods_per_node) if node == M.NODES[0]]
+        return names[:READY_PODS] or ["client"]
+
+    def pod_ready(self, pods_per_node: int, reps: int) -> dict[str, Any]:
+        """Pod ready, the same span in every mode: from the pod's network being ready (the
+        bridge's CNI ADD has long returned) to its first request answered through the mesh.
+        Ambient: the span runs the real `ambientmesh-cni` ADD (the plugin's own start
+        included) and ends at the prober's first answer through ztunnel. Sidecar: it runs the
+        capture rules and Envoy's start, and ends at the first answer through Envoy. The end
+        is marked by a prober started in the pod beforehand (`benchmarks.prober`), on
+        CLOCK_MONOTONIC, which is the same clock in every process of the machine."""
+        names = self.ready_pods(pods_per_node)
+        url = urlsplit(self.url)
+        samples: list[float] = []
+        answers: list[float] = []
+        plugin: list[float] = []
+        for _ in range(reps):
+            for name in names:
+                answer, cni_ms = self._one_pod_ready(name, str(url.hostname), url.port or 80)
+                # ztunnel may answer before the plugin has exited, but a runtime starts the
+                # pod's app only once the whole chain's ADD has returned: the pod is ready at
+                # the later of the two
+                samples.append(max(answer, cni_ms or 0.0))
+                answers.append(answer)
+                if cni_ms is not None:
+                    plugin.append(cni_ms)
+        out: dict[str, Any] = {
+            "what": READY_SPAN[0] if self.mode.ambient else READY_SPAN[1],
+            "pods_per_node": pods_per_node,
+            "samples_ms": samples,
+            "median_ms": round(report.median(samples), 2),
+        }
+        if plugin:
+            # the parts: which of the two ended each sample
+            out["cni_add_ms"] = plugin
+            out["first_answer_ms"] = answers
+        return out
+
+    def _one_pod_ready(self, name: str, host: str, port: int) -> tuple[float, float | None]:
+        """One sample: (ms to the first answer through the mesh, the CNI ADD's own ms or None),
+        both from the span's start."""
+        key = f"{M.NAMESPACE}/{name}"
+        info = self.lab.state.pods[key]
+        sa = "idle" if name.startswith("idle-") else name
+        envoy_argv: list[str] = []
+        if self.mode.ambient:
+            self.lab.cni_mesh_plugin("DEL", M.NAMESPACE, name)
+        elif self.sidecars is not None:
+            self.sidecars.eject(M.NAMESPACE, name)
+            envoy_argv = self.sidecars.prepare(M.NAMESPACE, name, sa)
+        else:
+            raise LabError(f"mode {self.mode.name} has no pod-ready span")
+        cmd = ["python", "-m", "benchmarks.prober", host, str(port)]
+        if self.mode.ambient:
+            cmd.append("--captured-only")
+        prober = subprocess.Popen(
+            podexec_argv(str(info["netns"]), str(info["cgroup"]), cmd),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=child_env(),
+        )  # fmt: skip
+        try:
+            assert prober.stdin is not None and prober.stdout is not None
+            if prober.stdout.readline().strip() != "ready":
+                _, err = prober.communicate(timeout=10)
+                raise LabError(f"prober in {key} did not start: {err.strip()[-300:]}")
+            cni_ms: float | None = None
+            t0 = time.monotonic_ns()
+            prober.stdin.write("go\n")
+            prober.stdin.flush()
+            if self.mode.ambient:
+                reply = self.lab.cni_mesh_plugin("ADD", M.NAMESPACE, name)
+                cni_ms = (time.monotonic_ns() - t0) / 1e6
+                if not isinstance(reply, dict):
+                    raise LabError(f"ambientmesh-cni ADD for {key}: {reply!r}")
+            elif self.sidecars is not None:
+                self.sidecars.start_measured(M.NAMESPACE, name, envoy_argv)
+            out, err = prober.communicate(timeout=60)
+        except BaseException:
+            prober.kill()
+            prober.wait()
+            raise
+        try:
+            res = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            res = {"ok": False}
+        if not res.get("ok"):
+            raise LabError(f"pod ready in {key}: no answer through the mesh: {out} {err[-300:]}")
+        answer = (int(res["answered_ns"]) - t0) / 1e6
+        return round(answer, 2), None if cni_ms is None else round(cni_ms, 2)
+
     def verify(self) -> dict[str, Any]:
         """Evidence from the mesh's own telemetry that the traffic took the mesh's path."""
         if self.mode.sidecar and self.sidecars is not None:
@@ -347,12 +447,7 @@ def repeat_mode(
         with lab_up(roots, mode, d0, say) as (lab, sidecars):
             b = Bench(mode, lab, say, sidecars)
             if sidecars is not None:
-                names = M.pod_names(d0)
-                for name in names:
-                    sidecars.inject(M.NAMESPACE, name, "idle" if name.startswith("idle-") else name,
-                                    wait=False)  # fmt: skip
-                for name in names:
-                    sidecars.wait_ready(f"{M.NAMESPACE}/{name}")
+                start_sidecars(sidecars, d0)
             if mode.waypoint:
                 M.wait_waypoint(lab)
             b.wait_app()
@@ -361,6 +456,17 @@ def repeat_mode(
         say(f"[{mode.name}] FAILED (repeat {round_}): {exc}")
         result["status"] = "failed"
         result["reason"] = f"repeat {round_}: {type(exc).__name__}: {exc}"
+
+
+def start_sidecars(sidecars: M.Sidecars, pods_per_node: int, skip: Sequence[str] = ()) -> None:
+    """Every pod's sidecar (but those in `skip`, whose start is timed later), started together
+    and then waited for, as a node starting its pods would."""
+    names = [n for n in M.pod_names(pods_per_node) if n not in skip]
+    for name in names:
+        sidecars.inject(M.NAMESPACE, name, "idle" if name.startswith("idle-") else name,
+                        wait=False)  # fmt: skip
+    for name in names:
+        sidecars.wait_ready(f"{M.NAMESPACE}/{name}")
 
 
 def finish_mode(result: dict[str, Any]) -> None:
@@ -402,27 +508,24 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
     with lab_up(roots, mode, d0, say) as (lab, sidecars):
         b = Bench(mode, lab, say, sidecars)
         if sidecars is not None:
-            ready = []
-            for name in M.pod_names(d0):
-                sa = "idle" if name.startswith("idle-") else name
-                dt = sidecars.inject(M.NAMESPACE, name, sa)
-                assert dt is not None
-                ready.append(round(dt * 1000, 2))
-            result["startup"] = {
-                "what": "sidecar: Envoy start until /ready",
-                "samples_ms": ready,
-                "median_ms": round(report.median(ready), 2),
-            }
-            say(f"[{mode.name}] {len(ready)} sidecars ready, median "
-                f"{report.median(ready):.0f} ms")  # fmt: skip
+            start_sidecars(sidecars, d0, skip=b.ready_pods(d0))
         if mode.waypoint:
             M.wait_waypoint(lab)
+        if sidecars is not None or mode.ambient:
+            # the timed pods last, once the rest of the lab is up (for a sidecar: after
+            # the server's Envoy, which the first answer passes through)
+            b.wait_app()
+            ready = b.pod_ready(d0, p.enrol_reps)
+            result["startup"] = ready
+            result["startup_by_density"] = {str(d0): ready}
+            say(f"[{mode.name}] pod ready at {d0} pods/node: "
+                f"{report.distribution(ready['samples_ms'])}")  # fmt: skip
         reply = b.wait_app()
         result["server_saw_peer"] = reply.get("peer")
         if mode.ambient:
             times = b.enrol_times(d0, p.enrol_reps)
-            result["startup"] = {
-                "what": "ambient: enrolment request until ztunnel's reply",
+            result["enrolment"] = {
+                "what": "ambient: enrolment request until ztunnel's reply (a part of pod ready)",
                 "samples_ms": times,
                 "median_ms": round(report.median(times), 2),
             }
@@ -468,14 +571,15 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
         with lab_up(roots, mode, d, say) as (lab, sidecars):
             b = Bench(mode, lab, say, sidecars)
             if sidecars is not None:
-                names = M.pod_names(d)
-                for name in names:
-                    sidecars.inject(M.NAMESPACE, name, "idle" if name.startswith("idle-") else name,
-                                    wait=False)  # fmt: skip
-                for name in names:
-                    sidecars.wait_ready(f"{M.NAMESPACE}/{name}")
+                start_sidecars(sidecars, d, skip=b.ready_pods(d))
             if mode.waypoint:
                 M.wait_waypoint(lab)
+            if sidecars is not None or mode.ambient:
+                b.wait_app()
+                ready = b.pod_ready(d, p.enrol_reps)
+                result.setdefault("startup_by_density", {})[str(d)] = ready
+                say(f"[{mode.name}] pod ready at {d} pods/node: "
+                    f"{report.distribution(ready['samples_ms'])}")  # fmt: skip
             b.wait_app()
             memory[str(d)] = b.memory(d)
             say(f"[{mode.name}] {d} pods/node: mesh PSS "

@@ -63,6 +63,17 @@ def test_quick_bench_measures_and_cleans_up(tmp_path: Path) -> None:
             assert mem["pods"] == 2 * int(d) and 0 < mem["pss_kib"] <= mem["rss_kib"]
             assert set(mem["by_process"]) >= {"ztunnel/n1", "ztunnel/n2"}
         assert amb["startup"]["median_ms"] > 0 and amb["startup"]["samples_ms"]
+        for d in ("2", "3"):  # pod ready, the real CNI ADD to a first answer, at each density
+            ready = amb["startup_by_density"][d]
+            assert ready["samples_ms"] and all(v > 0 for v in ready["samples_ms"])
+            assert len(ready["cni_add_ms"]) == len(ready["samples_ms"])
+            assert all(  # the pod is ready at the later of the ADD's return and the answer
+                v == max(c, f)
+                for v, c, f in zip(
+                    ready["samples_ms"], ready["cni_add_ms"], ready["first_answer_ms"], strict=True
+                )
+            )
+        assert "pod ready ms, median (3/node)" in (out / "report.md").read_text()
         ref = [r for r in amb["runs"] if r["protocol"] == "http/1.1" and r["body_size"] == 0
                and r["target_rate"] == 200.0]  # fmt: skip
         assert ref and ref[0]["samples_ms"]

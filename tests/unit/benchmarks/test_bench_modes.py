@@ -118,3 +118,17 @@ def test_envoy_binary_is_the_elf_not_the_wheels_python_script(tmp_path: Path) ->
     if env is None:
         pytest.skip("no envoy installed")
     assert M.is_elf(Path(env))
+
+
+def test_capture_rules_become_one_iptables_restore_input() -> None:
+    """The sidecar's timed start applies its capture in one iptables-restore, as istio-init
+    does; the text must carry every rule of the nat table and nothing else."""
+    from benchmarks import sidecar
+
+    rules = sidecar.capture_rules(exclude_inbound_ports=(15000,))
+    text = M.restore_text(rules)
+    lines = text.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT" and len(lines) == len(rules) + 2
+    assert "-A PREROUTING -p tcp ! -i lo" in text and "-t nat" not in text
+    with pytest.raises(ValueError, match="outside the nat table"):
+        M.restore_text([["-t", "filter", "-A", "INPUT", "-j", "ACCEPT"]])

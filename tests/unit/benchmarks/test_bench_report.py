@@ -189,3 +189,26 @@ def test_a_difference_inside_the_spread_is_noise() -> None:
     md = report.render(res, reference_rate=1000.0, densities=[2, 20])
     assert "ran 3 times, interleaved" in md
     assert "ran ONCE" in report.render(results(), reference_rate=1000.0, densities=[2, 20])
+
+
+def test_pod_ready_per_density_and_its_ratio_only_for_the_same_span() -> None:
+    res = results()
+    # old-style results (each mode its own span): no pod-ready ratio
+    assert report.ratios(res, reference_rate=1000.0, density=20)["pod_ready"] is None
+    for name, meds in (("sidecar", (300.0, 400.0)), ("ambient", (150.0, 100.0))):
+        res["modes"][name]["startup_by_density"] = {
+            d: {"what": f"{name} span", "samples_ms": [m - 10, m, m + 10], "median_ms": m}
+            for d, m in zip(("2", "20"), meds, strict=True)
+        }
+    r = report.ratios(res, reference_rate=1000.0, density=20)
+    assert r["pod_ready"] == pytest.approx(0.25)
+    table = report.other_table(res)
+    assert "2/node: min 290" in table and "20/node: min 390" in table
+    res["modes"]["ambient"]["startup_by_density"]["20"].update(
+        cni_add_ms=[100.0, 90.0, 110.0], first_answer_ms=[40.0, 60.0, 50.0]
+    )
+    table = report.other_table(res)
+    assert "[CNI ADD median 100, first answer median 50.00]" in table
+    md = report.render(res, reference_rate=1000.0, densities=[2, 20])
+    assert "pod ready, median (20 pods/node) 0.25x" in md
+    assert "pod ready ms, median (20/node)" in md
