@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cni.plugin import MAX_TIMEOUT
 from meshctl.lab.names import CNI_PATH, NODE_BRIDGE, netns_path
 from meshctl.lab.system import LabError, patience
 
@@ -77,7 +78,8 @@ def mesh_config(
         "name": f"{lab}-pods",
         "type": MESH_PLUGIN,
         "enrolSocket": str(enrol_socket),
-        "timeoutSeconds": int(patience(15)),
+        # stretched on slow machines, within what the plugin accepts
+        "timeoutSeconds": int(min(patience(15), MAX_TIMEOUT)),
         "excludeNamespaces": [],
         "meshConfig": str(mesh_config_file),
         "logFile": str(log_file),
