@@ -494,7 +494,8 @@ def _grpc_match(ctx: _Ctx, v: Any, path: str) -> RouteMatch:
 
 
 def _grpc_route(doc: Mapping[str, Any], errors: list[ConfigError]) -> HTTPRoute | None:
-    """A GRPCRoute as an `HTTPRoute` of kind GRPCRoute (no timeouts or retries: v1 has none)."""
+    """A GRPCRoute as an `HTTPRoute` of kind GRPCRoute. Gateway API v1 gives it no timeouts
+    or retries; the only retry is our own `retry` extension on gRPC status codes."""
     m = _meta(doc, "GRPCRoute", errors, namespaced=True)
     if m is None:
         return None
