@@ -21,8 +21,10 @@ from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
 from mesh.identity.manager import Identities
 from mesh.identity.spiffe import node_id
+from mesh.ingress_policy import IngressPolicy
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs, connect_in
+from mesh.netpolicy import Decision, Verdict
 from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
@@ -88,6 +90,7 @@ class Node:
     netns_of: Callable[[str], NetNs | None] = _no_netns
     limits: HboneLimits = field(default_factory=HboneLimits)
     max_pending_dials: int = DEFAULT_MAX_PENDING_DIALS
+    ingress_policy: IngressPolicy = field(default_factory=IngressPolicy)
     pool: HbonePool = field(init=False)
     gate: ConnectionGate = field(init=False)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -149,6 +152,38 @@ class Node:
         return proto
 
     # -- guards ----------------------------------------------------------------------------
+
+    def ingress_denied(
+        self,
+        snap: Snapshot,
+        src_ip: str,
+        dst_ip: str,
+        dst_port: int,
+        *,
+        authenticated: bool,
+        via_waypoint: bool,
+    ) -> Decision | None:
+        """The NetworkPolicy/CiliumNetworkPolicy denial of an inbound connection, counted;
+        None when those policies allow it. Asked before the upstream dial, so a denied peer
+        never makes the application accept a connection.
+
+        A connection admitted only by HTTP rules (`ALLOW_L7`) is let through only when it
+        came through the destination's waypoint, which checks each request: delivered
+        straight to the pod (plaintext, or HBONE that bypassed the waypoint) those rules
+        would be enforced by no one."""
+        d = self.ingress_policy.check(snap, src_ip, dst_ip, dst_port, authenticated=authenticated)
+        if d is None or d.verdict is Verdict.ALLOW:
+            return None
+        if d.verdict is Verdict.ALLOW_L7:
+            if via_waypoint:
+                return None
+            d = Decision(
+                Verdict.DENY,
+                d.policy,
+                "only HTTP rules allow this, and it did not come through the waypoint",
+            )
+        self.metrics.policy_denied(d.policy or "-", "ingress", "ztunnel")
+        return d
 
     @contextlib.contextmanager
     def dial_slot(self) -> Iterator[None]:
