@@ -34,7 +34,7 @@ from mesh.identity.spiffe import SpiffeId
 from mesh.metrics import ConnectionLabels
 from mesh.netns import NetNs
 from mesh.telemetry import Accounting
-from ztunnel.proxy.node import DialRefused, Node, splice
+from ztunnel.proxy.node import DialRefused, LiveInbound, Node, splice
 
 log = logging.getLogger("ztunnel.inbound")
 
@@ -176,4 +176,7 @@ class InboundHbone:
         except asyncio.CancelledError:
             acct.refused("error", "DC")
             raise
-        await splice(req.accept(), app, acct)
+        down = req.accept()
+        live = LiveInbound(src_ip, host, port, True, vouches, down, app)
+        with node.serving_inbound(live):
+            await splice(down, app, acct)

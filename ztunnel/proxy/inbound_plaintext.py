@@ -17,7 +17,7 @@ from mesh.config.model import MtlsMode
 from mesh.metrics import ConnectionLabels
 from mesh.tcp import TcpEndpoint
 from mesh.telemetry import Accounting
-from ztunnel.proxy.node import DialRefused, Redirected, splice
+from ztunnel.proxy.node import DialRefused, LiveInbound, Redirected, splice
 
 log = logging.getLogger("ztunnel.plaintext")
 
@@ -94,4 +94,6 @@ class InboundPlaintext(Redirected):
             ep.abort()
             acct.refused("error", "DC")
             raise
-        await splice(ep, app, acct)
+        live = LiveInbound(src_ip, dst_ip, dst_port, False, False, ep, app)
+        with node.serving_inbound(live):
+            await splice(ep, app, acct)

@@ -9,6 +9,7 @@ Node 2 (127.0.0.2) serves the echo pod (127.0.0.3); web (127.0.0.1) calls from n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from certs.ca import CertificateAuthority
 from mesh.config.parse import parse_objects
 from mesh.config.snapshot import Snapshot
+from mesh.config.source import ConfigStore
 from mesh.hbone import HboneError, serve
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
@@ -85,6 +87,7 @@ class Rig:
     client: Node
     snap: list[Snapshot]
     accepted: list[int] = field(default_factory=lambda: [0])
+    closed: list[int] = field(default_factory=lambda: [0])
 
     def configure(self, *extra: dict[str, Any], deny_web: bool = False) -> None:
         self.snap[0] = parse_objects([*two_nodes(self.echo_port, deny=deny_web), *extra])
@@ -116,6 +119,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     ca = CertificateAuthority.init(tmp_path / "ca")
     ids = Identities(ca)
     accepted = [0]
+    closed = [0]
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted[0] += 1
@@ -126,6 +130,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         except ConnectionError:
             pass
         finally:
+            closed[0] += 1
             writer.close()
 
     echo_srv = await asyncio.start_server(echo, ECHO_IP, 0)
@@ -142,8 +147,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     hbone_port = hbone.sockets[0].getsockname()[1]
     client = Node("n1", lambda: snap[0], ids, MeshMetrics(), hbone_port=hbone_port)
     rig = Rig(
-        ids, echo_port, node, hbone_port, plain.sockets[0].getsockname()[1], client, snap, accepted
-    )
+        ids, echo_port, node, hbone_port, plain.sockets[0].getsockname()[1], client, snap,
+        accepted, closed,
+    )  # fmt: skip
     yield rig
     for s in (plain, hbone, echo_srv):
         s.close()
@@ -219,3 +225,58 @@ async def test_both_policies_must_allow(rig: Rig) -> None:
     assert err.value.status == 401
     assert rig.accepted[0] == 0
     assert denied(rig, NP) == 0
+
+
+async def test_policy_change_cuts_live_connections_it_no_longer_allows(rig: Rig) -> None:
+    """A plaintext connection and an HBONE stream are flowing; a NetworkPolicy that admits
+    only app=admin arrives: both are cut at once (the app sees them close), and a policy
+    that still admits web leaves them alone."""
+    rig.configure(network_policy("web"))
+    reader, writer = await asyncio.open_connection("127.0.0.2", rig.plaintext_port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    stream = await rig.client.pool.connect(
+        WEB, ("127.0.0.2", rig.hbone_port), f"{ECHO_IP}:{rig.echo_port}",
+        expected_peers=frozenset({rig.node.identity}),
+    )  # fmt: skip
+    assert len(rig.node.live_inbound) == 2
+    rig.configure(network_policy("web"))  # a new snapshot that still allows both
+    assert rig.node.revalidate_inbound(rig.snap[0]) == 0
+    assert rig.closed[0] == 0
+
+    rig.configure(network_policy("admin"))
+    assert rig.node.revalidate_inbound(rig.snap[0]) == 2
+    for _ in range(100):
+        if rig.closed[0] == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert rig.closed[0] == 2, "the application still holds a connection policy now denies"
+    with contextlib.suppress(ConnectionError):  # a reset is closed all the same
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    await asyncio.wait_for(stream.done, 10)
+    assert not rig.node.live_inbound
+    writer.close()
+
+
+async def test_published_snapshot_cuts_through_the_store(rig: Rig) -> None:
+    """The wiring ztunnel's main uses: `revalidate_on_change` follows the config store, so a
+    policy published there cuts the live connection without anyone calling in."""
+    store = ConfigStore(rig.snap[0])
+    watcher = asyncio.create_task(rig.node.revalidate_on_change(store.subscribe))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.2", rig.plaintext_port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        await asyncio.sleep(0)  # let the watcher subscribe
+        rig.configure(network_policy("admin"))
+        store.publish(rig.snap[0])
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        for _ in range(100):
+            if rig.closed[0] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert rig.closed[0] == 1
+        writer.close()
+    finally:
+        watcher.cancel()
