@@ -8,7 +8,8 @@ until it is in the tree the egress denial is marked as expected to fail, strictl
 turns red the day it starts passing and the marker is removed. The L7 rule has no waypoint in
 this lab: `meshctl analyze` must say so rather than let it pass silently.
 
-One lab serves every test of the module (bringing it up is the slow part); the tests only read.
+One lab per capture mode serves every test of the module (bringing it up is the slow part); the
+tests only read, except the last, which relabels a pod and puts the label back.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from meshctl.analyze import L7_WITHOUT_WAYPOINT, analyze
 from meshctl.lab import observe
 from meshctl.lab.demo import wait_for_app
 from meshctl.lab.lab import Lab
-from meshctl.lab.processes import REPO_ROOT
+from meshctl.lab.processes import REPO_ROOT, child_env, podexec_argv
 from meshctl.lab.ztunnels import ZtunnelFeatures
 from tests.e2e.lab.labkit import leftovers, remove_roots, seen, unique_paths
 
@@ -51,6 +52,22 @@ CONNECT = (
     "    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
     "except OSError as e:\n"
     "    print('errno', e.errno)\n"
+)
+
+
+HOLD = (
+    "import socket,sys,time\n"
+    "s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "s.sendall(b'GET / HTTP/1.1\\r\\nHost: pg\\r\\n\\r\\n')\n"
+    "print('answered', len(s.recv(65536)) > 0, flush=True)\n"
+    "s.settimeout(float(sys.argv[3])); t=time.monotonic()\n"
+    "try:\n"
+    "    while s.recv(65536): pass\n"
+    "    print('closed', flush=True)\n"
+    "except TimeoutError:\n"
+    "    print('open', flush=True)\n"
+    "except OSError:\n"
+    "    print('closed', flush=True)\n"
 )
 
 
@@ -230,3 +247,28 @@ def test_l7_rule_without_waypoint_is_reported(lab: Lab) -> None:
     l7 = [f for f in findings if f.code == L7_WITHOUT_WAYPOINT]
     assert [f.obj for f in l7] == ["CiliumNetworkPolicy shop/allow-http-to-backend"]
     assert re.search(r"cannot be enforced", l7[0].message)
+
+
+def test_policy_change_cuts_the_live_connection(lab: Lab) -> None:
+    """backend holds a keep-alive connection to postgres; relabelled so that neither policy
+    admits it any more, ztunnel cuts the connection (it does not wait for the next one)."""
+    info = lab.state.pods["shop/backend"]
+    proc = subprocess.Popen(
+        podexec_argv(str(info["netns"]), str(info["cgroup"]),
+                     ["python", "-c", HOLD, vip(lab, "postgres"), "5432", "60"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "answered True", proc.stderr
+        lab.label("Pod", "shop", "backend", "app=retired")
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the connection policy no longer allows is still open after 30 s")
+        assert out.strip() == "closed", (out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        lab.label("Pod", "shop", "backend", "app=backend")
