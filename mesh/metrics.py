@@ -187,6 +187,14 @@ class MeshMetrics:
         self.refused_c = Counter(
             "ambientmesh_refused", "Work refused by a limit or a guard", ("reason",), registry=r
         )
+        # NetworkPolicy / CiliumNetworkPolicy denials, by the policy that isolates the pod,
+        # the direction, and where it was enforced (ztunnel before a dial, or the kernel).
+        self.policy_denied_c = Counter(
+            "ambientmesh_policy_denied",
+            "Connections denied by a NetworkPolicy or CiliumNetworkPolicy",
+            ("policy", "direction", "enforcement"),
+            registry=r,
+        )
         self._tcp: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
         self._http: dict[tuple[ConnectionLabels, int], tuple[Any, Any, Any, Any]] = {}
 
@@ -241,6 +249,9 @@ class MeshMetrics:
 
     def refused(self, reason: str) -> None:
         self.refused_c.labels(reason).inc()
+
+    def policy_denied(self, policy: str, direction: str, enforcement: str) -> None:
+        self.policy_denied_c.labels(policy, direction, enforcement).inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format, for `/metrics`."""

@@ -331,6 +331,7 @@ class Ztunnel:
             state = enrol_state_path(config.enrol_socket) if config.enrol_socket else None
             manager = WorkloadManager(node, redirector, refresh=refresh, state_path=state)
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
+            bg.append(tg.create_task(node.revalidate_on_change(self.store.subscribe)))
 
             loop = asyncio.get_running_loop()
             self.servers.append(

@@ -93,6 +93,11 @@ DEFAULT_KINDS: tuple[WatchedKind, ...] = (
     WatchedKind("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes", optional=True),
     WatchedKind("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies"),
     WatchedKind("PeerAuthentication", "security.istio.io/v1", "peerauthentications"),
+    # Built into every cluster (served even where no CNI enforces it): its absence is an error.
+    WatchedKind("NetworkPolicy", "networking.k8s.io/v1", "networkpolicies"),
+    # Only where Cilium's CRDs are installed; elsewhere "no CiliumNetworkPolicies", not a retry
+    # loop.
+    WatchedKind("CiliumNetworkPolicy", "cilium.io/v2", "ciliumnetworkpolicies", optional=True),
 )
 
 

@@ -219,4 +219,6 @@ _RULES = [
     rule(["discovery.k8s.io"], ["endpointslices"], READ),
     rule(["gateway.networking.k8s.io"], ["gateways", "httproutes", "grpcroutes"], READ),
     rule(["security.istio.io"], ["authorizationpolicies", "peerauthentications"], READ),
+    rule(["networking.k8s.io"], ["networkpolicies"], READ),
+    rule(["cilium.io"], ["ciliumnetworkpolicies"], READ),
 ]

@@ -37,6 +37,8 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("gateway.networking.k8s.io/v1", "grpcroutes"): ("GRPCRoute", True),
     ("security.istio.io/v1", "authorizationpolicies"): ("AuthorizationPolicy", True),
     ("security.istio.io/v1", "peerauthentications"): ("PeerAuthentication", True),
+    ("networking.k8s.io/v1", "networkpolicies"): ("NetworkPolicy", True),
+    ("cilium.io/v2", "ciliumnetworkpolicies"): ("CiliumNetworkPolicy", True),
 }
 KIND_TO_RESOURCE = {kind: key for key, (kind, _) in RESOURCES.items()}
 

@@ -1,7 +1,8 @@
 """Inbound HBONE (:15008): the caller is already verified by TLS; authorize, then deliver.
 
 Answers follow Istio's ztunnel, so callers (and Envoy) see familiar codes: 400 for a request
-that is not a CONNECT to a workload on this node, 401 when AuthorizationPolicy denies, 503
+that is not a CONNECT to a workload on this node, 401 when AuthorizationPolicy denies, 403 when a
+NetworkPolicy or CiliumNetworkPolicy does (decided before any dial to the application), 503
 when the application refused or cannot be reached, 504 when connecting to it timed out.
 
 A waypoint calling on behalf of someone: the peer is then the waypoint, and policy would only
@@ -33,7 +34,7 @@ from mesh.identity.spiffe import SpiffeId
 from mesh.metrics import ConnectionLabels
 from mesh.netns import NetNs
 from mesh.telemetry import Accounting
-from ztunnel.proxy.node import DialRefused, Node, splice
+from ztunnel.proxy.node import DialRefused, LiveInbound, Node, splice
 
 log = logging.getLogger("ztunnel.inbound")
 
@@ -117,9 +118,15 @@ class InboundHbone:
                 node.metrics.refused("forwarded_ignored")
                 log.info("inbound from %s (%s): ignoring Forwarded for=%s: not its to claim",
                          peer_ip, req.peer_identity, fwd)  # fmt: skip
+        # NetworkPolicy/CNP first (a dict lookup for pods no policy isolates), then
+        # AuthorizationPolicy: the connection goes through only when both allow it.
+        netpol = node.ingress_denied(
+            snap, src_ip, host, port, authenticated=True, via_waypoint=vouches
+        )
         decision = authorize(
             snap.policies_for(pod), AuthzRequest(principal, src_ns, src_ip, port), l7=False
         )
+        allowed = netpol is None and decision.allowed
         acct = Accounting(
             node.metrics,
             ConnectionLabels.build(
@@ -128,7 +135,7 @@ class InboundHbone:
                 source_principal=principal,
                 destination=pod,
                 mtls=True,
-                response_flags="-" if decision.allowed else "DENY",
+                response_flags="-" if allowed else "DENY",
                 trust_domain=snap.trust_domain,
             ),
             reporter="destination",
@@ -138,8 +145,14 @@ class InboundHbone:
             dst_identity=snap.identity(pod),
             service=None,
             mtls=True,
-            policy=decision.policy,
+            policy=netpol.policy if netpol is not None else decision.policy,
         )
+        if netpol is not None:
+            log.info("inbound %s (%s) -> %s denied by %s: %s",
+                     principal, src_ip, req.authority, netpol.policy, netpol.reason)  # fmt: skip
+            req.reject(403, f"denied by {netpol.policy}")
+            acct.refused("deny", "DENY")
+            return
         if not decision.allowed:
             log.info("inbound %s -> %s denied: %s", principal, req.authority, decision.reason)
             req.reject(401, f"denied: {decision.reason}")
@@ -163,4 +176,7 @@ class InboundHbone:
         except asyncio.CancelledError:
             acct.refused("error", "DC")
             raise
-        await splice(req.accept(), app, acct)
+        down = req.accept()
+        live = LiveInbound(src_ip, host, port, True, vouches, down, app)
+        with node.serving_inbound(live):
+            await splice(down, app, acct)

@@ -1,8 +1,10 @@
 """Inbound plaintext (:15006): traffic to a local pod that did not come through the mesh.
 
-PeerAuthentication decides: STRICT refuses it (reset, logged, counted with the DENY flag);
-PERMISSIVE applies L4 AuthorizationPolicy with no principal (so a policy naming principals or
-namespaces cannot match it) and delivers it, from inside the pod's netns when it is enrolled.
+NetworkPolicy and CiliumNetworkPolicy apply first (with the peer unauthenticated, so a CNP
+rule requiring mTLS never admits it); then PeerAuthentication decides: STRICT refuses it
+(reset, logged, counted with the DENY flag); PERMISSIVE applies L4 AuthorizationPolicy with no
+principal (so a policy naming principals or namespaces cannot match it) and delivers it, from
+inside the pod's netns when it is enrolled.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from mesh.config.model import MtlsMode
 from mesh.metrics import ConnectionLabels
 from mesh.tcp import TcpEndpoint
 from mesh.telemetry import Accounting
-from ztunnel.proxy.node import DialRefused, Redirected, splice
+from ztunnel.proxy.node import DialRefused, LiveInbound, Redirected, splice
 
 log = logging.getLogger("ztunnel.plaintext")
 
@@ -37,10 +39,15 @@ class InboundPlaintext(Redirected):
             ep.abort()
             return
         mode = snap.mtls_mode(pod, dst_port)
+        # Not over mTLS: a CiliumNetworkPolicy rule with `authentication: required` never
+        # admits it. Decided before the dial, like the HBONE path.
+        netpol = node.ingress_denied(
+            snap, src_ip, dst_ip, dst_port, authenticated=False, via_waypoint=False
+        )
         decision = authorize(
             snap.policies_for(pod), AuthzRequest(None, None, src_ip, dst_port), l7=False
         )
-        allowed = mode is not MtlsMode.STRICT and decision.allowed
+        allowed = mode is not MtlsMode.STRICT and netpol is None and decision.allowed
         acct = Accounting(
             node.metrics,
             ConnectionLabels.build(
@@ -57,10 +64,15 @@ class InboundPlaintext(Redirected):
             dst_identity=snap.identity(pod),
             service=None,
             mtls=False,
-            policy=decision.policy,
+            policy=netpol.policy if netpol is not None else decision.policy,
         )
         if not allowed:
-            why = "PeerAuthentication STRICT" if mode is MtlsMode.STRICT else decision.reason
+            if mode is MtlsMode.STRICT:
+                why = "PeerAuthentication STRICT"
+            elif netpol is not None:
+                why = f"{netpol.policy}: {netpol.reason}"
+            else:
+                why = decision.reason
             log.info("plaintext %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, why)
             ep.abort()
             acct.refused("deny", "DENY")
@@ -82,4 +94,6 @@ class InboundPlaintext(Redirected):
             ep.abort()
             acct.refused("error", "DC")
             raise
-        await splice(ep, app, acct)
+        live = LiveInbound(src_ip, dst_ip, dst_port, False, False, ep, app)
+        with node.serving_inbound(live):
+            await splice(ep, app, acct)

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mesh.accesslog import AccessRecord, log_access
@@ -21,8 +21,10 @@ from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
 from mesh.identity.manager import Identities
 from mesh.identity.spiffe import node_id
+from mesh.ingress_policy import IngressPolicy
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs, connect_in
+from mesh.netpolicy import Decision, Verdict
 from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
@@ -69,6 +71,20 @@ def _no_netns(_pod_key: str) -> NetNs | None:
     return None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class LiveInbound:
+    """An inbound connection being served, with the facts its ingress decision was made on,
+    so a policy change can decide it again (`Node.revalidate_inbound`)."""
+
+    src_ip: str
+    dst_ip: str
+    dst_port: int
+    authenticated: bool
+    via_waypoint: bool
+    down: Endpoint
+    up: Endpoint
+
+
 @dataclass
 class Node:
     """One ztunnel: its name, the current snapshot, identities, HBONE pool and telemetry.
@@ -88,6 +104,8 @@ class Node:
     netns_of: Callable[[str], NetNs | None] = _no_netns
     limits: HboneLimits = field(default_factory=HboneLimits)
     max_pending_dials: int = DEFAULT_MAX_PENDING_DIALS
+    ingress_policy: IngressPolicy = field(default_factory=IngressPolicy)
+    live_inbound: set[LiveInbound] = field(default_factory=set, init=False)
     pool: HbonePool = field(init=False)
     gate: ConnectionGate = field(init=False)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -149,6 +167,75 @@ class Node:
         return proto
 
     # -- guards ----------------------------------------------------------------------------
+
+    def ingress_denied(
+        self,
+        snap: Snapshot,
+        src_ip: str,
+        dst_ip: str,
+        dst_port: int,
+        *,
+        authenticated: bool,
+        via_waypoint: bool,
+    ) -> Decision | None:
+        """The NetworkPolicy/CiliumNetworkPolicy denial of an inbound connection, counted;
+        None when those policies allow it. Asked before the upstream dial, so a denied peer
+        never makes the application accept a connection.
+
+        A connection admitted only by HTTP rules (`ALLOW_L7`) is let through only when it
+        came through the destination's waypoint, which checks each request: delivered
+        straight to the pod (plaintext, or HBONE that bypassed the waypoint) those rules
+        would be enforced by no one."""
+        d = self.ingress_policy.check(snap, src_ip, dst_ip, dst_port, authenticated=authenticated)
+        if d is None or d.verdict is Verdict.ALLOW:
+            return None
+        if d.verdict is Verdict.ALLOW_L7:
+            if via_waypoint:
+                return None
+            d = Decision(
+                Verdict.DENY,
+                d.policy,
+                "only HTTP rules allow this, and it did not come through the waypoint",
+            )
+        self.metrics.policy_denied(d.policy or "-", "ingress", "ztunnel")
+        return d
+
+    @contextlib.contextmanager
+    def serving_inbound(self, conn: LiveInbound) -> Iterator[None]:
+        """Registers a delivered inbound connection while it lives."""
+        self.live_inbound.add(conn)
+        try:
+            yield
+        finally:
+            self.live_inbound.discard(conn)
+
+    def revalidate_inbound(self, snap: Snapshot) -> int:
+        """Decide every live inbound connection again under `snap` and cut (reset both ends)
+        those NetworkPolicy/CNP no longer allow, as Istio's ztunnel does when its policies
+        change: a policy written to stop a peer must stop the peer's open connections too,
+        not only its next ones. Returns how many were cut."""
+        cut = 0
+        for c in list(self.live_inbound):
+            d = self.ingress_denied(
+                snap, c.src_ip, c.dst_ip, c.dst_port,
+                authenticated=c.authenticated, via_waypoint=c.via_waypoint,
+            )  # fmt: skip
+            if d is None:
+                continue
+            log.info("closing %s -> %s:%s: no longer allowed by %s: %s",
+                     c.src_ip, c.dst_ip, c.dst_port, d.policy, d.reason)  # fmt: skip
+            self.live_inbound.discard(c)
+            c.down.abort()
+            c.up.abort()
+            cut += 1
+        return cut
+
+    async def revalidate_on_change(self, snapshots: Callable[[], AsyncIterator[Snapshot]]) -> None:
+        """Runs for ztunnel's lifetime: each new snapshot re-decides the live inbound
+        connections (a dict miss each when no policy isolates their destination)."""
+        async for snap in snapshots():
+            if self.live_inbound:
+                self.revalidate_inbound(snap)
 
     @contextlib.contextmanager
     def dial_slot(self) -> Iterator[None]:

@@ -409,3 +409,78 @@ async def test_cluster_without_grpcroute_crd_still_publishes_the_rest(
         apiserver.drop_watches()
         s = await wait_for(store, lambda s: grpc_routes(s) == {})
         assert [r.name for r in s.http_routes] == ["web"]
+
+
+def network_policy(port: int = 8080) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "web-in", "namespace": "shop"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}],
+        },
+    }
+
+
+CNP: dict[str, Any] = {
+    "apiVersion": "cilium.io/v2",
+    "kind": "CiliumNetworkPolicy",
+    "metadata": {"name": "web-mtls", "namespace": "shop"},
+    "spec": {
+        "endpointSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"authentication": {"mode": "required"}}],
+    },
+}
+
+
+def np_ports(s: Snapshot) -> dict[str, list[int | None]]:
+    """name -> the ports of its first ingress rule, for the NetworkPolicies in a snapshot."""
+    return {
+        p.name: [port.port for port in p.ingress[0].ports] for p in s.network_policies if p.ingress
+    }
+
+
+async def test_network_policy_added_changed_deleted_through_the_api(
+    apiserver: FakeApiServer, api_client: k8s.ApiClient
+) -> None:
+    seed(apiserver)
+    store = ConfigStore()
+    async with running(make_source(api_client, store)):
+        s = await wait_for(store, lambda s: s.version > 0)
+        assert s.network_policies == ()
+        apiserver.put(network_policy())
+        await wait_for(store, lambda s: np_ports(s) == {"web-in": [8080]})
+        apiserver.put(network_policy(port=9090))
+        await wait_for(store, lambda s: np_ports(s) == {"web-in": [9090]})
+        apiserver.put(CNP)
+        s = await wait_for(store, lambda s: [p.name for p in s.cilium_policies] == ["web-mtls"])
+        assert s.cilium_policies[0].ingress is not None
+        assert s.cilium_policies[0].ingress[0].auth_required
+        apiserver.delete("NetworkPolicy", "web-in", "shop")
+        apiserver.delete("CiliumNetworkPolicy", "web-mtls", "shop")
+        await wait_for(store, lambda s: not s.network_policies and not s.cilium_policies)
+    paths = [path for _, path in apiserver.requests]
+    assert any("/apis/networking.k8s.io/v1/networkpolicies" in p for p in paths)
+    assert any("/apis/cilium.io/v2/ciliumnetworkpolicies" in p for p in paths)
+
+
+async def test_cluster_without_cilium_crd_still_publishes_network_policy(
+    apiserver: FakeApiServer, api_client: k8s.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No Cilium: the CNP list 404s. One warning, no error loop; NetworkPolicy still lands."""
+    seed(apiserver)
+    apiserver.missing.add("ciliumnetworkpolicies")
+    apiserver.put(network_policy())
+    store = ConfigStore()
+    caplog.set_level(logging.INFO, logger="mesh.config.kube")
+    async with running(make_source(api_client, store, missing_recheck=0.1)) as src:
+        s = await wait_for(store, lambda s: s.version > 0)
+        assert np_ports(s) == {"web-in": [8080]} and s.cilium_policies == ()
+        assert src.missing == {"CiliumNetworkPolicy"}
+        await asyncio.sleep(0.5)  # several rechecks, all 404
+        msgs = [r.getMessage() for r in caplog.records]
+        assert len([m for m in msgs if "does not serve ciliumnetworkpolicies" in m]) == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not [m for m in msgs if "watch ciliumnetworkpolicies broken" in m]

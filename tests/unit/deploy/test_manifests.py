@@ -136,6 +136,8 @@ def test_rbac_is_least_privilege() -> None:
         ("gateway.networking.k8s.io", "grpcroutes"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("cilium.io", "ciliumnetworkpolicies"),
     }
     # ztunnel's KubeSource lists and watches exactly these: a kind added there needs RBAC here.
     assert readable == {(k.group, k.plural) for k in DEFAULT_KINDS}
