@@ -350,7 +350,7 @@ def to_dot(graph: Graph) -> str:
         '  graph [rankdir=LR, fontname="Helvetica", fontsize=11, nodesep=0.5, ranksep=1.2];',
         '  node [fontname="Helvetica", fontsize=11, style="rounded,filled", fillcolor="#eef3fb",'
         ' color="#4a6fa5", shape=box];',
-        '  edge [fontname="Helvetica", fontsize=9];',
+        '  edge [fontname="Helvetica", fontsize=10];',
     ]
     for name in sorted(graph.nodes):
         kind = graph.nodes[name]

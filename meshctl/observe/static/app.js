@@ -173,10 +173,7 @@
       showMapError("the map could not be read");
       return;
     }
-    const svg = cleanSvg(root);
-    svg.removeAttribute("width");
-    svg.removeAttribute("height");
-    mapBox.replaceChildren(svg);
+    mapBox.replaceChildren(cleanSvg(root)); // drawn at graphviz's size, shrunk to fit if wider
     mapError.hidden = true;
   }
 
