@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from meshctl.observe import ui as ui_module
 from meshctl.observe.ui import serve_ui
 from tests.fakes.recorded_flows import DENY_POLICY, HOSTILE_POD, demo_flows
 from tests.integration.meshctl.chromium import chromium_binary, chromium_page
@@ -137,3 +138,43 @@ async def test_the_page_runs_offline_from_its_own_server_only() -> None:
         )
         assert urls and all(u.startswith(f"http://127.0.0.1:{port}/") for u in urls), urls
         assert json.loads(json.dumps(urls))
+
+
+HOSTILE_SVG = b"""<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink"
+     width="200pt" height="100pt" viewBox="0 0 200 100" onload="window.__xss='onload'">
+<script>window.__xss = 'script';</script>
+<style>text { fill: red }</style>
+<g class="node" onclick="window.__xss='click'" style="fill:url(javascript:1)">
+<a xlink:href="javascript:window.__xss='link'" href="javascript:window.__xss='link'">
+<text x="10" y="20">linked</text></a>
+<text x="10" y="40">server.shop</text>
+<foreignObject width="100" height="50"><img xmlns="http://www.w3.org/1999/xhtml" src="x"
+  onerror="window.__xss='foreign'"/></foreignObject>
+<animate attributeName="href" values="javascript:window.__xss='animate'"/>
+<image href="x" onerror="window.__xss='image'"/>
+</g>
+</svg>"""
+
+
+async def test_the_map_svg_is_rebuilt_from_an_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: even an SVG full of script (not what graphviz makes of escaped labels)
+    enters the page as drawing elements only, and nothing in it runs."""
+    chromium_binary()
+    monkeypatch.setattr(ui_module, "render_map", lambda _flows, _fmt: HOSTILE_SVG)
+    async with ui(Recording(demo_flows(), 3)) as port, chromium_page() as page:
+        await page.send("Page.navigate", url=f"http://127.0.0.1:{port}/")
+        await page.wait_for(f"{MAP_TEXT}.includes('server.shop')")
+        await page.eval("document.querySelector('#map g').dispatchEvent(new MouseEvent('click'))")
+        await asyncio.sleep(0.5)
+        assert await page.eval("typeof window.__xss") == "undefined"
+        kinds = await page.eval(
+            "Array.from(document.querySelectorAll('#map *')).map(e => e.localName)"
+        )
+        assert set(kinds) <= {"svg", "g", "text"}, kinds
+        attributes = await page.eval(
+            "Array.from(document.querySelectorAll('#map *'))"
+            ".flatMap(e => Array.from(e.attributes).map(a => a.name))"
+        )
+        assert not [a for a in attributes if a.startswith("on") or "href" in a or a == "style"]
+        assert "linked" not in await page.eval(MAP_TEXT)  # a refused element goes whole
