@@ -14,6 +14,7 @@ rather than a `dot` run that never ends.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 FORMATS = ("png", "svg", "dot")
 MAX_NAME = 120  # characters of one name kept on the map; longer ones are cut, marked with "…"
@@ -32,6 +33,15 @@ _DENIED_COLOUR = "#cc0000"
 _ERROR_COLOUR = "#d98c00"
 _OK_COLOUR = "#2f6f3e"
 _PLAIN_COLOUR = "#555555"
+
+
+class HasToDict(Protocol):
+    """A flow object (the proxies' `mesh.flows.Flow`) that gives the contract's mapping."""
+
+    def to_dict(self) -> Mapping[str, Any]: ...
+
+
+FlowLike: TypeAlias = Mapping[str, Any] | HasToDict
 
 
 class MapError(Exception):
@@ -104,6 +114,21 @@ def _part(record: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = record.get(key)
     # dict first: the ABC check behind Mapping is several times slower, and this runs per field
     return value if type(value) is dict or isinstance(value, Mapping) else _EMPTY
+
+
+def as_record(item: Any) -> Mapping[str, Any] | None:
+    """A flow as the contract's mapping: given as one, or as an object with `to_dict()` (the
+    proxies' `mesh.flows.Flow`), so callers pass what their source yields. None for anything
+    else."""
+    if isinstance(item, Mapping):
+        return item
+    to_dict = getattr(item, "to_dict", None)
+    if callable(to_dict):
+        with contextlib.suppress(Exception):
+            record = to_dict()
+            if isinstance(record, Mapping):
+                return record
+    return None
 
 
 _POD_HASH = re.compile(r"^(?P<base>.+?)(?:-[0-9a-f]{6,10})?-[0-9a-z]{5}$")
@@ -181,8 +206,9 @@ class _Acc:
     reasons: set[str] = field(default_factory=set)
 
 
-def build_graph(flows: Iterable[Mapping[str, Any]], *, max_edges: int = DEFAULT_MAX_EDGES) -> Graph:
-    """Aggregate flow records into map nodes and edges.
+def build_graph(flows: Iterable[FlowLike], *, max_edges: int = DEFAULT_MAX_EDGES) -> Graph:
+    """Aggregate flow records (mappings in the shared flow shape, or objects with `to_dict()`)
+    into map nodes and edges.
 
     A request that went through a waypoint is reported twice: by ztunnel (the connection) and by
     the waypoint (the request, with its L7 status). For each edge the waypoint's records win
@@ -192,11 +218,12 @@ def build_graph(flows: Iterable[Mapping[str, Any]], *, max_edges: int = DEFAULT_
     """
     records: list[Mapping[str, Any]] = []
     skipped = 0
-    for record in flows:
-        if isinstance(record, Mapping):
-            records.append(record)
-        else:
+    for item in flows:
+        record = as_record(item)
+        if record is None:
             skipped += 1
+        else:
+            records.append(record)
 
     # Which workload backs which service, so that a backend calling onward (productpage ->
     # reviews) sits on the map as the service it serves, and chains connect.
@@ -389,9 +416,7 @@ def to_dot(graph: Graph) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_map(
-    flows: Iterable[Mapping[str, Any]], fmt: str, *, max_edges: int = DEFAULT_MAX_EDGES
-) -> bytes:
+def render_map(flows: Iterable[FlowLike], fmt: str, *, max_edges: int = DEFAULT_MAX_EDGES) -> bytes:
     """The service map of `flows` as PNG, SVG (graphviz `dot`) or the DOT source itself."""
     if fmt not in FORMATS:
         raise MapError(f"map format {fmt!r}: must be one of {', '.join(FORMATS)}")

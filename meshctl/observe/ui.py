@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from meshctl.observe.map import MapError, render_map
+from meshctl.observe.map import FlowLike, MapError, as_record, render_map
 
 log = logging.getLogger("meshctl.observe.ui")
 
@@ -117,14 +117,15 @@ class _UI:
         for stream in self.streams:
             stream.push(event)
 
-    async def consume(self, flows: Callable[[], AsyncIterator[Mapping[str, Any]]]) -> None:
+    async def consume(self, flows: Callable[[], AsyncIterator[FlowLike]]) -> None:
         """Read the flow source into the bounded store; a source that ends or fails leaves
         the page showing what it had, and says so."""
         self.source_state = "live"
         self.broadcast(sse("source", self.source_state))
         try:
-            async for flow in flows():
-                if not isinstance(flow, Mapping):
+            async for item in flows():
+                flow = as_record(item)
+                if flow is None:
                     continue
                 data = _jsonable(flow)
                 self.flows.append(flow)
@@ -316,7 +317,7 @@ def _loopback_hosts(host: str, port: int) -> set[str] | None:
 
 
 async def serve_ui(
-    flows: Callable[[], AsyncIterator[Mapping[str, Any]]],
+    flows: Callable[[], AsyncIterator[FlowLike]],
     host: str,
     port: int,
     *,
@@ -328,9 +329,10 @@ async def serve_ui(
     """Serve the live page until cancelled.
 
     `flows` is called once and read to its end (a finite recording, or a follow stream that
-    never ends). `ready` is set, and `on_listening(host, port)` called with the bound port
-    (useful with port 0), once the server accepts connections. At most `max_flows` recent
-    flows are kept for the table and the map.
+    never ends); it may yield mappings in the shared flow shape or objects with `to_dict()`.
+    `ready` is set, and `on_listening(host, port)` called with the bound port (useful with
+    port 0), once the server accepts connections. At most `max_flows` recent flows are kept
+    for the table and the map.
     """
     ui = _UI(max_flows, map_interval_s)
     server = await asyncio.start_server(ui.handle, host, port, limit=MAX_HEAD)

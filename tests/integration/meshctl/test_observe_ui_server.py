@@ -181,3 +181,28 @@ async def test_stopping_the_ui_closes_open_pages_promptly() -> None:
     writer.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", ports[0])
+
+
+async def test_flow_objects_with_to_dict_are_served_as_records() -> None:
+    class FlowObject:
+        def __init__(self, record: dict[str, Any]) -> None:
+            self.record = record
+
+        def to_dict(self) -> dict[str, Any]:
+            return self.record
+
+    flows_in = demo_flows()
+
+    async def source() -> AsyncIterator[Any]:
+        for f in flows_in:
+            yield FlowObject(f)
+        await asyncio.Event().wait()
+
+    async with ui(source) as port:
+        deadline = time.monotonic() + 30
+        while True:
+            _, _, body = await request(port, get("/flows.json", port))
+            if len(json.loads(body)) == len(flows_in) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert json.loads(body) == flows_in

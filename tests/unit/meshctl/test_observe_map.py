@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from meshctl.observe.map import (
+    FlowLike,
     MapError,
     build_graph,
     dot_label,
@@ -265,3 +266,26 @@ def test_render_map_without_graphviz_says_what_to_install(
     with pytest.raises(MapError, match="apt-get install graphviz"):
         render_map(demo_flows(), "svg")
     assert render_map(demo_flows(), "dot")  # DOT needs no graphviz
+
+
+class _FlowObject:
+    """Stands for `mesh.flows.Flow`: an object whose `to_dict()` gives the contract's shape."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.record
+
+
+class _Broken:
+    def to_dict(self) -> dict[str, Any]:
+        raise ValueError("no")
+
+
+def test_flow_objects_with_to_dict_are_taken_as_records() -> None:
+    as_dicts = build_graph(demo_flows())
+    items: list[FlowLike] = [_FlowObject(f) for f in demo_flows()]
+    as_objects = build_graph([*items, _Broken()])
+    assert as_objects.edges == as_dicts.edges
+    assert as_objects.skipped == 1
