@@ -144,13 +144,21 @@ def workload_of(pod: str) -> str:
     return pod
 
 
-def _destination_node(dst: Mapping[str, Any]) -> tuple[str, str] | None:
+def _destination_node(
+    dst: Mapping[str, Any], backs: Mapping[tuple[str, str], str]
+) -> tuple[str, str] | None:
     service = _text(dst.get("service"))
     if service:
         return service, "service"
     namespace, pod = _text(dst.get("namespace")), _text(dst.get("pod"))
     if pod:
-        return f"{namespace or '?'}/{workload_of(pod)}", "workload"
+        # The destination's ztunnel knows the pod, not the Service the caller dialled: when
+        # another record tied that workload to a Service, the edge goes to the Service.
+        workload = workload_of(pod)
+        backed = backs.get((namespace or "", workload))
+        if backed:
+            return backed, "service"
+        return f"{namespace or '?'}/{workload}", "workload"
     ip = _text(dst.get("ip"))
     if ip:
         port = _number(dst.get("port"))
@@ -238,7 +246,7 @@ def build_graph(flows: Iterable[FlowLike], *, max_edges: int = DEFAULT_MAX_EDGES
     by_key: dict[tuple[str, str, bool], list[Mapping[str, Any]]] = {}
     times: list[float] = []
     for record in records:
-        dst_node = _destination_node(_part(record, "destination"))
+        dst_node = _destination_node(_part(record, "destination"), backs)
         src_node = _source_node(_part(record, "source"), backs)
         if dst_node is None or src_node is None:
             skipped += 1
@@ -255,8 +263,7 @@ def build_graph(flows: Iterable[FlowLike], *, max_edges: int = DEFAULT_MAX_EDGES
     edges: list[Edge] = []
     used = 0
     for (src, dst, denied), group in by_key.items():
-        l7 = [r for r in group if r.get("reporter") == "waypoint"]
-        chosen = l7 or _dedup_connections(group)
+        chosen = _one_report_per_flow(group)
         used += len(chosen)
         acc = _Acc()
         for record in chosen:
@@ -269,12 +276,11 @@ def build_graph(flows: Iterable[FlowLike], *, max_edges: int = DEFAULT_MAX_EDGES
             latency = _number(record.get("latency_ms"))
             if latency is not None and latency >= 0:
                 acc.latencies.append(latency)
-            policy = _text(record.get("policy"))
-            if denied and policy:
-                acc.policies.add(policy)
             reason = _text(record.get("reason"))
             if record.get("verdict") == "DROPPED" and reason:
                 acc.reasons.add(reason)
+        if denied:  # the deciding end names the policy, whichever report was counted
+            acc.policies.update(p for r in group if (p := _text(r.get("policy"))))
         edges.append(
             Edge(
                 source=src,
@@ -301,22 +307,39 @@ def build_graph(flows: Iterable[FlowLike], *, max_edges: int = DEFAULT_MAX_EDGES
     return Graph(nodes, edges, span, used, omitted, skipped, notes)
 
 
+def _one_report_per_flow(group: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records of one edge that count each request or connection once.
+
+    A request through a waypoint is reported by the waypoint (with its L7 status) and by the
+    ztunnels on its way; a connection between two enrolled pods by both ends' ztunnels. The
+    flow record has no direction field, so the side is told by what each end knows: the
+    waypoint's records win when there are any; else the caller's end, the one that resolved
+    the Service (destination.service set: its latency is what the caller saw); else (a caller
+    that dialled a pod IP, or one outside the mesh) the records of the destination's end.
+    """
+    waypoint = [r for r in group if r.get("reporter") == "waypoint"]
+    if waypoint:
+        return waypoint
+    caller = [r for r in group if _text(_part(r, "destination").get("service"))]
+    return _dedup_connections(caller or group)
+
+
 def _dedup_connections(group: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """One record per connection: both ends' ztunnels may report the same one. Records of one
-    4-tuple are grouped by the proxy that reported them, and only the proxy that saw the most is
-    counted: each end sees a connection at most once, while a reused source port is seen again
-    by the same proxy and so still counts."""
+    """One record per connection, where records of both ends remain. Records of one 4-tuple
+    (when the source port is known) or of one edge (when it is not) are grouped by the proxy
+    that reported them, and only the proxy that saw the most is counted: each end sees a
+    connection at most once, while a reused source port is seen again by the same proxy and
+    so still counts."""
     by_tuple: dict[tuple[Any, ...], dict[Any, list[Mapping[str, Any]]]] = {}
-    out: list[Mapping[str, Any]] = []
     for record in group:
         src, dst = _part(record, "source"), _part(record, "destination")
-        key = (src.get("ip"), src.get("port"), dst.get("ip"), dst.get("port"))
+        key: tuple[Any, ...] = (src.get("ip"), src.get("port"), dst.get("ip"), dst.get("port"))
         if not all(isinstance(part, str | int) for part in key):
-            out.append(record)
-            continue
+            key = ()  # no usable 4-tuple: the edge's records are one group
         proxy = record.get("proxy")
         proxy = proxy if isinstance(proxy, str) else None
         by_tuple.setdefault(key, {}).setdefault(proxy, []).append(record)
+    out: list[Mapping[str, Any]] = []
     for reports in by_tuple.values():
         best: list[Mapping[str, Any]] = []
         for records in reports.values():

@@ -9,7 +9,9 @@ map and the UI are tested on what a real lab and a hostile pod produce, without 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 HOSTILE_POD = "<img src=x onerror=window.__xss=1>"
@@ -121,3 +123,12 @@ def demo_flows() -> list[dict[str, Any]]:
     flows.append(flow(20, EVIL, SERVER, src_port=46000))
     flows.sort(key=lambda f: str(f["time"]))
     return flows
+
+
+def lab_demo_flows() -> list[dict[str, Any]]:
+    """Flows a real lab recorded (`meshctl observe --lab ... -o json` over deploy/examples/
+    demo.yaml; web, batch (denied), legacy/curl and productpage each calling their Service):
+    what the proxies really report, e.g. both ends of one connection, the Service known only
+    at the caller's end and the denying policy only at the deciding end."""
+    path = Path(__file__).with_name("lab_demo_flows.ndjson")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

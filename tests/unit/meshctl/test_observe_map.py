@@ -29,6 +29,7 @@ from tests.fakes.recorded_flows import (
     WEB,
     demo_flows,
     flow,
+    lab_demo_flows,
 )
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -77,6 +78,28 @@ def test_demo_flows_make_the_demo_map() -> None:
 
     dropped = edges["shop/web", "10.96.0.99:80", False]
     assert dropped.errors == 1 and dropped.reasons == ("no route",)
+
+
+def test_a_real_labs_flows_make_one_edge_per_caller_and_service() -> None:
+    """Both ends' ztunnels report each connection; the destination's end knows the pod, not
+    the Service, and only it names the denying policy. The map still has one edge per caller
+    and Service, each connection counted once."""
+    graph = build_graph(lab_demo_flows())
+    edges = {(e.source, e.destination, e.denied): e for e in graph.edges}
+    assert set(edges) == {
+        ("shop/batch", "server.shop", True),
+        ("shop/web", "server.shop", False),
+        ("legacy/curl", "server.shop", False),
+        ("bookinfo/productpage", "reviews.bookinfo", False),
+    }
+    assert graph.nodes["server.shop"] == "service"
+    denied = edges["shop/batch", "server.shop", True]
+    assert (denied.requests, denied.policies) == (3, (DENY_POLICY,))
+    assert edges["shop/web", "server.shop", False].requests == 5
+    assert edges["shop/web", "server.shop", False].encryption == "mTLS"
+    curl = edges["legacy/curl", "server.shop", False]  # outside the mesh: one end reports
+    assert (curl.requests, curl.encryption) == (3, "plaintext")
+    assert edges["bookinfo/productpage", "reviews.bookinfo", False].requests == 4
 
 
 def test_error_rate_counts_5xx_grpc_failures_and_drops_not_4xx() -> None:
