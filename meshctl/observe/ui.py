@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +299,56 @@ class _UI:
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         finally:
             self.streams.discard(stream)
+
+
+async def follow_flows(
+    backlog: Iterable[FlowLike],
+    run: Callable[[Callable[[FlowLike], None]], Awaitable[None]],
+    *,
+    max_pending: int = 10000,
+) -> AsyncGenerator[FlowLike, None]:
+    """`backlog`, then what a callback-style follower passes to `emit` while `run(emit)` runs:
+    the flow source `serve_ui` wants, made from a stream reader that calls back (like
+    `meshctl observe --follow`'s). Flows beyond `max_pending` not yet taken are dropped, never
+    buffered without bound; the follower is cancelled when the iterator is closed, and its
+    error, if it fails, is raised here."""
+    for flow in backlog:
+        yield flow
+    queue: asyncio.Queue[FlowLike] = asyncio.Queue(max(1, max_pending))
+    finished = asyncio.Event()
+
+    def emit(flow: FlowLike) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(flow)
+
+    async def follower() -> None:
+        try:
+            await run(emit)
+        finally:
+            finished.set()
+
+    task = asyncio.create_task(follower())
+    try:
+        while not (finished.is_set() and queue.empty()):
+            if queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                waiter = asyncio.ensure_future(finished.wait())
+                try:
+                    await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done() and not getter.cancelled():
+                    yield getter.result()
+                continue
+            yield queue.get_nowait()
+        await task  # the follower's error, if any
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _loopback_hosts(host: str, port: int) -> set[str] | None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from meshctl.observe import ui as ui_module
-from meshctl.observe.ui import PAGE_CSP, serve_ui
+from meshctl.observe.ui import PAGE_CSP, follow_flows, serve_ui
 from tests.fakes.recorded_flows import HOSTILE_POD, demo_flows
 from tests.integration.meshctl.test_observe_ui import Recording, ui
 
@@ -206,3 +206,50 @@ async def test_flow_objects_with_to_dict_are_served_as_records() -> None:
                 break
             await asyncio.sleep(0.1)
         assert json.loads(body) == flows_in
+
+
+async def test_follow_flows_turns_a_callback_follower_into_a_flow_source() -> None:
+    async def run(emit: Callable[[Any], None]) -> None:
+        for i in range(3):
+            emit({"n": i})
+            await asyncio.sleep(0)
+        for i in range(3, 6):  # a burst, emitted before the reader takes any
+            emit({"n": i})
+
+    got = [f async for f in follow_flows([{"n": -1}], run)]
+    assert got == [{"n": n} for n in range(-1, 6)]
+
+
+async def test_follow_flows_bounds_what_waits_and_passes_errors_on() -> None:
+    async def burst(emit: Callable[[Any], None]) -> None:
+        for i in range(100):
+            emit({"n": i})
+
+    assert len([f async for f in follow_flows([], burst, max_pending=10)]) == 10
+
+    async def broken(emit: Callable[[Any], None]) -> None:
+        emit({"n": 0})
+        raise RuntimeError("stream lost")
+
+    got: list[Any] = []
+    with pytest.raises(RuntimeError, match="stream lost"):
+        async for f in follow_flows([], broken):
+            got.append(f)
+    assert got == [{"n": 0}]
+
+
+async def test_closing_follow_flows_cancels_the_follower() -> None:
+    cancelled = asyncio.Event()
+
+    async def forever(emit: Callable[[Any], None]) -> None:
+        emit({"n": 0})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    flows = follow_flows([], forever)
+    assert await anext(flows) == {"n": 0}
+    await flows.aclose()
+    await asyncio.wait_for(cancelled.wait(), 10)
