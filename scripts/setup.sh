@@ -9,7 +9,10 @@ apt_pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plug
           # the container image: built from Debian packages (meshctl image build), run by the
           # lab and its tests with an OCI runtime, loaded by podman and containerd (as kind
           # load does) in tests/e2e/image
-          mmdebstrap runc podman containerd)
+          mmdebstrap runc podman containerd
+          # meshctl observe: the service map is laid out by graphviz, and the live UI is
+          # tested in a real headless Chromium (tests/integration/meshctl/test_observe_ui.py)
+          graphviz chromium)
 if [ "${MESH_SETUP_KTLS:-1}" = 1 ]; then
   apt_pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static)
 fi
