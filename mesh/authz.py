@@ -46,6 +46,7 @@ from mesh.config.model import (
     PolicyRule,
     PolicySource,
     PolicyTargetRef,
+    RequestAuthentication,
     Service,
     Waypoint,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "authorize",
     "compile_policy",
     "waypoint_policies",
+    "waypoint_request_authns",
 ]
 
 _SPIFFE = "spiffe://"
@@ -545,3 +547,14 @@ def applies_at_waypoint(
         if hit:
             return True
     return False
+
+
+def waypoint_request_authns(
+    snap: Snapshot, waypoint: Waypoint, service: Service | None
+) -> tuple[RequestAuthentication, ...]:
+    """RequestAuthentications bound (by targetRefs) to this waypoint or service."""
+    return tuple(
+        ra
+        for ra in snap.request_authentications
+        if applies_at_waypoint(snap, ra.namespace, ra.target_refs, waypoint, service)
+    )
