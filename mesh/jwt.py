@@ -28,6 +28,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "Jwks",
     "JwtError",
+    "check_times",
     "parse_jwks",
     "peek_issuer",
     "verify",
@@ -186,6 +187,16 @@ def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
     raise JwtError("claim aud is neither a string nor a list of strings")
 
 
+def check_times(claims: Mapping[str, Any], now: float, skew: float = CLOCK_SKEW) -> None:
+    """exp and nbf against `now`; separate so a cached verification is re-timed on reuse."""
+    exp = _number(claims, "exp")
+    if exp is not None and now > exp + skew:
+        raise JwtError("token has expired")
+    nbf = _number(claims, "nbf")
+    if nbf is not None and now + skew < nbf:
+        raise JwtError("token is not yet valid")
+
+
 def verify(
     token: str,
     jwks: Jwks,
@@ -229,12 +240,7 @@ def verify(
     claims = _json(_b64(p64, "payload"), "payload")
     if claims.get("iss") != issuer:
         raise JwtError("issuer does not match")
-    exp = _number(claims, "exp")
-    if exp is not None and now > exp + skew:
-        raise JwtError("token has expired")
-    nbf = _number(claims, "nbf")
-    if nbf is not None and now + skew < nbf:
-        raise JwtError("token is not yet valid")
+    check_times(claims, now, skew)
     if audiences and not set(audiences) & set(_audiences(claims)):
         raise JwtError("audience is not allowed")
     sub = claims.get("sub")
