@@ -162,7 +162,10 @@ class _AnyOf:
             value = value.lower()
         if value in self.exact:
             return True
-        return any(g(value) for g in self.globs)
+        for g in self.globs:  # noqa: SIM110 (per-request path: no generator frame)
+            if g(value):
+                return True
+        return False
 
 
 def _principal(full: str | None) -> str | None:
@@ -347,9 +350,17 @@ class _Condition:
         if self.l7 and not l7:
             return deny  # fail closed at ztunnel, as for operations
         got = self.extract(req, principal)
-        if self.values is not None and not any(self.values(v) for v in got):
-            return False
-        return not (self.not_values is not None and any(self.not_values(v) for v in got))
+        if self.values is not None:
+            for v in got:
+                if self.values(v):
+                    break
+            else:
+                return False
+        if self.not_values is not None:
+            for v in got:
+                if self.not_values(v):
+                    return False
+        return True
 
 
 def _compile_condition(c: PolicyCondition) -> _Condition:
@@ -394,13 +405,23 @@ class _Rule:
     conditions: tuple[_Condition, ...]
 
     def matches(self, principal: str | None, req: AuthzRequest, *, l7: bool, deny: bool) -> bool:
-        if self.sources and not any(
-            s.matches(principal, req, l7=l7, deny=deny) for s in self.sources
-        ):
-            return False
-        if self.operations and not any(o.matches(req, l7=l7, deny=deny) for o in self.operations):
-            return False
-        return all(c.holds(principal, req, l7=l7, deny=deny) for c in self.conditions)
+        # Plain loops: this is the per-request path, and generator expressions cost a frame each.
+        if self.sources:
+            for s in self.sources:
+                if s.matches(principal, req, l7=l7, deny=deny):
+                    break
+            else:
+                return False
+        if self.operations:
+            for o in self.operations:
+                if o.matches(req, l7=l7, deny=deny):
+                    break
+            else:
+                return False
+        for c in self.conditions:  # noqa: SIM110
+            if not c.holds(principal, req, l7=l7, deny=deny):
+                return False
+        return True
 
 
 def _compile_rule(r: PolicyRule) -> _Rule:
@@ -420,7 +441,11 @@ class CompiledPolicy:
     rules: tuple[_Rule, ...]
 
     def matches(self, principal: str | None, req: AuthzRequest, *, l7: bool) -> bool:
-        return any(r.matches(principal, req, l7=l7, deny=self.deny) for r in self.rules)
+        deny = self.deny
+        for r in self.rules:  # noqa: SIM110
+            if r.matches(principal, req, l7=l7, deny=deny):
+                return True
+        return False
 
 
 _CACHE: dict[int, tuple[AuthorizationPolicy, CompiledPolicy]] = {}
@@ -447,71 +472,96 @@ def compile_policy(pol: AuthorizationPolicy) -> CompiledPolicy:
 _NO_POLICIES = AuthzDecision(True, None, "no policies")
 
 
+@dataclass(frozen=True, slots=True)
+class _CompiledSet:
+    """A PolicySet split once into enforced and dry-run parts, every policy compiled."""
+
+    deny: tuple[CompiledPolicy, ...]
+    allow: tuple[CompiledPolicy, ...]
+    audit: tuple[CompiledPolicy, ...]
+    dry_deny: tuple[CompiledPolicy, ...]
+    dry_allow: tuple[CompiledPolicy, ...]
+
+
+_SETS: dict[int, tuple[PolicySet, _CompiledSet]] = {}
+
+
+def _compiled_set(policies: PolicySet) -> _CompiledSet:
+    """Keyed by the PolicySet's identity (the waypoint makes one per stream, ztunnel one per
+    snapshot and workload), with the object kept so a reused id never hits."""
+    hit = _SETS.get(id(policies))
+    if hit is not None and hit[0] is policies:
+        return hit[1]
+
+    def comp(pols: tuple[AuthorizationPolicy, ...], dry: bool) -> tuple[CompiledPolicy, ...]:
+        return tuple(compile_policy(p) for p in pols if p.dry_run is dry)
+
+    cs = _CompiledSet(
+        comp(policies.deny, False),
+        comp(policies.allow, False),
+        comp(policies.audit, False),
+        comp(policies.deny, True),
+        comp(policies.allow, True),
+    )
+    if len(_SETS) >= _CACHE_MAX:
+        _SETS.clear()
+    _SETS[id(policies)] = (policies, cs)
+    return cs
+
+
 def authorize(policies: PolicySet, req: AuthzRequest, *, l7: bool) -> AuthzDecision:
     """Decide one connection (`l7=False`, ztunnel) or one request (`l7=True`, waypoint):
     DENY first, then ALLOW (CUSTOM, which Istio puts first, is refused at parse time)."""
     if not policies.allow and not policies.deny and not policies.audit:
         return _NO_POLICIES
+    cs = _compiled_set(policies)
     principal = _principal(req.source_principal)
     decision: AuthzDecision | None = None
-    dry_deny = dry_allow = False
-    for pol in policies.deny:
-        if pol.dry_run:
-            dry_deny = True
-        elif compile_policy(pol).matches(principal, req, l7=l7):
-            decision = AuthzDecision(False, pol.key, "denied by DENY policy")
+    for cp in cs.deny:
+        if cp.matches(principal, req, l7=l7):
+            decision = AuthzDecision(False, cp.key, "denied by DENY policy")
             break
     if decision is None:
-        enforced_allow = False
-        for pol in policies.allow:
-            if pol.dry_run:
-                dry_allow = True
-                continue
-            enforced_allow = True
-            if compile_policy(pol).matches(principal, req, l7=l7):
-                decision = AuthzDecision(True, pol.key, "allowed by ALLOW policy")
+        for cp in cs.allow:
+            if cp.matches(principal, req, l7=l7):
+                decision = AuthzDecision(True, cp.key, "allowed by ALLOW policy")
                 break
-        if decision is None:
+        else:
             decision = (
                 AuthzDecision(False, None, "no ALLOW policy matched")
-                if enforced_allow
+                if cs.allow
                 else AuthzDecision(True, None, "no DENY policy matched")
             )
-    else:
-        dry_allow = any(p.dry_run for p in policies.allow)
-        dry_deny = dry_deny or any(p.dry_run for p in policies.deny)
     audit = None
-    for pol in policies.audit:
-        if not pol.dry_run and compile_policy(pol).matches(principal, req, l7=l7):
-            audit = pol.key
+    for cp in cs.audit:
+        if cp.matches(principal, req, l7=l7):
+            audit = cp.key
             break
-    if not (audit or dry_deny or dry_allow):
+    if audit is None and not cs.dry_deny and not cs.dry_allow:
         return decision
     shadow: str | None = None
     shadow_policy: str | None = None
-    if dry_deny or dry_allow:
-        shadow, shadow_policy = _shadow(policies, principal, req, l7=l7, deny=dry_deny)
+    if cs.dry_deny or cs.dry_allow:
+        shadow, shadow_policy = _shadow(cs, principal, req, l7=l7)
     return AuthzDecision(
         decision.allowed, decision.policy, decision.reason, audit, shadow, shadow_policy
     )
 
 
 def _shadow(
-    policies: PolicySet, principal: str | None, req: AuthzRequest, *, l7: bool, deny: bool
+    cs: _CompiledSet, principal: str | None, req: AuthzRequest, *, l7: bool
 ) -> tuple[str, str | None]:
     """The dry-run policies' own verdict, as Envoy's shadow engines give it: dry-run DENY
     policies first (a match is `shadow_denied`), then dry-run ALLOW ones (a match is
     `shadow_allowed`, none matching `shadow_denied`)."""
-    if deny:
-        for pol in policies.deny:
-            if pol.dry_run and compile_policy(pol).matches(principal, req, l7=l7):
-                return "shadow_denied", pol.key
-    dry_allow = [p for p in policies.allow if p.dry_run]
-    if not dry_allow:
+    for cp in cs.dry_deny:
+        if cp.matches(principal, req, l7=l7):
+            return "shadow_denied", cp.key
+    if not cs.dry_allow:
         return "shadow_allowed", None
-    for pol in dry_allow:
-        if compile_policy(pol).matches(principal, req, l7=l7):
-            return "shadow_allowed", pol.key
+    for cp in cs.dry_allow:
+        if cp.matches(principal, req, l7=l7):
+            return "shadow_allowed", cp.key
     return "shadow_denied", None
 
 

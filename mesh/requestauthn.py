@@ -102,6 +102,8 @@ class Authenticator:
         # Verified tokens (claims and rule), as Envoy's jwt_cache: clients resend one token on
         # every request. Times are re-checked on each hit; the cache goes with the snapshot.
         self._verified: dict[str, tuple[dict[str, Any], _Rule]] = {}
+        self._names = frozenset(name for r in rules for name, _ in r.headers)
+        self._params = any(r.params for r in rules)
         self.output_headers = frozenset(
             r.rule.output_payload_to_header for r in rules if r.rule.output_payload_to_header
         )
@@ -110,6 +112,12 @@ class Authenticator:
         self, headers: Sequence[tuple[str, str]], query: str
     ) -> list[tuple[str, str | None, list[_Rule]]]:
         """(token, header it came in or None for a parameter, rules reading that place)."""
+        if not (self._params and query):
+            for k, _ in headers:
+                if k in self._names:
+                    break
+            else:
+                return []  # the common case: no token anywhere, one pass over the names
         found: dict[tuple[str, str | None], list[_Rule]] = {}
         params: list[tuple[str, str]] | None = None
         for r in self.rules:
