@@ -275,7 +275,7 @@ class RequestHandler:
         if ctx.authn is not None:
             res = ctx.authn.authenticate(req.headers, req.query, time.time())
             if res.error is not None:
-                out.policy = res.policy
+                out.policy, out.unauthenticated = res.policy, True
                 challenge = 'Bearer realm="mesh", error="invalid_token"'
                 await self._local(
                     ex, out, 401, f"{res.error}\n", [*TEXT, ("www-authenticate", challenge)]
@@ -637,7 +637,9 @@ class RequestHandler:
                 bytes_sent=req_bytes,
                 bytes_received=resp_bytes,
                 duration_s=duration,
-                verdict="deny" if out.flag == "DENY" else ("allow" if out.status else "error"),
+                verdict="deny"
+                if out.flag == "DENY" or out.unauthenticated
+                else ("allow" if out.status else "error"),
                 response_flags=out.flag,
                 policy=out.policy,
                 mtls=True,
@@ -698,6 +700,7 @@ class _Outcome:
     audit_policy: str | None = None
     shadow: str | None = None
     shadow_policy: str | None = None
+    unauthenticated: bool = False  # refused by RequestAuthentication (a 401, no Envoy flag)
 
 
 def upstream_protocol(ex: ServerExchange) -> str:

@@ -107,10 +107,16 @@ async def test_jwt_401_unauthenticated_and_request_principals(mesh: Mesh) -> Non
     assert r.status == 403 and b"RBAC: access denied" in r.body
 
 
-async def test_jwt_without_policy_lets_tokenless_requests_through(mesh: Mesh) -> None:
+async def test_jwt_without_policy_lets_tokenless_requests_through(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mesh.access")
     mesh.apply([authn()])
     assert (await mesh.get("/x")).status == 200
-    assert (await mesh.get("/x", headers=bearer(token(key=OTHER)))).status == 401
+    assert (await mesh.get("/y", headers=bearer(token(key=OTHER)))).status == 401
+    by_path = {d["path"]: d for d in await access_lines(mesh, caplog)}
+    assert by_path["/x"]["verdict"] == "allow"
+    assert by_path["/y"]["verdict"] == "deny" and by_path["/y"]["policy"] == f"{NS}/jwt"
 
 
 async def test_claims_and_header_conditions(mesh: Mesh) -> None:
