@@ -16,16 +16,16 @@ as Envoy's shadow rules, and only its would-be result is reported (`shadow_allow
 
 L7 attributes at ztunnel (`l7=False`). Istio's "Use Layer 4 security policy" page says
 ztunnel cannot enforce methods/paths/hosts (nor request principals or `when` keys about the
-request) and must fail closed in both directions. We follow it, part by part: in an ALLOW
-policy a source, operation or condition that names L7 attributes never matches (so it allows
-nothing); in a DENY policy the L7 attributes are dropped and the part matches on its L4 fields
-alone (so it denies more than the author asked, never less).
+request) and must fail closed in both directions. We follow istiod's translation for
+ztunnel: in an ALLOW policy a rule naming any L7 attribute (in any `from`, `to` or `when`) is
+omitted, so it allows nothing; in a DENY policy the L7 attributes are dropped and the rule
+matches on its L4 fields alone (so it denies more than the author asked, never less).
 
-Matching (Istio's): strings are exact, `prefix*`, `*suffix`, or `*` (any non-empty value);
-hosts compare case-insensitively, with or without the `:port` of the Host header; paths are
-matched without their query string; a `not` form holds when the attribute is absent. A
-header's repeated values are joined with "," as Envoy does; a claim that is a list matches
-when any element does.
+Matching (Istio's): strings are exact, `prefix*`, `*suffix`, or `*` (any non-empty value;
+for a header in `when`, present at all); hosts compare case-insensitively against the Host
+header as sent, port included; paths are matched without their query string; a `not` form
+holds when the attribute is absent. A header's repeated values are joined with "," as Envoy
+does; a claim that is a list matches when any element does.
 
 Costly work (glob parsing, CIDR objects, frozensets) is done once per policy object by
 `compile_policy`, cached by object identity; a snapshot swap brings new policy objects, so a
@@ -262,17 +262,9 @@ class _Operation:
 
 
 def _host_match(m: _AnyOf, host: str | None) -> bool:
-    """Istio matches `hosts` against the Host header with and without its port."""
-    if host is None:
-        return False
-    if m(host):
-        return True
-    if host.startswith("["):  # [v6]:port
-        end = host.find("]")
-        bare = host[: end + 1] if end > 0 else host
-    else:
-        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return bare != host and m(bare)
+    """Istio matches `hosts` against the Host header as sent, port included and case
+    ignored: `example.com` does not match `example.com:8080`; write `example.com:*` too."""
+    return host is not None and m(host)
 
 
 _Extract = Callable[[AuthzRequest, "str | None"], Sequence[str]]
@@ -336,6 +328,8 @@ def _values(c: PolicyCondition, values: Sequence[str]) -> Matcher | None:
         ports = frozenset(values)
         return ports.__contains__
     any_of = _AnyOf(values)
+    if c.attribute == "request.headers" and "*" in values:
+        return lambda _v: True  # Istio: "*" on a header is a presence match, empty or not
     return lambda v: any_of(v)
 
 
@@ -403,8 +397,11 @@ class _Rule:
     sources: tuple[_Source, ...]
     operations: tuple[_Operation, ...]
     conditions: tuple[_Condition, ...]
+    has_l7: bool
 
     def matches(self, principal: str | None, req: AuthzRequest, *, l7: bool, deny: bool) -> bool:
+        if not l7 and not deny and self.has_l7:
+            return False  # istiod drops an ALLOW rule naming HTTP attributes for ztunnel
         # Plain loops: this is the per-request path, and generator expressions cost a frame each.
         if self.sources:
             for s in self.sources:
@@ -429,6 +426,7 @@ def _compile_rule(r: PolicyRule) -> _Rule:
         tuple(_compile_source(s) for s in r.sources),
         tuple(_compile_op(o) for o in r.operations),
         tuple(_compile_condition(c) for c in r.conditions),
+        r.has_l7,
     )
 
 

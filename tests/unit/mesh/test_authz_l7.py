@@ -100,7 +100,14 @@ OPERATIONS: list[tuple[str, PolicySet, AuthzRequest, bool]] = [
     ("notPaths other", allow_to(notPaths=["/admin/*"]), rq(path="/shop"), True),
     ("host exact", allow_to(hosts=["shop.example"]), rq(host="shop.example"), True),
     ("host case-insensitive", allow_to(hosts=["Shop.Example"]), rq(host="SHOP.example"), True),
-    ("host with port", allow_to(hosts=["shop.example"]), rq(host="shop.example:8080"), True),
+    (
+        "host exact excludes port",
+        allow_to(hosts=["shop.example"]),
+        rq(host="shop.example:8080"),
+        False,
+    ),
+    ("host with any port", allow_to(hosts=["shop.example:*"]), rq(host="shop.example:8080"), True),
+    ("host presence", allow_to(hosts=["*"]), rq(host="x"), True),
     ("host suffix", allow_to(hosts=["*.example"]), rq(host="api.example"), True),
     ("host prefix", allow_to(hosts=["shop.*"]), rq(host="shop.test"), True),
     ("host other", allow_to(hosts=["*.example"]), rq(host="example.org"), False),
@@ -145,6 +152,7 @@ CONDITIONS: list[tuple[str, PolicySet, AuthzRequest, bool]] = [
     ("header", allow_when("request.headers[X-Env]", ["prod"]), rq(headers=(("x-env", "prod"),)), True),
     ("header other", allow_when("request.headers[x-env]", ["prod"]), rq(headers=(("x-env", "dev"),)), False),
     ("header absent", allow_when("request.headers[x-env]", ["*"]), rq(), False),
+    ("header present empty", allow_when("request.headers[x-env]", ["*"]), rq(headers=(("x-env", ""),)), True),
     ("header prefix", allow_when("request.headers[x-env]", ["pr*"]), rq(headers=(("x-env", "prod"),)), True),
     ("header repeated joins", allow_when("request.headers[x-a]", ["1,2"]), rq(headers=(("x-a", "1"), ("x-a", "2"))), True),
     ("header notValues absent", allow_when("request.headers[x-env]", not_values=["dev"]), rq(), True),
@@ -248,6 +256,31 @@ def test_l7_parts_at_ztunnel_fail_closed(rule: dict[str, Any]) -> None:
     assert not authorize(allow, conn, l7=False).allowed
     deny = pset(("DENY", {"rules": [rule]}))
     assert not authorize(deny, conn, l7=False).allowed
+
+
+def test_allow_rule_with_any_l7_part_is_omitted_whole_at_ztunnel() -> None:
+    """istiod drops the whole rule, even when another `to` of it is L4-only."""
+    pols = pset(
+        (
+            "ALLOW",
+            {
+                "rules": [
+                    {"to": [{"operation": {"ports": ["8080"]}}, {"operation": {"paths": ["/a"]}}]}
+                ]
+            },
+        )
+    )
+    conn = AuthzRequest(f"{TD}/ns/shop/sa/web", "shop", "10.0.1.5", 8080)
+    assert not authorize(pols, conn, l7=False).allowed
+    assert authorize(pols, rq(path="/b", port=8080), l7=True).allowed  # the waypoint reads both
+
+
+def test_deny_rule_keeps_its_l4_parts_at_ztunnel() -> None:
+    pols = pset(
+        ("DENY", {"rules": [{"to": [{"operation": {"ports": ["9090"], "paths": ["/a"]}}]}]})
+    )
+    assert not authorize(pols, AuthzRequest(None, None, "10.0.1.5", 9090), l7=False).allowed
+    assert authorize(pols, AuthzRequest(None, None, "10.0.1.5", 8080), l7=False).allowed
 
 
 def test_l4_when_keys_work_at_ztunnel() -> None:
