@@ -557,8 +557,9 @@ class NetworkPolicy:
 
 @dataclass(frozen=True, slots=True)
 class CiliumHTTPRule:
-    """An L7 rule: only a waypoint can evaluate it. `path` is a regular expression matched
-    against the whole path (Cilium's meaning); None matches any."""
+    """An L7 rule: only a waypoint can evaluate it. `method` and `path` are regular
+    expressions matched against the whole method and path (Cilium's meaning); None matches
+    any."""
 
     method: str | None = None
     path: str | None = None
