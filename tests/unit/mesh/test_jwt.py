@@ -301,3 +301,12 @@ def test_cached_verification_is_retimed() -> None:
     assert a.authenticate(hdr, "", NOW + 1).auth is not None  # from the cache
     late = a.authenticate(hdr, "", NOW + 600 + 61)
     assert late.error == "Jwt verification fails: token has expired"
+
+
+def test_many_query_parameters_are_not_an_error() -> None:
+    a = ra([{"issuer": ISS, "jwks": JWKS}])
+    query = "&".join(f"p{i}=v" for i in range(500))
+    res = a.authenticate([], query, NOW)
+    assert res.error is None and res.auth is None
+    res = a.authenticate([], f"{query}&access_token={sign(good())}", NOW)
+    assert res.auth is not None
