@@ -481,14 +481,16 @@ class _CompiledSet:
     dry_allow: tuple[CompiledPolicy, ...]
 
 
-_SETS: dict[int, tuple[PolicySet, _CompiledSet]] = {}
+_SETS: dict[tuple[int, ...], tuple[PolicySet, _CompiledSet]] = {}
 
 
 def _compiled_set(policies: PolicySet) -> _CompiledSet:
-    """Keyed by the PolicySet's identity (the waypoint makes one per stream, ztunnel one per
-    snapshot and workload), with the object kept so a reused id never hits."""
-    hit = _SETS.get(id(policies))
-    if hit is not None and hit[0] is policies:
+    """Keyed by the identities of the policies in the set: ztunnel builds a new PolicySet per
+    connection, over the same policy objects. The entry keeps the set (so its policies) alive,
+    so an id in a key cannot be reused by another object while the entry exists."""
+    key = (*map(id, policies.allow), 0, *map(id, policies.deny), 0, *map(id, policies.audit))
+    hit = _SETS.get(key)
+    if hit is not None:
         return hit[1]
 
     def comp(pols: tuple[AuthorizationPolicy, ...], dry: bool) -> tuple[CompiledPolicy, ...]:
@@ -503,7 +505,7 @@ def _compiled_set(policies: PolicySet) -> _CompiledSet:
     )
     if len(_SETS) >= _CACHE_MAX:
         _SETS.clear()
-    _SETS[id(policies)] = (policies, cs)
+    _SETS[key] = (policies, cs)
     return cs
 
 
