@@ -307,6 +307,9 @@ class RequestHandler:
                 _audited_counter(self.metrics).labels(decision.audit_policy).inc()
             if decision.shadow is not None:
                 out.shadow, out.shadow_policy = decision.shadow, decision.shadow_policy
+                _dry_run_counter(self.metrics).labels(
+                    decision.shadow_policy or "-", decision.shadow
+                ).inc()
             if not decision.allowed:
                 why = f"policy {decision.policy}" if decision.policy else decision.reason
                 await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
@@ -680,6 +683,21 @@ def _audited_counter(metrics: MeshMetrics) -> Any:
             registry=metrics.registry,
         )
         metrics._waypoint_audited = c  # type: ignore[attr-defined]
+    return c
+
+
+def _dry_run_counter(metrics: MeshMetrics) -> Any:
+    """Would-be results of dry-run policies (Envoy's istio_dry_run_* shadow stats), by the
+    dry-run policy that matched ("-" when none did) and result."""
+    c = getattr(metrics, "_waypoint_dry_run", None)
+    if c is None:
+        c = Counter(
+            "ambientmesh_waypoint_dry_run_requests",
+            "Requests evaluated against dry-run AuthorizationPolicies (never enforced)",
+            ("policy", "result"),
+            registry=metrics.registry,
+        )
+        metrics._waypoint_dry_run = c  # type: ignore[attr-defined]
     return c
 
 

@@ -176,6 +176,8 @@ async def test_audit_and_dry_run_are_logged_not_enforced(
     assert "audited" not in by_path["/secret"]
     wp = mesh.waypoint.metrics.exposition().decode()
     assert f'ambientmesh_waypoint_audited_requests_total{{policy="{NS}/audit-deletes"}} 1.0' in wp
+    shadow = f'ambientmesh_waypoint_dry_run_requests_total{{policy="{NS}/would-deny",'
+    assert shadow + 'result="shadow_denied"} 1.0' in wp
 
 
 async def test_cilium_http_rules_at_the_waypoint(mesh: Mesh) -> None:
