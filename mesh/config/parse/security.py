@@ -112,6 +112,10 @@ def _paths(ctx: _Ctx, v: Any, path: str) -> tuple[str, ...]:
     for i, s in enumerate(out):
         if s and not s.startswith(("/", "*")):
             ctx.err(f"{path}[{i}]", f"{s!r} must start with '/' (or be a '*' wildcard)")
+        elif "{" in s or "}" in s:
+            # Istio's path templates ({*}, {**}): read as an exact path they would match
+            # nothing the author meant, so they are refused rather than misread.
+            ctx.err(f"{path}[{i}]", f"{s!r}: path templates ({{*}}, {{**}}) are not supported")
     return out
 
 

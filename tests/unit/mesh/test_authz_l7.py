@@ -316,6 +316,7 @@ PARSE_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"rules": [{"to": [{"operation": {"paths": ["/a/*/b"]}}]}]}, P + "spec.rules[0].to[0].operation.paths[0] '/a/*/b': '*' is allowed only as a prefix or a suffix"),
     ({"rules": [{"to": [{"operation": {"hosts": ["*.a*"]}}]}]}, P + "spec.rules[0].to[0].operation.hosts[0] '*.a*': '*' is allowed"),
     ({"rules": [{"to": [{"operation": {"paths": ["api"]}}]}]}, P + "spec.rules[0].to[0].operation.paths[0] 'api' must start with '/'"),
+    ({"rules": [{"to": [{"operation": {"notPaths": ["/a/{*}/b"]}}]}]}, P + "spec.rules[0].to[0].operation.notPaths[0] '/a/{*}/b': path templates ({*}, {**}) are not supported"),
     ({"rules": [{"from": [{"source": {"notIpBlocks": ["10.0.0.300"]}}]}]}, P + "spec.rules[0].from[0].source.notIpBlocks[0] '10.0.0.300' is not an IP"),
     ({"rules": [{"from": [{"source": {"remoteIpBlocks": ["1.2.3.4"]}}]}]}, P + "spec.rules[0].from[0].source.remoteIpBlocks is not supported"),
     ({"rules": [{"when": [{"key": "request.header[x]", "values": ["1"]}]}]}, P + "spec.rules[0].when[0].key 'request.header[x]' is not a known attribute"),
