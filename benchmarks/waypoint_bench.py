@@ -8,6 +8,10 @@ node) and a keep-alive HTTP/1.1 backend per pod. Two client-side listeners lead 
 paths: a service labelled for the waypoint, and one opted out (`istio.io/use-waypoint:
 none`) over the same pods. The repository's load generator (a separate process) measures
 each path back to back; read the ratios, not the absolute figures (the machine is shared).
+With `--policies`, a third path goes through the same waypoint to a service carrying a
+typical L7 policy set (RequestAuthentication, ALLOW by principal/method/path with a header
+condition, DENY on a path, AUDIT on a method), so the policy hook's cost per request shows as
+the ratio of mesh CPU per request with and without it.
 All proxies share one Python process here, so the waypoint path's extra hop costs CPU from
 the same core as the tunnels: a conservative figure.
 """
@@ -26,7 +30,49 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WP_VIP, L4_VIP = "10.96.0.10", "10.96.0.30"
+WP_VIP, L4_VIP, POL_VIP = "10.96.0.10", "10.96.0.30", "10.96.0.13"
+
+
+def _policies() -> list[dict[str, Any]]:
+    """What a service owner typically writes: JWT accepted (the load has none, so requests
+    pass unauthenticated after the token lookup), callers by principal, a few paths, an
+    admin DENY, an AUDIT."""
+    ref = [{"kind": "Service", "group": "", "name": "backend-pol"}]
+    jwks = {
+        "keys": [
+            {
+                "kty": "EC",
+                "crv": "P-256",
+                "kid": "k",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+            }
+        ]
+    }
+
+    def ap(name: str, action: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"targetRefs": ref, "action": action, "rules": rules},
+        }
+
+    return [
+        {"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+         "metadata": {"name": "jwt", "namespace": "bench"},
+         "spec": {"targetRefs": ref,
+                  "jwtRules": [{"issuer": "https://issuer.test", "jwks": json.dumps(jwks)}]}},
+        ap("deny-admin", "DENY", [{"to": [{"operation": {"paths": ["/admin/*", "*.php"]}}]}]),
+        ap("audit-delete", "AUDIT", [{"to": [{"operation": {"methods": ["DELETE"]}}]}]),
+        ap("allow-clients", "ALLOW", [
+            {"from": [{"source": {"principals": ["cluster.local/ns/bench/sa/client"]}}],
+             "to": [{"operation": {"methods": ["GET", "HEAD"], "paths": ["/", "/api/*"]}}],
+             "when": [{"key": "request.headers[x-forbidden]", "notValues": ["*"]}]},
+            {"from": [{"source": {"namespaces": ["monitoring"]}}],
+             "to": [{"operation": {"paths": ["/metrics"]}}]},
+        ]),
+    ]  # fmt: skip
 
 
 def _manifest(wp_port: int, backend_port: int) -> list[dict[str, Any]]:
@@ -68,6 +114,7 @@ def _manifest(wp_port: int, backend_port: int) -> list[dict[str, Any]]:
         svc("v1", "10.96.0.11", {"version": "v1"}),
         svc("v2", "10.96.0.12", {"version": "v2"}),
         svc("backend-l4", L4_VIP, {"app": "backend"}, {"istio.io/use-waypoint": "none"}),
+        svc("backend-pol", POL_VIP, {"app": "backend"}),
         {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
          "metadata": {"name": "split", "namespace": "bench"},
          "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "backend"}],
@@ -122,14 +169,14 @@ async def _serve() -> None:
         h2port = h2srv.sockets[0].getsockname()[1]
         wp = Waypoint("bench", "waypoint", lambda: snap[0], ids, node_ports={"n2": h2port})
         await wp.listen("127.0.0.9", 0)
-        snap[0] = parse_objects(_manifest(wp.port, bport))
+        snap[0] = parse_objects(_manifest(wp.port, bport) + _policies())
         for vip, via_waypoint in ((WP_VIP, True), (L4_VIP, False)):
             found = snap[0].service_by_vip(vip, 80)
             assert found is not None
             assert (snap[0].waypoint_for_service(found[0]) is not None) == via_waypoint
         n1 = Node("n1", lambda: snap[0], ids, MeshMetrics(), hbone_port=h2port)
         ports = {}
-        for name, vip in (("waypoint", WP_VIP), ("l4", L4_VIP)):
+        for name, vip in (("waypoint", WP_VIP), ("l4", L4_VIP), ("policies", POL_VIP)):
             dst = (vip, 80)
             srv = await loop.create_server(
                 Outbound(n1, functools.partial(_fixed, dst)).protocol, "127.0.0.1", 0
@@ -179,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--rate", type=float, default=0, help="requests/s (0 = maximum, closed loop)")
+    p.add_argument(
+        "--policies", action="store_true", help="also measure the waypoint with L7 policies"
+    )
     args = p.parse_args(argv)
     if args.serve:
         try:
@@ -204,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         # the x-via response header.
         assert _via(ports["waypoint"]) == "waypoint" and _via(ports["l4"]) is None
         rows = []
-        for name, port in (("L4 (ztunnel→ztunnel)", ports["l4"]),
-                           ("L7 (ztunnel→waypoint→ztunnel)", ports["waypoint"])):  # fmt: skip
+        paths = [("L4 (ztunnel→ztunnel)", ports["l4"]),
+                 ("L7 (ztunnel→waypoint→ztunnel)", ports["waypoint"])]  # fmt: skip
+        if args.policies:
+            paths.append(("L7 + policies", ports["policies"]))
+        for name, port in paths:
             cpu0 = _cpu_seconds(child.pid)
             r = _loadgen(port, args)
             r["mesh_cpu_s"] = _cpu_seconds(child.pid) - cpu0
@@ -233,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     if l4["mesh_cpu_s"]:
         ratio = (l7["mesh_cpu_s"] / n7) / (l4["mesh_cpu_s"] / n4)
         print(f"waypoint/L4 mesh CPU per request ratio: {ratio:.2f}")
+    if args.policies:
+        lp = rows[2][1]
+        npol = max(1, sum(lp.get("statuses", {}).values()))
+        bad = {k: v for k, v in lp.get("statuses", {}).items() if str(k) != "200"}
+        if l7["mesh_cpu_s"]:
+            ratio = (lp["mesh_cpu_s"] / npol) / (l7["mesh_cpu_s"] / n7)
+            print(f"policies/no-policies waypoint mesh CPU per request ratio: {ratio:.2f}")
+        if bad:
+            print(f"policy path answered non-200: {bad} (the policy set should allow the load)")
     p50 = l4.get("latency_ms", l4).get("p50")
     if p50:
         print(f"waypoint/L4 p50 latency ratio: {l7.get('latency_ms', l7).get('p50', 0) / p50:.2f}")

@@ -35,6 +35,11 @@ class AccessRecord:
     path: str | None = None
     status: int | None = None
     reporter: str = "destination"
+    # L7 policy: the AUDIT policy that matched, and a dry-run policy's would-be result
+    # ("shadow_allowed"/"shadow_denied") with its name. Written only when set.
+    audit_policy: str | None = None
+    shadow: str | None = None
+    shadow_policy: str | None = None
 
     def to_json(self) -> str:
         d = {
@@ -56,6 +61,10 @@ class AccessRecord:
         }
         if self.protocol != "tcp":
             d.update(method=self.method, path=self.path, status=self.status)
+        if self.audit_policy is not None:
+            d.update(audited=True, audit_policy=self.audit_policy)
+        if self.shadow is not None:
+            d.update(shadow_result=self.shadow, shadow_policy=self.shadow_policy)
         return json.dumps(d, separators=(",", ":"))
 
 

@@ -3,7 +3,8 @@
 Sans-IO and pure, like `mesh.authz`: a snapshot and a connection's L3/L4 facts in, a decision
 naming the deciding policy out. ztunnel (ingress, before the upstream dial) and the map filler
 for the cgroup connect() program (egress) are meant to share this one function, so the kernel
-and the proxy can never disagree about what a policy means. Neither calls it yet.
+and the proxy can never disagree about what a policy means. The waypoint asks
+`waypoint_http_rules` for the HTTP rules left over by an ALLOW_L7 verdict.
 
 Semantics (Kubernetes' and Cilium's, which agree here): policies only allow. A pod is isolated
 in a direction when some policy selecting it covers that direction (a NetworkPolicy listing it
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from mesh.config.model import (
@@ -33,6 +35,7 @@ from mesh.config.model import (
     NetworkPolicyPeer,
     NetworkPolicyRule,
     Pod,
+    Service,
 )
 from mesh.config.snapshot import Snapshot, selector_matches
 
@@ -210,3 +213,78 @@ def decide(
         isolating[0],
         f"{subject.key} is isolated for {direction.value} and no rule allows this",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRules:
+    """The CiliumNetworkPolicy HTTP rules a waypoint enforces for one (source, destination
+    pod, port): a request passes when it matches one of them (Cilium merges the L7 rules of
+    every rule that admitted the connection). Method and path are anchored regular
+    expressions, compiled once; `policy` names the first CNP, for the 403's body."""
+
+    policy: str
+    rules: tuple[tuple[re.Pattern[str] | None, re.Pattern[str] | None], ...]
+
+    def allows(self, method: str, path: str) -> bool:
+        for m, p in self.rules:
+            if (m is None or m.fullmatch(method)) and (p is None or p.fullmatch(path)):
+                return True
+        return False
+
+
+def http_rules(
+    snap: Snapshot, source: Pod | str, dest_ip: str, dest_port: int, *, authenticated: bool
+) -> HttpRules | None:
+    """HTTP rules that requests on this connection must match, or None when none apply
+    (the connection is allowed, or denied, at L4 alone: `decide` says ALLOW or DENY)."""
+    d = decide(snap, source, dest_ip, dest_port, Direction.INGRESS, authenticated=authenticated)
+    if d.verdict is not Verdict.ALLOW_L7:
+        return None
+    dst = snap.pod_by_ip(dest_ip)
+    src_pod = source if isinstance(source, Pod) else snap.pod_by_ip(source)
+    src_ip = source.ip or "" if isinstance(source, Pod) else source
+    assert dst is not None  # ALLOW_L7 comes only from a policy selecting it
+    compiled: list[tuple[re.Pattern[str] | None, re.Pattern[str] | None]] = []
+    for cnp in snap.cilium_policies:
+        if cnp.ingress is None or cnp.namespace != dst.namespace:
+            continue
+        if not selector_matches(cnp.endpoint_selector, dst.labels):
+            continue
+        for rule in cnp.ingress:
+            v = _cnp_rule_verdict(snap, cnp, rule, src_ip, src_pod, dest_port, authenticated)
+            if v is not Verdict.ALLOW_L7:
+                continue
+            for pr in rule.to_ports:
+                if pr.ports and dest_port not in pr.ports:
+                    continue
+                for h in pr.http:
+                    compiled.append(
+                        (
+                            re.compile(h.method) if h.method else None,
+                            re.compile(h.path) if h.path else None,
+                        )
+                    )
+    return HttpRules(d.policy or "", tuple(compiled))
+
+
+def waypoint_http_rules(
+    snap: Snapshot, service: Service, port: int, source_ip: str
+) -> tuple[HttpRules, ...]:
+    """HTTP rules a waypoint enforces for one caller's requests to `service:port`: one set per
+    backend pod whose CiliumNetworkPolicies admit the caller only through L7 rules (the
+    caller came over the mesh, so `authentication: required` holds). Computed once per
+    downstream connection; a request must satisfy every set, whichever pod it goes to."""
+    if not snap.cilium_policies:
+        return ()
+    out: list[HttpRules] = []
+    seen: set[tuple[object, ...]] = set()
+    for ep in snap.endpoints(service, port):
+        if ep.pod.ip is None:
+            continue
+        rules = http_rules(snap, source_ip, ep.pod.ip, ep.port, authenticated=True)
+        if rules is not None:
+            key = (rules.policy, tuple((m and m.pattern, p and p.pattern) for m, p in rules.rules))
+            if key not in seen:
+                seen.add(key)
+                out.append(rules)
+    return tuple(out)

@@ -23,6 +23,7 @@ from mesh.config.model import (
     BackendRef,
     CiliumNetworkPolicy,
     Pod,
+    PolicyTargetRef,
 )
 from mesh.config.parse import ConfigErrors, load_snapshot
 from mesh.config.snapshot import Snapshot, selector_matches
@@ -157,38 +158,77 @@ def _l7_without_waypoint(snap: Snapshot) -> list[Finding]:
                     f"{USE_WAYPOINT_LABEL})",
                 )
             )
+        if any(r.has_l7 for r in cnp.egress or ()):
+            out.append(
+                Finding(
+                    L7_WITHOUT_WAYPOINT,
+                    f"CiliumNetworkPolicy {cnp.key}",
+                    "has egress toPorts.rules.http: waypoints check HTTP rules on ingress "
+                    "only, so these are not enforced; write them as ingress rules of the "
+                    "destination",
+                )
+            )
     for ap in snap.authorization_policies:
-        if not any(op.has_l7 for r in ap.rules for op in r.operations):
+        if not any(r.has_l7 for r in ap.rules):
             continue
         if not ap.target_refs:
             out.append(
                 Finding(
                     L7_WITHOUT_WAYPOINT,
                     f"AuthorizationPolicy {ap.key}",
-                    "has L7 fields (methods, paths, hosts) but selects pods, where only ztunnel "
-                    "(L4) sees the traffic: ALLOW rules with them never match and DENY rules "
-                    "are judged on ports alone; bind it to a waypoint with targetRefs",
+                    "has L7 fields (methods, paths, hosts, requestPrincipals, request `when` "
+                    "keys) but selects pods, where only ztunnel (L4) sees the traffic: ALLOW "
+                    "rules with them never match and DENY rules are judged on their L4 parts "
+                    "alone; bind it to a waypoint with targetRefs",
                 )
             )
             continue
-        for ref in ap.target_refs:
-            missing = False
-            if ref.kind == "Gateway":
-                missing = snap.waypoint(ap.namespace, ref.name) is None
-            elif ref.kind == "Service":
-                svc = snap.service(ap.namespace, ref.name)
-                missing = svc is None or snap.waypoint_for_service(svc) is None
-            elif ref.kind == "GatewayClass":
-                missing = not snap.waypoints
-            if missing:
-                out.append(
-                    Finding(
-                        L7_WITHOUT_WAYPOINT,
-                        f"AuthorizationPolicy {ap.key}",
-                        f"targets {ref.kind} {ref.name}, which has no waypoint: "
-                        "its L7 rules are enforced nowhere",
-                    )
+        out.extend(
+            _refs_without_waypoint(
+                snap, f"AuthorizationPolicy {ap.key}", ap.namespace, ap.target_refs
+            )
+        )
+    for ra in snap.request_authentications:
+        if not ra.target_refs:
+            out.append(
+                Finding(
+                    L7_WITHOUT_WAYPOINT,
+                    f"RequestAuthentication {ra.key}",
+                    "selects pods, where only ztunnel (L4) sees the traffic: no JWT is checked; "
+                    "bind it to a waypoint with targetRefs",
                 )
+            )
+            continue
+        out.extend(
+            _refs_without_waypoint(
+                snap, f"RequestAuthentication {ra.key}", ra.namespace, ra.target_refs
+            )
+        )
+    return out
+
+
+def _refs_without_waypoint(
+    snap: Snapshot, obj: str, namespace: str, refs: tuple[PolicyTargetRef, ...]
+) -> list[Finding]:
+    out = []
+    for ref in refs:
+        missing = False
+        if ref.kind == "Gateway":
+            missing = snap.waypoint(namespace, ref.name) is None
+        elif ref.kind == "Service":
+            svc = snap.service(namespace, ref.name)
+            missing = svc is None or snap.waypoint_for_service(svc) is None
+        elif ref.kind == "GatewayClass":
+            missing = not snap.waypoints
+        if missing:
+            out.append(
+                Finding(
+                    L7_WITHOUT_WAYPOINT,
+                    obj,
+                    f"targets {ref.kind} {ref.name}, which has no waypoint: "
+                    "its L7 rules are enforced nowhere",
+                )
+            )
     return out
 
 

@@ -55,6 +55,8 @@ def _validate(args: argparse.Namespace) -> int:
             snap.peer_authentications,
             snap.network_policies,
             snap.cilium_policies,
+            snap.request_authentications,
+            snap.config_maps,  # only those a RequestAuthentication reads its JWKS from
         )
     )
     if count == 0:

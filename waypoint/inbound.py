@@ -17,12 +17,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from mesh.authz import waypoint_policies
+from mesh.authz import waypoint_policies, waypoint_request_authns
 from mesh.config.model import Service
 from mesh.config.snapshot import Snapshot
 from mesh.hbone import ConnectRequest
 from mesh.hbone.forwarded import forwarded_for
 from mesh.identity.spiffe import SpiffeId
+from mesh.netpolicy import waypoint_http_rules
+from mesh.requestauthn import authenticator_for
 from mesh.stream import Endpoint
 from waypoint.detect import detect
 from waypoint.h1 import H1Server, H1ServerExchange
@@ -160,7 +162,18 @@ class WaypointInbound:
         wp = snap.waypoint(self.namespace, self.name)
         assert wp is not None  # _serves found it
         policies = waypoint_policies(snap, wp, svc)  # once per stream, not per request
-        ctx = StreamContext(req.peer_identity, src_ip, svc, port, sr, table, policies, caller_ns)
+        ctx = StreamContext(
+            req.peer_identity,
+            src_ip,
+            svc,
+            port,
+            sr,
+            table,
+            policies,
+            caller_ns,
+            authenticator_for(snap, waypoint_request_authns(snap, wp, svc)),
+            waypoint_http_rules(snap, svc, port, src_ip),
+        )
         if self.active >= self.limits.max_connections:
             detail = f"{self.active} connections open (max_connections)"
             self.handler.refused(ctx, Refusal(503, OVERLOAD, "max_connections", detail))

@@ -32,11 +32,13 @@ from typing import Any
 from prometheus_client import Counter
 
 from mesh.accesslog import AccessRecord, log_access
-from mesh.authz import AuthzRequest, authorize
+from mesh.authz import AuthzRequest, RequestAuth, authorize
 from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeouts, Service
 from mesh.config.snapshot import PolicySet
 from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels, MeshMetrics
+from mesh.netpolicy import HttpRules
+from mesh.requestauthn import Authenticator
 from mesh.telemetry import account_request
 from waypoint.limits import Refusal
 from waypoint.routing import Forward, Redirect, Request, RouteTable, apply_filters, modify_headers
@@ -71,6 +73,8 @@ class StreamContext:
     table: RouteTable
     policies: PolicySet  # L7 policies of this waypoint for this service
     caller_ns: str | None = None
+    authn: Authenticator | None = None  # RequestAuthentication (JWT) for this service
+    http_rules: tuple[HttpRules, ...] = ()  # CiliumNetworkPolicy L7 rules for this caller
 
 
 def with_request_identity(req: Request, client_ip: str, scheme: str) -> Request:
@@ -191,19 +195,11 @@ class RequestHandler:
         out: _Outcome,
     ) -> None:
         pol = ctx.policies
-        if pol.allow or pol.deny:  # no policy, nothing to evaluate
-            decision = authorize(
-                pol,
-                AuthzRequest(
-                    ctx.caller, ctx.caller_ns, ctx.src_ip, ctx.port, req.method, req.path, req.host
-                ),
-                l7=True,
-            )
-            out.policy = decision.policy
-            if not decision.allowed:
-                why = f"policy {decision.policy}" if decision.policy else decision.reason
-                await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
+        if ctx.authn is not None or ctx.http_rules or pol.allow or pol.deny or pol.audit:
+            checked = await self._policy(ctx, ex, req, out)
+            if checked is None:
                 return
+            req = checked
         route = ctx.table.route(req)
         if route is None and ctx.table:
             # Routes are attached but none matches: Gateway API says 404, not "the Service".
@@ -269,6 +265,61 @@ class RequestHandler:
             raise
         for m in fwd.mirrors:
             self._mirror(ctx, m, up_head, body)
+
+    async def _policy(
+        self, ctx: StreamContext, ex: ServerExchange, req: Request, out: _Outcome
+    ) -> Request | None:
+        """JWT authentication (401), then AuthorizationPolicy (403), then CiliumNetworkPolicy
+        HTTP rules (403): the request to go on with (tokens stripped), or None once refused."""
+        auth: RequestAuth | None = None
+        if ctx.authn is not None:
+            res = ctx.authn.authenticate(req.headers, req.query, time.time())
+            if res.error is not None:
+                out.policy, out.unauthenticated = res.policy, True
+                challenge = 'Bearer realm="mesh", error="invalid_token"'
+                await self._local(
+                    ex, out, 401, f"{res.error}\n", [*TEXT, ("www-authenticate", challenge)]
+                )
+                return None
+            auth = res.auth
+            if res.headers != req.headers:
+                req = dataclasses.replace(req, headers=res.headers)
+        pol = ctx.policies
+        if pol.allow or pol.deny or pol.audit:
+            decision = authorize(
+                pol,
+                AuthzRequest(
+                    ctx.caller,
+                    ctx.caller_ns,
+                    ctx.src_ip,
+                    ctx.port,
+                    req.method,
+                    req.path,
+                    req.host,
+                    req.headers,
+                    auth,
+                ),
+                l7=True,
+            )
+            out.policy = decision.policy
+            if decision.audit_policy is not None:
+                out.audit_policy = decision.audit_policy
+                _audited_counter(self.metrics).labels(decision.audit_policy).inc()
+            if decision.shadow is not None:
+                out.shadow, out.shadow_policy = decision.shadow, decision.shadow_policy
+                _dry_run_counter(self.metrics).labels(
+                    decision.shadow_policy or "-", decision.shadow
+                ).inc()
+            if not decision.allowed:
+                why = f"policy {decision.policy}" if decision.policy else decision.reason
+                await self._local(ex, out, 403, f"RBAC: access denied ({why})\n", flag="DENY")
+                return None
+        for rules in ctx.http_rules:
+            if not rules.allows(req.method, req.path):
+                out.policy = rules.policy
+                await self._local(ex, out, 403, f"Access denied ({rules.policy})\n", flag="DENY")
+                return None
+        return req
 
     async def _attempts(
         self,
@@ -589,7 +640,9 @@ class RequestHandler:
                 bytes_sent=req_bytes,
                 bytes_received=resp_bytes,
                 duration_s=duration,
-                verdict="deny" if out.flag == "DENY" else ("allow" if out.status else "error"),
+                verdict="deny"
+                if out.flag == "DENY" or out.unauthenticated
+                else ("allow" if out.status else "error"),
                 response_flags=out.flag,
                 policy=out.policy,
                 mtls=True,
@@ -598,6 +651,9 @@ class RequestHandler:
                 path=req.path,
                 status=out.status,
                 reporter="waypoint",
+                audit_policy=out.audit_policy,
+                shadow=out.shadow,
+                shadow_policy=out.shadow_policy,
             ),
         )
 
@@ -616,6 +672,35 @@ def _refused_counter(metrics: MeshMetrics) -> Any:
     return c
 
 
+def _audited_counter(metrics: MeshMetrics) -> Any:
+    """Requests an AUDIT AuthorizationPolicy matched, by policy (one counter per registry)."""
+    c = getattr(metrics, "_waypoint_audited", None)
+    if c is None:
+        c = Counter(
+            "ambientmesh_waypoint_audited_requests",
+            "Requests matched by an AUDIT AuthorizationPolicy (the decision is unaffected)",
+            ("policy",),
+            registry=metrics.registry,
+        )
+        metrics._waypoint_audited = c  # type: ignore[attr-defined]
+    return c
+
+
+def _dry_run_counter(metrics: MeshMetrics) -> Any:
+    """Would-be results of dry-run policies (Envoy's istio_dry_run_* shadow stats), by the
+    dry-run policy that matched ("-" when none did) and result."""
+    c = getattr(metrics, "_waypoint_dry_run", None)
+    if c is None:
+        c = Counter(
+            "ambientmesh_waypoint_dry_run_requests",
+            "Requests evaluated against dry-run AuthorizationPolicies (never enforced)",
+            ("policy", "result"),
+            registry=metrics.registry,
+        )
+        metrics._waypoint_dry_run = c  # type: ignore[attr-defined]
+    return c
+
+
 async def _stop(pump: asyncio.Task[None] | None) -> None:
     if pump is not None and not pump.done():
         pump.cancel()
@@ -630,6 +715,10 @@ class _Outcome:
     target: Target | None = None
     retries: int = 0
     grpc_status: str | None = None
+    audit_policy: str | None = None
+    shadow: str | None = None
+    shadow_policy: str | None = None
+    unauthenticated: bool = False  # refused by RequestAuthentication (a 401, no Envoy flag)
 
 
 def upstream_protocol(ex: ServerExchange) -> str:

@@ -66,4 +66,6 @@ def snapshot_to_json(snap: Snapshot) -> dict[str, Any]:
         "peer_authentications": _plain(snap.peer_authentications),
         "network_policies": _plain(snap.network_policies),
         "cilium_policies": _plain(snap.cilium_policies),
+        "request_authentications": _plain(snap.request_authentications),
+        "config_maps": _plain(snap.config_maps),
     }

@@ -314,6 +314,7 @@ class HTTPRoute:
 class PolicyAction(enum.Enum):
     ALLOW = "ALLOW"
     DENY = "DENY"
+    AUDIT = "AUDIT"  # marks matching requests audited; never changes the decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +325,39 @@ class PolicySource:
     not_namespaces: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()
     not_ip_blocks: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()  # L7: "iss/sub" of a verified JWT
+    not_request_principals: tuple[str, ...] = ()
+
+    @property
+    def has_l7(self) -> bool:
+        return bool(self.request_principals or self.not_request_principals)
+
+
+# `when` keys a ztunnel can evaluate (they describe the connection, not a request).
+L4_CONDITION_KEYS = frozenset(
+    ["source.ip", "source.namespace", "source.principal", "destination.port"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyCondition:
+    """One `when` entry. `key` as written (`request.headers[x-foo]`,
+    `request.auth.claims[groups]`); `path` is the bracketed part split out
+    (`("x-foo",)`, `("groups",)`, `("a", "b")` for nested claims)."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+    path: tuple[str, ...] = ()
+
+    @property
+    def attribute(self) -> str:
+        """The key without its brackets: `request.headers`, `request.auth.claims`, ..."""
+        return self.key.split("[", 1)[0]
+
+    @property
+    def has_l7(self) -> bool:
+        return self.attribute not in L4_CONDITION_KEYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +392,15 @@ class PolicyRule:
 
     sources: tuple[PolicySource, ...] = ()
     operations: tuple[PolicyOperation, ...] = ()
+    conditions: tuple[PolicyCondition, ...] = ()  # `when`: all must hold
+
+    @property
+    def has_l7(self) -> bool:
+        return (
+            any(o.has_l7 for o in self.operations)
+            or any(s.has_l7 for s in self.sources)
+            or any(c.has_l7 for c in self.conditions)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +422,65 @@ class AuthorizationPolicy:
     rules: tuple[PolicyRule, ...] = ()
     selector: Mapping[str, str] | None = None
     target_refs: tuple[PolicyTargetRef, ...] = ()
+    # Annotation `istio.io/dry-run: "true"`: evaluated and logged as a shadow result, never
+    # enforced (Istio's dry run).
+    dry_run: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class JwtHeader:
+    """Where a token may be: a header, and the prefix before the token (`Bearer `)."""
+
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRule:
+    """One issuer of a RequestAuthentication. Exactly one of `jwks` (the JWKS JSON itself)
+    and `jwks_uri` (`file:///path`, or `configmap://<ns>/<name>/<key>` for a ConfigMap in
+    the snapshot) is set. No `from_headers`/`from_params` means Istio's defaults: the
+    `Authorization: Bearer` header and the `access_token` query parameter."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str | None = None
+    jwks_uri: str | None = None
+    from_headers: tuple[JwtHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    forward_original_token: bool = False
+    output_payload_to_header: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    """JWT verification at the waypoint (security.istio.io/v1). Bound like an
+    AuthorizationPolicy: targetRefs to the waypoint Gateway, a Service, or (root namespace)
+    the `waypoint` GatewayClass. A selector-bound one would be ztunnel's, which cannot read
+    HTTP: it is kept for analysis and enforced nowhere."""
+
+    namespace: str
+    name: str
+    rules: tuple[JwtRule, ...] = ()
+    selector: Mapping[str, str] | None = None
+    target_refs: tuple[PolicyTargetRef, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigMap:
+    """Only its string `data`: what a RequestAuthentication's JWKS may be read from."""
+
+    namespace: str
+    name: str
+    data: Mapping[str, str] = field(default_factory=_no_labels)
 
     @property
     def key(self) -> str:
@@ -455,8 +557,9 @@ class NetworkPolicy:
 
 @dataclass(frozen=True, slots=True)
 class CiliumHTTPRule:
-    """An L7 rule: only a waypoint can evaluate it. `path` is a regular expression matched
-    against the whole path (Cilium's meaning); None matches any."""
+    """An L7 rule: only a waypoint can evaluate it. `method` and `path` are regular
+    expressions matched against the whole method and path (Cilium's meaning); None matches
+    any."""
 
     method: str | None = None
     path: str | None = None

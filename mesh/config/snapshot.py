@@ -21,6 +21,7 @@ from mesh.config.model import (
     USE_WAYPOINT_LABEL,
     AuthorizationPolicy,
     CiliumNetworkPolicy,
+    ConfigMap,
     Endpoint,
     HTTPRoute,
     MtlsMode,
@@ -29,6 +30,7 @@ from mesh.config.model import (
     Node,
     PeerAuthentication,
     Pod,
+    RequestAuthentication,
     Service,
     ServicePort,
     Waypoint,
@@ -44,10 +46,12 @@ def selector_matches(selector: Mapping[str, str] | None, labels: Mapping[str, st
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
-    """The AuthorizationPolicies that apply to one workload, split by action."""
+    """The AuthorizationPolicies that apply to one workload, split by action. Dry-run
+    policies are in their action's tuple too; the evaluator keeps them from deciding."""
 
     allow: tuple[AuthorizationPolicy, ...] = ()
     deny: tuple[AuthorizationPolicy, ...] = ()
+    audit: tuple[AuthorizationPolicy, ...] = ()
 
 
 NO_POLICIES = PolicySet()
@@ -67,6 +71,8 @@ class Snapshot:
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     network_policies: tuple[NetworkPolicy, ...] = ()
     cilium_policies: tuple[CiliumNetworkPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+    config_maps: tuple[ConfigMap, ...] = ()
     # A monotonically increasing number, so logs and the config dump can say which one served.
     version: int = 0
 
@@ -207,8 +213,7 @@ class Snapshot:
     def policies_for(self, pod: Pod) -> PolicySet:
         """Selector-based policies for a workload (ztunnel's L4 enforcement). Policies with
         target_refs belong to waypoints and are not returned here."""
-        allow: list[AuthorizationPolicy] = []
-        deny: list[AuthorizationPolicy] = []
+        by_action: dict[str, list[AuthorizationPolicy]] = {"ALLOW": [], "DENY": [], "AUDIT": []}
         for pol in self.authorization_policies:
             if pol.target_refs:
                 continue
@@ -216,10 +221,18 @@ class Snapshot:
                 continue
             if not selector_matches(pol.selector, pod.labels):
                 continue
-            (allow if pol.action.value == "ALLOW" else deny).append(pol)
-        if not allow and not deny:
+            by_action[pol.action.value].append(pol)
+        if not any(by_action.values()):
             return NO_POLICIES
-        return PolicySet(tuple(allow), tuple(deny))
+        return PolicySet(
+            tuple(by_action["ALLOW"]), tuple(by_action["DENY"]), tuple(by_action["AUDIT"])
+        )
+
+    def config_map(self, namespace: str, name: str) -> ConfigMap | None:
+        for cm in self.config_maps:
+            if cm.namespace == namespace and cm.name == name:
+                return cm
+        return None
 
     def mtls_mode(self, pod: Pod, port: int) -> MtlsMode:
         """Effective PeerAuthentication mode: workload selector beats namespace beats mesh
@@ -258,5 +271,7 @@ class Snapshot:
             peer_authentications=self.peer_authentications,
             network_policies=self.network_policies,
             cilium_policies=self.cilium_policies,
+            request_authentications=self.request_authentications,
+            config_maps=self.config_maps,
             version=version,
         )

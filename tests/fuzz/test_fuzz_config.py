@@ -28,7 +28,7 @@ def target() -> Iterator[ConfigTarget]:
 _KINDS = st.sampled_from(
     ["Namespace", "Pod", "Service", "Node", "Gateway", "HTTPRoute", "AuthorizationPolicy",
      "PeerAuthentication", "List", "ConfigMap", "GRPCRoute", "NetworkPolicy",
-     "CiliumNetworkPolicy"]
+     "CiliumNetworkPolicy", "RequestAuthentication"]
 )  # fmt: skip
 _APIS = st.sampled_from(
     ["v1", "gateway.networking.k8s.io/v1", "security.istio.io/v1", "security.istio.io/v1beta1",
@@ -46,7 +46,9 @@ _KEYS = st.sampled_from(
      "backendRef", "creationTimestamp", "protocol", "appProtocol", "hostnames", "service",
      "podSelector", "namespaceSelector", "policyTypes", "ingress", "egress", "ipBlock", "cidr",
      "except", "endpointSelector", "fromEndpoints", "toEndpoints", "toPorts", "toEntities",
-     "toCIDR", "authentication", "http", "specs"]
+     "toCIDR", "authentication", "http", "specs", "jwtRules", "issuer", "jwks", "jwksUri",
+     "fromHeaders", "fromParams", "audiences", "key", "values", "notValues",
+     "requestPrincipals", "annotations", "data", "prefix", "outputPayloadToHeader"]
 )  # fmt: skip
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70),
@@ -54,7 +56,9 @@ _SCALARS = st.one_of(
     st.sampled_from(["10.0.0.1", "10.0.0.0/8", "::1", "1.2.3.4/99", "80", "10s", "500ms", "x",
                      "PathPrefix", "Exact", "RegularExpression", "(", "ALLOW", "DENY", "STRICT",
                      "ambient", "waypoint", "*", "cluster.local/ns/a/sa/b", "world",
-                     "required", "TCP", "UDP", "Ingress", "Egress", "GET", "/api/.*"]),
+                     "required", "TCP", "UDP", "Ingress", "Egress", "GET", "/api/.*",
+                     "request.headers[x]", "request.auth.claims[a][b]", "source.ip", "AUDIT",
+                     "configmap://a/b/c", "file:///nonexistent", '{"keys": []}']),
 )  # fmt: skip
 _VALUES: st.SearchStrategy[Any] = st.recursive(
     _SCALARS,

@@ -24,12 +24,14 @@ from mesh.config.model import (
     AuthorizationPolicy,
     CiliumNetworkPolicy,
     ConfigError,
+    ConfigMap,
     HTTPRoute,
     Namespace,
     NetworkPolicy,
     Node,
     PeerAuthentication,
     Pod,
+    RequestAuthentication,
     Service,
     Waypoint,
 )
@@ -37,7 +39,13 @@ from mesh.config.parse.common import ConfigErrors, parse_duration
 from mesh.config.parse.core import _gateway, _namespace, _node, _pod, _service
 from mesh.config.parse.netpol import _cilium_policy, _network_policy
 from mesh.config.parse.routes import _grpc_route, _http_route
-from mesh.config.parse.security import _authz, _peer_authn
+from mesh.config.parse.security import (
+    _authz,
+    _config_map,
+    _peer_authn,
+    _request_authn,
+    configmap_refs,
+)
 from mesh.config.snapshot import Snapshot
 
 __all__ = ["ConfigErrors", "load_snapshot", "parse_duration", "parse_objects"]
@@ -109,6 +117,8 @@ def parse_objects(
     peers: list[PeerAuthentication] = []
     netpols: list[NetworkPolicy] = []
     cnps: list[CiliumNetworkPolicy] = []
+    authns: list[RequestAuthentication] = []
+    config_maps: list[tuple[Mapping[str, Any], str]] = []  # kept only if a JWKS names them
     seen: set[tuple[str, str]] = set()
     for i, doc in enumerate(_flatten(docs, errors)):
         if not isinstance(doc, Mapping):
@@ -134,6 +144,17 @@ def parse_objects(
             obj, bucket = _grpc_route(doc, errors), routes
         elif kind == "AuthorizationPolicy" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _authz(doc, errors, root_namespace), policies
+        elif kind == "RequestAuthentication" and api in (
+            _SEC_GROUP + "v1",
+            _SEC_GROUP + "v1beta1",
+        ):
+            obj, bucket = _request_authn(doc, errors, root_namespace), authns
+        elif kind == "ConfigMap" and api == "v1":
+            # Named as ignored now (keeping the files' order), unnamed below if a JWKS uses it.
+            config_maps.append((doc, _describe(doc, api)))
+            if ignored is not None:
+                ignored.append(config_maps[-1][1])
+            continue
         elif kind == "PeerAuthentication" and api in (_SEC_GROUP + "v1", _SEC_GROUP + "v1beta1"):
             obj, bucket = _peer_authn(doc, errors), peers
         elif kind == "NetworkPolicy" and api == "networking.k8s.io/v1":
@@ -154,6 +175,24 @@ def parse_objects(
         seen.add(ident)
         bucket.append(obj)
 
+    # ConfigMaps are read only when a RequestAuthentication takes its JWKS from one; any
+    # other is not ours to judge, and is named as ignored like every kind we do not read.
+    wanted = configmap_refs(authns)
+    maps: list[ConfigMap] = []
+    for doc, described in config_maps:
+        meta = doc.get("metadata")
+        ident = (
+            (str(meta.get("namespace", "default")), str(meta.get("name", "")))
+            if isinstance(meta, Mapping)
+            else ("", "")
+        )
+        if ident not in wanted:
+            continue
+        if ignored is not None and described in ignored:
+            ignored.remove(described)
+        cm = _config_map(doc, errors)
+        if cm is not None:
+            maps.append(cm)
     by_ip: dict[str, Pod] = {}
     for pod in sorted(pods, key=lambda p: p.key):
         if pod.ip is None:
@@ -200,6 +239,8 @@ def parse_objects(
         peer_authentications=tuple(sorted(peers, key=k)),
         network_policies=tuple(sorted(netpols, key=k)),
         cilium_policies=tuple(sorted(cnps, key=k)),
+        request_authentications=tuple(sorted(authns, key=k)),
+        config_maps=tuple(sorted(maps, key=k)),
         version=version,
     )
 

@@ -151,6 +151,9 @@ def _network_policy(doc: Mapping[str, Any], errors: list[ConfigError]) -> Networ
 
 # -- CiliumNetworkPolicy -----------------------------------------------------------------------
 
+# A method regex: upper-case letters with regex punctuation, and at least some punctuation
+# (a bare word must be a known method).
+_METHOD_RE = re.compile(r"^(?=.*[|.*+?()\[\]])[A-Z|.*+?()\[\]^$]+$")
 _CNP_SUBSET = "this mesh reads endpointSelector, ingress and egress"
 _INGRESS_KEYS = ("fromEndpoints", "toPorts", "authentication")
 _EGRESS_KEYS = ("toEndpoints", "toPorts", "toEntities", "toCIDR", "authentication")
@@ -186,8 +189,17 @@ def _cnp_to_ports(ctx: _Ctx, v: Any, path: str) -> tuple[CiliumPortRule, ...]:
             _only(ctx, hm, hp, ("method", "path"), "an http rule matches method and path")
             method = ctx.string(hm.get("method"), f"{hp}.method")
             if method is not None and method not in _METHODS:
-                ctx.err(f"{hp}.method", f"{method!r} is not an HTTP method")
-                method = None
+                # Cilium's method is an anchored regex too ("GET|HEAD"); a plain word that is
+                # no method is a typo, and a regex must compile and name only methods' letters.
+                if not _METHOD_RE.match(method):
+                    ctx.err(f"{hp}.method", f"{method!r} is not an HTTP method")
+                    method = None
+                else:
+                    try:
+                        re.compile(method)
+                    except re.error as exc:
+                        ctx.err(f"{hp}.method", f"invalid regular expression: {exc}")
+                        method = None
             path_re = ctx.string(hm.get("path"), f"{hp}.path")
             if path_re is not None:
                 try:

@@ -237,12 +237,12 @@ def test_authorization_policy_errors() -> None:
         ]
     )
     assert msgs == [
-        "AuthorizationPolicy ns/p: spec.action CUSTOM is not supported",
-        "AuthorizationPolicy ns/p: spec.rules[0].when is not supported",
+        "AuthorizationPolicy ns/p: spec.action CUSTOM is not supported: this mesh has no "
+        "external authorizer (ext_authz); use ALLOW, DENY or AUDIT",
+        "AuthorizationPolicy ns/p: spec.rules[0].from[0].source.principals[1] "
+        "'a*b': '*' is allowed only as a prefix or a suffix",
         "AuthorizationPolicy ns/p: spec.rules[0].from[0].source.principals[0] "
         "write principals without 'spiffe://' (Istio's form)",
-        "AuthorizationPolicy ns/p: spec.rules[0].from[0].source.principals[1] "
-        "'*' is allowed only as a prefix or a suffix",
         "AuthorizationPolicy ns/p: spec.rules[0].from[0].source.ipBlocks[0] "
         "'10.0.0.0/33' is not an IP address or CIDR",
         "AuthorizationPolicy ns/p: spec.rules[0].to[0].operation.ports[0] 'http' is not a port",

@@ -229,3 +229,56 @@ def test_cli_exit_status_and_help(tmp_path: Path) -> None:
     assert err.stdout.startswith("Error (Service default/Bad_Name: metadata.name")
     helptext = run("analyze", "--help").stdout
     assert "1 warnings found" in helptext and "AM0001" in helptext
+
+
+def test_request_principals_and_jwt_need_a_waypoint() -> None:
+    docs = _docs()
+    docs.append(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "jwt-only", "namespace": "shop"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "backend"}},
+                "rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}],
+            },
+        }
+    )
+    for name, bind in (
+        ("by-selector", {"selector": {"matchLabels": {"app": "backend"}}}),
+        ("at-missing", {"targetRefs": [{"kind": "Gateway", "name": "gone"}]}),
+        ("at-waypoint", {"targetRefs": [{"kind": "Gateway", "name": "waypoint"}]}),
+    ):
+        docs.append(
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "RequestAuthentication",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {**bind, "jwtRules": [{"issuer": "i", "jwksUri": "file:///k.json"}]},
+            }
+        )
+    lines = _lines(docs)
+    assert [x.split(")")[0] for x in lines] == [
+        "Warning [AM0003] (AuthorizationPolicy shop/jwt-only",
+        "Warning [AM0003] (RequestAuthentication shop/at-missing",
+        "Warning [AM0003] (RequestAuthentication shop/by-selector",
+    ]
+    assert "no JWT is checked" in lines[2]
+
+
+def test_cnp_egress_http_rules_are_reported() -> None:
+    docs = _docs()
+    docs.append(
+        {
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "egress-l7", "namespace": "shop"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "gone"}},
+                "egress": [{"toPorts": [{"ports": [{"port": "80"}],
+                                         "rules": {"http": [{"method": "GET"}]}}]}],
+            },
+        }
+    )  # fmt: skip
+    lines = [x for x in _lines(docs) if "egress-l7" in x]
+    assert any("egress toPorts.rules.http" in x for x in lines), lines
