@@ -85,7 +85,12 @@ def _bcc_and_compile() -> Check:
     try:
         bcc = import_bcc()
         text = _SRC.read_text().replace("BPF_TABLE_PINNED(", "BPF_TABLE_PINNED_OFF(")
-        text = "#define BPF_TABLE_PINNED_OFF(a, b, c, n, m, p) BPF_TABLE(a, b, c, n, m)\n" + text
+        text = text.replace(':PIN_ROOT/drop_events"', '"')  # the ring buffer's own pin
+        # flags, when given (the LPM trie's BPF_F_NO_PREALLOC), are kept: `+ 0` when not
+        text = (
+            "#define BPF_TABLE_PINNED_OFF(a, b, c, n, m, p, ...) "
+            "BPF_F_TABLE(a, b, c, n, m, __VA_ARGS__ + 0)\n" + text
+        )
         b = bcc.BPF(text=text.encode(), cflags=["-DPROXY_PORT=15001", "-DFASTPATH=1"])
     except (BpfUnavailable, Exception) as exc:
         fix = "apt-get install -y python3-bpfcc bpfcc-tools linux-headers-amd64"
