@@ -302,3 +302,44 @@ def test_ztunnel_down_is_eperm_counted_and_recorded(pod: Pod) -> None:
         assert later.drain() == []
     with running(pod):  # ztunnel back: the same connect works
         assert pod.connect(PEER_IP, 80) == ["pong:ping"]
+
+
+def test_ztunnel_side_names_counts_and_flows(pod: Pod) -> None:
+    """What ztunnel does with the same maps: fill them for its enrolled pods (netns handles),
+    export the kernel's counts as metrics, and turn each drained event into a DROPPED flow
+    naming the pod and the policy."""
+    from mesh.metrics import MeshMetrics
+    from ztunnel.inpod.policy import KernelPolicy, drop_flow_fields
+
+    snap = parse_objects(_docs([80]))
+    kp = KernelPolicy(pod.redirector.pin_root, "node1")
+    metrics = MeshMetrics()
+    metrics.kernel_drops.source = kp.counts
+    seen: list[dict[str, Any]] = []
+    kp.on_drop = lambda ev, key, pol: seen.append(drop_flow_fields(ev, "node1", snap, key, pol))
+    netns = NetNs(f"/run/netns/{pod.ns}")
+    try:
+        kp.drain()
+        kp.apply(snap, {"shop/app": netns})
+        with running(pod):
+            assert pod.connect(PEER_IP, 81)[0] == "eperm"
+            assert pod.connect(PEER_IP, 80) == ["pong:ping"]
+        text = metrics.exposition().decode()
+        assert (
+            'ambientmesh_kernel_denied_total{direction="egress",policy="shop/app-out"} 1.0' in text
+        )
+        assert 'ambientmesh_kernel_drops_total{reason="policy-denied"} 1.0' in text
+        assert len(kp.drain()) == 1
+        (flow,) = seen
+        assert flow["verdict"] == "DROPPED" and flow["reason"] == "policy denied"
+        assert flow["policy"] == "shop/app-out"
+        assert flow["source"]["pod"] == "app" and flow["source"]["ip"] == POD_IP
+        assert (flow["destination"]["ip"], flow["destination"]["port"]) == (PEER_IP, 81)
+        # the policy removed: the next connect is open again
+        kp.apply(parse_objects([d for d in _docs([]) if d["kind"] != "NetworkPolicy"]),
+                 {"shop/app": netns})  # fmt: skip
+        with running(pod):
+            assert pod.connect(PEER_IP, 80) == ["pong:ping"]
+    finally:
+        netns.close()
+        kp.close()
