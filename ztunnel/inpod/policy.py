@@ -99,6 +99,9 @@ class KernelPolicy:
         self._lock = threading.Lock()  # apply() runs in a worker thread
         self.on_drop: Callable[[DropEvent, str | None, str | None], None] | None = None
         self._last = KernelDropCounts()
+        # the last snapshot's compiled pods: enrolling N pods on one snapshot (a restart's
+        # restore) compiles each once, not N times
+        self._compiled: tuple[Snapshot | None, dict[str, PodEgress | None]] = (None, {})
 
     def close(self) -> None:
         self.maps.close()
@@ -122,8 +125,13 @@ class KernelPolicy:
                 if cookie is None:
                     cookie = self._cookies[ns] = netns_cookie(ns)
                 self.pod_of[cookie] = key
-                pod = snap.pod(*key.split("/", 1))
-                eg = compile_egress(snap, pod) if pod is not None else None
+                if self._compiled[0] is not snap:
+                    self._compiled = (snap, {})
+                cache = self._compiled[1]
+                if key not in cache:
+                    pod = snap.pod(*key.split("/", 1))
+                    cache[key] = compile_egress(snap, pod) if pod is not None else None
+                eg = cache[key]
                 if eg is not None:
                     compiled[cookie] = eg
             live = set(pods.values())
