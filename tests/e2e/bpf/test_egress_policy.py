@@ -50,13 +50,9 @@ CLIENT = textwrap.dedent(
         print("eperm", (time.perf_counter() - t) * 1000); sys.exit(0)
     except ConnectionRefusedError:
         print("refused"); sys.exit(0)
+    if len(sys.argv) > 4:  # connect() only: what connect4 decided
+        print("connected"); sys.exit(0)
     s.sendall(b"ping"); print(s.recv(64).decode())
-    if len(sys.argv) > 4:  # hold the connection open, then report whether it was closed
-        print("held", flush=True); sys.stdin.readline()
-        try:
-            s.sendall(b"again"); print("open" if s.recv(64) else "closed")
-        except OSError as exc:
-            print("closed", type(exc).__name__)
     """
 )
 # ztunnel's stand-in: in its own cgroup (no connect4 there), in the pod's netns
@@ -76,7 +72,10 @@ FORWARDER = textwrap.dedent(
     while True:
         c, _ = l.accept(); raw = c.getsockopt(socket.SOL_IP, 80, 16)
         port, = struct.unpack("!H", raw[2:4])
-        u = socket.create_connection((socket.inet_ntoa(raw[4:8]), port))
+        try:
+            u = socket.create_connection((socket.inet_ntoa(raw[4:8]), port), timeout=2)
+        except OSError:
+            c.close(); continue
         threading.Thread(target=pipe, args=(c, u), daemon=True).start()
         threading.Thread(target=pipe, args=(u, c), daemon=True).start()
     """
@@ -91,6 +90,28 @@ SERVER = textwrap.dedent(
         c, _ = l.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
     """
 )
+
+
+VIP = "10.96.79.10"
+
+
+def _vip_docs(allow_port: int) -> list[dict[str, Any]]:
+    """A Service (VIP:80 -> port 80 of pod `peer`) and a policy allowing the app only to pods
+    labelled app=peer on `allow_port`."""
+    docs = _docs([])[:2]
+    docs += [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "peer", "namespace": "shop",
+         "labels": {"app": "peer"}}, "spec": {"nodeName": "node1"}, "status": {"podIP": PEER_IP}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "peer", "namespace": "shop"},
+         "spec": {"clusterIP": VIP, "selector": {"app": "peer"},
+                  "ports": [{"port": 80, "targetPort": 80}]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": "app-out", "namespace": "shop"},
+         "spec": {"podSelector": {"matchLabels": {"app": "app"}}, "policyTypes": ["Egress"],
+                  "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "peer"}}}],
+                              "ports": [{"port": allow_port}]}]}},
+    ]  # fmt: skip
+    return docs
 
 
 def _docs(ports: list[int]) -> list[dict[str, Any]]:
@@ -133,10 +154,10 @@ class Pod:
         self.maps.apply({self.cookie: eg} if eg else {}, vips)
         return eg
 
-    def connect(self, dst: str, port: int) -> list[str]:
+    def connect(self, dst: str, port: int, *only: str) -> list[str]:
         res = subprocess.run(
             ["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, "-c", CLIENT, self.cg, dst,
-             str(port)],
+             str(port), *only],
             capture_output=True, text=True, timeout=20,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
@@ -343,3 +364,17 @@ def test_ztunnel_side_names_counts_and_flows(pod: Pod) -> None:
     finally:
         netns.close()
         kp.close()
+
+
+def test_service_vip_is_judged_by_its_endpoints(pod: Pod) -> None:
+    """Socket-LB semantics in the kernel: VIP:80 is allowed while the policy allows the
+    service's endpoint on its target port, on the service port only, and denied once the
+    policy no longer allows that endpoint."""
+    with running(pod):
+        pod.apply(parse_objects(_vip_docs(80)))
+        assert pod.connect(VIP, 80, "connect-only") == ["connected"]
+        assert pod.connect(VIP, 81, "connect-only")[0] == "eperm"  # not a service port
+        assert pod.connect(PEER_IP, 80) == ["pong:ping"]  # the endpoint itself
+        pod.apply(parse_objects(_vip_docs(8080)))
+        assert pod.connect(VIP, 80, "connect-only")[0] == "eperm"
+        assert pod.connect(PEER_IP, 80)[0] == "eperm"
