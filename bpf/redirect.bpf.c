@@ -62,9 +62,12 @@ struct drop_events_table_t drop_events = { .max_entries = 64 * 4096 };
 
 static __always_inline int drop(struct bpf_sock_addr *ctx, u64 netns, u32 reason, u32 policy) {
     struct drop_key k = {.reason = reason, .policy = policy};
-    u64 one = 1, *n = drop_counts.lookup(&k);
+    u64 zero = 0, *n = drop_counts.lookup(&k);
+    if (!n) {                                         /* first of its kind: insert, never */
+        drop_counts.insert(&k, &zero);                /* overwrite another CPU's first count */
+        n = drop_counts.lookup(&k);
+    }
     if (n) __sync_fetch_and_add(n, 1);
-    else drop_counts.update(&k, &one);
     struct drop_event ev = {.boot_ns = bpf_ktime_get_boot_ns(), .netns = netns,
                             .cgroup = bpf_get_current_cgroup_id(), .dst_ip = ctx->user_ip4,
                             .dst_port = bpf_ntohs((u16)ctx->user_port), .reason = reason,
