@@ -33,7 +33,9 @@ class Check:
 # The newest kernel feature the programs use decides the minimum: the redirect state is keyed
 # by the netns cookie (two pods of a node both reach their in-pod 15001 from 127.0.0.1 and can
 # hold the same client port), and the sk_msg fast path asks for it too, which arrived in 5.15.
-# The rest is older: getsockopt programs 5.3, getpeername4 5.8, netns cookie in connect4 5.7.
+# The rest is older: getsockopt programs 5.3, getpeername4 5.8, netns cookie in connect4 5.7;
+# connect4's policy and drop records: socket lookup from sock_addr programs 5.2, the current
+# cgroup id there 5.7, ring buffers and the boot clock 5.8, LPM tries long before.
 MIN_KERNEL = (5, 15)
 MIN_KERNEL_WHY = "bpf_get_netns_cookie in sock_ops and sk_msg programs"
 
@@ -85,7 +87,12 @@ def _bcc_and_compile() -> Check:
     try:
         bcc = import_bcc()
         text = _SRC.read_text().replace("BPF_TABLE_PINNED(", "BPF_TABLE_PINNED_OFF(")
-        text = "#define BPF_TABLE_PINNED_OFF(a, b, c, n, m, p) BPF_TABLE(a, b, c, n, m)\n" + text
+        text = text.replace(':PIN_ROOT/drop_events"', '"')  # the ring buffer's own pin
+        # flags, when given (the LPM trie's BPF_F_NO_PREALLOC), are kept: `+ 0` when not
+        text = (
+            "#define BPF_TABLE_PINNED_OFF(a, b, c, n, m, p, ...) "
+            "BPF_F_TABLE(a, b, c, n, m, __VA_ARGS__ + 0)\n" + text
+        )
         b = bcc.BPF(text=text.encode(), cflags=["-DPROXY_PORT=15001", "-DFASTPATH=1"])
     except (BpfUnavailable, Exception) as exc:
         fix = "apt-get install -y python3-bpfcc bpfcc-tools linux-headers-amd64"

@@ -69,12 +69,15 @@ class BpfRedirector:
         fastpath: bool = False,
         ztunnel_cgroup: str | None = None,
         excluded_ports: tuple[int, ...] = DEFAULT_EXCLUDED_PORTS,
+        enforce: bool = True,
     ) -> None:
         self.pin_root = pin_root
         self.proxy_port = proxy_port
         self.fastpath = fastpath
         self.ztunnel_cgroup = ztunnel_cgroup or default_cgroup_root()
         self.excluded_ports = excluded_ports
+        # False: redirect only, no policy or listener check (the cost benchmark's baseline)
+        self.enforce = enforce
         self._bpf: Any = None
         self._fns: dict[str, int] = {}  # program name -> fd
         self.mount_actions: list[str] = []  # what had to be mounted first, for the log
@@ -127,7 +130,11 @@ class BpfRedirector:
         text = _SRC.read_text().replace("PIN_ROOT", self.pin_root).encode()
         self._bpf = b = bcc.BPF(
             text=text,
-            cflags=[f"-DPROXY_PORT={self.proxy_port}", f"-DFASTPATH={int(self.fastpath)}"],
+            cflags=[
+                f"-DPROXY_PORT={self.proxy_port}",
+                f"-DFASTPATH={int(self.fastpath)}",
+                f"-DENFORCE={int(self.enforce)}",
+            ],
         )
         at = bcc.BPFAttachType
         fns = {

@@ -2,6 +2,8 @@
 // in-pod ztunnel listener and remembers the original destination; sockops moves
 // that memory from the app socket's cookie to the client (ip, port) that the
 // proxy sees on its accepted socket; getsockopt(SO_ORIGINAL_DST) answers from it.
+// connect4 also enforces egress NetworkPolicy/CNP from maps ztunnel fills, and refuses (EPERM)
+// a connect whose pod has no ztunnel listening, recording both kinds of drop.
 // Only UAPI structs (struct bpf_sock_addr, bpf_sock_ops, bpf_sockopt) are used.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -9,6 +11,9 @@
 #define PROXY_IP 0x0100007fU /* 127.0.0.1, network order as read on little endian */
 #define SOL_IP_ 0
 #define SO_ORIGINAL_DST_ 80
+#ifndef ENFORCE
+#define ENFORCE 1
+#endif
 
 struct orig_dst { u32 ip; u32 port; };
 struct client_key { u64 netns; u32 ip; u32 port; };
@@ -17,12 +22,109 @@ BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, orig_by_cookie, 65536, "PIN_R
 BPF_TABLE_PINNED("lru_hash", struct client_key, struct orig_dst, orig_by_client, 65536, "PIN_ROOT/orig_by_client");
 BPF_TABLE_PINNED("hash", u32, u32, excluded_ports, 64, "PIN_ROOT/excluded_ports");
 
+/* Egress policy (NetworkPolicy / CiliumNetworkPolicy), compiled by ztunnel from the snapshot
+ * (bpf/policy.py). Every key carries a generation: ztunnel writes generation G+1 beside G, then
+ * switches pol_gen[0] in one map write, so a connect sees all of one policy or all of the next;
+ * G is deleted only when G+2 is written. A pod is keyed by its netns cookie (all its containers
+ * share it, whatever sub-cgroup they run in). */
+struct pol_pod_key { u32 gen; u32 pad; u64 netns; };
+struct pol_pod_val { u32 deny_id; u32 flags; };            /* present: the pod is isolated */
+struct pol_cidr_key { u32 prefixlen; u32 gen; u64 netns; u32 port; u32 ip; };
+struct pol_vip_key { u32 gen; u32 ip; u64 netns; u32 port; u32 pad; };
+struct vip_key { u32 gen; u32 ip; };
+BPF_TABLE_PINNED("array", u32, u32, pol_gen, 1, "PIN_ROOT/pol_gen");
+BPF_TABLE_PINNED("hash", struct pol_pod_key, struct pol_pod_val, pol_pod, 8192, "PIN_ROOT/pol_pod");
+/* value: id of the allowing policy, 0 = denied (a more specific prefix carved out) */
+BPF_TABLE_PINNED("lpm_trie", struct pol_cidr_key, u32, pol_cidr, 262144, "PIN_ROOT/pol_cidr",
+                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct vip_key, u32, pol_vips, 32768, "PIN_ROOT/pol_vips");
+BPF_TABLE_PINNED("hash", struct pol_vip_key, u32, pol_vip, 131072, "PIN_ROOT/pol_vip");
+
+/* Kernel-side drops: counters per (reason, policy id), and one event per drop. Both pinned,
+ * so drops while ztunnel is down are kept for it to read when it is back. */
+#define REASON_POLICY 1
+#define REASON_NO_ZTUNNEL 2
+struct drop_key { u32 reason; u32 policy; };
+struct drop_event { u64 boot_ns; u64 netns; u64 cgroup; u32 dst_ip; u16 dst_port; u16 reason;
+                    u32 policy; u32 pad; };
+BPF_TABLE_PINNED("hash", struct drop_key, u64, drop_counts, 4096, "PIN_ROOT/drop_counts");
+/* BCC's BPF_RINGBUF_OUTPUT cannot be pinned; the same table, with a pin path in its section */
+struct drop_events_table_t {
+    int key; u32 leaf;
+    int (*ringbuf_output) (void *, u64, u64);
+    void* (*ringbuf_reserve) (u64);
+    void (*ringbuf_discard) (void *, u64);
+    void (*ringbuf_submit) (void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:PIN_ROOT/drop_events")))
+struct drop_events_table_t drop_events = { .max_entries = 64 * 4096 };
+
+static __always_inline int drop(struct bpf_sock_addr *ctx, u64 netns, u32 reason, u32 policy) {
+    struct drop_key k = {.reason = reason, .policy = policy};
+    u64 zero = 0, *n = drop_counts.lookup(&k);
+    if (!n) {                                         /* first of its kind: insert, never */
+        drop_counts.insert(&k, &zero);                /* overwrite another CPU's first count */
+        n = drop_counts.lookup(&k);
+    }
+    if (n) __sync_fetch_and_add(n, 1);
+    struct drop_event ev = {.boot_ns = bpf_ktime_get_boot_ns(), .netns = netns,
+                            .cgroup = bpf_get_current_cgroup_id(), .dst_ip = ctx->user_ip4,
+                            .dst_port = bpf_ntohs((u16)ctx->user_port), .reason = reason,
+                            .policy = policy};
+    drop_events.ringbuf_output(&ev, sizeof(ev), 0);
+    return 0;                                         /* connect() fails with EPERM */
+}
+
+/* 0: allowed; else the id of the policy that denies */
+static __always_inline u32 egress_denied(struct bpf_sock_addr *ctx, u64 netns) {
+    u32 zero = 0, *g = pol_gen.lookup(&zero);
+    if (!g) return 0;
+    u32 gen = *g;
+    struct pol_pod_key pk = {.gen = gen, .netns = netns};
+    struct pol_pod_val *pod = pol_pod.lookup(&pk);
+    if (!pod) return 0;                               /* no policy isolates this pod */
+    u32 ip = ctx->user_ip4, port = bpf_ntohs((u16)ctx->user_port);
+    struct vip_key vk = {.gen = gen, .ip = ip};
+    if (pol_vips.lookup(&vk)) {                       /* a Service VIP: decided per service port */
+        struct pol_vip_key k = {.gen = gen, .ip = ip, .netns = netns, .port = port};
+        u32 *v = pol_vip.lookup(&k);
+        return (v && *v) ? 0 : pod->deny_id;
+    }
+    /* the port's own table when the pod's rules name the port, else the any-port one */
+    struct pol_cidr_key ck = {.prefixlen = 160, .gen = gen, .netns = netns, .port = port, .ip = ip};
+    u32 *v = pol_cidr.lookup(&ck);
+    if (!v) {
+        ck.port = 0;
+        v = pol_cidr.lookup(&ck);
+    }
+    return (v && *v) ? 0 : pod->deny_id;
+}
+
+/* Is ztunnel's listener there, in the pod's netns? Without it the redirected connect would
+ * only be refused (ECONNREFUSED, no hint why): refuse it here instead, and say so. */
+static __always_inline int ztunnel_listening(struct bpf_sock_addr *ctx) {
+    struct bpf_sock_tuple t = {};
+    t.ipv4.daddr = PROXY_IP;
+    t.ipv4.dport = bpf_htons(PROXY_PORT);
+    struct bpf_sock *sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk) return 0;
+    bpf_sk_release(sk);
+    return 1;
+}
+
 int connect4(struct bpf_sock_addr *ctx) {
     if (ctx->type != 1 /* SOCK_STREAM */) return 1;
     u32 ip = ctx->user_ip4;
     if ((ip & 0xff) == 127) return 1;               /* loopback-to-self */
     u32 port = bpf_ntohs((u16)ctx->user_port);
     if (excluded_ports.lookup(&port)) return 1;
+    if (ENFORCE) {                                    /* 0 only for the cost benchmark */
+        u64 netns = bpf_get_netns_cookie(ctx);
+        u32 denied = egress_denied(ctx, netns);
+        if (denied) return drop(ctx, netns, REASON_POLICY, denied);
+        if (!ztunnel_listening(ctx)) return drop(ctx, netns, REASON_NO_ZTUNNEL, 0);
+    }
     u64 cookie = bpf_get_socket_cookie(ctx);
     struct orig_dst od = {.ip = ip, .port = ctx->user_port};
     orig_by_cookie.update(&cookie, &od);

@@ -127,3 +127,87 @@ def exists(kind: str, ident: int) -> bool:
         raise
     os.close(fd)
     return True
+
+
+# Map element commands: ztunnel fills the policy maps and reads the drop counters with these.
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_ANY = 0
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),  # next_key for BPF_MAP_GET_NEXT_KEY
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+def _elem(cmd: int, fd: int, key: bytes | None, value: ctypes.Array[ctypes.c_char] | None,
+          what: str, flags: int = 0) -> int:  # fmt: skip
+    kbuf = ctypes.create_string_buffer(key, len(key)) if key is not None else None
+    attr = _ElemAttr(
+        map_fd=fd,
+        key=ctypes.addressof(kbuf) if kbuf is not None else 0,
+        value=ctypes.addressof(value) if value is not None else 0,
+        flags=flags,
+    )
+    return _bpf(cmd, attr, what)
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    buf = ctypes.create_string_buffer(value, len(value))
+    _elem(BPF_MAP_UPDATE_ELEM, fd, key, buf, "BPF_MAP_UPDATE_ELEM", flags)
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value under `key`, or None when there is none."""
+    buf = ctypes.create_string_buffer(value_size)
+    try:
+        _elem(BPF_MAP_LOOKUP_ELEM, fd, key, buf, "BPF_MAP_LOOKUP_ELEM")
+    except OSError as exc:
+        if exc.errno == 2:  # ENOENT
+            return None
+        raise
+    return buf.raw
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete `key`; False when it was not there."""
+    try:
+        _elem(BPF_MAP_DELETE_ELEM, fd, key, None, "BPF_MAP_DELETE_ELEM")
+    except OSError as exc:
+        if exc.errno == 2:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash or LPM trie map (a snapshot: keys deleted meanwhile may be skipped
+    or listed, which callers tolerate)."""
+    keys: list[bytes] = []
+    cur: bytes | None = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        try:
+            _elem(BPF_MAP_GET_NEXT_KEY, fd, cur, nxt, "BPF_MAP_GET_NEXT_KEY")
+        except OSError as exc:
+            if exc.errno == 2:  # ENOENT: past the last key
+                return keys
+            raise
+        cur = nxt.raw
+        keys.append(cur)
+
+
+def map_info(fd: int) -> tuple[int, int, int, int]:
+    """(type, key_size, value_size, max_entries) of the map behind `fd` (bpf_map_info's
+    first six u32: type, id, key_size, value_size, max_entries, map_flags)."""
+    buf = (ctypes.c_uint32 * 6)()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(buf), info=ctypes.addressof(buf))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return int(buf[0]), int(buf[2]), int(buf[3]), int(buf[4])

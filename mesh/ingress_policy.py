@@ -19,13 +19,15 @@ from __future__ import annotations
 from mesh.config.snapshot import Snapshot, selector_matches
 from mesh.netpolicy import Decision, Direction, decide
 
-__all__ = ["MEMO_LIMIT", "IngressPolicy"]
+__all__ = ["MEMO_LIMIT", "EgressIsolation", "IngressPolicy", "isolated_pods"]
 
 MEMO_LIMIT = 16384
 
 
-def isolated_for_ingress(snap: Snapshot) -> frozenset[str]:
-    """IPs of the pods some policy selects for ingress (the only ones a policy can deny)."""
+def isolated_pods(snap: Snapshot, direction: Direction) -> frozenset[str]:
+    """IPs of the pods some policy selects for `direction` (the only ones a policy can deny
+    that way)."""
+    np_type = "Ingress" if direction is Direction.INGRESS else "Egress"
     out: set[str] = set()
     for pod in snap.pods:
         if not pod.ip:
@@ -33,21 +35,45 @@ def isolated_for_ingress(snap: Snapshot) -> frozenset[str]:
         for np in snap.network_policies:
             if (
                 np.namespace == pod.namespace
-                and "Ingress" in np.policy_types
+                and np_type in np.policy_types
                 and selector_matches(np.pod_selector, pod.labels)
             ):
                 out.add(pod.ip)
                 break
         else:
             for cnp in snap.cilium_policies:
+                rules = cnp.ingress if direction is Direction.INGRESS else cnp.egress
                 if (
-                    cnp.ingress is not None
+                    rules is not None
                     and cnp.namespace == pod.namespace
                     and selector_matches(cnp.endpoint_selector, pod.labels)
                 ):
                     out.add(pod.ip)
                     break
     return frozenset(out)
+
+
+def isolated_for_ingress(snap: Snapshot) -> frozenset[str]:
+    """IPs of the pods some policy selects for ingress."""
+    return isolated_pods(snap, Direction.INGRESS)
+
+
+class EgressIsolation:
+    """The source pods some policy isolates for egress, per snapshot. ztunnel's node-level
+    outbound listener (netfilter capture) has no connect() hook in front of it, so it decides
+    egress itself, but only for these pods: for every other source it is one set miss."""
+
+    __slots__ = ("_isolated", "_snap")
+
+    def __init__(self) -> None:
+        self._snap: Snapshot | None = None
+        self._isolated: frozenset[str] = frozenset()
+
+    def isolated(self, snap: Snapshot, src_ip: str) -> bool:
+        if snap is not self._snap:
+            self._isolated = isolated_pods(snap, Direction.EGRESS)
+            self._snap = snap
+        return src_ip in self._isolated
 
 
 class IngressPolicy:

@@ -12,8 +12,8 @@ process and must not share counters.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from dataclasses import astuple, dataclass, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import astuple, dataclass, field, fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from mesh.config.model import Pod, Service
 
-__all__ = ["UNKNOWN", "ConnectionLabels", "MeshMetrics"]
+__all__ = ["UNKNOWN", "ConnectionLabels", "KernelDropCounts", "MeshMetrics"]
 
 
 class _KtlsConnections(Collector):
@@ -41,6 +41,42 @@ class _KtlsConnections(Collector):
         c.add_metric(["kernel"], getattr(counts, "kernel", 0))
         c.add_metric(["user_space"], getattr(counts, "user_space", 0))
         yield c
+
+
+@dataclass(frozen=True, slots=True)
+class KernelDropCounts:
+    """Totals of the connects the kernel refused (ztunnel reads them from a BPF map)."""
+
+    denied: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (policy, direction)
+    drops: Mapping[str, int] = field(default_factory=dict)  # reason
+
+
+class _KernelDrops(Collector):
+    """`ambientmesh_kernel_denied_total{policy,direction}` and
+    `ambientmesh_kernel_drops_total{reason}`, read at scrape time from `source` (the counts
+    live in a BPF map that outlives the process, so they are never kept here)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], KernelDropCounts] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        denied = CounterMetricFamily(
+            "ambientmesh_kernel_denied",
+            "Connects refused at connect() by a NetworkPolicy or CiliumNetworkPolicy",
+            labels=["policy", "direction"],
+        )
+        drops = CounterMetricFamily(
+            "ambientmesh_kernel_drops",
+            "Connects refused in the kernel, by reason (policy-denied, ztunnel-unavailable)",
+            labels=["reason"],
+        )
+        counts = self.source() if self.source is not None else KernelDropCounts()
+        for (policy, direction), n in sorted(counts.denied.items()):
+            denied.add_metric([policy, direction], n)
+        for reason, n in sorted(counts.drops.items()):
+            drops.add_metric([reason], n)
+        yield denied
+        yield drops
 
 
 UNKNOWN = "unknown"
@@ -195,6 +231,8 @@ class MeshMetrics:
             ("policy", "direction", "enforcement"),
             registry=r,
         )
+        self.kernel_drops = _KernelDrops()
+        r.register(self.kernel_drops)
         self._tcp: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
         self._http: dict[tuple[ConnectionLabels, int], tuple[Any, Any, Any, Any]] = {}
 

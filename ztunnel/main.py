@@ -329,7 +329,13 @@ class Ztunnel:
 
             redirector = await asyncio.to_thread(build_redirector, config)
             state = enrol_state_path(config.enrol_socket) if config.enrol_socket else None
-            manager = WorkloadManager(node, redirector, refresh=refresh, state_path=state)
+            policy = getattr(redirector, "policy", None)  # kernel egress policy, with BPF
+            manager = WorkloadManager(
+                node, redirector, refresh=refresh, state_path=state, policy=policy
+            )
+            if policy is not None:
+                self.metrics.kernel_drops.source = policy.counts
+                bg.append(tg.create_task(policy.run()))  # first: drops while we were down
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
             bg.append(tg.create_task(node.revalidate_on_change(self.store.subscribe)))
 

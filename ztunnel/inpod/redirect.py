@@ -63,6 +63,9 @@ class NodeRedirector:
             )
         self.pin_root = os.path.join(pin_root or DEFAULT_PIN_ROOT, node)
         self.bpf: Any = BpfRedirector(pin_root=self.pin_root, ztunnel_cgroup=self.cgroup)
+        self.node = node
+        # egress policy maps and kernel drop records, opened once the loader pinned them
+        self.policy: Any = None
 
     def install(self) -> None:
         """Compile and pin in a child process (BCC's LLVM never enters ztunnel: ~100 MiB of
@@ -82,6 +85,9 @@ class NodeRedirector:
             log.info("%s", line)
         self.bpf.open_pinned()
         self.bpf.attach_node()
+        from ztunnel.inpod.policy import KernelPolicy
+
+        self.policy = KernelPolicy(self.pin_root, self.node)
         log.info("redirect programs loaded (pins %s, cgroup %s)", self.pin_root, self.cgroup)
 
     def enrol(self, cgroup_path: str, netns_path: str) -> None:

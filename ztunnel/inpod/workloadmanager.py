@@ -41,7 +41,7 @@ from mesh.ports import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from ztunnel.proxy.inbound import InboundHbone
 from ztunnel.proxy.inbound_plaintext import InboundPlaintext
 from ztunnel.proxy.node import Node
-from ztunnel.proxy.outbound import Outbound
+from ztunnel.proxy.outbound import LiveOutbound, Outbound
 
 log = logging.getLogger("ztunnel.inpod")
 
@@ -53,6 +53,13 @@ class Redirector(Protocol):
     def enrol(self, cgroup_path: str, netns_path: str) -> None: ...
 
     def unenrol(self, cgroup_path: str, netns_path: str) -> None: ...
+
+
+class EgressPolicy(Protocol):
+    """Fills the kernel's egress policy maps (ztunnel.inpod.policy.KernelPolicy). `apply` may
+    block (it runs in a worker thread) and raises OSError when the maps refuse the policy."""
+
+    def apply(self, snap: Snapshot, pods: dict[str, NetNs]) -> int: ...
 
 
 class EnrolError(Exception):
@@ -99,8 +106,12 @@ class WorkloadManager:
         plaintext_port: int = INBOUND_PLAINTEXT_PORT,
         hbone_port: int = HBONE_PORT,
         state_path: str | Path | None = None,
+        policy: EgressPolicy | None = None,
     ) -> None:
         self.node = node
+        self.policy = policy
+        # enrolled pods' outbound connections, closed when a snapshot's policies deny them
+        self.live = LiveOutbound()
         self.state_path = Path(state_path) if state_path is not None else None
         self.redirector = redirector
         self.refresh = refresh
@@ -266,6 +277,23 @@ class WorkloadManager:
                         await self._enrol(req, snap)
                     except EnrolError as exc:
                         log.error("%s", exc)
+            try:
+                await self._apply_policy(snap)
+            except OSError as exc:
+                log.error("egress policy of config version %d not installed: %s", snap.version, exc)
+            closed = self.live.enforce(snap)
+            if closed:
+                log.info("closed %d connection(s) the new policy denies", closed)
+
+    async def _apply_policy(self, snap: Snapshot, adding: InPod | None = None) -> None:
+        """Install the egress policy of every enrolled pod (and of `adding`, before its
+        redirection is attached: a pod is never redirected without its policy)."""
+        if self.policy is None:
+            return
+        pods = {k: p.netns for k, p in self.enrolled.items()}
+        if adding is not None:
+            pods[adding.request.key] = adding.netns
+        await asyncio.to_thread(self.policy.apply, snap, pods)
 
     async def run(self, snapshots: Callable[[], Any]) -> None:
         """Reconcile on every snapshot from `snapshots()` (an async iterator), forever."""
@@ -291,6 +319,7 @@ class WorkloadManager:
         try:
             await self.node.identities.ensure(identity)
             await self._open_listeners(inpod)
+            await self._apply_policy(snap, inpod)
             if self.redirector is not None and req.cgroup_path:
                 await asyncio.to_thread(self.redirector.enrol, req.cgroup_path, req.netns_path)
             elif self.redirector is not None:
@@ -310,6 +339,7 @@ class WorkloadManager:
         out_port, plain_port, hbone_port = self.ports
         loop = asyncio.get_running_loop()
         outbound = Outbound(node, pod_key=key, netns=ns)
+        outbound.live = self.live
         hosts = ["127.0.0.1"] + ([inpod.ip] if inpod.ip else [])
         for host in hosts:
             sock = ns.listen(host, out_port)
@@ -383,6 +413,7 @@ async def _close_servers(servers: list[Listener]) -> None:
 
 
 __all__ = [
+    "EgressPolicy",
     "EnrolError",
     "InPod",
     "PodRequest",

@@ -21,7 +21,7 @@ from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
 from mesh.identity.manager import Identities
 from mesh.identity.spiffe import node_id
-from mesh.ingress_policy import IngressPolicy
+from mesh.ingress_policy import EgressIsolation, IngressPolicy
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs, connect_in
 from mesh.netpolicy import Decision, Verdict
@@ -105,6 +105,7 @@ class Node:
     limits: HboneLimits = field(default_factory=HboneLimits)
     max_pending_dials: int = DEFAULT_MAX_PENDING_DIALS
     ingress_policy: IngressPolicy = field(default_factory=IngressPolicy)
+    egress_isolation: EgressIsolation = field(default_factory=EgressIsolation)
     live_inbound: set[LiveInbound] = field(default_factory=set, init=False)
     pool: HbonePool = field(init=False)
     gate: ConnectionGate = field(init=False)

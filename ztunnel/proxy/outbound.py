@@ -11,8 +11,10 @@ in-pod, so the pod's own routes apply.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh.config.model import Pod, Service
@@ -20,6 +22,7 @@ from mesh.config.snapshot import Snapshot
 from mesh.hbone import HboneError
 from mesh.hbone.nexthop import next_hop
 from mesh.metrics import ConnectionLabels
+from mesh.netpolicy import Decision, Direction, decide
 from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
@@ -28,7 +31,7 @@ from ztunnel.proxy.node import DialRefused, Redirected, splice
 
 log = logging.getLogger("ztunnel.outbound")
 
-__all__ = ["Outbound", "Route", "route_outbound"]
+__all__ = ["LiveOutbound", "Outbound", "Route", "egress_decision", "route_outbound"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +90,69 @@ def route_outbound(
     return Route("hbone", ip, port, hop[0], hop[1], svc, dst)
 
 
+def egress_decision(snap: Snapshot, src: Pod, dst_ip: str, dst_port: int, r: Route) -> Decision:
+    """The egress policy verdict on where the connection really goes. Like Cilium's socket-LB,
+    a Service VIP is judged by the endpoint picked (the kernel admitted the VIP because some
+    endpoint is allowed: this one may not be); through a waypoint, by the service's endpoints
+    (the waypoint picks one per request)."""
+    svc = r.service
+    if svc is not None and r.kind == "hbone" and r.ip == dst_ip and snap.waypoint_for_service(svc):
+        d: Decision | None = None
+        for ep in snap.endpoints(svc, dst_port):
+            if ep.pod.ip:
+                d = decide(snap, src, ep.pod.ip, ep.port, Direction.EGRESS, authenticated=True)
+                if d.allowed:
+                    return d
+        if d is not None:
+            return d
+    return decide(snap, src, r.ip, r.port, Direction.EGRESS, authenticated=r.kind == "hbone")
+
+
+class LiveOutbound:
+    """Enrolled pods' outbound connections in flight. The kernel refuses new connects a policy
+    denies; these are the ones opened before the change: `enforce` closes those the new
+    snapshot no longer allows (as Istio does when its policies change)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count()
+        self._live: dict[int, tuple[str, str, int, Route, Callable[[], None]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def add(
+        self, pod_key: str, dst_ip: str, dst_port: int, r: Route, close: Callable[[], None]
+    ) -> int:
+        token = next(self._ids)
+        self._live[token] = (pod_key, dst_ip, dst_port, r, close)
+        return token
+
+    def discard(self, token: int) -> None:
+        self._live.pop(token, None)
+
+    def enforce(self, snap: Snapshot) -> int:
+        """Close every live connection `snap`'s policies deny; returns how many."""
+        closed = 0
+        for token, (key, dst_ip, dst_port, r, close) in list(self._live.items()):
+            src = snap.pod(*key.split("/", 1))
+            if src is None:
+                continue  # the pod left: unenrolment closes its listeners
+            d = egress_decision(snap, src, dst_ip, dst_port, r)
+            if not d.allowed:
+                log.info("closing %s -> %s:%s: %s (%s)", key, dst_ip, dst_port, d.reason, d.policy)
+                self._live.pop(token, None)
+                close()
+                closed += 1
+        return closed
+
+
 class Outbound(Redirected):
     """The outbound role. Node-level listener: the source pod is found by the connection's
     source address. In-pod listener (`pod_key`): the source is that pod, whatever address the
     redirected socket shows (BPF connects come from 127.0.0.1)."""
 
     role = "outbound"
+    live: LiveOutbound | None = None  # set for enrolled pods: egress policy is enforced
 
     async def handle(self, ep: TcpEndpoint, src_ip: str, dst_ip: str, dst_port: int) -> None:
         node = self.node
@@ -129,6 +189,17 @@ class Outbound(Redirected):
         try:
             if r.kind == "refuse":
                 raise HboneError(503, r.reason)
+            # In-pod listeners (BPF capture) sit behind the kernel's connect() check and
+            # re-check the endpoint picked; the node-level listener (netfilter capture) has
+            # no such check in front of it, so it decides for every egress-isolated pod.
+            if src is not None and (
+                self.live is not None
+                or (src.ip is not None and node.egress_isolation.isolated(snap, src.ip))
+            ):
+                d = egress_decision(snap, src, dst_ip, dst_port, r)
+                if not d.allowed:
+                    node.metrics.policy_denied(d.policy or "-", "egress", "ztunnel")
+                    raise HboneError(403, f"{d.reason} ({d.policy})")
             if r.kind == "passthrough":
                 upstream = await node.connect_tcp(r.ip, r.port, self.netns)
             else:
@@ -155,4 +226,16 @@ class Outbound(Redirected):
             ep.abort()
             acct.refused("error", "DC")
             raise
-        await splice(ep, upstream, acct)
+        if self.live is None or self.pod_key is None:
+            await splice(ep, upstream, acct)
+            return
+
+        def close() -> None:
+            ep.abort()
+            upstream.abort()
+
+        token = self.live.add(self.pod_key, dst_ip, dst_port, r, close)
+        try:
+            await splice(ep, upstream, acct)
+        finally:
+            self.live.discard(token)

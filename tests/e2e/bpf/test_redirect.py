@@ -115,6 +115,8 @@ REFUSED_CLIENT = textwrap.dedent(
         print("connected")
     except ConnectionRefusedError:
         print("refused")
+    except PermissionError:
+        print("eperm")
     """
 )
 
@@ -162,7 +164,8 @@ def test_not_redirected(
 
 
 def test_fail_closed_without_listener(lab: tuple[str, str, BpfRedirector]) -> None:
-    """No ztunnel listener: refused, even though 10.77.0.2:80 has a server."""
+    """No ztunnel listener: refused by connect4 itself (EPERM, recorded as a kernel-side
+    drop), even though 10.77.0.2:80 has a server."""
     ns, cg, _ = lab
     real = subprocess.Popen(
         [
@@ -179,7 +182,7 @@ def test_fail_closed_without_listener(lab: tuple[str, str, BpfRedirector]) -> No
     try:
         assert real.stdout is not None and real.stdout.readline().strip() == "ready"
         assert _run(ns, "-", "10.77.0.2", "80") == "connected"  # control: server is reachable
-        assert _run(ns, cg, "10.77.0.2", "80") == "refused"
+        assert _run(ns, cg, "10.77.0.2", "80") == "eperm"
     finally:
         real.kill()
         real.wait()
