@@ -7,7 +7,9 @@ one or more `ClientExchange`s (upstream attempts). Bodies stream both ways at on
 bidirectional streaming needs that): a pump task sends the request body while the response
 is awaited and forwarded. A retry is possible until the response head has been forwarded and
 while the request body is still small enough to send again (`ReplayableBody`, as Envoy's
-retry buffer); a pooled HTTP/1.1 connection that the backend closed while idle is retried once
+retry buffer; past it the first answer is final and the access log says
+`retry_skipped`, as a mirror past it is skipped with `mirror_skipped`: never a truncated copy);
+a pooled HTTP/1.1 connection that the backend closed while idle is retried once
 on a fresh connection without counting as a route retry.
 
 Timeouts follow the Gateway API: `timeouts.request` covers the whole transaction (retries
