@@ -2,6 +2,9 @@
 // in-pod ztunnel listener and remembers the original destination; sockops moves
 // that memory from the app socket's cookie to the client (ip, port) that the
 // proxy sees on its accepted socket; getsockopt(SO_ORIGINAL_DST) answers from it.
+// connect6/getpeername6 do the same for IPv4 destinations reached through an AF_INET6
+// socket as v4-mapped addresses (::ffff:a.b.c.d: what dual-stack clients such as gRPC and
+// Java do for every IPv4 address); without them those connects bypassed the mesh.
 // Only UAPI structs (struct bpf_sock_addr, bpf_sock_ops, bpf_sockopt) are used.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -28,6 +31,34 @@ int connect4(struct bpf_sock_addr *ctx) {
     orig_by_cookie.update(&cookie, &od);
     ctx->user_ip4 = PROXY_IP;
     ctx->user_port = bpf_htons(PROXY_PORT);
+    return 1;
+}
+
+/* ::ffff:a.b.c.d, as user_ip6[] holds it (network order words) */
+static __always_inline int v4mapped(struct bpf_sock_addr *ctx) {
+    return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+           ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+int connect6(struct bpf_sock_addr *ctx) {
+    if (ctx->type != 1 /* SOCK_STREAM */) return 1;
+    if (!v4mapped(ctx)) return 1;                   /* IPv6 proper: not the mesh's (IPv4) */
+    u32 ip = ctx->user_ip6[3];
+    if ((ip & 0xff) == 127) return 1;               /* loopback-to-self */
+    u32 port = bpf_ntohs((u16)ctx->user_port);
+    if (excluded_ports.lookup(&port)) return 1;
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    struct orig_dst od = {.ip = ip, .port = ctx->user_port};
+    orig_by_cookie.update(&cookie, &od);
+    ctx->user_ip6[3] = PROXY_IP;                    /* ::ffff:127.0.0.1 */
+    ctx->user_port = bpf_htons(PROXY_PORT);
+    return 1;
+}
+
+int getpeername6(struct bpf_sock_addr *ctx) {
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    struct orig_dst *od = orig_by_cookie.lookup(&cookie);
+    if (od) { ctx->user_ip6[3] = od->ip; ctx->user_port = od->port; }
     return 1;
 }
 
