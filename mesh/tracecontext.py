@@ -17,7 +17,7 @@ vouch for is never echoed to a backend or a collector. Rules applied (spec secti
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from dataclasses import dataclass
 
@@ -36,9 +36,10 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TraceContext:
-    """One request's place in a trace: this hop's span and the span it continues (if any)."""
+    """One request's place in a trace: this hop's span and the span it continues (if any).
+    Not frozen: built once per request, and a frozen dataclass's __init__ costs twice as much."""
 
     trace_id: str  # 32 lower-case hex
     span_id: str  # 16 lower-case hex: the span this proxy records for the request
@@ -95,10 +96,13 @@ def parse_tracestate(values: list[str]) -> str | None:
 
 
 def _random_hex(n: int) -> str:
+    """`n` random bytes as hex, never all zero. Ids need to be unique, not secret (OTel's SDK
+    draws them the same way), and a getrandom(2) call per id cost more than the rest of the
+    trace handling."""
     while True:
-        h = os.urandom(n).hex()
-        if h.strip("0"):
-            return h
+        x = random.getrandbits(8 * n)
+        if x:
+            return f"{x:0{2 * n}x}"
 
 
 def new_span_id() -> str:
@@ -108,20 +112,27 @@ def new_span_id() -> str:
 def continue_trace(headers: list[tuple[str, str]]) -> TraceContext:
     """The request's trace: the caller's continued when its `traceparent` is valid, else a new
     one (sampled: a request with no trace is one the mesh is the first to see)."""
-    tps = [v for k, v in headers if k == "traceparent"]
+    tps: list[str] = []
+    states: list[str] = []
+    for k, v in headers:
+        if k[:1] == "t":
+            if k == "traceparent":
+                tps.append(v)
+            elif k == "tracestate":
+                states.append(v)
     parsed = parse_traceparent(tps[0]) if len(tps) == 1 else None
     if parsed is None:
         return TraceContext(_random_hex(16), new_span_id(), None, SAMPLED, None)
     trace_id, parent_id, flags = parsed
-    state = parse_tracestate([v for k, v in headers if k == "tracestate"])
+    state = parse_tracestate(states) if states else None
     # Only the sampled bit is defined in version 00; the other bits are not ours to pass on.
     return TraceContext(trace_id, new_span_id(), parent_id, flags & SAMPLED, state)
 
 
 def with_trace(headers: list[tuple[str, str]], tc: TraceContext) -> list[tuple[str, str]]:
     """`headers` with the caller's trace headers replaced by the ones the next hop gets."""
-    out = [(k, v) for k, v in headers if k not in ("traceparent", "tracestate")]
-    out.append(("traceparent", tc.traceparent()))
+    out = [(k, v) for k, v in headers if k != "traceparent" and k != "tracestate"]
+    out.append(("traceparent", f"00-{tc.trace_id}-{tc.span_id}-{tc.flags:02x}"))
     if tc.tracestate:
         out.append(("tracestate", tc.tracestate))
     return out

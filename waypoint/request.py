@@ -78,7 +78,11 @@ class StreamContext:
 
 
 def with_request_identity(
-    req: Request, client_ip: str, scheme: str, forwarded_by: str | None = None
+    req: Request,
+    client_ip: str,
+    scheme: str,
+    forwarded_by: str | None = None,
+    trace: TraceContext | None = None,
 ) -> Request:
     """The headers every forwarded request carries, as Envoy (Istio's waypoint) adds them, so
     applications moving from other meshes keep their request correlation and client address.
@@ -88,8 +92,10 @@ def with_request_identity(
     HBONE vouched for, not anything the caller claims); `x-forwarded-proto` is the scheme the
     caller used, replacing whatever the caller claimed. With `forwarded_by` (the waypoint's
     `--forwarded`), an RFC 7239 `Forwarded` element `for=<client>;by=<us>;proto=<scheme>` is
-    appended too, after any the caller sent (one header, elements comma-joined). Added before
-    routing, so route header matches and filters see them as a backend will."""
+    appended too, after any the caller sent (one header, elements comma-joined). With `trace`,
+    the caller's `traceparent`/`tracestate` are replaced by the ones naming our span (see
+    `mesh.tracecontext`). Added before routing, so route header matches and filters see them
+    as a backend will."""
     hs = list(req.headers)
     if not any(k == "x-request-id" and v for k, v in hs):
         hs = [(k, v) for k, v in hs if k != "x-request-id"]
@@ -108,6 +114,8 @@ def with_request_identity(
         prior = [v for k, v in hs if k == "forwarded"]
         hs = [(k, v) for k, v in hs if k != "forwarded"]
         hs.append(("forwarded", ", ".join([*prior, element])))
+    if trace is not None:
+        hs = with_trace(hs, trace)
     return dataclasses.replace(req, headers=tuple(hs))
 
 
@@ -189,10 +197,9 @@ class RequestHandler:
         wall0 = time.time_ns()
         head = ex.head
         req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
-        req = with_request_identity(req, ctx.src_ip, head.scheme, self.forwarded_by)
         # The waypoint is a hop of the trace: the backend's parent span is ours.
         tc = continue_trace(head.headers)
-        req = dataclasses.replace(req, headers=tuple(with_trace(list(req.headers), tc)))
+        req = with_request_identity(req, ctx.src_ip, head.scheme, self.forwarded_by, tc)
         body = ReplayableBody(ex.body, self.retry_buffer)
         outcome = _Outcome()
         self.in_flight += 1
