@@ -154,7 +154,9 @@ class OtlpExporter:
         grpc, _svc, svc_grpc, _common, _ = self._mods
         host, port = self.endpoint
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        channel = grpc.insecure_channel(target)
+        # The collector is addressed directly: a proxy from the environment (http_proxy) is
+        # for the node's egress, not for telemetry that stays in the cluster.
+        channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
         stub = svc_grpc.TraceServiceStub(channel)
         stopping = False
         try:
@@ -166,16 +168,8 @@ class OtlpExporter:
                         item = self._q.get(timeout=max(0.0, flush_at - time.monotonic()))
                     except queue.Empty:
                         break
-                    if item is None:
+                    if item is None:  # `close`: what was queued before it is in `batch`
                         stopping = True
-                        # what was queued before the stop goes too
-                        while len(batch) < 64 * self.max_batch:
-                            try:
-                                rest = self._q.get_nowait()
-                            except queue.Empty:
-                                break
-                            if rest is not None:
-                                batch.append(rest)
                         break
                     batch.append(item)
                 if batch:

@@ -284,3 +284,19 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
         reg.get_sample_value("ambientmesh_trace_spans_total", {"outcome": "dropped_queue_full"})
         == 3
     )
+
+
+def test_close_sends_what_was_queued(receiver: tuple[Receiver, int]) -> None:
+    """A waypoint shutting down does not lose the spans of its last requests: `close` sends
+    them before the batch interval (here far away) would have."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    exp = OtlpExporter(("127.0.0.1", receiver[1]), resource={}, registry=reg, interval=60)
+    exp.start()
+    for i in range(3):
+        exp.submit(Span(TRACE, f"{i + 1:016x}", PARENT, None, "GET", 2, 1, 2, (("k", i),)))
+    exp.close()
+    got = sorted(s.span_id.hex() for _, s in receiver[0].spans())
+    assert got == [f"{i + 1:016x}" for i in range(3)]
+    assert reg.get_sample_value("ambientmesh_trace_spans_total", {"outcome": "exported"}) == 3
