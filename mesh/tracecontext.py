@@ -109,9 +109,10 @@ def new_span_id() -> str:
     return _random_hex(8)
 
 
-def continue_trace(headers: list[tuple[str, str]]) -> TraceContext:
-    """The request's trace: the caller's continued when its `traceparent` is valid, else a new
-    one (sampled: a request with no trace is one the mesh is the first to see)."""
+def continue_trace(headers: list[tuple[str, str]], sampling: float = 1.0) -> TraceContext:
+    """The request's trace: the caller's continued (with the caller's sampling decision) when
+    its `traceparent` is valid, else a new one, sampled with probability `sampling` (the
+    parent-based sampling of OTel's SDKs: only the first hop decides)."""
     tps: list[str] = []
     states: list[str] = []
     for k, v in headers:
@@ -122,7 +123,8 @@ def continue_trace(headers: list[tuple[str, str]]) -> TraceContext:
                 states.append(v)
     parsed = parse_traceparent(tps[0]) if len(tps) == 1 else None
     if parsed is None:
-        return TraceContext(_random_hex(16), new_span_id(), None, SAMPLED, None)
+        sampled = sampling >= 1.0 or random.random() < sampling
+        return TraceContext(_random_hex(16), new_span_id(), None, SAMPLED if sampled else 0, None)
     trace_id, parent_id, flags = parsed
     state = parse_tracestate(states) if states else None
     # Only the sampled bit is defined in version 00; the other bits are not ours to pass on.

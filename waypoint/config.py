@@ -52,6 +52,7 @@ class WaypointConfig:
     log_level: str = "info"
     otlp_endpoint: Addr | None = None  # OTLP/gRPC collector for spans; None: access log only
     forwarded: bool = False  # append an RFC 7239 `Forwarded` element to forwarded requests
+    trace_sampling: float = 100.0  # percent of the traces the waypoint starts that are sampled
     # what one client may cost: --max-header-bytes, --max-headers, --headers-timeout,
     # --idle-timeout, --max-concurrent-streams, --max-connections
     limits: Limits = field(default_factory=Limits)
@@ -92,6 +93,10 @@ class WaypointConfig:
             otlp = _addr("--otlp-endpoint", args.otlp_endpoint)
             if otlp[1] == 0:
                 raise WaypointConfigError(f"--otlp-endpoint {args.otlp_endpoint!r}: port 0")
+        if not 0.0 <= args.trace_sampling <= 100.0:
+            raise WaypointConfigError(
+                f"--trace-sampling {args.trace_sampling:g}: expected a percentage, 0 to 100"
+            )
         return cls(
             namespace=args.namespace,
             name=args.name,
@@ -113,6 +118,7 @@ class WaypointConfig:
             limits=limits,
             otlp_endpoint=otlp,
             forwarded=args.forwarded,
+            trace_sampling=args.trace_sampling,
         )
 
 

@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "without it, trace and span ids go to the access log only",
     )
     p.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=c.trace_sampling,
+        metavar="PERCENT",
+        help="of the traces the waypoint starts (requests without a valid traceparent), the "
+        "percentage sampled (exported as spans); a caller's own decision is always kept",
+    )
+    p.add_argument(
         "--forwarded",
         action="store_true",
         help="append an RFC 7239 Forwarded element (for=, by=, proto=) to forwarded requests",
@@ -153,6 +161,7 @@ async def run(config: WaypointConfig) -> None:
         limits=config.limits,
         exporter=exporter,
         forwarded=config.forwarded,
+        trace_sampling=config.trace_sampling / 100.0,
     )
     listener = await wp.listen(*config.hbone_addr)
     ready = ObservabilityServer(*config.readiness_addr, ready=lambda: True)

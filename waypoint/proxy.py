@@ -66,6 +66,7 @@ class Waypoint:
         limits: Limits | None = None,
         exporter: OtlpExporter | None = None,
         forwarded: bool = False,
+        trace_sampling: float = 1.0,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -89,6 +90,7 @@ class Waypoint:
             rng=rng,
             exporter=exporter,
             forwarded_by=f"_{name}.{namespace}" if forwarded else None,
+            trace_sampling=trace_sampling,
         )
         self.limits = limits or Limits()
         self.inbound = WaypointInbound(namespace, name, self.routes, self.handler, self.limits)

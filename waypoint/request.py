@@ -176,6 +176,7 @@ class RequestHandler:
         retry_buffer: int = 1 << 20,
         exporter: OtlpExporter | None = None,
         forwarded_by: str | None = None,
+        trace_sampling: float = 1.0,
     ) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
@@ -184,6 +185,7 @@ class RequestHandler:
         self.retry_buffer = retry_buffer
         self.exporter = exporter  # None: spans go to the access log only
         self.forwarded_by = forwarded_by  # None: no `Forwarded` header added
+        self.trace_sampling = trace_sampling  # share of the traces we start that are sampled
         self._mirrors: set[asyncio.Task[None]] = set()
         self.in_flight = 0  # requests started and not yet accounted
         # Labels per (caller address, caller, service, pod, protocol, flags): building them
@@ -198,7 +200,7 @@ class RequestHandler:
         head = ex.head
         req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
         # The waypoint is a hop of the trace: the backend's parent span is ours.
-        tc = continue_trace(head.headers)
+        tc = continue_trace(head.headers, self.trace_sampling)
         req = with_request_identity(req, ctx.src_ip, head.scheme, self.forwarded_by, tc)
         body = ReplayableBody(ex.body, self.retry_buffer)
         outcome = _Outcome()

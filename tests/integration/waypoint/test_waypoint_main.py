@@ -99,6 +99,15 @@ def test_bad_otlp_endpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--otlp-endpoint 'collector': expected HOST:PORT" in out.stderr
 
 
+def test_trace_sampling_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--ca-dir", str(tmp_path),
+         "--trace-sampling", "150"],
+        env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--trace-sampling 150: expected a percentage" in out.stderr
+
+
 def test_otlp_endpoint_without_the_extra_names_it(tmp_path: Path) -> None:
     """grpcio absent (as without `ambientmesh[otlp]`): refused at start, saying what to install."""
     code = (

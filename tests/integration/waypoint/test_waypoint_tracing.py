@@ -219,6 +219,18 @@ async def test_unsampled_trace_is_propagated_but_not_exported(
     )
 
 
+async def test_sampling_zero_exports_no_new_trace_but_keeps_the_callers(
+    mesh: Mesh, receiver: tuple[Receiver, int], exporter: OtlpExporter
+) -> None:
+    mesh.waypoint.handler.trace_sampling = 0.0  # what --trace-sampling 0 sets
+    r = await mesh.get("/unsampled")
+    assert r.json()["headers"]["traceparent"].endswith("-00")  # the backend is told, too
+    await mesh.get("/sampled", headers=[("traceparent", f"00-{TRACE}-{PARENT}-01")])
+    await wait_spans(receiver[0], 1)
+    await asyncio.sleep(0.2)
+    assert [attrs(s)["url.path"] for _, s in receiver[0].spans()] == ["/sampled"]
+
+
 async def test_error_status_marks_the_span(
     mesh: Mesh, receiver: tuple[Receiver, int], exporter: OtlpExporter
 ) -> None:

@@ -127,3 +127,13 @@ def test_hostile_headers_never_crash_and_never_pass_through_unchecked(
         assert parse_tracestate([state]) == state
         sent = ",".join(v for k, v in headers if k == "tracestate")
         assert all(member in sent for member in state.split(","))
+
+
+def test_sampling_decides_only_for_traces_we_start() -> None:
+    assert all(not continue_trace([], 0.0).sampled for _ in range(50))
+    assert all(continue_trace([], 1.0).sampled for _ in range(50))
+    share = sum(continue_trace([], 0.25).sampled for _ in range(4000)) / 4000
+    assert 0.15 < share < 0.35  # ~10 standard deviations either side
+    # the caller's decision stands, whatever ours would have been
+    assert continue_trace([("traceparent", GOOD)], 0.0).sampled
+    assert not continue_trace([("traceparent", f"00-{TRACE}-{PARENT}-00")], 1.0).sampled
