@@ -101,6 +101,8 @@ def _bcc_and_compile() -> Check:
     programs = (
         (b"connect4", t.CGROUP_SOCK_ADDR, at.CGROUP_INET4_CONNECT),
         (b"getpeername4", t.CGROUP_SOCK_ADDR, at.CGROUP_INET4_GETPEERNAME),
+        (b"connect6", t.CGROUP_SOCK_ADDR, at.CGROUP_INET6_CONNECT),
+        (b"getpeername6", t.CGROUP_SOCK_ADDR, at.CGROUP_INET6_GETPEERNAME),
         (b"sockops", t.SOCK_OPS, -1),
         (b"getsockopt", t.CGROUP_SOCKOPT, at.CGROUP_GETSOCKOPT),
         (b"sk_msg_fast", t.SK_MSG, -1),

@@ -52,7 +52,8 @@ def import_bcc() -> Any:
 
 # The attach map: which programs go on which cgroup. Only this module attaches or detaches.
 NODE_PROGRAMS = ("sockops", "getsockopt")  # ztunnel's own cgroup (its accepted sockets)
-POD_PROGRAMS = ("connect4", "getpeername4", "sockops")  # each enrolled pod's cgroup
+# each enrolled pod's cgroup; the "6" pair catches IPv4 reached through dual-stack sockets
+POD_PROGRAMS = ("connect4", "getpeername4", "connect6", "getpeername6", "sockops")
 
 
 class BpfRedirector:
@@ -82,7 +83,7 @@ class BpfRedirector:
         self._fns: dict[str, int] = {}  # program name -> fd
         self.mount_actions: list[str] = []  # what had to be mounted first, for the log
 
-    PROGRAMS = ("connect4", "getpeername4", "sockops", "getsockopt")
+    PROGRAMS = ("connect4", "getpeername4", "connect6", "getpeername6", "sockops", "getsockopt")
 
     def _prog_pin(self, name: str) -> str:
         return os.path.join(self.pin_root, f"prog_{name}")
@@ -145,6 +146,14 @@ class BpfRedirector:
                 b"getpeername4",
                 bcc.BPFProgType.CGROUP_SOCK_ADDR,
                 attach_type=at.CGROUP_INET4_GETPEERNAME,
+            ),
+            "connect6": b.load_func(
+                b"connect6", bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=at.CGROUP_INET6_CONNECT
+            ),
+            "getpeername6": b.load_func(
+                b"getpeername6",
+                bcc.BPFProgType.CGROUP_SOCK_ADDR,
+                attach_type=at.CGROUP_INET6_GETPEERNAME,
             ),
             "sockops": b.load_func(b"sockops", bcc.BPFProgType.SOCK_OPS),
             "getsockopt": b.load_func(

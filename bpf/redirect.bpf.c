@@ -4,6 +4,9 @@
 // proxy sees on its accepted socket; getsockopt(SO_ORIGINAL_DST) answers from it.
 // connect4 also enforces egress NetworkPolicy/CNP from maps ztunnel fills, and refuses (EPERM)
 // a connect whose pod has no ztunnel listening, recording both kinds of drop.
+// connect6/getpeername6 do the same for IPv4 destinations reached through an AF_INET6
+// socket as v4-mapped addresses (::ffff:a.b.c.d: what dual-stack clients such as gRPC and
+// Java do for every IPv4 address); without them those connects bypassed the mesh.
 // Only UAPI structs (struct bpf_sock_addr, bpf_sock_ops, bpf_sockopt) are used.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -60,7 +63,7 @@ struct drop_events_table_t {
 __attribute__((section("maps/ringbuf:PIN_ROOT/drop_events")))
 struct drop_events_table_t drop_events = { .max_entries = 64 * 4096 };
 
-static __always_inline int drop(struct bpf_sock_addr *ctx, u64 netns, u32 reason, u32 policy) {
+static __always_inline int drop(u64 netns, u32 ip, u32 port, u32 reason, u32 policy) {
     struct drop_key k = {.reason = reason, .policy = policy};
     u64 zero = 0, *n = drop_counts.lookup(&k);
     if (!n) {                                         /* first of its kind: insert, never */
@@ -69,22 +72,21 @@ static __always_inline int drop(struct bpf_sock_addr *ctx, u64 netns, u32 reason
     }
     if (n) __sync_fetch_and_add(n, 1);
     struct drop_event ev = {.boot_ns = bpf_ktime_get_boot_ns(), .netns = netns,
-                            .cgroup = bpf_get_current_cgroup_id(), .dst_ip = ctx->user_ip4,
-                            .dst_port = bpf_ntohs((u16)ctx->user_port), .reason = reason,
+                            .cgroup = bpf_get_current_cgroup_id(), .dst_ip = ip,
+                            .dst_port = port, .reason = reason,
                             .policy = policy};
     drop_events.ringbuf_output(&ev, sizeof(ev), 0);
     return 0;                                         /* connect() fails with EPERM */
 }
 
 /* 0: allowed; else the id of the policy that denies */
-static __always_inline u32 egress_denied(struct bpf_sock_addr *ctx, u64 netns) {
+static __always_inline u32 egress_denied(u64 netns, u32 ip, u32 port) {
     u32 zero = 0, *g = pol_gen.lookup(&zero);
     if (!g) return 0;
     u32 gen = *g;
     struct pol_pod_key pk = {.gen = gen, .netns = netns};
     struct pol_pod_val *pod = pol_pod.lookup(&pk);
     if (!pod) return 0;                               /* no policy isolates this pod */
-    u32 ip = ctx->user_ip4, port = bpf_ntohs((u16)ctx->user_port);
     struct vip_key vk = {.gen = gen, .ip = ip};
     if (pol_vips.lookup(&vk)) {                       /* a Service VIP: decided per service port */
         struct pol_vip_key k = {.gen = gen, .ip = ip, .netns = netns, .port = port};
@@ -113,23 +115,57 @@ static __always_inline int ztunnel_listening(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
+/* Egress policy, then ztunnel's presence: 0 (after recording the drop) refuses the connect.
+ * connect4 and connect6 (v4-mapped) share it, so no socket family skips the policy. */
+static __always_inline int admit(struct bpf_sock_addr *ctx, u32 ip, u32 port) {
+    u64 netns = bpf_get_netns_cookie(ctx);
+    u32 denied = egress_denied(netns, ip, port);
+    if (denied) return drop(netns, ip, port, REASON_POLICY, denied);
+    if (!ztunnel_listening(ctx)) return drop(netns, ip, port, REASON_NO_ZTUNNEL, 0);
+    return 1;
+}
+
 int connect4(struct bpf_sock_addr *ctx) {
     if (ctx->type != 1 /* SOCK_STREAM */) return 1;
     u32 ip = ctx->user_ip4;
     if ((ip & 0xff) == 127) return 1;               /* loopback-to-self */
     u32 port = bpf_ntohs((u16)ctx->user_port);
     if (excluded_ports.lookup(&port)) return 1;
-    if (ENFORCE) {                                    /* 0 only for the cost benchmark */
-        u64 netns = bpf_get_netns_cookie(ctx);
-        u32 denied = egress_denied(ctx, netns);
-        if (denied) return drop(ctx, netns, REASON_POLICY, denied);
-        if (!ztunnel_listening(ctx)) return drop(ctx, netns, REASON_NO_ZTUNNEL, 0);
-    }
+    if (ENFORCE && !admit(ctx, ip, port)) return 0;  /* EPERM; 0 only for the cost benchmark */
     u64 cookie = bpf_get_socket_cookie(ctx);
     struct orig_dst od = {.ip = ip, .port = ctx->user_port};
     orig_by_cookie.update(&cookie, &od);
     ctx->user_ip4 = PROXY_IP;
     ctx->user_port = bpf_htons(PROXY_PORT);
+    return 1;
+}
+
+/* ::ffff:a.b.c.d, as user_ip6[] holds it (network order words) */
+static __always_inline int v4mapped(struct bpf_sock_addr *ctx) {
+    return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+           ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+int connect6(struct bpf_sock_addr *ctx) {
+    if (ctx->type != 1 /* SOCK_STREAM */) return 1;
+    if (!v4mapped(ctx)) return 1;                   /* IPv6 proper: not the mesh's (IPv4) */
+    u32 ip = ctx->user_ip6[3];
+    if ((ip & 0xff) == 127) return 1;               /* loopback-to-self */
+    u32 port = bpf_ntohs((u16)ctx->user_port);
+    if (excluded_ports.lookup(&port)) return 1;
+    if (ENFORCE && !admit(ctx, ip, port)) return 0;  /* the same policy as connect4's */
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    struct orig_dst od = {.ip = ip, .port = ctx->user_port};
+    orig_by_cookie.update(&cookie, &od);
+    ctx->user_ip6[3] = PROXY_IP;                    /* ::ffff:127.0.0.1 */
+    ctx->user_port = bpf_htons(PROXY_PORT);
+    return 1;
+}
+
+int getpeername6(struct bpf_sock_addr *ctx) {
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    struct orig_dst *od = orig_by_cookie.lookup(&cookie);
+    if (od) { ctx->user_ip6[3] = od->ip; ctx->user_port = od->port; }
     return 1;
 }
 

@@ -20,10 +20,12 @@ BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
 
-# enum bpf_attach_type: the four our programs use (checked against BCC's in the tests)
+# enum bpf_attach_type: the ones our programs use (checked against BCC's in the tests)
 ATTACH_TYPES = {
     "connect4": 10,  # BPF_CGROUP_INET4_CONNECT
     "getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME
+    "connect6": 11,  # BPF_CGROUP_INET6_CONNECT
+    "getpeername6": 30,  # BPF_CGROUP_INET6_GETPEERNAME
     "sockops": 3,  # BPF_CGROUP_SOCK_OPS
     "getsockopt": 21,  # BPF_CGROUP_GETSOCKOPT
 }

@@ -40,6 +40,13 @@ class AccessRecord:
     audit_policy: str | None = None
     shadow: str | None = None
     shadow_policy: str | None = None
+    # the request's trace (W3C ids: the span this proxy recorded and its parent), and why a
+    # retry or a mirror the route asked for did not happen; left out of the line when unset
+    trace_id: str | None = None
+    span_id: str | None = None
+    parent_span_id: str | None = None
+    retry_skipped: str | None = None
+    mirror_skipped: str | None = None
 
     def to_json(self) -> str:
         d = {
@@ -65,6 +72,14 @@ class AccessRecord:
             d.update(audited=True, audit_policy=self.audit_policy)
         if self.shadow is not None:
             d.update(shadow_result=self.shadow, shadow_policy=self.shadow_policy)
+        if self.trace_id is not None:
+            d.update(trace_id=self.trace_id, span_id=self.span_id)
+            if self.parent_span_id is not None:
+                d["parent_span_id"] = self.parent_span_id
+        if self.retry_skipped is not None:
+            d["retry_skipped"] = self.retry_skipped
+        if self.mirror_skipped is not None:
+            d["mirror_skipped"] = self.mirror_skipped
         return json.dumps(d, separators=(",", ":"))
 
 

@@ -50,6 +50,9 @@ class WaypointConfig:
     readiness_addr: Addr = ("0.0.0.0", READINESS_PORT)
     admin_addr: Addr = ("127.0.0.1", ADMIN_PORT)
     log_level: str = "info"
+    otlp_endpoint: Addr | None = None  # OTLP/gRPC collector for spans; None: access log only
+    forwarded: bool = False  # append an RFC 7239 `Forwarded` element to forwarded requests
+    trace_sampling: float = 100.0  # percent of the traces the waypoint starts that are sampled
     # what one client may cost: --max-header-bytes, --max-headers, --headers-timeout,
     # --idle-timeout, --max-concurrent-streams, --max-connections
     limits: Limits = field(default_factory=Limits)
@@ -85,6 +88,15 @@ class WaypointConfig:
                 bundle = Path(args.ca_bundle).read_bytes()
             except OSError as exc:
                 raise WaypointConfigError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
+        otlp = None
+        if args.otlp_endpoint:
+            otlp = _addr("--otlp-endpoint", args.otlp_endpoint)
+            if otlp[1] == 0:
+                raise WaypointConfigError(f"--otlp-endpoint {args.otlp_endpoint!r}: port 0")
+        if not 0.0 <= args.trace_sampling <= 100.0:
+            raise WaypointConfigError(
+                f"--trace-sampling {args.trace_sampling:g}: expected a percentage, 0 to 100"
+            )
         return cls(
             namespace=args.namespace,
             name=args.name,
@@ -104,6 +116,9 @@ class WaypointConfig:
             admin_addr=addrs["admin_addr"],
             log_level=args.log_level,
             limits=limits,
+            otlp_endpoint=otlp,
+            forwarded=args.forwarded,
+            trace_sampling=args.trace_sampling,
         )
 
 

@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from certs.ca import CertificateAuthority
-from mesh import process
+from mesh import otlp, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.identity.caclient import CaClient
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
+from mesh.otlp import OtlpExporter
 from waypoint.config import WaypointConfig, WaypointConfigError, host_port
 from waypoint.proxy import Waypoint
 
@@ -61,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-addr", default=host_port(c.admin_addr), help="/config_dump, /logging")
     p.add_argument(
         "--log-level", default=c.log_level, choices=["debug", "info", "warning", "error"]
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="OTLP/gRPC collector for one span per request (needs the 'otlp' extra); "
+        "without it, trace and span ids go to the access log only",
+    )
+    p.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=c.trace_sampling,
+        metavar="PERCENT",
+        help="of the traces the waypoint starts (requests without a valid traceparent), the "
+        "percentage sampled (exported as spans); a caller's own decision is always kept",
+    )
+    p.add_argument(
+        "--forwarded",
+        action="store_true",
+        help="append an RFC 7239 Forwarded element (for=, by=, proto=) to forwarded requests",
     )
     d = c.limits
     lim = p.add_argument_group("limits (what one client may cost; past them: refused)")
@@ -117,6 +137,18 @@ async def run(config: WaypointConfig) -> None:
         identities = Identities(client, ttl, bundle_pem=bundle)
     metrics = MeshMetrics()
     metrics.info.labels("waypoint", "dev").set(1)
+    exporter = None
+    if config.otlp_endpoint is not None:
+        exporter = OtlpExporter(
+            config.otlp_endpoint,
+            resource={
+                "service.name": f"{config.name}.{config.namespace}",
+                "k8s.namespace.name": config.namespace,
+            },
+            registry=metrics.registry,
+            scope="ambientmesh.waypoint",
+        )
+        exporter.start()  # main() checked that the extra is installed
     wp = Waypoint(
         config.namespace,
         config.name,
@@ -127,6 +159,9 @@ async def run(config: WaypointConfig) -> None:
         metrics=metrics,
         hbone_port=config.upstream_hbone_port,
         limits=config.limits,
+        exporter=exporter,
+        forwarded=config.forwarded,
+        trace_sampling=config.trace_sampling / 100.0,
     )
     listener = await wp.listen(*config.hbone_addr)
     ready = ObservabilityServer(*config.readiness_addr, ready=lambda: True)
@@ -150,6 +185,8 @@ async def run(config: WaypointConfig) -> None:
     finally:
         listener.close()
         await wp.close()
+        if exporter is not None:
+            await asyncio.to_thread(exporter.close)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WaypointConfigError as exc:
         print(f"waypoint: {exc}", file=sys.stderr)
         return 2
+    if config.otlp_endpoint is not None:
+        try:
+            otlp.require()
+        except otlp.OtlpUnavailable as exc:
+            print(f"waypoint: --otlp-endpoint: {exc}", file=sys.stderr)
+            return 2
     logging.getLogger("waypoint").setLevel(config.log_level.upper())
     return process.run("waypoint", run(config), log_level=config.log_level)
 

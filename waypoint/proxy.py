@@ -18,6 +18,7 @@ from mesh.hbone.pool import Listener
 from mesh.identity.manager import Identities
 from mesh.identity.spiffe import workload_id
 from mesh.metrics import MeshMetrics
+from mesh.otlp import OtlpExporter
 from mesh.ports import HBONE_PORT
 from waypoint.inbound import WaypointInbound
 from waypoint.limits import Limits
@@ -63,6 +64,9 @@ class Waypoint:
         node_ports: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
         limits: Limits | None = None,
+        exporter: OtlpExporter | None = None,
+        forwarded: bool = False,
+        trace_sampling: float = 1.0,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -77,8 +81,16 @@ class Waypoint:
         self.upstreams = Upstreams(
             self.pool, self.identity, snapshot, hbone_port=hbone_port, node_ports=node_ports
         )
+        # `Forwarded: by=` names this waypoint by an RFC 7239 obfuscated identifier: its
+        # address says nothing useful to a backend (and may be any of the pod's).
         self.handler = RequestHandler(
-            self.upstreams, self.metrics, trust_domain=trust_domain, rng=rng
+            self.upstreams,
+            self.metrics,
+            trust_domain=trust_domain,
+            rng=rng,
+            exporter=exporter,
+            forwarded_by=f"_{name}.{namespace}" if forwarded else None,
+            trace_sampling=trace_sampling,
         )
         self.limits = limits or Limits()
         self.inbound = WaypointInbound(namespace, name, self.routes, self.handler, self.limits)

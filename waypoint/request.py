@@ -7,7 +7,9 @@ one or more `ClientExchange`s (upstream attempts). Bodies stream both ways at on
 bidirectional streaming needs that): a pump task sends the request body while the response
 is awaited and forwarded. A retry is possible until the response head has been forwarded and
 while the request body is still small enough to send again (`ReplayableBody`, as Envoy's
-retry buffer); a pooled HTTP/1.1 connection that the backend closed while idle is retried once
+retry buffer; past it the first answer is final and the access log says
+`retry_skipped`, as a mirror past it is skipped with `mirror_skipped`: never a truncated copy);
+a pooled HTTP/1.1 connection that the backend closed while idle is retried once
 on a fresh connection without counting as a route retry.
 
 Timeouts follow the Gateway API: `timeouts.request` covers the whole transaction (retries
@@ -38,8 +40,10 @@ from mesh.config.snapshot import PolicySet
 from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels, MeshMetrics
 from mesh.netpolicy import HttpRules
+from mesh.otlp import SPAN_KIND_SERVER, OtlpExporter, Span
 from mesh.requestauthn import Authenticator
 from mesh.telemetry import account_request
+from mesh.tracecontext import TraceContext, continue_trace, with_trace
 from waypoint.limits import Refusal
 from waypoint.routing import Forward, Redirect, Request, RouteTable, apply_filters, modify_headers
 from waypoint.service import NoBackend, ServiceRoutes, Target
@@ -77,15 +81,25 @@ class StreamContext:
     http_rules: tuple[HttpRules, ...] = ()  # CiliumNetworkPolicy L7 rules for this caller
 
 
-def with_request_identity(req: Request, client_ip: str, scheme: str) -> Request:
+def with_request_identity(
+    req: Request,
+    client_ip: str,
+    scheme: str,
+    forwarded_by: str | None = None,
+    trace: TraceContext | None = None,
+) -> Request:
     """The headers every forwarded request carries, as Envoy (Istio's waypoint) adds them, so
     applications moving from other meshes keep their request correlation and client address.
 
     `x-request-id` is kept when the caller sent one (it ties the hops of one request together)
     and generated otherwise; `x-forwarded-for` gets the caller's address appended (the address
     HBONE vouched for, not anything the caller claims); `x-forwarded-proto` is the scheme the
-    caller used, replacing whatever the caller claimed. Added before routing, so route header
-    matches and filters see them as a backend will."""
+    caller used, replacing whatever the caller claimed. With `forwarded_by` (the waypoint's
+    `--forwarded`), an RFC 7239 `Forwarded` element `for=<client>;by=<us>;proto=<scheme>` is
+    appended too, after any the caller sent (one header, elements comma-joined). With `trace`,
+    the caller's `traceparent`/`tracestate` are replaced by the ones naming our span (see
+    `mesh.tracecontext`). Added before routing, so route header matches and filters see them
+    as a backend will."""
     hs = list(req.headers)
     if not any(k == "x-request-id" and v for k, v in hs):
         hs = [(k, v) for k, v in hs if k != "x-request-id"]
@@ -94,9 +108,30 @@ def with_request_identity(req: Request, client_ip: str, scheme: str) -> Request:
         xff = [v for k, v in hs if k == "x-forwarded-for"]
         hs = [(k, v) for k, v in hs if k != "x-forwarded-for"]
         hs.append(("x-forwarded-for", ", ".join([*xff, client_ip])))
+    proto = scheme if scheme in ("http", "https") else "http"
     hs = [(k, v) for k, v in hs if k != "x-forwarded-proto"]
-    hs.append(("x-forwarded-proto", scheme if scheme in ("http", "https") else "http"))
+    hs.append(("x-forwarded-proto", proto))
+    if forwarded_by is not None:
+        element = f"by={forwarded_node(forwarded_by)};proto={proto}"
+        if client_ip:
+            element = f"for={forwarded_node(client_ip)};{element}"
+        prior = [v for k, v in hs if k == "forwarded"]
+        hs = [(k, v) for k, v in hs if k != "forwarded"]
+        hs.append(("forwarded", ", ".join([*prior, element])))
+    if trace is not None:
+        hs = with_trace(hs, trace)
     return dataclasses.replace(req, headers=tuple(hs))
+
+
+def forwarded_node(node: str) -> str:
+    """An RFC 7239 node value: an IPv4 address or an obfuscated name (`_x`) as a token; an
+    IPv6 address bracketed and quoted (`"[2001:db8::1]"`, section 6); anything else quoted."""
+    if ":" in node and not node.startswith("["):
+        return f'"[{node}]"'
+    if node and all(c.isascii() and (c.isalnum() or c in "._-") for c in node):
+        return node
+    escaped = node.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 class _Failed(Exception):
@@ -143,12 +178,18 @@ class RequestHandler:
         trust_domain: str = "cluster.local",
         rng: random.Random | None = None,
         retry_buffer: int = 1 << 20,
+        exporter: OtlpExporter | None = None,
+        forwarded_by: str | None = None,
+        trace_sampling: float = 1.0,
     ) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
         self.trust_domain = trust_domain
         self.rng = rng or random.Random()
         self.retry_buffer = retry_buffer
+        self.exporter = exporter  # None: spans go to the access log only
+        self.forwarded_by = forwarded_by  # None: no `Forwarded` header added
+        self.trace_sampling = trace_sampling  # share of the traces we start that are sampled
         self._mirrors: set[asyncio.Task[None]] = set()
         self.in_flight = 0  # requests started and not yet accounted
         # Labels per (caller address, caller, service, pod, protocol, flags): building them
@@ -159,9 +200,12 @@ class RequestHandler:
 
     async def __call__(self, ctx: StreamContext, ex: ServerExchange) -> None:
         t0 = time.monotonic()
+        wall0 = time.time_ns()
         head = ex.head
         req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
-        req = with_request_identity(req, ctx.src_ip, head.scheme)
+        # The waypoint is a hop of the trace: the backend's parent span is ours.
+        tc = continue_trace(head.headers, self.trace_sampling)
+        req = with_request_identity(req, ctx.src_ip, head.scheme, self.forwarded_by, tc)
         body = ReplayableBody(ex.body, self.retry_buffer)
         outcome = _Outcome()
         self.in_flight += 1
@@ -182,7 +226,7 @@ class RequestHandler:
             raise
         finally:
             self.in_flight -= 1
-            self._account(ctx, ex, req, body, outcome, time.monotonic() - t0)
+            self._account(ctx, ex, req, body, outcome, time.monotonic() - t0, tc, wall0)
 
     # -- the decision ----------------------------------------------------------------------
 
@@ -201,6 +245,8 @@ class RequestHandler:
                 return
             req = checked
         route = ctx.table.route(req)
+        if route is not None and route.route is not None:
+            out.route = f"{route.route.namespace}/{route.route.name}"
         if route is None and ctx.table:
             # Routes are attached but none matches: Gateway API says 404, not "the Service".
             await self._local(ex, out, 404, "route not found\n", flag="NR")
@@ -264,7 +310,7 @@ class RequestHandler:
                 raise first from None
             raise
         for m in fwd.mirrors:
-            self._mirror(ctx, m, up_head, body)
+            self._mirror(ctx, m, up_head, body, out)
 
     async def _policy(
         self, ctx: StreamContext, ex: ServerExchange, req: Request, out: _Outcome
@@ -352,6 +398,8 @@ class RequestHandler:
                     )
                     if retry.grpc_codes and not retryable:
                         retryable = _grpc_retryable(att, failure is not None, retry.grpc_codes)
+                    if tries < retry.attempts and retryable and not body.replayable:
+                        out.retry_skipped = self._too_big("retry")
                     if tries < retry.attempts and retryable and body.replayable:
                         tries += 1
                         out.retries = tries
@@ -425,6 +473,8 @@ class RequestHandler:
                 if reused and not fresh and body.replayable and not body.source.failed:
                     fresh = True  # a pooled connection the backend had closed: once more
                     continue
+                if reused and not fresh and not body.replayable:
+                    out.retry_skipped = self._too_big("retry")
                 raise _Failed(503, "UR", f"upstream reset before response headers: {exc}") from None
             except TimeoutError:
                 if pump is not None:
@@ -500,15 +550,32 @@ class RequestHandler:
 
     # -- mirrors ---------------------------------------------------------------------------
 
+    def _too_big(self, what: str) -> str:
+        n = self.retry_buffer
+        size = f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+        return f"body exceeds {size} {what} buffer"
+
     def _mirror(
-        self, ctx: StreamContext, ref: BackendRef, head: RequestHead, body: ReplayableBody
+        self,
+        ctx: StreamContext,
+        ref: BackendRef,
+        head: RequestHead,
+        body: ReplayableBody,
+        out: _Outcome,
     ) -> None:
         """Fire a copy at `ref`; its answer is discarded and its failure never matters. Owned
-        by this handler (`close` cancels them) and bounded in number."""
-        if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT or body.rec.overflow:
+        by this handler (`close` cancels them) and bounded in number. A copy is sent whole or
+        not at all: a body past the buffer (already streamed to the primary backend and gone)
+        or not yet complete is skipped, and the access log says why (`mirror_skipped`)."""
+        if body.rec.overflow:
+            out.mirror_skipped = self._too_big("mirror")
+            return
+        if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT:
+            out.mirror_skipped = f"{MAX_MIRRORS_IN_FLIGHT} mirrors already in flight"
             return
         if not body.rec.complete:
-            return  # the answer came before the request ended: there is no whole copy
+            out.mirror_skipped = "response ended before the request body"
+            return
         data = b"".join(body.rec.chunks)
         copy = RequestHead(
             head.method,
@@ -602,6 +669,8 @@ class RequestHandler:
         body: ReplayableBody,
         out: _Outcome,
         duration: float,
+        tc: TraceContext,
+        wall0: int,
     ) -> None:
         snap = ctx.routes.snapshot
         t = out.target
@@ -654,7 +723,72 @@ class RequestHandler:
                 audit_policy=out.audit_policy,
                 shadow=out.shadow,
                 shadow_policy=out.shadow_policy,
+                trace_id=tc.trace_id,
+                span_id=tc.span_id,
+                parent_span_id=tc.parent_id,
+                retry_skipped=out.retry_skipped,
+                mirror_skipped=out.mirror_skipped,
             ),
+        )
+        if self.exporter is not None and tc.sampled:
+            self.exporter.submit(self._span(ctx, ex, req, out, tc, wall0, snap))
+
+    def _span(
+        self,
+        ctx: StreamContext,
+        ex: ServerExchange,
+        req: Request,
+        out: _Outcome,
+        tc: TraceContext,
+        wall0: int,
+        snap: Any,
+    ) -> Span:
+        """The request as one span, attributes after OTel's HTTP server conventions, plus
+        the mesh's own (Istio's attribute names: who called whom, over which route)."""
+        host, sep, port = req.host.rpartition(":")
+        if not sep or not port.isdigit() or host.endswith(":"):
+            host, port = req.host, ""
+        attrs: list[tuple[str, str | int | bool]] = [
+            ("http.request.method", req.method),
+            ("url.path", req.path),
+            ("url.scheme", ex.head.scheme),
+            ("server.address", host.strip("[]")),
+            ("client.address", ctx.src_ip),
+            ("network.protocol.version", "2" if ex.protocol == "h2" else "1.1"),
+            ("source.principal", ctx.caller),
+            ("destination.service.host", ctx.service.hostname),
+            ("response_flags", out.flag),
+        ]
+        if port:
+            attrs.append(("server.port", int(port)))
+        if out.status:
+            attrs.append(("http.response.status_code", out.status))
+        error = out.status >= 500 or out.status == 0
+        if error:
+            attrs.append(("error.type", str(out.status) if out.status else out.flag))
+        t = out.target
+        if t is not None:
+            sns, _, sname = t.service.partition("/")
+            attrs.append(("upstream_cluster", f"outbound|{t.service_port}||{sname}.{sns}.svc"))
+            attrs.append(("upstream_address", f"{t.ip}:{t.port}"))
+            dst_id = snap.identity(t.pod) if t.pod else None
+            if dst_id:
+                attrs.append(("destination.principal", dst_id))
+        if out.route:
+            attrs.append(("route_name", out.route))
+        if out.retries:
+            attrs.append(("http.request.resend_count", out.retries))
+        return Span(
+            tc.trace_id,
+            tc.span_id,
+            tc.parent_id,
+            tc.tracestate,
+            f"{req.method} {ctx.service.hostname}",
+            SPAN_KIND_SERVER,
+            wall0,
+            time.time_ns(),
+            tuple(attrs),
+            error,
         )
 
 
@@ -719,6 +853,9 @@ class _Outcome:
     shadow: str | None = None
     shadow_policy: str | None = None
     unauthenticated: bool = False  # refused by RequestAuthentication (a 401, no Envoy flag)
+    route: str | None = None  # namespace/name of the route that matched
+    retry_skipped: str | None = None
+    mirror_skipped: str | None = None
 
 
 def upstream_protocol(ex: ServerExchange) -> str:

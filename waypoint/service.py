@@ -33,6 +33,7 @@ class Target:
     # "h2" when the service port declares HTTP/2 (appProtocol or port name grpc/http2/h2c),
     # "http/1.1" when it declares HTTP, "" when it says nothing (use the client's protocol).
     protocol: str = ""
+    service_port: int = 0  # the Service port the target was picked for (telemetry)
 
 
 class ServiceRoutes:
@@ -107,7 +108,7 @@ class ServiceRoutes:
         ep = eps[next(self._rr) % len(eps)]
         assert ep.pod.ip is not None  # endpoints only hold pods with an IP
         sp = next((p for p in svc.ports if p.port == port), None)
-        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key, ep.pod, port_protocol(sp))
+        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key, ep.pod, port_protocol(sp), port)
 
 
 _H2_NAMES = frozenset({"grpc", "grpc-web", "http2", "h2c", "kubernetes.io/h2c"})

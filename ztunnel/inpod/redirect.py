@@ -7,7 +7,8 @@ be replaced or would shadow ours:
 - `getsockopt` (answers SO_ORIGINAL_DST) goes on *this ztunnel's own* cgroup, which is where
   its accepted sockets are accounted;
 - `sockops` (moves the remembered destination from the app socket to its address) goes on
-  each enrolled pod's cgroup, beside connect4/getpeername4, at enrolment.
+  each enrolled pod's cgroup, beside connect4/getpeername4 and connect6/getpeername6, at
+  enrolment.
 Nothing is attached to the cgroup root, where it would catch every process on the machine.
 """
 

@@ -83,6 +83,7 @@ def test_ztunnel_attaches_pinned_programs_without_bcc(tmp_path: Path) -> None:
         at = bcc.BPFAttachType
         assert syscall.ATTACH_TYPES == {
             "connect4": at.CGROUP_INET4_CONNECT, "getpeername4": at.CGROUP_INET4_GETPEERNAME,
+            "connect6": at.CGROUP_INET6_CONNECT, "getpeername6": at.CGROUP_INET6_GETPEERNAME,
             "sockops": at.CGROUP_SOCK_OPS, "getsockopt": at.CGROUP_GETSOCKOPT,
         }  # fmt: skip
     finally:

@@ -90,6 +90,39 @@ def test_missing_ca_is_a_clear_error() -> None:
     assert out.returncode == 2 and "give --ca-dir or --ca" in out.stderr
 
 
+def test_bad_otlp_endpoint_is_a_clear_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--ca-dir", str(tmp_path),
+         "--otlp-endpoint", "collector"],
+        env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--otlp-endpoint 'collector': expected HOST:PORT" in out.stderr
+
+
+def test_trace_sampling_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--ca-dir", str(tmp_path),
+         "--trace-sampling", "150"],
+        env=ENV, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--trace-sampling 150: expected a percentage" in out.stderr
+
+
+def test_otlp_endpoint_without_the_extra_names_it(tmp_path: Path) -> None:
+    """grpcio absent (as without `ambientmesh[otlp]`): refused at start, saying what to install."""
+    code = (
+        "import sys; sys.modules['grpc'] = None; from waypoint.main import main; "
+        f"sys.exit(main(['--namespace', 'ns', '--ca-dir', {str(tmp_path)!r}, "
+        "'--otlp-endpoint', '127.0.0.1:4317']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert "--otlp-endpoint: OTLP export needs the 'otlp' extra" in out.stderr
+    assert "pip install 'ambientmesh[otlp]'" in out.stderr
+
+
 CONFIG = """
 apiVersion: v1
 kind: Namespace
@@ -160,14 +193,19 @@ class Collector:
 
 async def test_process_serves_hbone_with_its_identity_and_follows_config(tmp_path: Path) -> None:
     """The real process: HBONE CONNECT to it as a mesh client, HTTP inside, answered by a
-    backend behind a ztunnel; a Service added to the config file later starts being served."""
+    backend behind a ztunnel; a Service added to the config file later starts being served.
+    With `--otlp-endpoint` its span reaches a real OTLP receiver, and with `--forwarded` the
+    backend sees a `Forwarded` element naming the waypoint."""
+    from tests.integration.waypoint.test_waypoint_tracing import otlp_receiver
+
     ca = CertificateAuthority.init(tmp_path / "ca")
     ids = Identities(ca)
+    heads: list[bytes] = []
 
     async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
-                await r.readuntil(b"\r\n\r\n")
+                heads.append(await r.readuntil(b"\r\n\r\n"))
                 w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nbackend")
                 await w.drain()
         w.close()
@@ -177,6 +215,7 @@ async def test_process_serves_hbone_with_its_identity_and_follows_config(tmp_pat
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(CONFIG.format())
     snap = [parse_objects(list(yaml.safe_load_all(CONFIG.format() + SERVICE.format(port=bport))))]
+    receiver, otlp_server, otlp_port = otlp_receiver()
     n2 = Node("n2", lambda: snap[0], ids, MeshMetrics())
     hbone2 = await serve(
         "127.0.0.2", 0, ids.server_context(n2.identity), InboundHbone(n2), trust_domain=TD
@@ -187,6 +226,7 @@ async def test_process_serves_hbone_with_its_identity_and_follows_config(tmp_pat
         "--readiness-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
         "--admin-addr", "127.0.0.1:0",
         "--upstream-hbone-port", str(hbone2.sockets[0].getsockname()[1]),
+        "--otlp-endpoint", f"127.0.0.1:{otlp_port}", "--forwarded",
         env=ENV, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     pool = HbonePool(ids.client_context_async, trust_domain=TD)
@@ -225,7 +265,19 @@ async def test_process_serves_hbone_with_its_identity_and_follows_config(tmp_pat
         w.write(b"GET /metrics HTTP/1.1\r\n\r\n")
         metrics = (await r.read(-1)).decode()
         assert "istio_requests_total{" in metrics and 'response_code="200"' in metrics
+        head = heads[-1].decode().lower()
+        assert "\r\nforwarded: by=_waypoint.ns;proto=http\r\n" in head
+        traceparent = next(ln for ln in head.split("\r\n") if ln.startswith("traceparent: "))
+        for _ in range(200):  # batched: within a second or so
+            if receiver.spans():
+                break
+            await asyncio.sleep(0.05)
+        (resource, span), *_ = receiver.spans()
+        assert traceparent.split("-")[2] == span.span_id.hex()
+        res = {kv.key: kv.value.string_value for kv in resource.attributes}
+        assert res["service.name"] == "waypoint.ns"
     finally:
+        otlp_server.stop(None)
         pool.close()
         proc.terminate()
         await proc.wait()

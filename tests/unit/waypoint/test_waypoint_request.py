@@ -601,6 +601,7 @@ async def test_body_past_the_replay_buffer_is_not_retried(
     r = await wp.request("/big", method="PUT", body=[body])
     assert r.status == 503
     assert [s.body for s in v1.requests] == [body]  # the whole body went out, once
+    assert wp.access[0]["retry_skipped"] == "body exceeds 1024 bytes retry buffer"
     if first is reset:
         assert b"upstream reset before response headers" in r.body
         assert outcome(wp) == (503, "UR")

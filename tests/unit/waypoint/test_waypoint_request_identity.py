@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from waypoint.request import with_request_identity
+from waypoint.request import forwarded_node, with_request_identity
 from waypoint.routing import Request
 
 
@@ -39,3 +39,46 @@ def test_forwarded_proto_is_the_callers_scheme_not_its_claim() -> None:
     assert headers([("x-forwarded-proto", "https")])["x-forwarded-proto"] == "http"
     assert headers([], scheme="https")["x-forwarded-proto"] == "https"
     assert headers([], scheme="gopher")["x-forwarded-proto"] == "http"
+
+
+# -- Forwarded (RFC 7239), with the waypoint's --forwarded -----------------------------------
+
+
+def fwd(hs: list[tuple[str, str]], ip: str = "10.0.0.7", scheme: str = "http") -> str | None:
+    req = Request.from_target("GET", "/x", hs, host="svc")
+    out = with_request_identity(req, ip, scheme, forwarded_by="_waypoint.shop").headers
+    values = [v for k, v in out if k == "forwarded"]
+    assert len(values) <= 1, out  # one header, elements comma-joined
+    return values[0] if values else None
+
+
+def test_forwarded_is_off_unless_configured() -> None:
+    assert "forwarded" not in headers([])
+    assert headers([("forwarded", "for=1.2.3.4")])["forwarded"] == "for=1.2.3.4"  # untouched
+
+
+def test_forwarded_element_has_for_by_and_proto() -> None:
+    assert fwd([]) == "for=10.0.0.7;by=_waypoint.shop;proto=http"
+    assert fwd([], scheme="https") == "for=10.0.0.7;by=_waypoint.shop;proto=https"
+    assert fwd([], scheme="gopher") == "for=10.0.0.7;by=_waypoint.shop;proto=http"
+    assert fwd([], ip="") == "by=_waypoint.shop;proto=http"  # no known caller: claim nothing
+
+
+def test_forwarded_quotes_ipv6_and_appends_to_what_the_caller_sent() -> None:
+    """Section 6: an IPv6 address is bracketed and, since `:` is not a token character,
+    quoted. The caller's own elements stay first, as x-forwarded-for's."""
+    assert (
+        fwd([], ip="2001:db8:cafe::17") == 'for="[2001:db8:cafe::17]";by=_waypoint.shop;proto=http'
+    )
+    prior = [("forwarded", 'for=192.0.2.43, for="[2001:db8::1]:4711"'), ("forwarded", "for=x")]
+    assert fwd(prior) == (
+        'for=192.0.2.43, for="[2001:db8::1]:4711", for=x, for=10.0.0.7;by=_waypoint.shop;proto=http'
+    )
+
+
+def test_forwarded_node_quoting() -> None:
+    assert forwarded_node("192.0.2.60") == "192.0.2.60"
+    assert forwarded_node("::1") == '"[::1]"'
+    assert forwarded_node("_hidden") == "_hidden"
+    assert forwarded_node('we"ird\\') == '"we\\"ird\\\\"'
+    assert forwarded_node("naïve") == '"naïve"'  # not a token: quoted
