@@ -10,6 +10,9 @@ sits between the two pods changes:
   with SPIFFE certificates from our CA (`benchmarks.sidecar` renders it; `Sidecars` runs it).
 - `ambient`: the namespace is labelled ambient; the lab enrols the pods into their node's
   ztunnel; traffic crosses the nodes over HBONE.
+- `node-envoy`: Cilium's shape with Istio's wire: one real Envoy per node, the pods' connects
+  steered into it by our own eBPF capture, HBONE between the nodes' Envoys
+  (`benchmarks.node_envoy` says what differs from ztunnel).
 - `waypoint`: ambient plus the namespace's waypoint (a Gateway of class `waypoint` and its pod,
   `istio.io/use-waypoint` on the namespace). It runs only when the waypoint in this tree can
   take part in the lab (probe below); otherwise it is skipped with the reason printed.
@@ -34,6 +37,7 @@ from typing import Any
 import yaml
 
 from benchmarks import sidecar
+from benchmarks.node_envoy import NodeEnvoys, ServiceRoute
 from meshctl.lab.lab import Lab
 from meshctl.lab.processes import podexec_argv
 from meshctl.lab.system import (
@@ -65,7 +69,18 @@ class Mode:
     ambient: bool = False  # namespace labelled istio.io/dataplane-mode=ambient
     waypoint: bool = False
     sidecar: bool = False
+    node_envoy: bool = False  # one Envoy per node behind our eBPF capture
     needs: tuple[str, ...] = ()  # probes that must pass (names in PROBES)
+
+    @property
+    def proxied(self) -> bool:
+        """Something sits between the pods whose CPU and memory are the mesh's cost."""
+        return self.mesh or self.sidecar or self.node_envoy
+
+    @property
+    def timed_ready(self) -> bool:
+        """The mode has a pod-ready span (a pod waits for the mesh to take it in)."""
+        return self.ambient or self.sidecar or self.node_envoy
 
 
 MODES: dict[str, Mode] = {
@@ -85,6 +100,14 @@ MODES: dict[str, Mode] = {
             "pods enrolled (BPF + in-pod listeners), HBONE mTLS between the nodes' ztunnels",
             mesh=True,
             ambient=True,
+        ),
+        Mode(
+            "node-envoy",
+            "node Envoy (Cilium-style)",
+            "one Envoy per node behind the same eBPF capture, in-pod listeners, HBONE mTLS"
+            " (HTTP/2 CONNECT) between the nodes' Envoys",
+            node_envoy=True,
+            needs=("envoy", "bpf"),
         ),
         Mode(
             "waypoint",
@@ -186,8 +209,19 @@ def _probe_ktls() -> str | None:
     )
 
 
+def _probe_bpf() -> str | None:
+    from bpf.loader import BpfUnavailable, import_bcc
+
+    try:
+        import_bcc()
+    except BpfUnavailable as exc:
+        return str(exc)
+    return None
+
+
 PROBES: dict[str, Callable[[], str | None]] = {
     "envoy": _probe_envoy,
+    "bpf": _probe_bpf,
     "waypoint": _probe_waypoint,
     "sockmap": _probe_sockmap,
     "ktls": _probe_ktls,
@@ -325,7 +359,9 @@ def restore_text(rules: list[list[str]]) -> str:
 # -- mesh processes --------------------------------------------------------------------------
 
 
-def mesh_pids(lab: Lab, mode: Mode, sidecars: Sidecars | None) -> dict[str, int]:
+def mesh_pids(
+    lab: Lab, mode: Mode, sidecars: Sidecars | None, node_envoys: NodeEnvoys | None = None
+) -> dict[str, int]:
     """label -> PID of every process that is the mesh (not the apps, not the load)."""
     out: dict[str, int] = {}
     for r in lab.state.procs:
@@ -336,7 +372,26 @@ def mesh_pids(lab: Lab, mode: Mode, sidecars: Sidecars | None) -> dict[str, int]
     if sidecars is not None:
         for key, pid in sidecars.pids().items():
             out[f"envoy/{key}"] = pid
+    if node_envoys is not None:
+        for node, pid in node_envoys.pids().items():
+            out[f"node-envoy/{node}"] = pid
     return out
+
+
+def node_envoys(lab: Lab) -> NodeEnvoys:
+    binary = envoy_binary()
+    if binary is None:
+        raise LabError("no envoy binary")
+    return NodeEnvoys(lab, binary, concurrency=ENVOY_CONCURRENCY)
+
+
+def server_route(lab: Lab) -> ServiceRoute:
+    """The benchmark's one Service as the node Envoys' static route: VIP:80 -> server:8080."""
+    svc = lab.snapshot().service(NAMESPACE, "server")
+    if svc is None or not svc.cluster_ip:
+        raise LabError("the server Service has no VIP in the lab")
+    ip = str(lab.state.pods[f"{NAMESPACE}/server"]["ip"])
+    return ServiceRoute(str(svc.cluster_ip), SERVICE_PORT, ip, APP_PORT)
 
 
 def wait_waypoint(lab: Lab, timeout: float = 30.0) -> None:
