@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from benchmarks import envoy_waypoint, node_envoy, procstat, report, sidecar
 from benchmarks import modes as M
-from benchmarks import node_envoy, procstat, report, sidecar
 from benchmarks.node_envoy import NodeEnvoys
 from meshctl.errors import UsageError
 from meshctl.lab.lab import Lab
@@ -370,7 +370,14 @@ class Bench:
                         security="mutual_tls",
                         reporter="destination",
                     )
-            return {"ok": n > 0, "ztunnel_mtls_connections": n}
+            out: dict[str, Any] = {"ok": n > 0, "ztunnel_mtls_connections": n}
+            if self.mode.envoy_waypoint:
+                st = M.envoy_waypoint_stats(self.lab)
+                connects = st.get(f"http.{envoy_waypoint.IN_STATS}.downstream_rq_total", 0)
+                routed = st.get(f"http.{envoy_waypoint.ROUTE_STATS}.downstream_rq_total", 0)
+                out.update(envoy_waypoint_connects=connects, envoy_waypoint_requests=routed)
+                out["ok"] = out["ok"] and connects > 0 and routed > 0
+            return out
         return {"ok": True}
 
 
@@ -424,7 +431,7 @@ def lab_up(roots: Roots, mode: M.Mode, pods_per_node: int, say: Progress) -> Ite
     node_envoys: NodeEnvoys | None = None
     with tempfile.TemporaryDirectory(prefix="ambientmesh-bench-") as tmp:
         f = Path(tmp) / "manifest.yaml"
-        f.write_text(M.dump(M.manifest(mode, pods_per_node, lab)))
+        f.write_text(M.dump(M.manifest(mode, pods_per_node, lab, envoy_dir=Path(tmp))))
         t0 = time.monotonic()
         try:
             lab.up(f)
@@ -432,6 +439,8 @@ def lab_up(roots: Roots, mode: M.Mode, pods_per_node: int, say: Progress) -> Ite
                 f"{time.monotonic() - t0:.1f}s")  # fmt: skip
             if mode.sidecar:
                 sidecars = M.Sidecars(lab)
+            if mode.envoy_waypoint:
+                M.configure_envoy_waypoint(lab, Path(tmp))
             if mode.node_envoy:
                 node_envoys = M.node_envoys(lab)
                 t1 = time.monotonic()
@@ -489,7 +498,7 @@ def repeat_mode(
         with lab_up(roots, mode, d0, say) as b:
             start_proxies(b, d0)
             if mode.waypoint:
-                M.wait_waypoint(b.lab)
+                M.wait_waypoint(b.lab, envoy=mode.envoy_waypoint)
             b.wait_app()
             result["rounds"].append(latency_runs(b, p, round_))
     except (LabError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
@@ -559,7 +568,7 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
     with lab_up(roots, mode, d0, say) as b:
         start_proxies(b, d0, skip=b.ready_pods(d0))
         if mode.waypoint:
-            M.wait_waypoint(b.lab)
+            M.wait_waypoint(b.lab, envoy=mode.envoy_waypoint)
         if mode.timed_ready:
             # the timed pods last, once the rest of the lab is up (for a sidecar: after
             # the server's Envoy, which the first answer passes through)
@@ -620,7 +629,7 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
         with lab_up(roots, mode, d, say) as b:
             start_proxies(b, d, skip=b.ready_pods(d))
             if mode.waypoint:
-                M.wait_waypoint(b.lab)
+                M.wait_waypoint(b.lab, envoy=mode.envoy_waypoint)
             if mode.timed_ready:
                 b.wait_app()
                 ready = b.pod_ready(d, p.enrol_reps)
