@@ -254,10 +254,16 @@ def unavailable(mode: Mode) -> str | None:
 # -- the manifest ----------------------------------------------------------------------------
 
 
-def filler_pods(pods_per_node: int) -> list[tuple[str, str]]:
+def filler_pods(pods_per_node: int, *, waypoint: bool = False) -> list[tuple[str, str]]:
     """(name, node) of the idle pods that bring each node to `pods_per_node` (the client and
-    the server count as one pod on their node each)."""
-    return [(f"idle-{node}-{i}", node) for node in NODES for i in range(pods_per_node - 1)]
+    the server count as one pod on their node each; with a waypoint, the server's second
+    version counts on its node too; the waypoint pod itself is the mesh's, not counted)."""
+    taken = {NODES[1]: 1} if waypoint else {}
+    return [
+        (f"idle-{node}-{i}", node)
+        for node in NODES
+        for i in range(max(0, pods_per_node - 1 - taken.get(node, 0)))
+    ]
 
 
 def manifest(
@@ -306,7 +312,7 @@ def manifest(
         pod("server-v2", NODES[1], "server", echo, {"app": "server", "version": "v2"})
     else:
         pod("server", NODES[1], "server", echo, {"app": "server"})
-    for name, node in filler_pods(pods_per_node):
+    for name, node in filler_pods(pods_per_node, waypoint=mode.waypoint):
         pod(name, node, "idle", idle, {"app": "idle"})
     docs.append(
         {

@@ -219,7 +219,9 @@ class Bench:
         """ms for ztunnel to enrol a pod: the enrolment request (as the CNI plugin sends it)
         until its reply, which comes once the in-pod listeners are open and BPF is attached.
         Idle pods are taken out and enrolled again, `reps` times each."""
-        names = [n for n, _ in M.filler_pods(pods_per_node)] or ["client"]
+        names = [n for n, _ in M.filler_pods(pods_per_node, waypoint=self.mode.waypoint)] or [
+            "client"
+        ]
         out: list[float] = []
         for _ in range(reps):
             for name in names:
@@ -244,7 +246,11 @@ class Bench:
     def ready_pods(self, pods_per_node: int) -> list[str]:
         """The pods whose start is timed: idle pods on the client's node (so the first request
         crosses to the server's node, like the latency runs), at most READY_PODS of them."""
-        names = [n for n, node in M.filler_pods(pods_per_node) if node == M.NODES[0]]
+        names = [
+            n
+            for n, node in M.filler_pods(pods_per_node, waypoint=self.mode.waypoint)
+            if node == M.NODES[0]
+        ]
         return names[:READY_PODS] or ["client"]
 
     def pod_ready(self, pods_per_node: int, reps: int) -> dict[str, Any]:
