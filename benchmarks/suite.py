@@ -1,5 +1,7 @@
-"""`meshctl bench`: no mesh, Envoy sidecars, ambient (and every faster path this tree has), one
-run, on the lab, measured the same way, reported as JSON + markdown + PNG charts.
+"""`meshctl bench`: no mesh, Envoy sidecars, ambient (and every faster path this tree has), and
+the two Envoy peers of the same shape as ours (one Envoy per node behind our capture; Envoy as
+the waypoint), one run, on the lab, measured the same way, reported as JSON + markdown + PNG
+charts.
 
 One lab per mode and density, brought up from a generated manifest through the lab's Python
 API and torn down before the next (so modes never share a machine state and nothing is left
@@ -850,7 +852,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="compare no mesh, sidecars and ambient on the lab (JSON, markdown, charts)",
+        help="no mesh, sidecars, ambient and Envoy peers compared on the lab (JSON, md, charts)",
         description=(__doc__ or "").split("\n\n")[0],
     )
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs (a few minutes)")
