@@ -10,9 +10,13 @@ sits between the two pods changes:
   with SPIFFE certificates from our CA (`benchmarks.sidecar` renders it; `Sidecars` runs it).
 - `ambient`: the namespace is labelled ambient; the lab enrols the pods into their node's
   ztunnel; traffic crosses the nodes over HBONE.
+- `node-envoy`: Cilium's shape with Istio's wire: one real Envoy per node, the pods' connects
+  steered into it by our own eBPF capture, HBONE between the nodes' Envoys
+  (`benchmarks.node_envoy` says what differs from ztunnel).
 - `waypoint`: ambient plus the namespace's waypoint (a Gateway of class `waypoint` and its pod,
   `istio.io/use-waypoint` on the namespace). It runs only when the waypoint in this tree can
   take part in the lab (probe below); otherwise it is skipped with the reason printed.
+- `envoy-waypoint`: the same, with Envoy as the waypoint (`benchmarks.envoy_waypoint`).
 - `ambient-sockmap`, `ambient-ktls`: the faster ambient paths, when this tree and this kernel
   have them; otherwise skipped with the reason.
 """
@@ -33,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks import sidecar
+from benchmarks import envoy_waypoint, sidecar
+from benchmarks.node_envoy import NodeEnvoys, ServiceRoute
 from meshctl.lab.lab import Lab
 from meshctl.lab.processes import podexec_argv
 from meshctl.lab.system import (
@@ -52,6 +57,7 @@ NODES = ("n1", "n2")
 APP_PORT = 8080
 SERVICE_PORT = 80
 WAYPOINT = "waypoint"
+SPLIT = (("v1", 80), ("v2", 20))  # the HTTPRoute's weights, both waypoint modes
 ENVOY_ADMIN_PORT = 15000
 ENVOY_CONCURRENCY = 2  # Istio's default for sidecars
 
@@ -65,7 +71,19 @@ class Mode:
     ambient: bool = False  # namespace labelled istio.io/dataplane-mode=ambient
     waypoint: bool = False
     sidecar: bool = False
+    node_envoy: bool = False  # one Envoy per node behind our eBPF capture
+    envoy_waypoint: bool = False  # the waypoint pod runs Envoy instead of ours
     needs: tuple[str, ...] = ()  # probes that must pass (names in PROBES)
+
+    @property
+    def proxied(self) -> bool:
+        """Something sits between the pods whose CPU and memory are the mesh's cost."""
+        return self.mesh or self.sidecar or self.node_envoy
+
+    @property
+    def timed_ready(self) -> bool:
+        """The mode has a pod-ready span (a pod waits for the mesh to take it in)."""
+        return self.ambient or self.sidecar or self.node_envoy
 
 
 MODES: dict[str, Mode] = {
@@ -87,6 +105,14 @@ MODES: dict[str, Mode] = {
             ambient=True,
         ),
         Mode(
+            "node-envoy",
+            "node Envoy (Cilium-style)",
+            "one Envoy per node behind the same eBPF capture, in-pod listeners, HBONE mTLS"
+            " (HTTP/2 CONNECT) between the nodes' Envoys",
+            node_envoy=True,
+            needs=("envoy", "bpf"),
+        ),
+        Mode(
             "waypoint",
             "ambient + waypoint",
             "ambient, with the namespace's waypoint terminating HBONE and routing HTTP",
@@ -94,6 +120,17 @@ MODES: dict[str, Mode] = {
             ambient=True,
             waypoint=True,
             needs=("waypoint",),
+        ),
+        Mode(
+            "envoy-waypoint",
+            "ambient + Envoy waypoint",
+            "ambient, with Envoy as the namespace's waypoint (what Istio runs): HBONE in, the"
+            " same HTTPRoute as its route, HBONE out to the backends' nodes",
+            mesh=True,
+            ambient=True,
+            waypoint=True,
+            envoy_waypoint=True,
+            needs=("envoy",),
         ),
         Mode(
             "ambient-sockmap",
@@ -186,8 +223,19 @@ def _probe_ktls() -> str | None:
     )
 
 
+def _probe_bpf() -> str | None:
+    from bpf.loader import BpfUnavailable, import_bcc
+
+    try:
+        import_bcc()
+    except BpfUnavailable as exc:
+        return str(exc)
+    return None
+
+
 PROBES: dict[str, Callable[[], str | None]] = {
     "envoy": _probe_envoy,
+    "bpf": _probe_bpf,
     "waypoint": _probe_waypoint,
     "sockmap": _probe_sockmap,
     "ktls": _probe_ktls,
@@ -206,14 +254,24 @@ def unavailable(mode: Mode) -> str | None:
 # -- the manifest ----------------------------------------------------------------------------
 
 
-def filler_pods(pods_per_node: int) -> list[tuple[str, str]]:
+def filler_pods(pods_per_node: int, *, waypoint: bool = False) -> list[tuple[str, str]]:
     """(name, node) of the idle pods that bring each node to `pods_per_node` (the client and
-    the server count as one pod on their node each)."""
-    return [(f"idle-{node}-{i}", node) for node in NODES for i in range(pods_per_node - 1)]
+    the server count as one pod on their node each; with a waypoint, the server's second
+    version counts on its node too; the waypoint pod itself is the mesh's, not counted)."""
+    taken = {NODES[1]: 1} if waypoint else {}
+    return [
+        (f"idle-{node}-{i}", node)
+        for node in NODES
+        for i in range(max(0, pods_per_node - 1 - taken.get(node, 0)))
+    ]
 
 
-def manifest(mode: Mode, pods_per_node: int, lab: Lab) -> list[dict[str, Any]]:
-    """The lab manifest of one mode at one density."""
+def manifest(
+    mode: Mode, pods_per_node: int, lab: Lab, envoy_dir: Path | None = None
+) -> list[dict[str, Any]]:
+    """The lab manifest of one mode at one density. With a waypoint, the server is two pods
+    (v1, v2) behind the Service, which an HTTPRoute splits 80/20 (what the waypoint is for);
+    `envoy_dir` holds the Envoy waypoint's bootstrap (`envoy-waypoint` only)."""
     if pods_per_node < 1:
         raise ValueError(f"pods per node {pods_per_node}: must be >= 1")
     ns_labels: dict[str, str] = {}
@@ -249,8 +307,12 @@ def manifest(mode: Mode, pods_per_node: int, lab: Lab) -> list[dict[str, Any]]:
     idle = ["sleep", "infinity"]
     pod("client", NODES[0], "client", idle, {"app": "client"})
     echo = ["python", "-m", "mesh.apps.echo", "--port", str(APP_PORT)]
-    pod("server", NODES[1], "server", echo, {"app": "server"})
-    for name, node in filler_pods(pods_per_node):
+    if mode.waypoint:
+        pod("server", NODES[1], "server", echo, {"app": "server", "version": "v1"})
+        pod("server-v2", NODES[1], "server", echo, {"app": "server", "version": "v2"})
+    else:
+        pod("server", NODES[1], "server", echo, {"app": "server"})
+    for name, node in filler_pods(pods_per_node, waypoint=mode.waypoint):
         pod(name, node, "idle", idle, {"app": "idle"})
     docs.append(
         {
@@ -264,6 +326,36 @@ def manifest(mode: Mode, pods_per_node: int, lab: Lab) -> list[dict[str, Any]]:
         }
     )
     if mode.waypoint:
+        for version in ("v1", "v2"):
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": f"server-{version}", "namespace": NAMESPACE},
+                    "spec": {
+                        "selector": {"app": "server", "version": version},
+                        "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": APP_PORT}],
+                    },
+                }
+            )
+        docs.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {"name": "split", "namespace": NAMESPACE},
+                "spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "server"}],
+                    "rules": [
+                        {
+                            "backendRefs": [
+                                {"name": f"server-{v}", "port": SERVICE_PORT, "weight": w}
+                                for v, w in SPLIT
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
         docs.append(
             {
                 "apiVersion": "gateway.networking.k8s.io/v1",
@@ -289,6 +381,14 @@ def manifest(mode: Mode, pods_per_node: int, lab: Lab) -> list[dict[str, Any]]:
             "--metrics-addr", "0.0.0.0:15020",
             "--readiness-addr", "0.0.0.0:15021",
         ]  # fmt: skip
+        if mode.envoy_waypoint:
+            binary = envoy_binary()
+            if binary is None or envoy_dir is None:
+                raise LabError("envoy-waypoint needs the envoy binary and a config directory")
+            cfg = envoy_dir / "envoy.yaml"
+            cfg.write_text(yaml.safe_dump(envoy_waypoint.bootstrap(envoy_dir)))
+            cmd = [binary, "-c", str(cfg), "--use-dynamic-base-id",
+                   "--concurrency", str(ENVOY_CONCURRENCY), "-l", "warning"]  # fmt: skip
         # The waypoint pod is not captured (it speaks HBONE itself), like Istio's.
         pod(
             WAYPOINT,
@@ -325,7 +425,9 @@ def restore_text(rules: list[list[str]]) -> str:
 # -- mesh processes --------------------------------------------------------------------------
 
 
-def mesh_pids(lab: Lab, mode: Mode, sidecars: Sidecars | None) -> dict[str, int]:
+def mesh_pids(
+    lab: Lab, mode: Mode, sidecars: Sidecars | None, node_envoys: NodeEnvoys | None = None
+) -> dict[str, int]:
     """label -> PID of every process that is the mesh (not the apps, not the load)."""
     out: dict[str, int] = {}
     for r in lab.state.procs:
@@ -336,13 +438,85 @@ def mesh_pids(lab: Lab, mode: Mode, sidecars: Sidecars | None) -> dict[str, int]
     if sidecars is not None:
         for key, pid in sidecars.pids().items():
             out[f"envoy/{key}"] = pid
+    if node_envoys is not None:
+        for node, pid in node_envoys.pids().items():
+            out[f"node-envoy/{node}"] = pid
     return out
 
 
-def wait_waypoint(lab: Lab, timeout: float = 30.0) -> None:
+def node_envoys(lab: Lab) -> NodeEnvoys:
+    binary = envoy_binary()
+    if binary is None:
+        raise LabError("no envoy binary")
+    return NodeEnvoys(lab, binary, concurrency=ENVOY_CONCURRENCY)
+
+
+def server_route(lab: Lab) -> ServiceRoute:
+    """The benchmark's one Service as the node Envoys' static route: VIP:80 -> server:8080."""
+    svc = lab.snapshot().service(NAMESPACE, "server")
+    if svc is None or not svc.cluster_ip:
+        raise LabError("the server Service has no VIP in the lab")
+    ip = str(lab.state.pods[f"{NAMESPACE}/server"]["ip"])
+    return ServiceRoute(str(svc.cluster_ip), SERVICE_PORT, ip, APP_PORT)
+
+
+def configure_envoy_waypoint(lab: Lab, envoy_dir: Path) -> None:
+    """Once the lab is up (its CA made, pods addressed): the Envoy waypoint's SVID and its
+    listeners and clusters for the benchmark's HTTPRoute."""
+    from mesh.identity.spiffe import node_id
+
+    snap = lab.snapshot()
+    svc = snap.service(NAMESPACE, "server")
+    if svc is None or not svc.cluster_ip:
+        raise LabError("the server Service has no VIP in the lab")
+    td = snap.trust_domain
+    backends = []
+    for (version, weight), pod_name in zip(SPLIT, ("server", "server-v2"), strict=True):
+        info = lab.state.pods[f"{NAMESPACE}/{pod_name}"]
+        node = str(info["node"])
+        backends.append(
+            envoy_waypoint.Backend(
+                f"server-{version}", weight, str(info["ip"]), APP_PORT,
+                str(lab.state.nodes[node]["ip"]), node_id(td, node),
+            )
+        )  # fmt: skip
+    svid = envoy_waypoint.issue_svid(
+        lab.paths.ca_dir, envoy_dir, f"spiffe://{td}/ns/{NAMESPACE}/sa/{WAYPOINT}"
+    )
+    envoy_waypoint.configure(envoy_dir, vip=str(svc.cluster_ip), port=SERVICE_PORT,
+                             backends=backends, svid=svid, trust_domain=td)  # fmt: skip
+
+
+def envoy_waypoint_stats(lab: Lab) -> dict[str, int]:
+    """The Envoy waypoint's counters, from its admin port on the pod's loopback."""
+    import http.client
+    import json
+
+    netns = str(lab.state.pods[f"{NAMESPACE}/{WAYPOINT}"]["netns"])
+    conn = http.client.HTTPConnection("127.0.0.1", ENVOY_ADMIN_PORT, timeout=5.0)
+    sock = socket_in_netns(netns)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(("127.0.0.1", ENVOY_ADMIN_PORT))
+        conn.sock = sock
+        conn.request("GET", "/stats?format=json")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return {
+        str(s["name"]): int(s["value"])
+        for s in json.loads(text).get("stats", [])
+        if isinstance(s.get("value"), int)
+    }
+
+
+def wait_waypoint(lab: Lab, timeout: float = 30.0, *, envoy: bool = False) -> None:
     info = lab.state.pods.get(f"{NAMESPACE}/{WAYPOINT}")
     if info is None:
         raise LabError("the waypoint pod is not in the lab")
+    if envoy:
+        _wait_envoy_waypoint(str(info["netns"]), timeout)
+        return
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -353,6 +527,24 @@ def wait_waypoint(lab: Lab, timeout: float = 30.0) -> None:
             last = exc
             time.sleep(0.2)
     raise LabError(f"the waypoint did not become ready within {timeout:.0f}s: {last}")
+
+
+def _wait_envoy_waypoint(netns: str, timeout: float) -> None:
+    """Until Envoy's admin says ready and the HBONE listener from the file is up."""
+    deadline = time.monotonic() + timeout
+    last: Exception | str = ""
+    while time.monotonic() < deadline:
+        try:
+            http_get_in_netns(netns, "127.0.0.1", ENVOY_ADMIN_PORT, "/ready")
+            # text form, one "name::address" a line (this GET does not undo chunking)
+            raw = http_get_in_netns(netns, "127.0.0.1", ENVOY_ADMIN_PORT, "/listeners")
+            if f"{envoy_waypoint.HBONE_LISTENER}::" in raw:
+                return
+            last = f"listeners so far: {raw.strip()[:200]!r}"
+        except OSError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise LabError(f"the Envoy waypoint did not become ready within {timeout:.0f}s: {last}")
 
 
 # -- sidecars --------------------------------------------------------------------------------

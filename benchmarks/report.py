@@ -374,10 +374,53 @@ def other_table(results: Result) -> str:
     return markdown(rows)
 
 
-def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str, float | None]:
-    """ambient / sidecar for what the issue asks: p99 overhead, CPU per request, memory."""
+# (ours, peer, process-label prefix the CPU and memory ratios are limited to, or "" for the
+# whole mesh): a waypoint pair shares its ztunnels, so only the waypoints themselves differ
+PAIRS: tuple[tuple[str, str, str], ...] = (
+    ("ambient", "sidecar", ""),
+    ("ambient", "node-envoy", ""),
+    ("waypoint", "envoy-waypoint", "waypoint/"),
+)
+
+
+def _by_process(run: Result | None, prefix: str) -> float | None:
+    """CPU s per 1,000 requests of the processes labelled `prefix`*, median over repeats."""
+    if run is None:
+        return None
+    per: list[float] = []
+    for rep in run.get("repeats") or [run]:
+        by = rep.get("mesh_cpu_by_process_s") or {}
+        done = int(rep.get("completed") or 0)
+        mine = [float(v) for k, v in by.items() if str(k).startswith(prefix)]
+        if mine and done > 0:
+            per.append(sum(mine) / done * 1000.0)
+    return median(per) if per else None
+
+
+def _pss_of(m: Result | None, prefix: str) -> float | None:
+    if not m:
+        return None
+    by = m.get("by_process") or {}
+    mine = [float(v.get("pss_kib", 0)) for k, v in by.items() if str(k).startswith(prefix)]
+    return sum(mine) if mine else None
+
+
+def ratios(
+    results: Result,
+    *,
+    reference_rate: float,
+    density: int,
+    ours: str = "ambient",
+    peer: str = "sidecar",
+    only: str = "",
+) -> dict[str, float | None]:
+    """ours / peer for what the issue asks: p99 overhead, CPU per request, memory (PSS per
+    pod, or with `only` the PSS of the processes so labelled), pod ready. With `only`, CPU
+    per request is that of those processes alone."""
     modes = results.get("modes", {})
-    amb, side, base = modes.get("ambient"), modes.get("sidecar"), modes.get(BASELINE)
+    amb, side, base = modes.get(ours), modes.get(peer), modes.get(BASELINE)
+    if (amb or {}).get("status", "ok") != "ok" or (side or {}).get("status", "ok") != "ok":
+        amb = side = None
     out: dict[str, float | None] = {
         "p99_overhead": None,
         "cpu_per_request": None,
@@ -401,18 +444,61 @@ def ratios(results: Result, *, reference_rate: float, density: int) -> dict[str,
     # than the spread across repeats
     if oa is not None and os_ is not None and oa[0] > 0 and os_[0] > 0 and not noise:
         out["p99_overhead"] = oa[0] / os_[0]
-    out["cpu_per_request"] = ratio(
-        cpu_per_1k(amb, reference_rate), cpu_per_1k(side, reference_rate)
-    )
     ma, ms = memory(amb, density), memory(side, density)
-    # PSS: shared pages (the Envoy binary, the interpreter) charged once across the processes
-    out["memory_per_pod"] = ratio(
-        ma.get("per_pod_pss_kib") if ma else None, ms.get("per_pod_pss_kib") if ms else None
-    )
+    if only:
+        out["cpu_per_request"] = ratio(_by_process(ref(amb), only), _by_process(ref(side), only))
+        out["memory_per_pod"] = ratio(_pss_of(ma, only), _pss_of(ms, only))
+    else:
+        out["cpu_per_request"] = ratio(
+            cpu_per_1k(amb, reference_rate), cpu_per_1k(side, reference_rate)
+        )
+        # PSS: shared pages (the Envoy binary, the interpreter) charged once across processes
+        out["memory_per_pod"] = ratio(
+            ma.get("per_pod_pss_kib") if ma else None, ms.get("per_pod_pss_kib") if ms else None
+        )
     # only when both modes timed the same span (results with per-density pod ready)
     if pod_ready(amb, density) and pod_ready(side, density):
         out["pod_ready"] = ratio(startup_ms(amb, density), startup_ms(side, density))
     return out
+
+
+def ratio_table(results: Result, *, reference_rate: float, density: int) -> str:
+    """Every pair of PAIRS that both ran: ours / peer, below 1 where ours costs less."""
+    rows = [
+        [
+            "ours / peer",
+            f"p99 overhead @{reference_rate:g} rps",
+            f"CPU per request @{reference_rate:g} rps",
+            f"memory (PSS) per pod, {density}/node",
+            f"pod ready, median ({density}/node)",
+        ]
+    ]
+    modes = results.get("modes", {})
+    for ours, peer, only in PAIRS:
+        if not all((modes.get(m) or {}).get("status") == "ok" for m in (ours, peer)):
+            continue
+        r = ratios(results, reference_rate=reference_rate, density=density, ours=ours,
+                   peer=peer, only=only)  # fmt: skip
+        cells = [("-" if v is None else f"{v:.2f}x") for v in r.values()]
+        label = f"{ours} / {peer}"
+        if only:
+            label += " (CPU and PSS: the waypoint processes only, not per pod)"
+        rows.append([label, *cells])
+    return markdown(rows) if len(rows) > 1 else ""
+
+
+def bulk_fractions(results: Result) -> str:
+    """Each mode's bulk throughput as a fraction of no mesh's, in one line."""
+    modes = results.get("modes", {})
+    base = float(((modes.get(BASELINE) or {}).get("bulk") or {}).get("mib_per_s") or 0)
+    if base <= 0:
+        return ""
+    cells = []
+    for name, m in modes.items():
+        b = m.get("bulk") or {}
+        if name != BASELINE and m.get("status") == "ok" and b.get("ok"):
+            cells.append(f"{name} {float(b['mib_per_s']) / base:.2f}")
+    return ("Bulk (one stream) as a fraction of no mesh: " + ", ".join(cells)) if cells else ""
 
 
 def repeats_note(results: Result) -> str:
@@ -459,27 +545,29 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
         " prober started in the pod beforehand (its netns and cgroup, so ambient capture applies"
         " to it) on the system-wide monotonic clock. Ambient: the real ambientmesh-cni ADD, its"
         " own interpreter start included, then ztunnel. Sidecar: the capture rules"
-        " (iptables-restore) and the Envoy ELF's start (nsenter, no Python), then Envoy. The"
+        " (iptables-restore) and the Envoy ELF's start (nsenter, no Python), then Envoy."
+        " Node Envoy: the capture attached to the pod's cgroup and its listeners pushed to the"
+        " node's running Envoy (no process starts: ambient's span carries its CNI plugin's"
+        " start, node Envoy's does not, which favours node Envoy). The"
         " timed pods start one at a time, on node 1, into a lab already running the others;"
         " 'Other measures' gives min/median/p90/max at each density.",
         "",
     ]
-    r = ratios(results, reference_rate=reference_rate, density=max(densities))
-    if any(v is not None for v in r.values()):
-        names = {
-            "p99_overhead": "p99 overhead",
-            "cpu_per_request": f"CPU per request @{reference_rate:g} rps",
-            "memory_per_pod": f"memory (PSS) per pod ({max(densities)} pods/node)",
-            "pod_ready": f"pod ready, median ({max(densities)} pods/node)",
-        }
-        cells = [f"{names[k]} {'-' if v is None else f'{v:.2f}x'}" for k, v in r.items()]
-        parts += ["ambient / sidecar: " + ", ".join(cells), ""]
-        if r["p99_overhead"] is None:
-            parts += [
-                "(p99 overhead ratio: '-' when a mesh's p99 is not above no mesh's in this run by"
-                " more than the spread across repeats: the difference is inside the noise)",
-                "",
-            ]
+    table = ratio_table(results, reference_rate=reference_rate, density=max(densities))
+    if table:
+        parts += [
+            "## Ratios",
+            "",
+            table,
+            "",
+            "Below 1x: ours costs less. p99 overhead is '-' when either mesh's p99 is not above"
+            " no mesh's by more than the spread across repeats (the difference is inside the"
+            " noise), or no mesh did not run.",
+            "",
+        ]
+    bulk = bulk_fractions(results)
+    if bulk:
+        parts += [bulk, ""]
     parts += ["## All latency runs", "", detail_table(results), "", "## Other measures", ""]
     parts += [other_table(results), ""]
     return "\n".join(parts)

@@ -1,5 +1,7 @@
-"""`meshctl bench`: no mesh, Envoy sidecars, ambient (and every faster path this tree has), one
-run, on the lab, measured the same way, reported as JSON + markdown + PNG charts.
+"""`meshctl bench`: no mesh, Envoy sidecars, ambient (and every faster path this tree has), and
+the two Envoy peers of the same shape as ours (one Envoy per node behind our capture; Envoy as
+the waypoint), one run, on the lab, measured the same way, reported as JSON + markdown + PNG
+charts.
 
 One lab per mode and density, brought up from a generated manifest through the lab's Python
 API and torn down before the next (so modes never share a machine state and nothing is left
@@ -31,8 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from benchmarks import envoy_waypoint, node_envoy, procstat, report, sidecar
 from benchmarks import modes as M
-from benchmarks import procstat, report, sidecar
+from benchmarks.node_envoy import NodeEnvoys
 from meshctl.errors import UsageError
 from meshctl.lab.lab import Lab
 from meshctl.lab.names import CGROUP_ROOT, PIN_ROOT, STATE_ROOT, LabPaths, netns_path
@@ -46,6 +49,9 @@ READY_SPAN = (
     "ambient: ambientmesh-cni ADD (its own start included) until a first answer through ztunnel"
     " (or until the ADD returns, if later: the runtime starts the app only then)",
     "sidecar: capture rules + Envoy start (no Python) until a first answer through Envoy",
+    "node-envoy: BPF attach to the pod's cgroup + its listeners pushed to the running node"
+    " Envoy (a watched file) until a first answer through Envoy; no plugin process starts in"
+    " the span (ambient's includes the ambientmesh-cni plugin's own start)",
 )
 BIG = 16 * 1024
 
@@ -67,9 +73,24 @@ class Preset:
 
 
 def full_preset() -> Preset:
-    rates = (100.0, 1000.0, 5000.0, 0.0)
-    runs = tuple((p, b, r) for p in (H1, H2) for b in (0, BIG) for r in rates)
-    return Preset(runs, 10.0, 512, (2, 20), 5, 1000.0)
+    """What the issue's ratios need, sized to about 30 minutes for every mode on the 2-core
+    machine with 3 repeats: the headline point (HTTP/1.1, small body, 1,000 req/s) and its
+    curve (100, 1,000, maximum), HTTP/2 at 1,000 and maximum, the 16 KiB bodies at 1,000.
+    Trimmed from 16 points of 10 s (every protocol x body x 100/1,000/5,000/max: with six
+    modes and 3 repeats, 48 minutes of load alone before any lab comes up): 5,000 req/s sits
+    between 1,000 and the maximum on the curve, and the large bodies' maximum rates only
+    repeated the small bodies' ranking. 8 s at 1,000 req/s is 8,000 samples a run, 80 of
+    them above the p99."""
+    runs = (
+        (H1, 0, 100.0),
+        (H1, 0, 1000.0),
+        (H1, 0, 0.0),
+        (H2, 0, 1000.0),
+        (H2, 0, 0.0),
+        (H1, BIG, 1000.0),
+        (H2, BIG, 1000.0),
+    )
+    return Preset(runs, 8.0, 256, (2, 20), 3, 1000.0)
 
 
 def quick_preset() -> Preset:
@@ -108,6 +129,7 @@ class Bench:
     lab: Lab
     say: Progress
     sidecars: M.Sidecars | None = None
+    node_envoys: NodeEnvoys | None = None
     _pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -140,7 +162,7 @@ class Bench:
     def pids(self) -> dict[str, int]:
         """The mesh's processes (and anything they started), refreshed per call."""
         out: dict[str, int] = {}
-        for label, pid in M.mesh_pids(self.lab, self.mode, self.sidecars).items():
+        for label, pid in M.mesh_pids(self.lab, self.mode, self.sidecars, self.node_envoys).items():
             for i, p in enumerate(procstat.descendants(pid)):
                 out[label if i == 0 else f"{label}+{p}"] = p
         return out
@@ -214,7 +236,9 @@ class Bench:
         """ms for ztunnel to enrol a pod: the enrolment request (as the CNI plugin sends it)
         until its reply, which comes once the in-pod listeners are open and BPF is attached.
         Idle pods are taken out and enrolled again, `reps` times each."""
-        names = [n for n, _ in M.filler_pods(pods_per_node)] or ["client"]
+        names = [n for n, _ in M.filler_pods(pods_per_node, waypoint=self.mode.waypoint)] or [
+            "client"
+        ]
         out: list[float] = []
         for _ in range(reps):
             for name in names:
@@ -239,7 +263,11 @@ class Bench:
     def ready_pods(self, pods_per_node: int) -> list[str]:
         """The pods whose start is timed: idle pods on the client's node (so the first request
         crosses to the server's node, like the latency runs), at most READY_PODS of them."""
-        names = [n for n, node in M.filler_pods(pods_per_node) if node == M.NODES[0]]
+        names = [
+            n
+            for n, node in M.filler_pods(pods_per_node, waypoint=self.mode.waypoint)
+            if node == M.NODES[0]
+        ]
         return names[:READY_PODS] or ["client"]
 
     def pod_ready(self, pods_per_node: int, reps: int) -> dict[str, Any]:
@@ -266,7 +294,11 @@ class Bench:
                 if cni_ms is not None:
                     plugin.append(cni_ms)
         out: dict[str, Any] = {
-            "what": READY_SPAN[0] if self.mode.ambient else READY_SPAN[1],
+            "what": READY_SPAN[0]
+            if self.mode.ambient
+            else READY_SPAN[2]
+            if self.mode.node_envoy
+            else READY_SPAN[1],
             "pods_per_node": pods_per_node,
             "samples_ms": samples,
             "median_ms": round(report.median(samples), 2),
@@ -289,10 +321,13 @@ class Bench:
         elif self.sidecars is not None:
             self.sidecars.eject(M.NAMESPACE, name)
             envoy_argv = self.sidecars.prepare(M.NAMESPACE, name, sa)
+        elif self.node_envoys is not None:
+            self.node_envoys.remove_pod(key)
         else:
             raise LabError(f"mode {self.mode.name} has no pod-ready span")
         cmd = ["python", "-m", "benchmarks.prober", host, str(port)]
-        if self.mode.ambient:
+        if self.mode.ambient or self.mode.node_envoy:
+            # without the capture the same request reaches the server directly
             cmd.append("--captured-only")
         prober = subprocess.Popen(
             podexec_argv(str(info["netns"]), str(info["cgroup"]), cmd),
@@ -315,6 +350,8 @@ class Bench:
                     raise LabError(f"ambientmesh-cni ADD for {key}: {reply!r}")
             elif self.sidecars is not None:
                 self.sidecars.start_measured(M.NAMESPACE, name, envoy_argv)
+            elif self.node_envoys is not None:
+                self.node_envoys.add_pod(key)
             out, err = prober.communicate(timeout=60)
         except BaseException:
             prober.kill()
@@ -343,6 +380,8 @@ class Bench:
                 "server_sidecar_mtls_handshakes": hs_s,
                 "server_sidecar_requests": rq,
             }
+        if self.mode.node_envoy and self.node_envoys is not None:
+            return node_envoy_evidence(self.node_envoys)
         if self.mode.mesh:
             from meshctl.lab import observe
 
@@ -354,8 +393,37 @@ class Bench:
                         security="mutual_tls",
                         reporter="destination",
                     )
-            return {"ok": n > 0, "ztunnel_mtls_connections": n}
+            out: dict[str, Any] = {"ok": n > 0, "ztunnel_mtls_connections": n}
+            if self.mode.envoy_waypoint:
+                st = M.envoy_waypoint_stats(self.lab)
+                connects = st.get(f"http.{envoy_waypoint.IN_STATS}.downstream_rq_total", 0)
+                routed = st.get(f"http.{envoy_waypoint.ROUTE_STATS}.downstream_rq_total", 0)
+                out.update(envoy_waypoint_connects=connects, envoy_waypoint_requests=routed)
+                v1, v2 = (
+                    st.get(f"cluster.svc|server-{v}.upstream_rq_total", 0) for v, _ in M.SPLIT
+                )
+                if v1 + v2:  # the HTTPRoute's 80/20 really applied
+                    out["envoy_waypoint_v2_share"] = round(v2 / (v1 + v2), 3)
+                out["ok"] = out["ok"] and connects > 0 and routed > 0
+            return out
         return {"ok": True}
+
+
+def node_envoy_evidence(ne: NodeEnvoys) -> dict[str, Any]:
+    """The client node's Envoy tunnelled (tcp_proxy connections, mTLS handshakes on its HBONE
+    clusters) and the server node's Envoy terminated CONNECTs from it."""
+    c = ne.stats(M.NODES[0])
+    s = ne.stats(M.NODES[1])
+    tunnelled = c.get(f"tcp.{node_envoy.OUT_STATS}.downstream_cx_total", 0)
+    handshakes = sum(v for k, v in c.items() if k.startswith("cluster.out|")
+                     and k.endswith(".ssl.handshake"))  # fmt: skip
+    connects = s.get(f"http.{node_envoy.IN_STATS}.downstream_rq_total", 0)
+    return {
+        "ok": tunnelled > 0 and handshakes > 0 and connects > 0,
+        "client_node_envoy_tunnelled_connections": tunnelled,
+        "client_node_envoy_mtls_handshakes": handshakes,
+        "server_node_envoy_connects": connects,
+    }
 
 
 # -- one mode --------------------------------------------------------------------------------
@@ -383,14 +451,15 @@ class Roots:
 
 
 @contextlib.contextmanager
-def lab_up(
-    roots: Roots, mode: M.Mode, pods_per_node: int, say: Progress
-) -> Iterator[tuple[Lab, M.Sidecars | None]]:
+def lab_up(roots: Roots, mode: M.Mode, pods_per_node: int, say: Progress) -> Iterator[Bench]:
+    """A lab of `mode` at `pods_per_node`, with the mode's proxies made but not started
+    (`start_proxies`), torn down (proxies first) however the block ends."""
     lab = roots.lab(mode, say)
     sidecars: M.Sidecars | None = None
+    node_envoys: NodeEnvoys | None = None
     with tempfile.TemporaryDirectory(prefix="ambientmesh-bench-") as tmp:
         f = Path(tmp) / "manifest.yaml"
-        f.write_text(M.dump(M.manifest(mode, pods_per_node, lab)))
+        f.write_text(M.dump(M.manifest(mode, pods_per_node, lab, envoy_dir=Path(tmp))))
         t0 = time.monotonic()
         try:
             lab.up(f)
@@ -398,10 +467,20 @@ def lab_up(
                 f"{time.monotonic() - t0:.1f}s")  # fmt: skip
             if mode.sidecar:
                 sidecars = M.Sidecars(lab)
-            yield lab, sidecars
+            if mode.envoy_waypoint:
+                M.configure_envoy_waypoint(lab, Path(tmp))
+            if mode.node_envoy:
+                node_envoys = M.node_envoys(lab)
+                t1 = time.monotonic()
+                node_envoys.load_bpf()
+                say(f"[{mode.name}] capture loaded and attached to the node proxies' cgroups "
+                    f"in {time.monotonic() - t1:.1f}s")  # fmt: skip
+            yield Bench(mode, lab, say, sidecars, node_envoys)
         finally:
             if sidecars is not None:
                 sidecars.stop()
+            if node_envoys is not None:
+                node_envoys.stop()
             problems = lab.down(quiet=True)
             if problems:
                 say(f"[{mode.name}] WARNING: lab down: {'; '.join(problems)}")
@@ -429,7 +508,7 @@ def latency_runs(b: Bench, p: Preset, round_: int) -> list[dict[str, Any]]:
     for proto, body, rate in p.runs:
         r = b.loadgen(proto, body, rate, p)
         runs.append(r)
-        b.say(f"[{b.mode.name}]{tag} {run_line(r, mesh=b.mode.mesh or b.mode.sidecar)}")
+        b.say(f"[{b.mode.name}]{tag} {run_line(r, mesh=b.mode.proxied)}")
         keep = proto == H1 and body == 0 and rate == p.reference_rate
         if not keep:
             r.pop("samples_ms", None)
@@ -444,18 +523,27 @@ def repeat_mode(
     the mode failed, like a failure in the first pass."""
     d0 = p.densities[0]
     try:
-        with lab_up(roots, mode, d0, say) as (lab, sidecars):
-            b = Bench(mode, lab, say, sidecars)
-            if sidecars is not None:
-                start_sidecars(sidecars, d0)
+        with lab_up(roots, mode, d0, say) as b:
+            start_proxies(b, d0)
             if mode.waypoint:
-                M.wait_waypoint(lab)
+                M.wait_waypoint(b.lab, envoy=mode.envoy_waypoint)
             b.wait_app()
             result["rounds"].append(latency_runs(b, p, round_))
     except (LabError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
         say(f"[{mode.name}] FAILED (repeat {round_}): {exc}")
         result["status"] = "failed"
         result["reason"] = f"repeat {round_}: {type(exc).__name__}: {exc}"
+
+
+def start_proxies(b: Bench, pods_per_node: int, skip: Sequence[str] = ()) -> None:
+    """The mode's own proxies (sidecars or node Envoys), for every pod but those in `skip`."""
+    if b.sidecars is not None:
+        start_sidecars(b.sidecars, pods_per_node, skip)
+    if b.node_envoys is not None:
+        pods = {f"{M.NAMESPACE}/{n}": "idle" if n.startswith("idle-") else n
+                for n in M.pod_names(pods_per_node)}  # fmt: skip
+        b.node_envoys.start([M.server_route(b.lab)], pods,
+                            skip=tuple(f"{M.NAMESPACE}/{n}" for n in skip))  # fmt: skip
 
 
 def start_sidecars(sidecars: M.Sidecars, pods_per_node: int, skip: Sequence[str] = ()) -> None:
@@ -505,13 +593,11 @@ def run_mode(mode: M.Mode, p: Preset, roots: Roots, say: Progress) -> dict[str, 
 
 def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[str, Any]) -> None:
     d0 = p.densities[0]
-    with lab_up(roots, mode, d0, say) as (lab, sidecars):
-        b = Bench(mode, lab, say, sidecars)
-        if sidecars is not None:
-            start_sidecars(sidecars, d0, skip=b.ready_pods(d0))
+    with lab_up(roots, mode, d0, say) as b:
+        start_proxies(b, d0, skip=b.ready_pods(d0))
         if mode.waypoint:
-            M.wait_waypoint(lab)
-        if sidecars is not None or mode.ambient:
+            M.wait_waypoint(b.lab, envoy=mode.envoy_waypoint)
+        if mode.timed_ready:
             # the timed pods last, once the rest of the lab is up (for a sidecar: after
             # the server's Envoy, which the first answer passes through)
             b.wait_app()
@@ -533,11 +619,11 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
                 f"over {len(times)}")  # fmt: skip
             b.wait_app()
         memory: dict[str, Any] = {}
-        if mode.mesh or mode.sidecar:
+        if mode.proxied:
             memory[str(d0)] = b.memory(d0)
         runs = latency_runs(b, p, round_=1)
         result["rounds"] = [runs]
-        if mode.mesh or mode.sidecar:
+        if mode.proxied:
             cpu = sum(float(r["mesh_cpu_s"]) for r in runs)
             reqs = sum(int(r["completed"]) for r in runs)
             per = procstat.per_thousand(cpu, reqs)
@@ -553,7 +639,7 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
             result["bulk"] = bulk
             got = f"{bulk['mib_per_s']:.1f} MiB/s" if bulk.get("ok") else f"FAILED {bulk}"
             say(f"[{mode.name}] bulk {p.bulk_mib} MiB: {got}")
-        if mode.mesh or mode.sidecar:
+        if mode.proxied:
             after = b.memory(d0)
             memory[str(d0)]["after_load_pss_kib"] = after["pss_kib"]
             memory[str(d0)]["after_load_rss_kib"] = after["rss_kib"]
@@ -566,15 +652,13 @@ def _measure(mode: M.Mode, p: Preset, roots: Roots, say: Progress, result: dict[
             say(f"[{mode.name}] WARNING: the mesh's telemetry does not show the traffic: {v}")
             result["title"] = mode.title + " (UNVERIFIED)"
     for d in p.densities[1:]:
-        if not (mode.mesh or mode.sidecar):
+        if not (mode.proxied):
             break
-        with lab_up(roots, mode, d, say) as (lab, sidecars):
-            b = Bench(mode, lab, say, sidecars)
-            if sidecars is not None:
-                start_sidecars(sidecars, d, skip=b.ready_pods(d))
+        with lab_up(roots, mode, d, say) as b:
+            start_proxies(b, d, skip=b.ready_pods(d))
             if mode.waypoint:
-                M.wait_waypoint(lab)
-            if sidecars is not None or mode.ambient:
+                M.wait_waypoint(b.lab, envoy=mode.envoy_waypoint)
+            if mode.timed_ready:
                 b.wait_app()
                 ready = b.pod_ready(d, p.enrol_reps)
                 result.setdefault("startup_by_density", {})[str(d)] = ready
@@ -768,7 +852,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="compare no mesh, sidecars and ambient on the lab (JSON, markdown, charts)",
+        help="no mesh, sidecars, ambient and Envoy peers compared on the lab (JSON, md, charts)",
         description=(__doc__ or "").split("\n\n")[0],
     )
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs (a few minutes)")

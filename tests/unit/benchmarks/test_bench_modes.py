@@ -21,10 +21,12 @@ def lab() -> Lab:
     return Lab(LabPaths("bt1", state_root=Path("/nonexistent-bench")), out=lambda _m: None)
 
 
-@pytest.mark.parametrize("name", ["nomesh", "sidecar", "ambient", "waypoint"])
-def test_manifests_parse_and_place_pods(name: str) -> None:
+@pytest.mark.parametrize(
+    "name", ["nomesh", "sidecar", "ambient", "node-envoy", "waypoint", "envoy-waypoint"]
+)
+def test_manifests_parse_and_place_pods(name: str, tmp_path: Path) -> None:
     mode = M.MODES[name]
-    docs = M.manifest(mode, 3, lab())
+    docs = M.manifest(mode, 3, lab(), envoy_dir=tmp_path)
     topo = plan(docs)
     snap = parse_objects(docs)
     assert topo.nodes == M.NODES
@@ -43,6 +45,16 @@ def test_manifests_parse_and_place_pods(name: str) -> None:
         assert w is not None and not snap.is_ambient(w)  # the waypoint is never captured
     else:
         assert wp is None
+    if mode.waypoint:  # both waypoint modes carry the same 80/20 HTTPRoute over v1 and v2
+        routes = [d for d in docs if d["kind"] == "HTTPRoute"]
+        assert [(b["name"], b["weight"]) for b in routes[0]["spec"]["rules"][0]["backendRefs"]] == [
+            ("server-v1", 80),
+            ("server-v2", 20),
+        ]
+    if mode.envoy_waypoint:  # the waypoint pod is the Envoy ELF itself, its bootstrap written
+        wpod = next(d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"] == M.WAYPOINT)
+        assert M.is_elf(Path(wpod["spec"]["containers"][0]["command"][0]))
+        assert (tmp_path / "envoy.yaml").exists() and (tmp_path / "lds.json").exists()
 
 
 def test_density_must_be_positive() -> None:

@@ -120,7 +120,8 @@ def test_ratios_ambient_over_sidecar() -> None:
 
 def test_render_has_every_section_and_skip_reasons() -> None:
     md = report.render(results(), reference_rate=1000.0, densities=[2, 20])
-    assert "ambient / sidecar: p99 overhead 0.50x, CPU per request @1000 rps 0.75x" in md
+    row = next(x for x in md.splitlines() if x.startswith("| ambient / sidecar"))
+    assert [c.strip() for c in row.split("|")[2:5]] == ["0.50x", "0.75x", "0.12x"]
     assert "## All latency runs" in md and "| nomesh | http/1.1 | 0 B" in md.replace("  ", " ")
     assert "no HBONE in the waypoint yet" in md
     assert "| max " in md.replace("  ", " ")
@@ -210,5 +211,77 @@ def test_pod_ready_per_density_and_its_ratio_only_for_the_same_span() -> None:
     table = report.other_table(res)
     assert "[CNI ADD median 100, first answer median 50.00]" in table
     md = report.render(res, reference_rate=1000.0, densities=[2, 20])
-    assert "pod ready, median (20 pods/node) 0.25x" in md
+    row = next(x for x in md.splitlines() if x.startswith("| ambient / sidecar"))
+    assert row.split("|")[5].strip() == "0.25x" and "pod ready, median (20/node)" in md
     assert "pod ready ms, median (20/node)" in md
+
+
+def test_ratio_table_has_every_pair_that_ran_and_bulk_fractions() -> None:
+    """ambient against both Envoy peers, our waypoint against Envoy's on the waypoint
+    processes alone (the ztunnels under them are the same), and bulk against no mesh."""
+    res = results()
+    modes = res["modes"]
+    modes["node-envoy"] = {
+        **modes["sidecar"],
+        "title": "node Envoy",
+        "runs": [run("http/1.1", 0, 1000.0, 1.0, 2.5, 1000, cpu=0.6)],
+        "memory": {"20": {"per_pod_pss_kib": 256.0}},
+    }
+
+    def wp_run(zt: float, wp: float) -> dict[str, Any]:
+        r = run("http/1.1", 0, 1000.0, 2.0, 4.0, 1000, cpu=0.9)
+        r["mesh_cpu_by_process_s"] = {"ztunnel/n1": zt, "waypoint/bench/waypoint": wp}
+        return r  # completed 2000
+
+    modes["waypoint"] = {
+        "status": "ok",
+        "title": "ours",
+        "runs": [wp_run(1.0, 0.4)],
+        "memory": {
+            "20": {
+                "by_process": {
+                    "ztunnel/n1": {"pss_kib": 9000},
+                    "waypoint/bench/waypoint": {"pss_kib": 3000},
+                }
+            }
+        },
+    }
+    modes["envoy-waypoint"] = {
+        "status": "ok",
+        "title": "envoy",
+        "runs": [wp_run(1.0, 0.8)],
+        "memory": {
+            "20": {
+                "by_process": {
+                    "ztunnel/n1": {"pss_kib": 9000},
+                    "waypoint/bench/waypoint": {"pss_kib": 6000},
+                }
+            }
+        },
+    }
+    for name, mib in (("nomesh", 200.0), ("ambient", 150.0), ("node-envoy", 100.0)):
+        modes[name]["bulk"] = {"ok": True, "mib_per_s": mib}
+    r = report.ratios(
+        res,
+        reference_rate=1000.0,
+        density=20,
+        ours="waypoint",
+        peer="envoy-waypoint",
+        only="waypoint/",
+    )
+    assert r["cpu_per_request"] == pytest.approx(0.5)  # 0.2 vs 0.4 s per 1k, ztunnels left out
+    assert r["memory_per_pod"] == pytest.approx(0.5)
+    table = report.ratio_table(res, reference_rate=1000.0, density=20)
+    rows = {
+        x.split("|")[1].strip(): [c.strip() for c in x.split("|")[2:-1]]
+        for x in table.splitlines()[2:]
+    }
+    assert rows["ambient / sidecar"][:3] == ["0.50x", "0.75x", "0.12x"]
+    assert rows["ambient / node-envoy"][:3] == ["0.67x", "0.50x", "0.50x"]
+    wp = next(k for k in rows if k.startswith("waypoint / envoy-waypoint"))
+    assert rows[wp][1:3] == ["0.50x", "0.50x"]
+    md = report.render(res, reference_rate=1000.0, densities=[2, 20])
+    assert "## Ratios" in md
+    assert "Bulk (one stream) as a fraction of no mesh: ambient 0.75, node-envoy 0.50" in md
+    modes["node-envoy"]["status"] = "failed"
+    assert "node-envoy" not in report.ratio_table(res, reference_rate=1000.0, density=20)
