@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.flows import DEFAULT_FLOW_BUFFER_SIZE
 from mesh.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 from waypoint.limits import Limits
 
@@ -50,6 +51,7 @@ class WaypointConfig:
     readiness_addr: Addr = ("0.0.0.0", READINESS_PORT)
     admin_addr: Addr = ("127.0.0.1", ADMIN_PORT)
     log_level: str = "info"
+    flow_buffer_size: int = DEFAULT_FLOW_BUFFER_SIZE  # recent flows kept (/flows); 0: off
     # what one client may cost: --max-header-bytes, --max-headers, --headers-timeout,
     # --idle-timeout, --max-concurrent-streams, --max-connections
     limits: Limits = field(default_factory=Limits)
@@ -73,6 +75,8 @@ class WaypointConfig:
         addrs: dict[str, Addr] = {}
         for flag in ("readiness_addr", "hbone_addr", "metrics_addr", "admin_addr"):
             addrs[flag] = _addr("--" + flag.replace("_", "-"), getattr(args, flag))
+        if not 0 <= args.flow_buffer_size <= 1 << 20:
+            raise WaypointConfigError("--flow-buffer-size must be 0 (off) .. 1048576")
         if bool(args.ca_dir) == bool(args.ca):
             raise WaypointConfigError("give --ca-dir or --ca (the CA signing our SVID)")
         ca: Addr | None = None
@@ -104,6 +108,7 @@ class WaypointConfig:
             admin_addr=addrs["admin_addr"],
             log_level=args.log_level,
             limits=limits,
+            flow_buffer_size=args.flow_buffer_size,
         )
 
 

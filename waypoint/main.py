@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -23,6 +24,7 @@ from datetime import timedelta
 from certs.ca import CertificateAuthority
 from mesh import process
 from mesh.config.source import ConfigStore, FileSource
+from mesh.flows import FlowRing, flows_route
 from mesh.identity.caclient import CaClient
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", default=host_port(c.metrics_addr))
     p.add_argument("--readiness-addr", default=host_port(c.readiness_addr))
     p.add_argument("--admin-addr", default=host_port(c.admin_addr), help="/config_dump, /logging")
+    p.add_argument(
+        "--flow-buffer-size",
+        type=int,
+        default=c.flow_buffer_size,
+        help="recent flows kept for `meshctl observe` (admin /flows); 0 turns recording off",
+    )
     p.add_argument(
         "--log-level", default=c.log_level, choices=["debug", "info", "warning", "error"]
     )
@@ -117,6 +125,11 @@ async def run(config: WaypointConfig) -> None:
         identities = Identities(client, ttl, bundle_pem=bundle)
     metrics = MeshMetrics()
     metrics.info.labels("waypoint", "dev").set(1)
+    flows = FlowRing(
+        config.flow_buffer_size,
+        node=os.environ.get("NODE_NAME", ""),
+        proxy=f"waypoint-{config.namespace}-{config.name}",
+    )
     wp = Waypoint(
         config.namespace,
         config.name,
@@ -127,6 +140,7 @@ async def run(config: WaypointConfig) -> None:
         metrics=metrics,
         hbone_port=config.upstream_hbone_port,
         limits=config.limits,
+        flows=flows,
     )
     listener = await wp.listen(*config.hbone_addr)
     ready = ObservabilityServer(*config.readiness_addr, ready=lambda: True)
@@ -134,6 +148,7 @@ async def run(config: WaypointConfig) -> None:
     admin = ObservabilityServer(
         *config.admin_addr,
         routes=admin_routes(lambda: store.current, lambda: {"limits": wp.limits.as_dict()}),
+        streams={"/flows": flows_route(flows)},
     )
     try:
         async with ready, met, admin, asyncio.TaskGroup() as tg:

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Mapping
 
 from mesh.config.snapshot import Snapshot
+from mesh.flows import FlowRing
 from mesh.hbone import HbonePool, serve
 from mesh.hbone.pool import Listener
 from mesh.identity.manager import Identities
@@ -63,6 +64,7 @@ class Waypoint:
         node_ports: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
         limits: Limits | None = None,
+        flows: FlowRing | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -77,8 +79,9 @@ class Waypoint:
         self.upstreams = Upstreams(
             self.pool, self.identity, snapshot, hbone_port=hbone_port, node_ports=node_ports
         )
+        self.flows = flows if flows is not None else FlowRing(proxy=f"waypoint-{namespace}")
         self.handler = RequestHandler(
-            self.upstreams, self.metrics, trust_domain=trust_domain, rng=rng
+            self.upstreams, self.metrics, trust_domain=trust_domain, rng=rng, flows=self.flows
         )
         self.limits = limits or Limits()
         self.inbound = WaypointInbound(namespace, name, self.routes, self.handler, self.limits)

@@ -35,6 +35,7 @@ from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeouts, Service
 from mesh.config.snapshot import PolicySet
+from mesh.flows import REASONS, Flow, FlowRing
 from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels, MeshMetrics
 from mesh.telemetry import account_request
@@ -139,9 +140,11 @@ class RequestHandler:
         trust_domain: str = "cluster.local",
         rng: random.Random | None = None,
         retry_buffer: int = 1 << 20,
+        flows: FlowRing | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
+        self.flows = flows if flows is not None and flows.size else None  # None: not recorded
         self.trust_domain = trust_domain
         self.rng = rng or random.Random()
         self.retry_buffer = retry_buffer
@@ -505,6 +508,9 @@ class RequestHandler:
         Counted in `ambientmesh_waypoint_refused_total{reason,response_flags}` always, and in
         istio_requests_total when there was a request to speak of (an HTTP status)."""
         self.refused_c.labels(r.reason, r.flag).inc()
+        if ctx is not None and self.flows is not None:
+            self._flow(ctx, r.method, r.path, r.status or None, None, "DROPPED",
+                       REASONS.get(r.flag, r.reason), None, None, 0.0, 0, 0)  # fmt: skip
         if ctx is None or not r.log:
             return
         snap = ctx.routes.snapshot
@@ -577,6 +583,16 @@ class RequestHandler:
             )
         req_bytes = body.rec.size
         resp_bytes = ex.bytes_sent
+        if self.flows is not None:
+            if out.flag == "DENY":
+                verdict, reason = "DENIED", None
+            elif t is None or not out.status or out.flag in REASONS:
+                verdict, reason = "DROPPED", REASONS.get(out.flag, out.flag)
+            else:
+                verdict, reason = "FORWARDED", None
+            self._flow(ctx, req.method, req.path, out.status or None, out.grpc_status, verdict,
+                       reason, out.policy, t, duration, req_bytes, resp_bytes,
+                       protocol="grpc" if grpc else ex.protocol, authority=req.host)  # fmt: skip
         account_request(
             self.metrics,
             labels,
@@ -600,6 +616,50 @@ class RequestHandler:
                 reporter="waypoint",
             ),
         )
+
+    def _flow(
+        self,
+        ctx: StreamContext,
+        method: str | None,
+        path: str | None,
+        status: int | None,
+        grpc_status: str | None,
+        verdict: str,
+        reason: str | None,
+        policy: str | None,
+        t: Target | None,
+        duration: float,
+        sent: int,
+        received: int,
+        *,
+        protocol: str = "http/1.1",
+        authority: str | None = None,
+    ) -> None:
+        """One request's flow (`mesh.flows`): built only when the waypoint keeps a flow ring."""
+        flows = self.flows
+        assert flows is not None
+        snap = ctx.routes.snapshot
+        src = snap.pod_by_ip(ctx.src_ip)
+        dst = t.pod if t is not None else None
+        svc = ctx.service
+        flows.record(
+            Flow(
+                time=time.time(), verdict=verdict, node=flows.node or None, reporter="waypoint",
+                proxy=flows.proxy or None,
+                src_namespace=src.namespace if src is not None else ctx.caller_ns,
+                src_pod=src.name if src is not None else None, src_identity=ctx.caller,
+                src_ip=ctx.src_ip,
+                dst_namespace=dst.namespace if dst is not None else svc.namespace,
+                dst_pod=dst.name if dst is not None else None,
+                dst_identity=snap.identity(dst) if dst is not None else None,
+                dst_ip=t.ip if t is not None else None, dst_port=t.port if t is not None else None,
+                dst_service=f"{svc.name}.{svc.namespace}", protocol=protocol, method=method,
+                authority=authority, path=path, status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                policy=policy, reason=reason, mtls=True, duration_ms=duration * 1000.0,
+                latency_ms=duration * 1000.0, bytes_sent=sent, bytes_received=received,
+            )
+        )  # fmt: skip
 
 
 def _refused_counter(metrics: MeshMetrics) -> Any:

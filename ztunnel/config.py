@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from mesh.flows import DEFAULT_FLOW_BUFFER_SIZE
 from mesh.hbone import HboneLimits
 from mesh.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 
@@ -54,6 +55,7 @@ class ZtunnelConfig:
     # --max-connections; and the upstream dials under way at once
     limits: HboneLimits = field(default_factory=HboneLimits)
     max_pending_dials: int = 1024
+    flow_buffer_size: int = DEFAULT_FLOW_BUFFER_SIZE  # recent flows kept; 0: not recorded
     log_level: str = "info"
     log_format: str = "text"
     # kTLS: the operator's choice, and what it resolved to on this kernel at start
@@ -97,6 +99,7 @@ class ZtunnelConfig:
                 max_connections=args.max_connections,
             ),
             max_pending_dials=args.max_pending_dials,
+            flow_buffer_size=args.flow_buffer_size,
             log_level=args.log_level,
             log_format=args.log_format,
             ktls=args.ktls,

@@ -27,6 +27,7 @@ from typing import Any
 from certs.ca import CertificateAuthority
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
+from mesh.flows import FlowRing, flows_route
 from mesh.hbone import serve
 from mesh.hbone.pool import Listener
 from mesh.identity.manager import Identities
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.max_pending_dials,
         help="upstream connects (TCP or HBONE) under way at once",
+    )
+    p.add_argument(
+        "--flow-buffer-size",
+        type=int,
+        default=d.flow_buffer_size,
+        help="recent flows kept for `meshctl observe` (admin /flows); 0 turns recording off",
     )
     p.add_argument(
         "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
@@ -272,6 +279,8 @@ class Ztunnel:
         self.ready = False
         self.servers: list[Listener] = []
         self.stop = asyncio.Event()
+        self.flows = FlowRing(config.flow_buffer_size, node=config.node,
+                              proxy=f"ztunnel-{config.node}")  # fmt: skip
 
     async def run(self) -> None:
         """Run until SIGTERM. A startup failure (bad config, certificate, port taken) leaves
@@ -323,6 +332,7 @@ class Ztunnel:
                 trust_domain=config.trust_domain, hbone_port=config.hbone_addr[1],
                 stream_cap=config.stream_cap, idle_timeout=config.pool_idle,
                 limits=config.limits, max_pending_dials=config.max_pending_dials,
+                flows=self.flows if self.flows.enabled else None,
             )  # fmt: skip
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
@@ -388,7 +398,9 @@ class Ztunnel:
                 },
             )
             admin = await stack.enter_async_context(
-                ObservabilityServer(*config.admin_addr, routes=routes)
+                ObservabilityServer(
+                    *config.admin_addr, routes=routes, streams={"/flows": flows_route(self.flows)}
+                )
             )
             node.add_listeners(None, admin.sockets, forwarding=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -446,6 +458,8 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} must be >= 1"
     if args.max_header_list_size < 1024:
         return "--max-header-list-size must be >= 1024"
+    if not 0 <= args.flow_buffer_size <= 1 << 20:
+        return "--flow-buffer-size must be 0 (off) .. 1048576"
     return None
 
 

@@ -139,7 +139,8 @@ class InboundHbone:
             service=None,
             mtls=True,
             policy=decision.policy,
-        )
+            flows=node.flows, source=snap.pod_by_ip(src_ip), destination=pod,
+        )  # fmt: skip
         if not decision.allowed:
             log.info("inbound %s -> %s denied: %s", principal, req.authority, decision.reason)
             req.reject(401, f"denied: {decision.reason}")

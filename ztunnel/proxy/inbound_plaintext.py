@@ -58,7 +58,8 @@ class InboundPlaintext(Redirected):
             service=None,
             mtls=False,
             policy=decision.policy,
-        )
+            flows=node.flows, source=snap.pod_by_ip(src_ip), destination=pod,
+        )  # fmt: skip
         if not allowed:
             why = "PeerAuthentication STRICT" if mode is MtlsMode.STRICT else decision.reason
             log.info("plaintext %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, why)

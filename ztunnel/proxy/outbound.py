@@ -124,7 +124,8 @@ class Outbound(Redirected):
             dst_identity=r.peer or None,
             service=r.service.hostname if r.service else None,
             mtls=mtls,
-        )
+            flows=node.flows, source=src, destination=r.dst_pod,
+        )  # fmt: skip
         upstream: Endpoint
         try:
             if r.kind == "refuse":
@@ -149,7 +150,10 @@ class Outbound(Redirected):
             denied = status in (401, 403)
             log.info("outbound %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, exc)
             ep.abort()
-            acct.refused("deny" if denied else "error", "DENY" if denied else "UF")
+            acct.refused(
+                "deny" if denied else "error", "DENY" if denied else "UF",
+                reason="no route" if r.kind == "refuse" else None,
+            )  # fmt: skip
             return
         except asyncio.CancelledError:
             ep.abort()
