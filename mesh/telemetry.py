@@ -23,7 +23,7 @@ class Accounting:
 
     __slots__ = (
         "connected_at", "destination", "done", "flows", "labels", "metrics", "record", "source",
-        "started",
+        "started", "upstream",
     )  # fmt: skip
 
     def __init__(
@@ -42,6 +42,7 @@ class Accounting:
         flows: FlowRing | None = None,
         source: Pod | None = None,
         destination: Pod | None = None,
+        upstream: tuple[str, int] | None = None,
     ) -> None:
         self.metrics = metrics
         self.labels = labels
@@ -53,6 +54,7 @@ class Accounting:
         self.flows = flows if flows is not None and flows.size else None
         self.source = source
         self.destination = destination
+        self.upstream = upstream  # where it went after service resolution (flow's destination)
         self.record: dict[str, object] = {
             "reporter": reporter,
             "src": src,
@@ -125,7 +127,10 @@ class Accounting:
         assert self.flows is not None
         now = time.monotonic()
         rec, lb, src, dst = self.record, self.labels, self.source, self.destination
-        dst_ip, _, dst_port = str(rec["dst"]).rpartition(":")
+        if self.upstream is not None and self.upstream[1]:
+            dst_ip, dst_port = self.upstream[0], str(self.upstream[1])
+        else:
+            dst_ip, _, dst_port = str(rec["dst"]).rpartition(":")
         svc = lb.destination_service_name
         self.flows.record(
             Flow(

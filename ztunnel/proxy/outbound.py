@@ -124,7 +124,7 @@ class Outbound(Redirected):
             dst_identity=r.peer or None,
             service=r.service.hostname if r.service else None,
             mtls=mtls,
-            flows=node.flows, source=src, destination=r.dst_pod,
+            flows=node.flows, source=src, destination=r.dst_pod, upstream=(r.ip, r.port),
         )  # fmt: skip
         upstream: Endpoint
         try:
