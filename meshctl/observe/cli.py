@@ -26,7 +26,7 @@ from meshctl.observe.sources import (
     lab_sources,
 )
 
-__all__ = ["observe_flows", "register"]
+__all__ = ["observe_flows", "register", "show_lab_flows"]
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -112,6 +112,35 @@ async def observe_flows(
         if s.lost:
             warn(f"{s.name}: its ring dropped {s.lost} flow(s) before they were read")
     return select(got, params), len(sources) - len(errors)
+
+
+def show_lab_flows(
+    lab: str,
+    state_root: Path,
+    argv: Sequence[str],
+    out: Callable[[str], None] = print,
+) -> list[Flow]:
+    """What `meshctl observe --lab LAB ARGV...` prints, printed through `out` (the demo ends
+    with this); the flows shown. Unreachable proxies are reported, never fatal."""
+    parser = argparse.ArgumentParser(prog="meshctl observe", add_help=False)
+    add_filter_args(parser)
+    parser.add_argument("-o", "--output", choices=output.FORMATS, default="compact")
+    args = parser.parse_args(list(argv))
+    params = params_from_args(args)
+    from meshctl.lab.names import LabPaths
+
+    paths = LabPaths(lab, state_root=state_root)
+    try:
+        sources = lab_sources(paths.state_file, paths.manifest_file)
+    except SourceError as exc:
+        out(f"flows: {exc}")
+        return []
+    out(f"$ meshctl observe --lab {lab} {' '.join(argv)}")
+    flows, _ = asyncio.run(observe_flows(sources, params, lambda m: out(f"  ({m})")))
+    text = output.render(flows, args.output)
+    if text:
+        out(text)
+    return flows
 
 
 async def _run(args: argparse.Namespace, params: FlowStreamParams) -> int:
