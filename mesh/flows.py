@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mesh.httpserver import HttpError
+
+log = logging.getLogger("mesh.flows")
 
 __all__ = [
     "DEFAULT_FLOW_BUFFER_SIZE",
@@ -503,7 +506,9 @@ class FlowRing:
         self.size = size
         self.node = node
         self.proxy = proxy
-        self._flows: deque[Flow] = deque(maxlen=size or 1)
+        self._flows: deque[Flow | tuple[Callable[..., Flow], tuple[object, ...]]] = deque(
+            maxlen=size or 1
+        )
         self.seq = 0  # flows recorded since start; the newest has number `seq`
         self._changed: asyncio.Event | None = None
         self.readers = 0
@@ -526,6 +531,18 @@ class FlowRing:
             self._changed = None
             ev.set()
 
+    def record_lazy(self, build: Callable[..., Flow], *args: object) -> None:
+        """Record a flow that `build(*args)` makes when (and only if) a reader asks: the
+        proxies' hot path pays for a tuple, not for a 29-field object."""
+        if not self.size:
+            return
+        self._flows.append((build, args))
+        self.seq += 1
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
+
     def since(self, cursor: int) -> tuple[list[Flow], int]:
         """Flows recorded after flow number `cursor`, and how many of them the ring lost."""
         n = self.seq - cursor
@@ -535,7 +552,21 @@ class FlowRing:
         lost = max(0, n - have)
         n = min(n, have)
         buf = self._flows
-        return [buf[i] for i in range(-n, 0)], lost
+        out: list[Flow] = []
+        for i in range(-n, 0):
+            item = buf[i]
+            if isinstance(item, Flow):
+                out.append(item)
+                continue
+            try:
+                f = item[0](*item[1])
+            except Exception:  # a builder's bug costs its flow, never the reader or the proxy
+                log.exception("building a flow failed")
+                lost += 1
+                continue
+            buf[i] = f  # built once, whoever reads next
+            out.append(f)
+        return out, lost
 
     async def wait(self, cursor: int) -> None:
         """Until a flow newer than `cursor` is recorded."""

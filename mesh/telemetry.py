@@ -124,41 +124,45 @@ class Accounting:
         )
 
     def _flow(self, verdict: str, reason: str | None, sent: int, received: int) -> None:
+        """Two clock reads and a tuple now; the Flow itself when a reader asks for it."""
         assert self.flows is not None
-        now = time.monotonic()
+        self.flows.record_lazy(
+            self._build, verdict, reason, sent, received, time.time(), time.monotonic()
+        )
+
+    def _build(
+        self, verdict: str, reason: str | None, sent: int, received: int, t: float, now: float
+    ) -> Flow:
+        assert self.flows is not None
         rec, lb, src, dst = self.record, self.labels, self.source, self.destination
         if self.upstream is not None and self.upstream[1]:
             dst_ip, dst_port = self.upstream[0], str(self.upstream[1])
         else:
             dst_ip, _, dst_port = str(rec["dst"]).rpartition(":")
         svc = lb.destination_service_name
-        self.flows.record(
-            Flow(
-                time=time.time(),
-                verdict=verdict,
-                node=self.flows.node,
-                reporter="ztunnel",
-                proxy=self.flows.proxy,
-                src_namespace=src.namespace if src is not None else None,
-                src_pod=src.name if src is not None else None,
-                src_identity=_str(rec["src_identity"]),
-                src_ip=_str(rec["src"]),
-                dst_namespace=dst.namespace if dst is not None else None,
-                dst_pod=dst.name if dst is not None else None,
-                dst_identity=_str(rec["dst_identity"]),
-                dst_ip=dst_ip,
-                dst_port=int(dst_port) if dst_port.isdigit() else None,
-                dst_service=None if svc == UNKNOWN else f"{svc}.{lb.destination_service_namespace}",
-                policy=_str(rec["policy"]),
-                reason=reason,
-                mtls=rec["mtls"] is True,
-                duration_ms=(now - self.started) * 1000.0,
-                latency_ms=(self.connected_at - self.started) * 1000.0
-                if self.connected_at
-                else None,
-                bytes_sent=sent,
-                bytes_received=received,
-            )
+        return Flow(
+            time=t,
+            verdict=verdict,
+            node=self.flows.node,
+            reporter="ztunnel",
+            proxy=self.flows.proxy,
+            src_namespace=src.namespace if src is not None else None,
+            src_pod=src.name if src is not None else None,
+            src_identity=_str(rec["src_identity"]),
+            src_ip=_str(rec["src"]),
+            dst_namespace=dst.namespace if dst is not None else None,
+            dst_pod=dst.name if dst is not None else None,
+            dst_identity=_str(rec["dst_identity"]),
+            dst_ip=dst_ip,
+            dst_port=int(dst_port) if dst_port.isdigit() else None,
+            dst_service=None if svc == UNKNOWN else f"{svc}.{lb.destination_service_namespace}",
+            policy=_str(rec["policy"]),
+            reason=reason,
+            mtls=rec["mtls"] is True,
+            duration_ms=(now - self.started) * 1000.0,
+            latency_ms=(self.connected_at - self.started) * 1000.0 if self.connected_at else None,
+            bytes_sent=sent,
+            bytes_received=received,
         )
 
 

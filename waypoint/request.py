@@ -509,8 +509,10 @@ class RequestHandler:
         istio_requests_total when there was a request to speak of (an HTTP status)."""
         self.refused_c.labels(r.reason, r.flag).inc()
         if ctx is not None and self.flows is not None:
-            self._flow(ctx, r.method, r.path, r.status or None, None, "DROPPED",
-                       REASONS.get(r.flag, r.reason), None, None, 0.0, 0, 0)  # fmt: skip
+            self.flows.record_lazy(
+                self._build_flow, time.time(), ctx, r.method, r.path, r.status or None, None,
+                "DROPPED", REASONS.get(r.flag, r.reason), None, None, 0.0, 0, 0, "http/1.1", None,
+            )  # fmt: skip
         if ctx is None or not r.log:
             return
         snap = ctx.routes.snapshot
@@ -590,9 +592,11 @@ class RequestHandler:
                 verdict, reason = "DROPPED", REASONS.get(out.flag, out.flag)
             else:
                 verdict, reason = "FORWARDED", None
-            self._flow(ctx, req.method, req.path, out.status or None, out.grpc_status, verdict,
-                       reason, out.policy, t, duration, req_bytes, resp_bytes,
-                       protocol="grpc" if grpc else ex.protocol, authority=req.host)  # fmt: skip
+            self.flows.record_lazy(
+                self._build_flow, time.time(), ctx, req.method, req.path, out.status or None,
+                out.grpc_status, verdict, reason, out.policy, t, duration, req_bytes, resp_bytes,
+                "grpc" if grpc else ex.protocol, req.host,
+            )  # fmt: skip
         account_request(
             self.metrics,
             labels,
@@ -617,8 +621,9 @@ class RequestHandler:
             ),
         )
 
-    def _flow(
+    def _build_flow(
         self,
+        now: float,
         ctx: StreamContext,
         method: str | None,
         path: str | None,
@@ -631,20 +636,19 @@ class RequestHandler:
         duration: float,
         sent: int,
         received: int,
-        *,
-        protocol: str = "http/1.1",
-        authority: str | None = None,
-    ) -> None:
-        """One request's flow (`mesh.flows`): built only when the waypoint keeps a flow ring."""
+        protocol: str,
+        authority: str | None,
+    ) -> Flow:
+        """One request's flow (`mesh.flows`), built from what `record_lazy` kept, only when a
+        reader asks."""
         flows = self.flows
         assert flows is not None
         snap = ctx.routes.snapshot
         src = snap.pod_by_ip(ctx.src_ip)
         dst = t.pod if t is not None else None
         svc = ctx.service
-        flows.record(
-            Flow(
-                time=time.time(), verdict=verdict, node=flows.node or None, reporter="waypoint",
+        return Flow(
+                time=now, verdict=verdict, node=flows.node or None, reporter="waypoint",
                 proxy=flows.proxy or None,
                 src_namespace=src.namespace if src is not None else ctx.caller_ns,
                 src_pod=src.name if src is not None else None, src_identity=ctx.caller,
@@ -658,7 +662,6 @@ class RequestHandler:
                 grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
                 policy=policy, reason=reason, mtls=True, duration_ms=duration * 1000.0,
                 latency_ms=duration * 1000.0, bytes_sent=sent, bytes_received=received,
-            )
         )  # fmt: skip
 
 

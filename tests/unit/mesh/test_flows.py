@@ -96,6 +96,25 @@ def test_ring_keeps_only_the_newest_and_counts_what_a_reader_lost() -> None:
     assert ring.since(5) == ([], 0)
 
 
+def test_lazy_flows_are_built_once_when_read_and_a_broken_builder_costs_only_its_flow() -> None:
+    ring = FlowRing(8)
+    built: list[int] = []
+
+    def build(i: int) -> Flow:
+        built.append(i)
+        if i == 1:
+            raise KeyError("bug")
+        return flow(bytes_sent=i)
+
+    for i in range(3):
+        ring.record_lazy(build, i)
+    assert built == []  # nothing built on the hot path
+    got, lost = ring.since(0)
+    assert [f.bytes_sent for f in got] == [0, 2] and lost == 1
+    ring.since(0)
+    assert built == [0, 1, 2, 1]  # built ones are kept; the broken one is tried again
+
+
 def test_size_zero_records_nothing() -> None:
     ring = FlowRing(0)
     ring.record(flow())
