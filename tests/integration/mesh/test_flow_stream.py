@@ -139,3 +139,53 @@ def test_a_reader_that_never_reads_does_not_hold_the_proxy_back() -> None:
             s.close()
 
     asyncio.run(main())
+
+
+def test_meshctl_observe_follows_a_proxy_and_prints_compact_lines() -> None:
+    """The CLI end to end: `meshctl observe --address ... --follow --verdict DENIED` prints
+    the denial recorded after it started, and nothing it filtered out."""
+    import os
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[3])
+
+    async def main() -> None:
+        ring = FlowRing(100)
+        async with server(ring) as srv:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "meshctl", "observe", "--address", f"127.0.0.1:{srv.port}",
+                "--follow", "--verdict", "DENIED",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": root},
+            )  # fmt: skip
+            try:
+                for _ in range(200):  # until the CLI's stream is open
+                    if ring.readers:
+                        break
+                    await asyncio.sleep(0.05)
+                assert ring.readers == 1
+                ring.record(flow(1))
+                denied = flow(2, "DENIED")
+                denied.policy = "default/deny-sleep"
+                ring.record(denied)
+                assert proc.stdout is not None
+                line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+                assert "default/sleep-2 -> default/httpbin-1" in line
+                assert "DENIED (mTLS) policy default/deny-sleep" in line
+            finally:
+                proc.terminate()
+                await proc.wait()
+
+    asyncio.run(main())
+
+
+def test_map_and_ui_say_when_they_are_not_there() -> None:
+    import importlib.util
+
+    from meshctl.cli import main
+
+    for sub in ("map", "ui"):
+        if importlib.util.find_spec(f"meshctl.observe.{sub}") is not None:
+            continue  # built by its own helper: tested there
+        assert main(["observe", sub, "--address", "127.0.0.1:1"]) == 1
