@@ -50,6 +50,7 @@ class WaypointConfig:
     metrics_addr: Addr = ("0.0.0.0", METRICS_PORT)
     readiness_addr: Addr = ("0.0.0.0", READINESS_PORT)
     admin_addr: Addr = ("127.0.0.1", ADMIN_PORT)
+    flows_addr: Addr | None = None  # a read-only /flows listener besides the admin port
     log_level: str = "info"
     flow_buffer_size: int = DEFAULT_FLOW_BUFFER_SIZE  # recent flows kept (/flows); 0: off
     # what one client may cost: --max-header-bytes, --max-headers, --headers-timeout,
@@ -106,6 +107,7 @@ class WaypointConfig:
             metrics_addr=addrs["metrics_addr"],
             readiness_addr=addrs["readiness_addr"],
             admin_addr=addrs["admin_addr"],
+            flows_addr=_addr("--flows-addr", args.flows_addr) if args.flows_addr else None,
             log_level=args.log_level,
             limits=limits,
             flow_buffer_size=args.flow_buffer_size,

@@ -29,6 +29,7 @@ from mesh.identity.caclient import CaClient
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
+from mesh.ports import FLOWS_PORT
 from waypoint.config import WaypointConfig, WaypointConfigError, host_port
 from waypoint.proxy import Waypoint
 
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", default=host_port(c.metrics_addr))
     p.add_argument("--readiness-addr", default=host_port(c.readiness_addr))
     p.add_argument("--admin-addr", default=host_port(c.admin_addr), help="/config_dump, /logging")
+    p.add_argument(
+        "--flows-addr",
+        help="also serve the flow stream (only /flows, read-only) here, e.g. for the API "
+        f"server's pods/proxy (0.0.0.0:{FLOWS_PORT}); default: admin port only",
+    )
     p.add_argument(
         "--flow-buffer-size",
         type=int,
@@ -150,9 +156,18 @@ async def run(config: WaypointConfig) -> None:
         routes=admin_routes(lambda: store.current, lambda: {"limits": wp.limits.as_dict()}),
         streams={"/flows": flows_route(flows)},
     )
+    flows_srv = (
+        ObservabilityServer(*config.flows_addr, streams={"/flows": flows_route(flows)})
+        if config.flows_addr is not None
+        else None
+    )
     try:
         async with ready, met, admin, asyncio.TaskGroup() as tg:
+            if flows_srv is not None:
+                await flows_srv.start()
             tag = f"waypoint {config.namespace}/{config.name}"
+            if flows_srv is not None:
+                print(f"{tag}: flows on {flows_srv.port}", flush=True)
             print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
             print(f"{tag}: readiness on {ready.port}", flush=True)
             print(f"{tag}: metrics on {met.port}", flush=True)
@@ -163,6 +178,8 @@ async def run(config: WaypointConfig) -> None:
             tg.create_task(identities.run())
             await asyncio.Event().wait()
     finally:
+        if flows_srv is not None:
+            await flows_srv.close()
         listener.close()
         await wp.close()
 

@@ -39,6 +39,7 @@ class ZtunnelConfig:
     outbound_addr: Addr | None = None
     inbound_plaintext_addr: Addr | None = None
     admin_addr: Addr = ("127.0.0.1", ADMIN_PORT)
+    flows_addr: Addr | None = None  # a read-only /flows listener besides the admin port
     metrics_addr: Addr = ("0.0.0.0", METRICS_PORT)
     readiness_addr: Addr = ("0.0.0.0", READINESS_PORT)
     # in-pod listeners and redirection
@@ -81,6 +82,7 @@ class ZtunnelConfig:
             outbound_addr=args.outbound_addr,
             inbound_plaintext_addr=args.inbound_plaintext_addr,
             admin_addr=args.admin_addr,
+            flows_addr=args.flows_addr,
             metrics_addr=args.metrics_addr,
             readiness_addr=args.readiness_addr,
             enrol_socket=args.enrol_socket,

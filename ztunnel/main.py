@@ -35,6 +35,7 @@ from mesh.identity.spiffe import node_id
 from mesh.identity.svid import CertificateError, Svid
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
+from mesh.ports import FLOWS_PORT
 from ztunnel.config import ZtunnelConfig
 from ztunnel.inpod.protocol import EnrolServer
 from ztunnel.inpod.workloadmanager import Redirector, WorkloadManager
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outbound-addr", type=addr, help="node-level outbound listener (15001)")
     p.add_argument("--inbound-plaintext-addr", type=addr, help="node-level 15006 listener")
     p.add_argument("--admin-addr", type=addr, default=d.admin_addr)
+    p.add_argument(
+        "--flows-addr",
+        type=addr,
+        help="also serve the flow stream (only /flows, read-only) here, e.g. for the API "
+        f"server's pods/proxy (0.0.0.0:{FLOWS_PORT}); default: admin port only",
+    )
     p.add_argument("--metrics-addr", type=addr, default=d.metrics_addr)
     p.add_argument("--readiness-addr", type=addr, default=d.readiness_addr)
     p.add_argument(
@@ -403,6 +410,13 @@ class Ztunnel:
                 )
             )
             node.add_listeners(None, admin.sockets, forwarding=False)
+            if config.flows_addr is not None:
+                flows_srv = await stack.enter_async_context(
+                    ObservabilityServer(
+                        *config.flows_addr, streams={"/flows": flows_route(self.flows)}
+                    )
+                )
+                node.add_listeners(None, flows_srv.sockets, forwarding=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             self.ready = True

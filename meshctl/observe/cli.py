@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.flows import Flow, FlowStreamParams
-from mesh.ports import ADMIN_PORT
+from mesh.ports import FLOWS_PORT
 from meshctl.errors import UsageError
 from meshctl.observe import output
 from meshctl.observe.filters import add_filter_args, params_from_args, select
@@ -51,8 +51,8 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--proxy-port",
         type=int,
-        default=ADMIN_PORT,
-        help=f"with --kube: the pods' port serving /flows (default {ADMIN_PORT})",
+        default=FLOWS_PORT,
+        help=f"with --kube: the pods' --flows-addr port (default {FLOWS_PORT})",
     )
     g.add_argument(
         "--address",

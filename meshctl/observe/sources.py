@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.flows import Flow, FlowStreamParams
-from mesh.ports import ADMIN_PORT
+from mesh.ports import ADMIN_PORT, FLOWS_PORT
 
 __all__ = [
     "AddressSource",
@@ -246,7 +246,7 @@ class KubeSource(Source):
             raw.release()
 
 
-async def kube_sources(api: Any, port: int = ADMIN_PORT) -> list[Source]:
+async def kube_sources(api: Any, port: int = FLOWS_PORT) -> list[Source]:
     """Every ztunnel pod (`app.kubernetes.io/name=ztunnel`) and waypoint pod (labelled with
     its Gateway's name) the API server knows, running or about to."""
     from kubernetes_asyncio import client as k8s
