@@ -59,6 +59,7 @@ class ObservabilityServer:
         self.ready = ready
         self.routes = dict(routes or {})
         self.streams = dict(streams or {})
+        self._live: set[asyncio.StreamWriter] = set()  # open streams, ended at close()
         self._server: asyncio.Server | None = None
 
     @property
@@ -77,6 +78,8 @@ class ObservabilityServer:
         )
 
     async def close(self) -> None:
+        for w in list(self._live):  # a follower would otherwise outlive the server
+            w.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -127,6 +130,7 @@ class ObservabilityServer:
         # means it is gone, and the stream stops at once rather than at its next write.
         gone = asyncio.ensure_future(reader.read(1))
         it = aiter(chunks)
+        self._live.add(writer)
         try:
             writer.write(head)
             await asyncio.wait_for(writer.drain(), STREAM_STALL)
@@ -146,6 +150,7 @@ class ObservabilityServer:
         except TimeoutError:
             log.info("stream %s: reader took nothing for %.0fs; cut", req.path, STREAM_STALL)
         finally:
+            self._live.discard(writer)
             gone.cancel()
             await asyncio.gather(gone, return_exceptions=True)
             aclose = getattr(it, "aclose", None)

@@ -3,6 +3,7 @@ listener, and --flow-buffer-size 0 turning recording off."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -39,6 +40,13 @@ def test_flows_on_admin_and_a_read_only_flows_port(tmp_path: Path) -> None:
         assert status(fport, "/flows?last=5") == 200
         assert status(fport, "/config_dump") == 404  # only the stream, nothing else
         assert status(fport, "/logging?level=debug") == 404
+        # a follower still connected does not hold up shutdown
+        follower = socket.create_connection(("127.0.0.1", int(ports["admin"])), timeout=10)
+        follower.sendall(b"GET /flows?follow=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert follower.recv(100).startswith(b"HTTP/1.1 200")
+        proc.terminate()
+        assert proc.wait(15) == 0
+        follower.close()
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
