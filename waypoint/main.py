@@ -166,12 +166,12 @@ async def run(config: WaypointConfig) -> None:
             if flows_srv is not None:
                 await flows_srv.start()
             tag = f"waypoint {config.namespace}/{config.name}"
-            if flows_srv is not None:
-                print(f"{tag}: flows on {flows_srv.port}", flush=True)
             print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
             print(f"{tag}: readiness on {ready.port}", flush=True)
             print(f"{tag}: metrics on {met.port}", flush=True)
             print(f"{tag}: admin on {admin.port}", flush=True)
+            if flows_srv is not None:
+                print(f"{tag}: flows on {flows_srv.port}", flush=True)
             logging.getLogger("waypoint").info("limits: %s", wp.limits.as_dict())
             if source is not None:
                 tg.create_task(source.run())
