@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,6 +25,7 @@ from meshctl.observe.sources import (
     follow,
     kube_sources,
     lab_sources,
+    merged,
 )
 
 __all__ = ["observe_flows", "register", "show_lab_flows"]
@@ -209,16 +211,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print("meshctl observe ui: not available in this build", file=sys.stderr)
         return 1
     params = params_from_args(args)
+    if params.last is None:  # open on the recent past, then live
+        params = dataclasses.replace(params, last=500)
+    params = dataclasses.replace(params, follow=True)
 
-    async def run() -> int:
+    def listening(host: str, port: int) -> None:
+        print(f"meshctl observe ui: http://{host}:{port}/", flush=True)
+
+    async def run() -> None:
         async with open_sources(args) as sources:
-            code: int = await serve_ui(
-                sources=sources, params=params, host=args.listen[0], port=args.listen[1]
+            await serve_ui(
+                lambda: merged(sources, params, _warn),
+                args.listen[0],
+                args.listen[1],
+                on_listening=listening,
             )
-            return code
 
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(run())
+        asyncio.run(run())
+        return 0
     return 130
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "follow",
     "kube_sources",
     "lab_sources",
+    "merged",
 ]
 
 CONNECT_TIMEOUT = 5.0
@@ -315,3 +316,35 @@ async def follow(sources: Sequence[Source], params: FlowStreamParams, emit: Any,
     async with asyncio.TaskGroup() as tg:
         for s in sources:
             tg.create_task(one(s))
+
+
+async def merged(
+    sources: Sequence[Source], params: FlowStreamParams, warn: Any, *, buffer: int = 10_000
+) -> AsyncIterator[Flow]:
+    """Every source's flows as one stream (the UI's input), as they come. A consumer slower
+    than the sources loses the newest flows past `buffer`, with a warning, rather than
+    holding any source back."""
+    queue: asyncio.Queue[Flow] = asyncio.Queue(buffer)
+    dropped = 0
+
+    def emit(f: Flow) -> None:
+        nonlocal dropped
+        try:
+            queue.put_nowait(f)
+        except asyncio.QueueFull:
+            dropped += 1
+            if dropped == 1 or dropped % 1000 == 0:
+                warn(f"display behind: {dropped} flow(s) dropped")
+
+    task = asyncio.ensure_future(follow(sources, params, emit, warn))
+    try:
+        while not (task.done() and queue.empty()):
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait((getter, task), return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -189,3 +189,40 @@ def test_map_and_ui_say_when_they_are_not_there() -> None:
         if importlib.util.find_spec(f"meshctl.observe.{sub}") is not None:
             continue  # built by its own helper: tested there
         assert main(["observe", sub, "--address", "127.0.0.1:1"]) == 1
+
+
+def test_merged_fans_in_every_source_as_flows_come() -> None:
+    """The UI's input: one stream of every proxy's flows, a dead source only warned about."""
+    from mesh.flows import FlowStreamParams
+    from meshctl.observe.sources import AddressSource, merged
+
+    async def main() -> None:
+        r1, r2 = FlowRing(10), FlowRing(10)
+        r1.record(flow(1))
+        async with server(r1) as s1, server(r2) as s2:
+            warnings: list[str] = []
+            sources = [
+                AddressSource("a", host="127.0.0.1", port=s1.port),
+                AddressSource("b", host="127.0.0.1", port=s2.port),
+                AddressSource("dead", host="127.0.0.1", port=1),
+            ]
+            params = FlowStreamParams(last=5, follow=True)
+            it = aiter(merged(sources, params, warnings.append))
+            first = await asyncio.wait_for(anext(it), 10)
+            assert first.src_pod == "sleep-1"
+            for _ in range(100):
+                if r2.readers:
+                    break
+                await asyncio.sleep(0.05)
+            r2.record(flow(2))
+            second = await asyncio.wait_for(anext(it), 10)
+            assert second.src_pod == "sleep-2"
+            assert any(w.startswith("dead:") for w in warnings)
+            await it.aclose()  # type: ignore[attr-defined]
+            for _ in range(100):  # closing the merge closes every stream it opened
+                if not (r1.readers or r2.readers):
+                    break
+                await asyncio.sleep(0.05)
+            assert r1.readers == 0 and r2.readers == 0
+
+    asyncio.run(main())
