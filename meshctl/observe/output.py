@@ -14,6 +14,14 @@ __all__ = ["FORMATS", "compact", "render", "table"]
 FORMATS = ("compact", "json", "table")
 
 
+def _safe(text: str) -> str:
+    """Names, paths and identities come from pods and peers: never let one write terminal
+    control sequences (ESC, CR, ...) to the operator's screen."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _stamp(t: float) -> str:
     return time.strftime("%b %d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
@@ -69,11 +77,13 @@ def compact(f: Flow) -> str:
     if l7:
         parts.append(l7)
     parts.append(_ms(f.duration_ms))
-    return " ".join(parts)
+    return _safe(" ".join(parts))
 
 
 def table(flows: Iterable[Flow]) -> str:
-    rows = [("TIME", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY", "DURATION")]
+    rows: list[tuple[str, ...]] = [
+        ("TIME", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY", "DURATION")
+    ]
     for f in flows:
         dst = _end(f.dst_namespace, f.dst_pod, f.dst_ip, f.dst_port)
         summary = _l7(f) or (f"{f.bytes_sent}B -> {f.bytes_received}B <-")
@@ -82,8 +92,9 @@ def table(flows: Iterable[Flow]) -> str:
             verdict += f" {f.policy}"
         if f.reason:
             verdict += f" ({f.reason})"
-        rows.append((_stamp(f.time), _end(f.src_namespace, f.src_pod, f.src_ip, f.src_port),
-                     dst, _kind(f), verdict, summary, _ms(f.duration_ms)))  # fmt: skip
+        row = (_stamp(f.time), _end(f.src_namespace, f.src_pod, f.src_ip, f.src_port),
+               dst, _kind(f), verdict, summary, _ms(f.duration_ms))  # fmt: skip
+        rows.append(tuple(_safe(c) for c in row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows

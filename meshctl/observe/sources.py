@@ -71,7 +71,7 @@ class Source:
                     self.lost += n if isinstance(n, int) else 0
                     continue
                 f = Flow.from_dict(d)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: hostile nesting
                 self.bad_lines += 1
                 continue
             yield f

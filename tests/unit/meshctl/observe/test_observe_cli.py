@@ -132,3 +132,10 @@ def test_lab_sources_are_every_node_and_every_waypoint(tmp_path: Path) -> None:
 def test_missing_lab_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["observe", "--lab", "nolab", "--state-root", str(tmp_path)]) == 2
     assert "no lab state" in capsys.readouterr().err
+
+
+def test_hostile_names_cannot_drive_the_terminal() -> None:
+    evil = f(NOW, src_pod="x\x1b[2J\x1b]0;pwned\x07", path="/a\rb", method="GET", status=200)
+    for text in (output.compact(evil), output.table([evil])):
+        assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+        assert "\\x1b[2J" in text  # shown, escaped
