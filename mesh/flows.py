@@ -7,7 +7,11 @@ ring stores the `Flow` objects the proxies build (slots, flat fields, no nested 
 the JSON form (`to_dict`, the shared contract) is only built when a reader asks.
 
 Everything here runs on the process's event loop. Code on another thread (a BPF event
-reader) hands its flows over with `loop.call_soon_threadsafe(ring.record, flow)`.
+reader) hands its flows over with `loop.call_soon_threadsafe(ring.record, flow)`; a flow that
+happened earlier than it is recorded (a kernel drop read from a ring buffer) carries its own
+`time`, e.g. `Flow(time=t, verdict="DROPPED", reason="ztunnel unavailable", node=ring.node,
+reporter="ztunnel", proxy=ring.proxy, src_ip=..., dst_ip=..., dst_port=...)`. In ztunnel the
+ring is `Ztunnel.flows` (also `Node.flows` when recording is on).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -377,10 +381,6 @@ class FlowFilter:
             q["until"] = repr(self.until)
         return q
 
-    @property
-    def empty(self) -> bool:
-        return self == _EVERYTHING
-
     def matches(self, f: Flow) -> bool:
         if self.since is not None and f.time < self.since:
             return False
@@ -415,9 +415,6 @@ class FlowFilter:
             if s is None or not any(lo <= s <= hi for lo, hi in self.http_status):
                 return False
         return True
-
-
-_EVERYTHING = FlowFilter()
 
 
 def _pod_in(refs: Iterable[tuple[str | None, str]], ns: str | None, pod: str | None) -> bool:
@@ -625,7 +622,3 @@ def flows_route(ring: FlowRing) -> Callable[[Mapping[str, str]], tuple[str, Asyn
         return NDJSON, flow_lines(ring, params)
 
     return route
-
-
-def flow_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Flow))
