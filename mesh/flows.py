@@ -56,6 +56,7 @@ REASONS = {
     "UF": "refused",
     "URX": "refused",
     "UO": "overload",
+    "OM": "overload",
     "DT": "handshake timeout",
     "DC": "downstream closed",
     "UT": "upstream timeout",

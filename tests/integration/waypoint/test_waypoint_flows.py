@@ -62,3 +62,15 @@ async def test_recording_off_keeps_nothing(mesh: Mesh) -> None:
     assert (await mesh.get("/get")).status == 200
     await asyncio.sleep(0.1)
     assert len(mesh.waypoint.flows) == 0
+
+
+async def test_overload_refusal_is_dropped_with_its_reason(mesh: Mesh) -> None:
+    mesh.waypoint.inbound.active = 10**6  # as if max_connections were all taken
+    try:
+        r = await mesh.get("/get")
+    except (OSError, ConnectionError):
+        r = None
+    assert r is None or r.status != 200
+    f = next(f for f in await flows_of(mesh.waypoint.flows, 1) if f.verdict == "DROPPED")
+    assert f.reason == "overload" and f.dst_service == f"echo.{NS}"
+    mesh.waypoint.inbound.active = 0
