@@ -13,8 +13,9 @@ import time
 from mesh.flows import FilterError, Flow, FlowStreamParams, parse_time
 from meshctl.errors import UsageError
 
-__all__ = ["add_filter_args", "params_from_args", "parse_since", "select"]
+__all__ = ["DEFAULT_LAST", "add_filter_args", "params_from_args", "parse_since", "select"]
 
+DEFAULT_LAST = 20
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -40,7 +41,10 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol", **multi, help="tcp, http (http/1.1 or h2), http/1.1, h2, grpc")  # type: ignore[arg-type]
     g.add_argument("--http-status", **multi, help="200, or a class: 5+ / 5xx")  # type: ignore[arg-type]
     g.add_argument("--since", help="only flows since: 5m, 30s, 2h, or an ISO 8601 time")
-    g.add_argument("--last", type=int, metavar="N", help="the N most recent matching flows")
+    g.add_argument("--last", type=int, metavar="N",
+                   help=f"the N most recent matching flows (default {DEFAULT_LAST} unless "
+                   "--follow or --since, as hubble observe)")  # fmt: skip
+    g.add_argument("--all", action="store_true", help="every buffered flow, not the last N")
     g.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
 
 
@@ -59,6 +63,10 @@ def params_from_args(args: argparse.Namespace, *, now: float | None = None) -> F
         except ValueError as exc:
             raise UsageError(f"--since: {exc}") from None
     last = getattr(args, "last", None)
+    if last is None and not (
+        since or getattr(args, "follow", False) or getattr(args, "all", False)
+    ):
+        last = DEFAULT_LAST
     if last is not None:
         q["last"] = str(last)
     if getattr(args, "follow", False):

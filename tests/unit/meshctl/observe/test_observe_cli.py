@@ -73,6 +73,13 @@ def f(t: float, **kw: object) -> Flow:
     return Flow(**base)  # type: ignore[arg-type]
 
 
+def test_default_is_the_last_20_like_hubble() -> None:
+    assert params_from_args(args()).last == 20
+    assert params_from_args(args("--all")).last is None
+    assert params_from_args(args("-f")).last is None
+    assert params_from_args(args("--since", "1m")).last is None
+
+
 def test_last_is_across_all_sources_oldest_first() -> None:
     flows = [f(3), f(1), f(2, verdict="DENIED"), f(4)]
     p = params_from_args(args("--last", "2"))
