@@ -23,7 +23,7 @@ class Accounting:
 
     __slots__ = (
         "connected_at", "destination", "done", "flows", "labels", "metrics", "record", "source",
-        "started", "upstream",
+        "src_port", "started", "upstream",
     )  # fmt: skip
 
     def __init__(
@@ -43,6 +43,7 @@ class Accounting:
         source: Pod | None = None,
         destination: Pod | None = None,
         upstream: tuple[str, int] | None = None,
+        src_port: int | None = None,
     ) -> None:
         self.metrics = metrics
         self.labels = labels
@@ -55,6 +56,7 @@ class Accounting:
         self.source = source
         self.destination = destination
         self.upstream = upstream  # where it went after service resolution (flow's destination)
+        self.src_port = src_port
         self.record: dict[str, object] = {
             "reporter": reporter,
             "src": src,
@@ -150,6 +152,7 @@ class Accounting:
             src_pod=src.name if src is not None else None,
             src_identity=_str(rec["src_identity"]),
             src_ip=_str(rec["src"]),
+            src_port=self.src_port,
             dst_namespace=dst.namespace if dst is not None else None,
             dst_pod=dst.name if dst is not None else None,
             dst_identity=_str(rec["dst_identity"]),

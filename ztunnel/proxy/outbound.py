@@ -87,6 +87,13 @@ def route_outbound(
     return Route("hbone", ip, port, hop[0], hop[1], svc, dst)
 
 
+def _peer_port(ep: TcpEndpoint) -> int | None:
+    """The app's own source port (the redirected socket's peer), for the flow record."""
+    t = ep.transport
+    peer = t.get_extra_info("peername") if t is not None else None
+    return int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+
 class Outbound(Redirected):
     """The outbound role. Node-level listener: the source pod is found by the connection's
     source address. In-pod listener (`pod_key`): the source is that pod, whatever address the
@@ -125,6 +132,7 @@ class Outbound(Redirected):
             service=r.service.hostname if r.service else None,
             mtls=mtls,
             flows=node.flows, source=src, destination=r.dst_pod, upstream=(r.ip, r.port),
+            src_port=_peer_port(ep) if node.flows is not None else None,
         )  # fmt: skip
         upstream: Endpoint
         try:

@@ -52,6 +52,7 @@ async def test_forwarded_connection_is_one_flow_at_each_end(
         assert f.duration_ms is not None and f.latency_ms is not None
         assert f.latency_ms <= f.duration_ms
     assert out.dst_service == "echo.shop" and out.node == "n1" and out.proxy == "ztunnel-n1"
+    assert out.src_port is not None and out.src_port > 0  # the app's own port
     assert inb.src_identity == WEB and inb.node == "n2"
     line = compact(out)
     assert "shop/web" in line and "-> shop/echo:" in line and "FORWARDED (mTLS)" in line
