@@ -407,6 +407,7 @@ class RequestHandler:
         for mod in mods:
             headers = modify_headers(headers, mod)
         out.status = resp.status
+        out.head_at = time.monotonic()
         up = att.up
         first = b"" if resp.end_stream else up.body.read_nowait()
         await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first)
@@ -440,6 +441,7 @@ class RequestHandler:
     ) -> None:
         """A response the waypoint makes itself (denial, redirect, errors)."""
         out.status = status
+        out.head_at = time.monotonic()
         if flag != "-":
             out.flag = flag
         data = text.encode()
@@ -512,6 +514,7 @@ class RequestHandler:
             self.flows.record_lazy(
                 self._build_flow, time.time(), ctx, r.method, r.path, r.status or None, None,
                 "DROPPED", REASONS.get(r.flag, r.reason), None, None, 0.0, 0, 0, "http/1.1", None,
+                None,
             )  # fmt: skip
         if ctx is None or not r.log:
             return
@@ -592,10 +595,11 @@ class RequestHandler:
                 verdict, reason = "DROPPED", REASONS.get(out.flag, out.flag)
             else:
                 verdict, reason = "FORWARDED", None
+            latency = duration - (time.monotonic() - out.head_at) if out.head_at else None
             self.flows.record_lazy(
                 self._build_flow, time.time(), ctx, req.method, req.path, out.status or None,
                 out.grpc_status, verdict, reason, out.policy, t, duration, req_bytes, resp_bytes,
-                "grpc" if grpc else ex.protocol, req.host,
+                "grpc" if grpc else ex.protocol, req.host, latency,
             )  # fmt: skip
         account_request(
             self.metrics,
@@ -638,6 +642,7 @@ class RequestHandler:
         received: int,
         protocol: str,
         authority: str | None,
+        latency: float | None,
     ) -> Flow:
         """One request's flow (`mesh.flows`), built from what `record_lazy` kept, only when a
         reader asks."""
@@ -661,7 +666,8 @@ class RequestHandler:
                 authority=authority, path=path, status=status,
                 grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
                 policy=policy, reason=reason, mtls=True, duration_ms=duration * 1000.0,
-                latency_ms=duration * 1000.0, bytes_sent=sent, bytes_received=received,
+                latency_ms=None if latency is None else max(0.0, latency) * 1000.0,
+                bytes_sent=sent, bytes_received=received,
         )  # fmt: skip
 
 
@@ -693,6 +699,7 @@ class _Outcome:
     target: Target | None = None
     retries: int = 0
     grpc_status: str | None = None
+    head_at: float = 0.0  # monotonic time the response head went out (the flow's latency)
 
 
 def upstream_protocol(ex: ServerExchange) -> str:

@@ -31,6 +31,7 @@ async def test_each_request_is_a_flow_with_its_l7_fields(mesh: Mesh) -> None:
     assert f.dst_service == f"echo.{NS}" and f.dst_pod in ("echo-v1", "echo-v2")
     assert f.src_identity is not None and f.src_identity.startswith("spiffe://")
     assert f.bytes_received > 0 and f.duration_ms is not None
+    assert f.latency_ms is not None and 0 <= f.latency_ms <= f.duration_ms  # head, then body
     d = f.to_dict()
     assert d["l7"]["method"] == "GET" and d["destination"]["service"] == f"echo.{NS}"
     assert "http-request FORWARDED (mTLS) GET /get => 200" in compact(f)
