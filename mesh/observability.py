@@ -5,6 +5,12 @@ Not a hot path, so it stays simple: asyncio streams, one request per connection
 It must never crash the proxy: every malformed or oversized request gets a 4xx and the
 connection is closed; a failing handler is a 500.
 Admin defaults to loopback (DESIGN.md: 15000 is loopback-only) because `/logging` changes state.
+
+Streams (`streams=`, e.g. ztunnel's `/flows`) are the one exception to "one short answer": the
+body is close-delimited and written as the handler yields it. A stream must not cost the proxy
+more than one bounded transport buffer per reader: each write waits for `drain()` (so a slow
+reader only slows its own stream, and a stalled one is cut after `STREAM_STALL`), and the
+stream ends as soon as the reader hangs up.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from mesh.config.dump import snapshot_to_json
@@ -23,10 +29,14 @@ from mesh.metrics import MeshMetrics
 
 log = logging.getLogger("mesh.observability")
 
-__all__ = ["JsonHandler", "ObservabilityServer", "admin_routes"]
+__all__ = ["STREAM_STALL", "JsonHandler", "ObservabilityServer", "StreamHandler", "admin_routes"]
 
 # A route handler gets the query parameters and returns (status, JSON-able body).
 JsonHandler = Callable[[Mapping[str, str]], tuple[int, Any]]
+# A stream handler gets the query parameters and returns the body's chunks; it raises
+# HttpError (or ValueError: a 400) at once, before any chunk, for parameters it refuses.
+StreamHandler = Callable[[Mapping[str, str]], tuple[str, AsyncIterator[bytes]]]
+STREAM_STALL = 30.0  # a stream reader that takes no bytes for this long is cut
 
 _MAX_HEAD = 16 * 1024
 _READ_TIMEOUT = 10.0
@@ -41,12 +51,15 @@ class ObservabilityServer:
         metrics: MeshMetrics | None = None,
         ready: Callable[[], bool] | None = None,
         routes: Mapping[str, JsonHandler] | None = None,
+        streams: Mapping[str, StreamHandler] | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.metrics = metrics
         self.ready = ready
         self.routes = dict(routes or {})
+        self.streams = dict(streams or {})
+        self._live: set[asyncio.StreamWriter] = set()  # open streams, ended at close()
         self._server: asyncio.Server | None = None
 
     @property
@@ -65,6 +78,8 @@ class ObservabilityServer:
         )
 
     async def close(self) -> None:
+        for w in list(self._live):  # a follower would otherwise outlive the server
+            w.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -81,9 +96,12 @@ class ObservabilityServer:
         text = "text/plain; charset=utf-8"
         try:
             try:
-                status, ctype, body, head_only = self._respond(
-                    await read_request(reader, within=_READ_TIMEOUT)
-                )
+                req = await read_request(reader, within=_READ_TIMEOUT)
+                stream = self.streams.get(req.path) if req.method == "GET" else None
+                if stream is not None:
+                    await self._stream(stream, req, reader, writer)
+                    return
+                status, ctype, body, head_only = self._respond(req)
             except HttpError as exc:
                 status, ctype, body, head_only = exc.status, text, f"{exc}\n".encode(), False
             await send_and_close(writer, render(status, ctype, body, head_only=head_only))
@@ -91,6 +109,53 @@ class ObservabilityServer:
             await send_and_close(writer, b"")
         except Exception:  # never let one request take the server down
             log.exception("observability request failed")
+            await send_and_close(writer, b"")
+
+    async def _stream(
+        self,
+        handler: StreamHandler,
+        req: Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        try:
+            ctype, chunks = handler(req.query)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        head = (
+            f"HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncache-control: no-cache\r\n"
+            "connection: close\r\n\r\n"
+        ).encode()
+        # The reader has nothing more to say after its request: EOF (or anything) from it
+        # means it is gone, and the stream stops at once rather than at its next write.
+        gone = asyncio.ensure_future(reader.read(1))
+        it = aiter(chunks)
+        self._live.add(writer)
+        try:
+            writer.write(head)
+            await asyncio.wait_for(writer.drain(), STREAM_STALL)
+            while True:
+                nxt = asyncio.ensure_future(anext(it))
+                await asyncio.wait((nxt, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    break
+                try:
+                    chunk = nxt.result()
+                except StopAsyncIteration:
+                    break
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), STREAM_STALL)
+        except TimeoutError:
+            log.info("stream %s: reader took nothing for %.0fs; cut", req.path, STREAM_STALL)
+        finally:
+            self._live.discard(writer)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
             await send_and_close(writer, b"")
 
     def _respond(self, req: Request) -> tuple[int, str, bytes, bool]:

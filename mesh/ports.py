@@ -13,6 +13,7 @@ HBONE_PORT = 15008  # inbound HBONE (mTLS HTTP/2 CONNECT): nodes, pods, waypoint
 CA_PORT = 15012  # the CA service
 METRICS_PORT = 15020  # Prometheus scrape
 READINESS_PORT = 15021  # /healthz/ready
+FLOWS_PORT = 15030  # /flows only, read-only, when --flows-addr opens it (Kubernetes pods/proxy)
 
 # What the eBPF redirect never captures: the proxies' own ports (capturing them would loop).
 PROXY_PORTS = (

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "meshctl.install",
     "meshctl.image",
     "meshctl.lab.cli",
+    "meshctl.observe.cli",
     "benchmarks.suite",
 )
 

@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.flows import DEFAULT_FLOW_BUFFER_SIZE
 from mesh.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 from waypoint.limits import Limits
 
@@ -49,10 +50,12 @@ class WaypointConfig:
     metrics_addr: Addr = ("0.0.0.0", METRICS_PORT)
     readiness_addr: Addr = ("0.0.0.0", READINESS_PORT)
     admin_addr: Addr = ("127.0.0.1", ADMIN_PORT)
+    flows_addr: Addr | None = None  # a read-only /flows listener besides the admin port
     log_level: str = "info"
     otlp_endpoint: Addr | None = None  # OTLP/gRPC collector for spans; None: access log only
     forwarded: bool = False  # append an RFC 7239 `Forwarded` element to forwarded requests
     trace_sampling: float = 100.0  # percent of the traces the waypoint starts that are sampled
+    flow_buffer_size: int = DEFAULT_FLOW_BUFFER_SIZE  # recent flows kept (/flows); 0: off
     # what one client may cost: --max-header-bytes, --max-headers, --headers-timeout,
     # --idle-timeout, --max-concurrent-streams, --max-connections
     limits: Limits = field(default_factory=Limits)
@@ -76,6 +79,8 @@ class WaypointConfig:
         addrs: dict[str, Addr] = {}
         for flag in ("readiness_addr", "hbone_addr", "metrics_addr", "admin_addr"):
             addrs[flag] = _addr("--" + flag.replace("_", "-"), getattr(args, flag))
+        if not 0 <= args.flow_buffer_size <= 1 << 20:
+            raise WaypointConfigError("--flow-buffer-size must be 0 (off) .. 1048576")
         if bool(args.ca_dir) == bool(args.ca):
             raise WaypointConfigError("give --ca-dir or --ca (the CA signing our SVID)")
         ca: Addr | None = None
@@ -114,11 +119,13 @@ class WaypointConfig:
             metrics_addr=addrs["metrics_addr"],
             readiness_addr=addrs["readiness_addr"],
             admin_addr=addrs["admin_addr"],
+            flows_addr=_addr("--flows-addr", args.flows_addr) if args.flows_addr else None,
             log_level=args.log_level,
             limits=limits,
             otlp_endpoint=otlp,
             forwarded=args.forwarded,
             trace_sampling=args.trace_sampling,
+            flow_buffer_size=args.flow_buffer_size,
         )
 
 

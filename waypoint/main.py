@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -23,11 +24,13 @@ from datetime import timedelta
 from certs.ca import CertificateAuthority
 from mesh import otlp, process
 from mesh.config.source import ConfigStore, FileSource
+from mesh.flows import FlowRing, flows_route
 from mesh.identity.caclient import CaClient
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
 from mesh.otlp import OtlpExporter
+from mesh.ports import FLOWS_PORT
 from waypoint.config import WaypointConfig, WaypointConfigError, host_port
 from waypoint.proxy import Waypoint
 
@@ -60,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", default=host_port(c.metrics_addr))
     p.add_argument("--readiness-addr", default=host_port(c.readiness_addr))
     p.add_argument("--admin-addr", default=host_port(c.admin_addr), help="/config_dump, /logging")
+    p.add_argument(
+        "--flows-addr",
+        help="also serve the flow stream (only /flows, read-only) here, e.g. for the API "
+        f"server's pods/proxy (0.0.0.0:{FLOWS_PORT}); default: admin port only",
+    )
+    p.add_argument(
+        "--flow-buffer-size",
+        type=int,
+        default=c.flow_buffer_size,
+        help="recent flows kept for `meshctl observe` (admin /flows); 0 turns recording off",
+    )
     p.add_argument(
         "--log-level", default=c.log_level, choices=["debug", "info", "warning", "error"]
     )
@@ -149,6 +163,11 @@ async def run(config: WaypointConfig) -> None:
             scope="ambientmesh.waypoint",
         )
         exporter.start()  # main() checked that the extra is installed
+    flows = FlowRing(
+        config.flow_buffer_size,
+        node=os.environ.get("NODE_NAME", ""),
+        proxy=f"waypoint-{config.namespace}-{config.name}",
+    )
     wp = Waypoint(
         config.namespace,
         config.name,
@@ -162,6 +181,7 @@ async def run(config: WaypointConfig) -> None:
         exporter=exporter,
         forwarded=config.forwarded,
         trace_sampling=config.trace_sampling / 100.0,
+        flows=flows,
     )
     listener = await wp.listen(*config.hbone_addr)
     ready = ObservabilityServer(*config.readiness_addr, ready=lambda: True)
@@ -169,20 +189,32 @@ async def run(config: WaypointConfig) -> None:
     admin = ObservabilityServer(
         *config.admin_addr,
         routes=admin_routes(lambda: store.current, lambda: {"limits": wp.limits.as_dict()}),
+        streams={"/flows": flows_route(flows)},
+    )
+    flows_srv = (
+        ObservabilityServer(*config.flows_addr, streams={"/flows": flows_route(flows)})
+        if config.flows_addr is not None
+        else None
     )
     try:
         async with ready, met, admin, asyncio.TaskGroup() as tg:
+            if flows_srv is not None:
+                await flows_srv.start()
             tag = f"waypoint {config.namespace}/{config.name}"
             print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
             print(f"{tag}: readiness on {ready.port}", flush=True)
             print(f"{tag}: metrics on {met.port}", flush=True)
             print(f"{tag}: admin on {admin.port}", flush=True)
+            if flows_srv is not None:
+                print(f"{tag}: flows on {flows_srv.port}", flush=True)
             logging.getLogger("waypoint").info("limits: %s", wp.limits.as_dict())
             if source is not None:
                 tg.create_task(source.run())
             tg.create_task(identities.run())
             await asyncio.Event().wait()
     finally:
+        if flows_srv is not None:
+            await flows_srv.close()
         listener.close()
         await wp.close()
         if exporter is not None:

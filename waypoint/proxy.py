@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Mapping
 
 from mesh.config.snapshot import Snapshot
+from mesh.flows import FlowRing
 from mesh.hbone import HbonePool, serve
 from mesh.hbone.pool import Listener
 from mesh.identity.manager import Identities
@@ -67,6 +68,7 @@ class Waypoint:
         exporter: OtlpExporter | None = None,
         forwarded: bool = False,
         trace_sampling: float = 1.0,
+        flows: FlowRing | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -81,6 +83,7 @@ class Waypoint:
         self.upstreams = Upstreams(
             self.pool, self.identity, snapshot, hbone_port=hbone_port, node_ports=node_ports
         )
+        self.flows = flows if flows is not None else FlowRing(proxy=f"waypoint-{namespace}")
         # `Forwarded: by=` names this waypoint by an RFC 7239 obfuscated identifier: its
         # address says nothing useful to a backend (and may be any of the pod's).
         self.handler = RequestHandler(
@@ -91,6 +94,7 @@ class Waypoint:
             exporter=exporter,
             forwarded_by=f"_{name}.{namespace}" if forwarded else None,
             trace_sampling=trace_sampling,
+            flows=self.flows,
         )
         self.limits = limits or Limits()
         self.inbound = WaypointInbound(namespace, name, self.routes, self.handler, self.limits)

@@ -37,6 +37,7 @@ from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, RequestAuth, authorize
 from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeouts, Service
 from mesh.config.snapshot import PolicySet
+from mesh.flows import REASONS, Flow, FlowRing
 from mesh.hbone import HboneError
 from mesh.metrics import ConnectionLabels, MeshMetrics
 from mesh.netpolicy import HttpRules
@@ -181,9 +182,11 @@ class RequestHandler:
         exporter: OtlpExporter | None = None,
         forwarded_by: str | None = None,
         trace_sampling: float = 1.0,
+        flows: FlowRing | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
+        self.flows = flows if flows is not None and flows.size else None  # None: not recorded
         self.trust_domain = trust_domain
         self.rng = rng or random.Random()
         self.retry_buffer = retry_buffer
@@ -505,6 +508,7 @@ class RequestHandler:
         for mod in mods:
             headers = modify_headers(headers, mod)
         out.status = resp.status
+        out.head_at = time.monotonic()
         up = att.up
         first = b"" if resp.end_stream else up.body.read_nowait()
         await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first)
@@ -538,6 +542,7 @@ class RequestHandler:
     ) -> None:
         """A response the waypoint makes itself (denial, redirect, errors)."""
         out.status = status
+        out.head_at = time.monotonic()
         if flag != "-":
             out.flag = flag
         data = text.encode()
@@ -623,6 +628,12 @@ class RequestHandler:
         Counted in `ambientmesh_waypoint_refused_total{reason,response_flags}` always, and in
         istio_requests_total when there was a request to speak of (an HTTP status)."""
         self.refused_c.labels(r.reason, r.flag).inc()
+        if ctx is not None and self.flows is not None:
+            self.flows.record_lazy(
+                self._build_flow, time.time(), ctx, r.method, r.path, r.status or None, None,
+                "DROPPED", REASONS.get(r.flag, r.reason), None, None, 0.0, 0, 0, "http/1.1", None,
+                None,
+            )  # fmt: skip
         if ctx is None or not r.log:
             return
         snap = ctx.routes.snapshot
@@ -697,6 +708,19 @@ class RequestHandler:
             )
         req_bytes = body.rec.size
         resp_bytes = ex.bytes_sent
+        if self.flows is not None:
+            if out.flag == "DENY":
+                verdict, reason = "DENIED", None
+            elif t is None or not out.status or out.flag in REASONS:
+                verdict, reason = "DROPPED", REASONS.get(out.flag, out.flag)
+            else:
+                verdict, reason = "FORWARDED", None
+            latency = duration - (time.monotonic() - out.head_at) if out.head_at else None
+            self.flows.record_lazy(
+                self._build_flow, time.time(), ctx, req.method, req.path, out.status or None,
+                out.grpc_status, verdict, reason, out.policy, t, duration, req_bytes, resp_bytes,
+                "grpc" if grpc else ex.protocol, req.host, latency,
+            )  # fmt: skip
         account_request(
             self.metrics,
             labels,
@@ -791,6 +815,51 @@ class RequestHandler:
             error,
         )
 
+    def _build_flow(
+        self,
+        now: float,
+        ctx: StreamContext,
+        method: str | None,
+        path: str | None,
+        status: int | None,
+        grpc_status: str | None,
+        verdict: str,
+        reason: str | None,
+        policy: str | None,
+        t: Target | None,
+        duration: float,
+        sent: int,
+        received: int,
+        protocol: str,
+        authority: str | None,
+        latency: float | None,
+    ) -> Flow:
+        """One request's flow (`mesh.flows`), built from what `record_lazy` kept, only when a
+        reader asks."""
+        flows = self.flows
+        assert flows is not None
+        snap = ctx.routes.snapshot
+        src = snap.pod_by_ip(ctx.src_ip)
+        dst = t.pod if t is not None else None
+        svc = ctx.service
+        return Flow(
+                time=now, verdict=verdict, node=flows.node or None, reporter="waypoint",
+                proxy=flows.proxy or None,
+                src_namespace=src.namespace if src is not None else ctx.caller_ns,
+                src_pod=src.name if src is not None else None, src_identity=ctx.caller,
+                src_ip=ctx.src_ip,
+                dst_namespace=dst.namespace if dst is not None else svc.namespace,
+                dst_pod=dst.name if dst is not None else None,
+                dst_identity=snap.identity(dst) if dst is not None else None,
+                dst_ip=t.ip if t is not None else None, dst_port=t.port if t is not None else None,
+                dst_service=f"{svc.name}.{svc.namespace}", protocol=protocol, method=method,
+                authority=authority, path=path, status=status,
+                grpc_status=int(grpc_status) if grpc_status and grpc_status.isdigit() else None,
+                policy=policy, reason=reason, mtls=True, duration_ms=duration * 1000.0,
+                latency_ms=None if latency is None else max(0.0, latency) * 1000.0,
+                bytes_sent=sent, bytes_received=received,
+        )  # fmt: skip
+
 
 def _refused_counter(metrics: MeshMetrics) -> Any:
     """One counter per registry, however many handlers share it (tests build several)."""
@@ -856,6 +925,7 @@ class _Outcome:
     route: str | None = None  # namespace/name of the route that matched
     retry_skipped: str | None = None
     mirror_skipped: str | None = None
+    head_at: float = 0.0  # monotonic time the response head went out (the flow's latency)
 
 
 def upstream_protocol(ex: ServerExchange) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from mesh.flows import DEFAULT_FLOW_BUFFER_SIZE
 from mesh.hbone import HboneLimits
 from mesh.ports import ADMIN_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
 
@@ -38,6 +39,7 @@ class ZtunnelConfig:
     outbound_addr: Addr | None = None
     inbound_plaintext_addr: Addr | None = None
     admin_addr: Addr = ("127.0.0.1", ADMIN_PORT)
+    flows_addr: Addr | None = None  # a read-only /flows listener besides the admin port
     metrics_addr: Addr = ("0.0.0.0", METRICS_PORT)
     readiness_addr: Addr = ("0.0.0.0", READINESS_PORT)
     # in-pod listeners and redirection
@@ -54,6 +56,7 @@ class ZtunnelConfig:
     # --max-connections; and the upstream dials under way at once
     limits: HboneLimits = field(default_factory=HboneLimits)
     max_pending_dials: int = 1024
+    flow_buffer_size: int = DEFAULT_FLOW_BUFFER_SIZE  # recent flows kept; 0: not recorded
     log_level: str = "info"
     log_format: str = "text"
     # kTLS: the operator's choice, and what it resolved to on this kernel at start
@@ -79,6 +82,7 @@ class ZtunnelConfig:
             outbound_addr=args.outbound_addr,
             inbound_plaintext_addr=args.inbound_plaintext_addr,
             admin_addr=args.admin_addr,
+            flows_addr=args.flows_addr,
             metrics_addr=args.metrics_addr,
             readiness_addr=args.readiness_addr,
             enrol_socket=args.enrol_socket,
@@ -97,6 +101,7 @@ class ZtunnelConfig:
                 max_connections=args.max_connections,
             ),
             max_pending_dials=args.max_pending_dials,
+            flow_buffer_size=args.flow_buffer_size,
             log_level=args.log_level,
             log_format=args.log_format,
             ktls=args.ktls,

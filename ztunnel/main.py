@@ -27,6 +27,7 @@ from typing import Any
 from certs.ca import CertificateAuthority
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
+from mesh.flows import FlowRing, flows_route
 from mesh.hbone import serve
 from mesh.hbone.pool import Listener
 from mesh.identity.manager import Identities
@@ -34,6 +35,7 @@ from mesh.identity.spiffe import node_id
 from mesh.identity.svid import CertificateError, Svid
 from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
+from mesh.ports import FLOWS_PORT
 from ztunnel.config import ZtunnelConfig
 from ztunnel.inpod.protocol import EnrolServer
 from ztunnel.inpod.workloadmanager import Redirector, WorkloadManager
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outbound-addr", type=addr, help="node-level outbound listener (15001)")
     p.add_argument("--inbound-plaintext-addr", type=addr, help="node-level 15006 listener")
     p.add_argument("--admin-addr", type=addr, default=d.admin_addr)
+    p.add_argument(
+        "--flows-addr",
+        type=addr,
+        help="also serve the flow stream (only /flows, read-only) here, e.g. for the API "
+        f"server's pods/proxy (0.0.0.0:{FLOWS_PORT}); default: admin port only",
+    )
     p.add_argument("--metrics-addr", type=addr, default=d.metrics_addr)
     p.add_argument("--readiness-addr", type=addr, default=d.readiness_addr)
     p.add_argument(
@@ -148,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.max_pending_dials,
         help="upstream connects (TCP or HBONE) under way at once",
+    )
+    p.add_argument(
+        "--flow-buffer-size",
+        type=int,
+        default=d.flow_buffer_size,
+        help="recent flows kept for `meshctl observe` (admin /flows); 0 turns recording off",
     )
     p.add_argument(
         "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
@@ -272,6 +286,8 @@ class Ztunnel:
         self.ready = False
         self.servers: list[Listener] = []
         self.stop = asyncio.Event()
+        self.flows = FlowRing(config.flow_buffer_size, node=config.node,
+                              proxy=f"ztunnel-{config.node}")  # fmt: skip
 
     async def run(self) -> None:
         """Run until SIGTERM. A startup failure (bad config, certificate, port taken) leaves
@@ -323,6 +339,7 @@ class Ztunnel:
                 trust_domain=config.trust_domain, hbone_port=config.hbone_addr[1],
                 stream_cap=config.stream_cap, idle_timeout=config.pool_idle,
                 limits=config.limits, max_pending_dials=config.max_pending_dials,
+                flows=self.flows if self.flows.enabled else None,
             )  # fmt: skip
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
@@ -395,9 +412,18 @@ class Ztunnel:
                 },
             )
             admin = await stack.enter_async_context(
-                ObservabilityServer(*config.admin_addr, routes=routes)
+                ObservabilityServer(
+                    *config.admin_addr, routes=routes, streams={"/flows": flows_route(self.flows)}
+                )
             )
             node.add_listeners(None, admin.sockets, forwarding=False)
+            if config.flows_addr is not None:
+                flows_srv = await stack.enter_async_context(
+                    ObservabilityServer(
+                        *config.flows_addr, streams={"/flows": flows_route(self.flows)}
+                    )
+                )
+                node.add_listeners(None, flows_srv.sockets, forwarding=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             self.ready = True
@@ -453,6 +479,8 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} must be >= 1"
     if args.max_header_list_size < 1024:
         return "--max-header-list-size must be >= 1024"
+    if not 0 <= args.flow_buffer_size <= 1 << 20:
+        return "--flow-buffer-size must be 0 (off) .. 1048576"
     return None
 
 

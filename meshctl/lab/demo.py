@@ -160,6 +160,18 @@ def report(outcomes: list[Outcome]) -> str:
                      for r in rows)  # fmt: skip
 
 
+def show_flows(lab: Lab) -> None:
+    """End with the flows the demo drove, as `meshctl observe` shows them, denial included."""
+    from meshctl.observe.cli import show_lab_flows
+
+    ns = sorted({f.source.split("/")[0] for f in FLOWS} | {f.service.split("/")[0] for f in FLOWS})
+    print("\nflows the demo drove, from every ztunnel's flow ring:")
+    argv = [a for n in ns for a in ("--namespace", n)] + ["--last", "24"]
+    shown = show_lab_flows(lab.paths.lab, lab.paths.state_root, argv)
+    if not any(f.verdict == "DENIED" for f in shown):
+        show_lab_flows(lab.paths.lab, lab.paths.state_root, ["--verdict", "DENIED", "--last", "4"])
+
+
 def run_demo(lab: Lab, manifest: Path, *, keep: bool = False) -> int:
     outcomes: list[Outcome] = []
     try:
@@ -196,6 +208,7 @@ def run_demo(lab: Lab, manifest: Path, *, keep: bool = False) -> int:
         if not run_waypoint_splits(lab):  # HTTPRoute splits through waypoints, if any
             print("\na weighted split through a waypoint did not match its weights")
             return 1
+        show_flows(lab)
         if bad:
             print(f"\n{len(bad)} flow(s) did not behave as expected:")
             for o in bad:

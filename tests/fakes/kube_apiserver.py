@@ -6,8 +6,10 @@ list responses with a collection resourceVersion, chunked `?watch=1` streams of 
 (ADDED / MODIFIED / DELETED / BOOKMARK / ERROR), one global resourceVersion counter, an event
 history that can be compacted (so a too-old resourceVersion gets a 410 ERROR event, as etcd
 compaction causes), `fieldSelector=spec.nodeName=...`, create / replace / merge-patch / delete,
-the `status` subresource, and TokenReview. Tests reach in through methods (`put`, `delete`,
-`compact`, `drop_watches`, `bookmark`) to make the cluster change under the client.
+the `status` subresource, the `pods/{name}[:port]/proxy/...` subresource (GET, streamed, to
+the pod's `status.podIP`, loopback only), and TokenReview. Tests reach in through methods
+(`put`, `delete`, `compact`, `drop_watches`, `bookmark`) to make the cluster change under the
+client.
 """
 
 from __future__ import annotations
@@ -235,6 +237,8 @@ class FakeApiServer:
         ns: str | None = None
         if len(rest) >= 3 and rest[0] == "namespaces":
             ns, rest = rest[1], rest[2:]
+        if gv == "v1" and ns and len(rest) >= 3 and rest[0] == "pods" and rest[2] == "proxy":
+            return await self._pod_proxy(request, ns, rest[1], "/".join(rest[3:]))
         if not rest or (gv, rest[0]) not in RESOURCES:
             return web.json_response(_status(404, "NotFound", f"unknown resource {rest}"), 404)
         resource = (gv, rest[0])
@@ -256,6 +260,49 @@ class FakeApiServer:
                 return self._create(resource, ns, body)
             return web.json_response(_status(405, "MethodNotAllowed", "bad method"), status=405)
         return await self._item(request, resource, ns or "", name, sub)
+
+    async def _pod_proxy(
+        self, request: web.Request, ns: str, name_port: str, path: str
+    ) -> web.StreamResponse:
+        """As the API server proxies to a pod: to its IP and the named port, the body
+        streamed back as it comes (which is what makes `follow` streams work through it)."""
+        if request.method != "GET":
+            return web.json_response(_status(405, "MethodNotAllowed", "GET only"), status=405)
+        name, _, port_s = name_port.partition(":")
+        pod = self.objects[("v1", "pods")].get((ns, name))
+        if pod is None:
+            return web.json_response(
+                _status(404, "NotFound", f'pods "{name}" not found'), status=404
+            )
+        ip = str((pod.get("status") or {}).get("podIP") or "")
+        if not ip.startswith("127.") or not port_s.isdigit():
+            msg = f"pod {ns}/{name}: no loopback podIP or port to proxy to"
+            return web.json_response(_status(503, "ServiceUnavailable", msg), status=503)
+        try:
+            r, w = await asyncio.open_connection(ip, int(port_s))
+        except OSError as exc:
+            msg = f"error trying to reach service: {exc}"
+            return web.json_response(_status(503, "ServiceUnavailable", msg), status=503)
+        try:
+            query = request.query_string
+            target = "/" + path + (f"?{query}" if query else "")
+            w.write(f"GET {target} HTTP/1.1\r\nhost: {ip}\r\nconnection: close\r\n\r\n".encode())
+            await w.drain()
+            head = await r.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            ctype = "text/plain"
+            for line in head.decode("latin-1").split("\r\n")[1:]:
+                k, _, v = line.partition(":")
+                if k.strip().lower() == "content-type":
+                    ctype = v.strip()
+            resp = web.StreamResponse(status=status, headers={"Content-Type": ctype})
+            await resp.prepare(request)
+            while chunk := await r.read(65536):
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            w.close()
 
     def _list(
         self, request: web.Request, resource: tuple[str, str], ns: str | None

@@ -146,7 +146,8 @@ class InboundHbone:
             service=None,
             mtls=True,
             policy=netpol.policy if netpol is not None else decision.policy,
-        )
+            flows=node.flows, source=snap.pod_by_ip(src_ip), destination=pod,
+        )  # fmt: skip
         if netpol is not None:
             log.info("inbound %s (%s) -> %s denied by %s: %s",
                      principal, src_ip, req.authority, netpol.policy, netpol.reason)  # fmt: skip

@@ -65,7 +65,8 @@ class InboundPlaintext(Redirected):
             service=None,
             mtls=False,
             policy=netpol.policy if netpol is not None else decision.policy,
-        )
+            flows=node.flows, source=snap.pod_by_ip(src_ip), destination=pod,
+        )  # fmt: skip
         if not allowed:
             if mode is MtlsMode.STRICT:
                 why = "PeerAuthentication STRICT"

@@ -12,11 +12,13 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mesh.accesslog import AccessRecord, log_access
 from mesh.config.snapshot import Snapshot
+from mesh.flows import REASONS, Flow, FlowRing
 from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
 from mesh.identity.manager import Identities
@@ -107,6 +109,7 @@ class Node:
     ingress_policy: IngressPolicy = field(default_factory=IngressPolicy)
     egress_isolation: EgressIsolation = field(default_factory=EgressIsolation)
     live_inbound: set[LiveInbound] = field(default_factory=set, init=False)
+    flows: FlowRing | None = None  # the recent flows (`/flows`); None: not recorded
     pool: HbonePool = field(init=False)
     gate: ConnectionGate = field(init=False)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -342,18 +345,29 @@ class Node:
     def hbone_refused(self, reason: str, peer: tuple[str, int] | None) -> None:
         """An HBONE listener refused a connection or stream (mesh.hbone.limits)."""
         self.metrics.refused(reason)
+        flag = "DT" if reason == "handshake" else "UO"
+        if self.flows is not None and self.flows.size:
+            self.flows.record(
+                Flow(
+                    time=time.time(), verdict="DROPPED", node=self.flows.node,
+                    reporter="ztunnel", proxy=self.flows.proxy,
+                    src_ip=peer[0] if peer else None, src_port=peer[1] if peer else None,
+                    dst_port=self.hbone_port, reason=REASONS[flag], mtls=True,
+                    policy=None, duration_ms=0.0,
+                )
+            )  # fmt: skip
         log_access(
             AccessRecord(
                 src=f"{peer[0]}:{peer[1]}" if peer else "-", dst="-", src_identity=None,
                 dst_identity=None, service=None, bytes_sent=0, bytes_received=0,
-                duration_s=0.0, verdict="error",
-                response_flags="DT" if reason == "handshake" else "UO", mtls=True,
+                duration_s=0.0, verdict="error", response_flags=flag, mtls=True,
             )
         )  # fmt: skip
 
 
 async def splice(down: Endpoint, up: Endpoint, acct: Accounting) -> None:
     """Join two endpoints, wait until both are done, then account for the connection once."""
+    acct.connected()
     down.join(up)
     up.join(down)
     try:

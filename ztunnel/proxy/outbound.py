@@ -146,6 +146,13 @@ class LiveOutbound:
         return closed
 
 
+def _peer_port(ep: TcpEndpoint) -> int | None:
+    """The app's own source port (the redirected socket's peer), for the flow record."""
+    t = ep.transport
+    peer = t.get_extra_info("peername") if t is not None else None
+    return int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+
 class Outbound(Redirected):
     """The outbound role. Node-level listener: the source pod is found by the connection's
     source address. In-pod listener (`pod_key`): the source is that pod, whatever address the
@@ -184,7 +191,9 @@ class Outbound(Redirected):
             dst_identity=r.peer or None,
             service=r.service.hostname if r.service else None,
             mtls=mtls,
-        )
+            flows=node.flows, source=src, destination=r.dst_pod, upstream=(r.ip, r.port),
+            src_port=_peer_port(ep) if node.flows is not None else None,
+        )  # fmt: skip
         upstream: Endpoint
         try:
             if r.kind == "refuse":
@@ -220,7 +229,10 @@ class Outbound(Redirected):
             denied = status in (401, 403)
             log.info("outbound %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, exc)
             ep.abort()
-            acct.refused("deny" if denied else "error", "DENY" if denied else "UF")
+            acct.refused(
+                "deny" if denied else "error", "DENY" if denied else "UF",
+                reason="no route" if r.kind == "refuse" else None,
+            )  # fmt: skip
             return
         except asyncio.CancelledError:
             ep.abort()

@@ -201,6 +201,9 @@ def test_demo_command_exits_zero_and_leaves_nothing() -> None:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         assert "all flows as expected" in res.stdout
         assert "denied" in res.stdout and "mutual_tls" in res.stdout
+        # it ends with the flows it drove, as `meshctl observe` shows them, the denial too
+        assert "flows the demo drove" in res.stdout
+        assert "DENIED (mTLS) policy shop/no-batch-to-server" in res.stdout
         assert leftovers(paths, []) == []
     finally:
         subprocess.run([sys.executable, "-m", "meshctl", "lab", "down", *roots], env=env,
