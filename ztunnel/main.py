@@ -19,15 +19,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from bpf.events import DropEvent
 from certs.ca import CertificateAuthority
 from mesh import ktls, process
 from mesh.config.source import ConfigStore, FileSource
-from mesh.flows import FlowRing, flows_route
+from mesh.flows import Flow, FlowRing, flows_route
 from mesh.hbone import serve
 from mesh.hbone.pool import Listener
 from mesh.identity.manager import Identities
@@ -37,6 +38,7 @@ from mesh.metrics import MeshMetrics
 from mesh.observability import ObservabilityServer, admin_routes
 from mesh.ports import FLOWS_PORT
 from ztunnel.config import ZtunnelConfig
+from ztunnel.inpod.policy import drop_flow_fields
 from ztunnel.inpod.protocol import EnrolServer
 from ztunnel.inpod.workloadmanager import Redirector, WorkloadManager
 from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
@@ -276,6 +278,22 @@ def build_redirector(config: ZtunnelConfig) -> Redirector | None:
     return r
 
 
+def kernel_drop_recorder(
+    flows: FlowRing, node_name: str, node: Node
+) -> Callable[[DropEvent, str | None, str | None], None]:
+    """What the kernel refused (an egress policy, or no ztunnel listening) as DROPPED flows,
+    so `meshctl observe --verdict DROPPED` shows them beside ztunnel's own, as Hubble shows
+    `cilium monitor`'s drops. Drops recorded while ztunnel was down arrive with their own
+    time on the first drain after the start."""
+
+    def record(ev: DropEvent, pod_key: str | None, policy: str | None) -> None:
+        flows.record(
+            Flow.from_dict(drop_flow_fields(ev, node_name, node.snapshot(), pod_key, policy))
+        )
+
+    return record
+
+
 class Ztunnel:
     """The process: everything `run` opens, so that shutdown closes it in one place."""
 
@@ -352,6 +370,8 @@ class Ztunnel:
             )
             if policy is not None:
                 self.metrics.kernel_drops.source = policy.counts
+                if self.flows.enabled:
+                    policy.on_drop = kernel_drop_recorder(self.flows, config.node, node)
                 bg.append(tg.create_task(policy.run()))  # first: drops while we were down
             bg.append(tg.create_task(manager.run(self.store.subscribe)))
             bg.append(tg.create_task(node.revalidate_on_change(self.store.subscribe)))

@@ -17,6 +17,7 @@ import datetime
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,9 @@ from mesh.metrics import KernelDropCounts
 from mesh.netns import NetNs
 
 log = logging.getLogger("ztunnel.policy")
+
+PENDING_GRACE_S = 10.0  # how long a drop waits for its pod to be known again
+PENDING_MAX = 4096
 
 SO_NETNS_COOKIE = 71  # Linux 5.14+ (also on the kTLS guest's 6.1)
 
@@ -98,6 +102,7 @@ class KernelPolicy:
         self._cookies: dict[NetNs, int] = {}  # by identity: a new sandbox is a new NetNs
         self._lock = threading.Lock()  # apply() runs in a worker thread
         self.on_drop: Callable[[DropEvent, str | None, str | None], None] | None = None
+        self._pending: list[tuple[DropEvent, float]] = []  # (event, first seen), pod unknown
         self._last = KernelDropCounts()
         # the last snapshot's compiled pods: enrolling N pods on one snapshot (a restart's
         # restore) compiles each once, not N times
@@ -160,9 +165,24 @@ class KernelPolicy:
 
     def drain(self) -> list[DropEvent]:
         """Events since the last drain, each logged and handed to `on_drop` (with the pod's key
-        and the policy's name when known)."""
-        events = self.drops.drain()
-        for ev in events:
+        and the policy's name when known).
+
+        An event from a netns no pod is known by yet is held back for up to
+        `PENDING_GRACE_S`: a restarted ztunnel drains what happened while it was down before
+        its pods are enrolled again (the CNI plugin or the state file re-enrols them within
+        moments), and a flow that names its pod is worth that short wait."""
+        fresh = self.drops.drain()
+        now = time.monotonic()
+        pending, self._pending = self._pending, []
+        ready: list[DropEvent] = []
+        for ev, since in [*pending, *((ev, now) for ev in fresh)]:
+            if ev.netns_cookie in self.pod_of or now - since >= PENDING_GRACE_S:
+                ready.append(ev)
+            elif len(self._pending) < PENDING_MAX:
+                self._pending.append((ev, since))
+            else:
+                ready.append(ev)  # never unbounded: past the cap, emit without the pod
+        for ev in ready:
             pod = self.pod_of.get(ev.netns_cookie)
             policy = self.policy_name(ev.policy_id) if ev.policy_id else None
             log.info(
@@ -174,7 +194,7 @@ class KernelPolicy:
                     self.on_drop(ev, pod, policy)
                 except Exception:
                     log.exception("drop event handler")
-        return events
+        return fresh
 
     async def run(self, interval: float = 1.0) -> None:
         """Drain now (what happened while ztunnel was down), then every `interval` seconds."""

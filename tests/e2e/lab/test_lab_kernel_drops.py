@@ -15,6 +15,7 @@ from meshctl.lab.lab import Lab
 from meshctl.lab.ztunnels import ZtunnelFeatures
 from tests.e2e.lab.labkit import LabFactory
 from tests.e2e.lab.test_lab_mesh import client, eventually, vip
+from tests.e2e.lab.test_lab_observe import observe as lab_observe
 
 
 def _drops(lab: Lab, node: str, reason: str) -> float:
@@ -42,3 +43,17 @@ def test_ztunnel_down_drops_are_counted_by_the_next_ztunnel(lab_factory: LabFact
     lab.restart_ztunnel(node)
     assert eventually(lambda: _drops(lab, node, "ztunnel-unavailable") >= before + 3)
     assert eventually(lambda: all(o["ok"] for o in client(lab, "mesh/web", url, count=1)))
+
+    # ... and shows them as DROPPED flows, with the time they happened, like Hubble's drops
+    def dropped() -> list[dict[str, object]]:
+        code, flows, err = lab_observe(
+            lab, "--from-pod", "mesh/web", "--verdict", "DROPPED", "--all"
+        )
+        assert code == 0, err
+        return [f for f in flows if f["reason"] == "ztunnel unavailable"]
+
+    assert eventually(lambda: len(dropped()) >= 3)
+    for f in dropped():
+        assert f["node"] == node and f["source"]["pod"] == "web"
+        dst = f["destination"]
+        assert isinstance(dst, dict) and dst["service"] == "server.mesh"
