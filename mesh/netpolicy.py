@@ -156,6 +156,26 @@ def _cnp_rule_verdict(
     return best
 
 
+def _auth_required_by(
+    snap: Snapshot, subject: Pod, ingress: bool, peer_ip: str, peer_pod: Pod | None, port: int
+) -> str | None:
+    """The first CiliumNetworkPolicy selecting `subject` with a rule that requires
+    authentication and would admit this peer and port, else None."""
+    for cnp in snap.cilium_policies:
+        rules = cnp.ingress if ingress else cnp.egress
+        if rules is None or cnp.namespace != subject.namespace:
+            continue
+        if not selector_matches(cnp.endpoint_selector, subject.labels):
+            continue
+        for rule in rules:
+            if (
+                rule.auth_required
+                and _cnp_rule_verdict(snap, cnp, rule, peer_ip, peer_pod, port, True) is not None
+            ):
+                return f"CiliumNetworkPolicy {cnp.key}"
+    return None
+
+
 def decide(
     snap: Snapshot,
     source: Pod | str,
@@ -185,6 +205,15 @@ def decide(
     ingress = direction is Direction.INGRESS
     isolating: list[str] = []
     l7_from: str | None = None
+    if not authenticated:
+        # Cilium merges the rules that select a flow, and an authentication requirement
+        # wins: a rule requiring mTLS for this peer and port makes every rule's admission of
+        # it conditional on mTLS, including a plain L4 rule of another policy.
+        required_by = _auth_required_by(snap, subject, ingress, peer_ip, peer_pod, dest_port)
+        if required_by is not None:
+            return Decision(
+                Verdict.DENY, required_by, "authentication (mesh mTLS) required and absent"
+            )
     for np in snap.network_policies:
         if np.namespace != subject.namespace or not selector_matches(
             np.pod_selector, subject.labels

@@ -46,7 +46,8 @@ def test_lab_manifest_plans_and_each_rule_has_both_sides() -> None:
         return d.verdict
 
     assert ingress("frontend", "backend", 8080, True) is Verdict.ALLOW
-    assert ingress("outsider", "backend", 8080, False) is Verdict.ALLOW_L7  # waypoint's or none
+    # outsider wears frontend's labels without mTLS: mtls-backend's requirement wins
+    assert ingress("outsider", "backend", 8080, False) is Verdict.DENY
     assert ingress("outsider", "backend", 9090, False) is Verdict.DENY
     assert ingress("backend", "postgres", 5432, True) is Verdict.ALLOW
     assert ingress("intruder", "postgres", 5432, True) is Verdict.DENY

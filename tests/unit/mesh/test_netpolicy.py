@@ -73,10 +73,13 @@ def _d(snap: Snapshot, src: str, dst: str, port: int, d: Direction, auth: bool =
         (BACKEND, POSTGRES, 5432, IN, False, Verdict.ALLOW, DB_NP),
         (BACKEND, POSTGRES, 5433, IN, False, Verdict.DENY, DB_NP),
         (FRONTEND, POSTGRES, 5432, IN, False, Verdict.DENY, DB_NP),
-        # backend ingress: GET /api/.* on 8080 (waypoint's job), or anything over mTLS.
-        (FRONTEND, BACKEND, 8080, IN, False, Verdict.ALLOW_L7, HTTP_CNP),
+        # backend ingress: frontend only over mTLS (mtls-backend's requirement wins over
+        # allow-http-to-backend's plaintext-free GET rule, as Cilium merges them), then
+        # anything; others: GET /api/.* on 8080 would be the waypoint's job, but no rule
+        # admits them.
+        (FRONTEND, BACKEND, 8080, IN, False, Verdict.DENY, MTLS_CNP),
         (FRONTEND, BACKEND, 8080, IN, True, Verdict.ALLOW, MTLS_CNP),
-        (FRONTEND, BACKEND, 9090, IN, False, Verdict.DENY, HTTP_CNP),
+        (FRONTEND, BACKEND, 9090, IN, False, Verdict.DENY, MTLS_CNP),
         (FRONTEND, BACKEND, 9090, IN, True, Verdict.ALLOW, MTLS_CNP),
         (OUTSIDE, BACKEND, 8080, IN, True, Verdict.DENY, HTTP_CNP),
         (POSTGRES, BACKEND, 8080, IN, False, Verdict.DENY, HTTP_CNP),
@@ -199,3 +202,25 @@ def test_empty_section_isolates() -> None:
     ]
     got = _d(parse_objects(docs), BACKEND, OUTSIDE, 443, EG)
     assert (got.verdict, got.policy) == (Verdict.DENY, "CiliumNetworkPolicy shop/backend-quiet")
+
+
+def test_an_auth_requirement_wins_over_a_plain_rule_for_the_same_flow() -> None:
+    """Cilium merges the rules that select a flow and the authentication requirement wins:
+    another policy's plain L4 rule for the same peer and port does not let plaintext past
+    mtls-backend; with mTLS the flow is admitted."""
+    docs = [
+        *_docs(),
+        {
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "backend-open", "namespace": "shop"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "backend"}},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}]}],
+            },
+        },
+    ]
+    snap = parse_objects(docs)
+    got = _d(snap, FRONTEND, BACKEND, 8080, IN)
+    assert (got.verdict, got.policy) == (Verdict.DENY, MTLS_CNP), got
+    assert _d(snap, FRONTEND, BACKEND, 8080, IN, auth=True).allowed
