@@ -160,6 +160,52 @@ def report(outcomes: list[Outcome]) -> str:
                      for r in rows)  # fmt: skip
 
 
+FAIL_CLOSED = Flow(
+    "shop/web", "shop/server", 80, False, False, "node's ztunnel down: fails closed, no bypass"
+)
+
+
+def fail_closed(lab: Lab) -> bool:
+    """Stop the source pod's node's ztunnel, drive a flow, bring ztunnel back: the flow must
+    fail (never bypass the mesh in plaintext). With the BPF capture the kernel refuses the
+    connect itself and records it; the new ztunnel reads that record and shows it as a
+    DROPPED flow (`ztunnel unavailable`). True when the flow failed closed."""
+    node = str(lab.state.pods[FAIL_CLOSED.source]["node"])
+    print(f"\nfail closed: stopping {node}'s ztunnel, then {FAIL_CLOSED.source} calls again")
+    lab.stop_ztunnel(node)
+    try:
+        o = drive(lab, FAIL_CLOSED, count=2)
+    finally:
+        lab.restart_ztunnel(node)
+    ok = o.denied and not o.mtls
+    first = (o.client_output.strip().splitlines() or [""])[0][:200]
+    print(f"  {FAIL_CLOSED.source} -> {FAIL_CLOSED.service}:{FAIL_CLOSED.port}: "
+          f"{'refused' if o.denied else 'ANSWERED'} while ztunnel was down ({first})")  # fmt: skip
+    if lab.capture != "enrol":
+        print("  (netfilter capture: no connect() hook in the pod records the refusal)")
+        return ok
+    argv = ["--from-pod", FAIL_CLOSED.source, "--verdict", "DROPPED", "--last", "2"]
+    deadline = time.monotonic() + patience(15)
+    while True:  # the new ztunnel drains the kernel's record within a second or two
+        shown = show_lab_flows_quietly(lab, argv)
+        if shown or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    from meshctl.observe.cli import show_lab_flows
+
+    show_lab_flows(lab.paths.lab, lab.paths.state_root, argv)
+    if not any(f.reason == "ztunnel unavailable" for f in shown):
+        print("  the kernel's record of the refusal did not come back as a DROPPED flow")
+        return False
+    return ok
+
+
+def show_lab_flows_quietly(lab: Lab, argv: list[str]) -> list[Any]:
+    from meshctl.observe.cli import show_lab_flows
+
+    return show_lab_flows(lab.paths.lab, lab.paths.state_root, argv, out=lambda _m: None)
+
+
 def show_flows(lab: Lab) -> None:
     """End with the flows the demo drove, as `meshctl observe` shows them, denial included."""
     from meshctl.observe.cli import show_lab_flows
@@ -207,6 +253,9 @@ def run_demo(lab: Lab, manifest: Path, *, keep: bool = False) -> int:
 
         if not run_waypoint_splits(lab):  # HTTPRoute splits through waypoints, if any
             print("\na weighted split through a waypoint did not match its weights")
+            return 1
+        if not fail_closed(lab):
+            print("\nwith its node's ztunnel down, a pod's call did not fail closed as expected")
             return 1
         show_flows(lab)
         if bad:
