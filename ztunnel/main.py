@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from certs.ca import CertificateAuthority
-from mesh import ktls, process
+from mesh import accesslog, ktls, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.hbone import serve
 from mesh.hbone.pool import Listener
@@ -462,7 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = ZtunnelConfig.from_args(args, ktls_enabled=ktls_enabled)
     setup_logging(config.log_level, config.log_format)
-    return process.run("ztunnel", Ztunnel(config).run(), log_level=config.log_level)
+    line = accesslog.json_line if config.log_format == "json" else accesslog.text_line
+    return process.run(
+        "ztunnel", Ztunnel(config).run(), log_level=config.log_level, access_line=line
+    )
 
 
 if __name__ == "__main__":
