@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -84,6 +85,7 @@ def _fixed(dst: tuple[str, int], _sock: object) -> tuple[str, int]:
 
 async def _serve() -> None:
     from certs.ca import CertificateAuthority
+    from mesh.apps.echo import HttpEcho
     from mesh.config.parse import parse_objects
     from mesh.config.snapshot import Snapshot
     from mesh.hbone import serve
@@ -92,27 +94,13 @@ async def _serve() -> None:
     from waypoint.proxy import Waypoint
     from ztunnel.proxy import InboundHbone, Node, Outbound
 
-    body = b"hello from backend\n"
-    resp = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-
-    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        await r.readexactly(int(line.split(b":", 1)[1]))
-                w.write(resp)
-                await w.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            w.close()
-
+    # The lab's own app (HTTP/1.1, or h2c by prior knowledge): an HTTP/2 client reaches it
+    # directly on the L4 path, and through the waypoint as HTTP/1.1 (appProtocol http).
     loop = asyncio.get_running_loop()
-    b1 = await asyncio.start_server(backend, "127.0.0.3", 0)
+    ident = {"pod": "backend", "namespace": "bench"}
+    b1 = await loop.create_server(lambda: HttpEcho(ident), "127.0.0.3", 0)
     bport = b1.sockets[0].getsockname()[1]
-    b2 = await asyncio.start_server(backend, "127.0.0.4", bport)
+    b2 = await loop.create_server(lambda: HttpEcho(ident), "127.0.0.4", bport)
     with tempfile.TemporaryDirectory() as tmp:
         ids = Identities(CertificateAuthority.init(Path(tmp) / "ca"))
         snap: list[Snapshot] = [Snapshot()]
@@ -136,6 +124,20 @@ async def _serve() -> None:
             )
             ports[name] = srv.sockets[0].getsockname()[1]
         print(json.dumps(ports), flush=True)
+
+        def stats() -> None:
+            # One line in, one JSON line out: the parent reads the waypoint's counters
+            # around each run (how many upstream CONNECTs a run cost, for one).
+            if not sys.stdin.readline():
+                loop.remove_reader(sys.stdin.fileno())
+                return
+            up = wp.upstreams
+            out = {"upstream_dials": up.dials, "upstream_idle_h1": up.idle_h1(),
+                   "hbone_streams": wp.inbound.streams}  # fmt: skip
+            print(json.dumps(out), flush=True)
+
+        with contextlib.suppress(OSError):  # stdin not pollable (run by hand): no stats
+            loop.add_reader(sys.stdin.fileno(), stats)
         await asyncio.Event().wait()
     b1.close()
     b2.close()
@@ -145,7 +147,10 @@ def _loadgen(port: int, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "benchmarks.loadgen", f"http://127.0.0.1:{port}/",
            "--rate", str(args.rate), "--duration", str(args.duration),
-           "--connections", str(args.connections)]  # fmt: skip
+           "--connections", str(args.connections), "--streams", str(args.streams),
+           "--body-size", str(args.body_size)]  # fmt: skip
+    if args.http2:
+        cmd.append("--http2")
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--rate", type=float, default=0, help="requests/s (0 = maximum, closed loop)")
+    p.add_argument("--http2", action="store_true", help="the client speaks HTTP/2 (h2c)")
+    p.add_argument("--streams", type=int, default=32, help="HTTP/2 streams per connection")
+    p.add_argument("--body-size", type=int, default=0, help="request body bytes (POST)")
     args = p.parse_args(argv)
     if args.serve:
         try:
@@ -194,9 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "benchmarks.waypoint_bench", "--serve"],
         env=env,
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+
+    def stats() -> dict[str, int]:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write("\n")
+        child.stdin.flush()
+        out: dict[str, int] = json.loads(child.stdout.readline())
+        return out
+
     try:
         assert child.stdout is not None
         ports = json.loads(child.stdout.readline())
@@ -206,22 +223,25 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name, port in (("L4 (ztunnel→ztunnel)", ports["l4"]),
                            ("L7 (ztunnel→waypoint→ztunnel)", ports["waypoint"])):  # fmt: skip
-            cpu0 = _cpu_seconds(child.pid)
+            cpu0, s0 = _cpu_seconds(child.pid), stats()
             r = _loadgen(port, args)
             r["mesh_cpu_s"] = _cpu_seconds(child.pid) - cpu0
+            s1 = stats()
+            r["waypoint"] = {k: s1[k] - s0[k] for k in ("upstream_dials", "hbone_streams")}
+            r["waypoint"]["upstream_idle_h1"] = s1["upstream_idle_h1"]
             rows.append((name, r))
     finally:
         child.terminate()
         child.wait(5)
     cols = f"{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'mesh CPU us/req':>17}"
-    print(f"{'path':<32}{cols}")
+    print(f"{'path':<32}{cols}{'upstream dials':>16}")
     for name, r in rows:
         pct = r.get("latency_ms", r)
         n = max(1, sum(r.get("statuses", {}).values()))
         print(
             f"{name:<32}{r.get('achieved_rate', 0):>10.0f}{pct.get('p50', float('nan')):>10.2f}"
             f"{pct.get('p99', float('nan')):>10.2f}{r.get('errors', 0):>8}"
-            f"{r['mesh_cpu_s'] / n * 1e6:>17.0f}"
+            f"{r['mesh_cpu_s'] / n * 1e6:>17.0f}{r['waypoint']['upstream_dials']:>16}"
         )
     l4, l7 = rows[0][1], rows[1][1]
     if l4.get("achieved_rate"):
