@@ -143,6 +143,22 @@ async def _serve() -> None:
     b2.close()
 
 
+def _log_to(path: str) -> None:
+    """stderr to `path` and logging at info, the way `mesh.process.run` sets a proxy up
+    (with the batched access-log writer where this tree has one)."""
+    import logging
+
+    from mesh import accesslog
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    writer = getattr(accesslog, "AccessLogWriter", None)
+    if writer is not None:
+        accesslog.install(writer(2))
+
+
 def _loadgen(port: int, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "benchmarks.loadgen", f"http://127.0.0.1:{port}/",
@@ -181,6 +197,12 @@ def _via(port: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="the proxies log at info to FILE, access log included, as the processes do "
+        "(default: no logging, so the figures leave the access log out)",
+    )
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--rate", type=float, default=0, help="requests/s (0 = maximum, closed loop)")
@@ -195,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
+        if args.log:
+            _log_to(args.log)
         asyncio.run(_serve())
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    log = ["--log", args.log] if args.log else []
     child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.waypoint_bench", "--serve"],
+        [sys.executable, "-m", "benchmarks.waypoint_bench", "--serve", *log],
         env=env,
         cwd=ROOT,
         stdin=subprocess.PIPE,

@@ -165,6 +165,7 @@ class AccessLogWriter:
         self.written = 0  # lines written
         self._records: list[tuple[float, AccessRecord]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._cond = threading.Condition()
         self._out: list[bytes] = []  # rendered batches waiting for the thread
         self._out_bytes = 0
@@ -177,12 +178,14 @@ class AccessLogWriter:
 
     def add(self, record: AccessRecord) -> None:
         self._records.append((time.time(), record))
-        if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop here: write at once
-                self.flush()
-                return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: write at once
+            self.flush()
+            return
+        # (a timer of a loop that has ended since would never fire: schedule on this one)
+        if self._timer is None or self._timer_loop is not loop:
+            self._timer_loop = loop
             self._timer = loop.call_later(self.interval, self.flush)
 
     def flush(self) -> None:
