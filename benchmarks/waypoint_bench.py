@@ -4,12 +4,15 @@ path (ztunnel → ztunnel), same run, same backend.
 A child process holds the mesh on loopback: ztunnel n1 (client side; the original
 destination is given per listener, as BPF would answer it), a waypoint with an 80/20
 HTTPRoute split between two backend services, ztunnel n2 (HBONE :15008 of the backends'
-node) and a keep-alive HTTP/1.1 backend per pod. Two client-side listeners lead to the two
-paths: a service labelled for the waypoint, and one opted out (`istio.io/use-waypoint:
-none`) over the same pods. The repository's load generator (a separate process) measures
+node) and the lab's echo app per pod (HTTP/1.1, or h2c by prior knowledge). Two client-side
+listeners lead to the two paths: a service labelled for the waypoint, and one opted out
+(`istio.io/use-waypoint: none`) over the same pods. The repository's load generator (a separate process) measures
 each path back to back; read the ratios, not the absolute figures (the machine is shared).
 All proxies share one Python process here, so the waypoint path's extra hop costs CPU from
-the same core as the tunnels: a conservative figure.
+the same core as the tunnels: a conservative figure. `--http2 --body-size 16384` is the
+benchmark's HTTP/2 case (the waypoint speaks HTTP/1.1 upstream, appProtocol http); the
+"upstream dials" column counts the CONNECTs the waypoint opened to backends in that run (pool
+churn shows there); `--log FILE` includes the access log's cost, as in a proxy process.
 """
 
 from __future__ import annotations
