@@ -6,8 +6,9 @@ destination is given per listener, as BPF would answer it), a waypoint with an 8
 HTTPRoute split between two backend services, ztunnel n2 (HBONE :15008 of the backends'
 node) and the lab's echo app per pod (HTTP/1.1, or h2c by prior knowledge). Two client-side
 listeners lead to the two paths: a service labelled for the waypoint, and one opted out
-(`istio.io/use-waypoint: none`) over the same pods. The repository's load generator (a separate process) measures
-each path back to back; read the ratios, not the absolute figures (the machine is shared).
+(`istio.io/use-waypoint: none`) over the same pods. The repository's load generator (a
+separate process) measures each path back to back; read the ratios, not the absolute figures
+(the machine is shared).
 All proxies share one Python process here, so the waypoint path's extra hop costs CPU from
 the same core as the tunnels: a conservative figure. `--http2 --body-size 16384` is the
 benchmark's HTTP/2 case (the waypoint speaks HTTP/1.1 upstream, appProtocol http); the
