@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import select
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -173,8 +175,31 @@ class AccessLogWriter:
         self._lost = 0  # dropped, not yet reported in the output
         self._writing = False
         self._closed = False
+        try:
+            fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            fifo = False
+        # A pipe keeps one write whole only up to PIPE_BUF: longer ones may be interleaved
+        # with the logger's own lines, so there batches go out in whole lines up to that.
+        self._piece = select.PIPE_BUF if fifo else 0
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
+
+    def _pieces(self, data: bytes) -> list[bytes]:
+        limit = self._piece
+        if not limit or len(data) <= limit:
+            return [data]
+        out: list[bytes] = []
+        start, end = 0, len(data)
+        while start < end:
+            cut = data.rfind(b"\n", start, start + limit)
+            if cut < 0 or start + limit >= end:  # a line longer than the limit goes alone
+                cut = data.find(b"\n", start + limit) if start + limit < end else end - 1
+                if cut < 0:
+                    cut = end - 1
+            out.append(data[start : cut + 1])
+            start = cut + 1
+        return out
 
     def add(self, record: AccessRecord) -> None:
         self._records.append((time.time(), record))
@@ -257,10 +282,11 @@ class AccessLogWriter:
                 data = note.encode() + data
             ok = True
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(self.fd, view)
-                    view = view[n:]
+                for piece in self._pieces(data):
+                    view = memoryview(piece)
+                    while view:
+                        n = os.write(self.fd, view)
+                        view = view[n:]
             except OSError:
                 ok = False  # the output is gone (closed pipe): counted, never raised
             with self._cond:

@@ -197,3 +197,25 @@ def test_a_process_writes_its_access_lines_to_stderr_in_its_log_format() -> None
     assert [(ln["logger"], ln["bytes_sent"]) for ln in lines] == [
         ("mesh.access", i) for i in range(3)
     ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 9000), min_size=1, max_size=40))
+def test_into_a_pipe_batches_go_in_whole_lines_of_at_most_pipe_buf(lengths: list[int]) -> None:
+    """Beyond PIPE_BUF a pipe may interleave another writer's bytes into ours (the logger's
+    own lines share stderr): pieces end at line ends, and only a longer line goes alone."""
+    import select
+
+    data = b"".join(b"x" * n + b"\n" for n in lengths)
+    r, w = os.pipe()
+    writer = AccessLogWriter(w)
+    try:
+        pieces = writer._pieces(data)
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
+    assert b"".join(pieces) == data
+    for p in pieces:
+        assert p.endswith(b"\n")
+        assert len(p) <= select.PIPE_BUF or p.count(b"\n") == 1
