@@ -4,22 +4,27 @@ path (ztunnel → ztunnel), same run, same backend.
 A child process holds the mesh on loopback: ztunnel n1 (client side; the original
 destination is given per listener, as BPF would answer it), a waypoint with an 80/20
 HTTPRoute split between two backend services, ztunnel n2 (HBONE :15008 of the backends'
-node) and a keep-alive HTTP/1.1 backend per pod. Two client-side listeners lead to the two
-paths: a service labelled for the waypoint, and one opted out (`istio.io/use-waypoint:
-none`) over the same pods. The repository's load generator (a separate process) measures
-each path back to back; read the ratios, not the absolute figures (the machine is shared).
+node) and the lab's echo app per pod (HTTP/1.1, or h2c by prior knowledge). Two client-side
+listeners lead to the two paths: a service labelled for the waypoint, and one opted out
+(`istio.io/use-waypoint: none`) over the same pods. The repository's load generator (a
+separate process) measures each path back to back; read the ratios, not the absolute figures
+(the machine is shared).
 With `--policies`, a third path goes through the same waypoint to a service carrying a
 typical L7 policy set (RequestAuthentication, ALLOW by principal/method/path with a header
 condition, DENY on a path, AUDIT on a method), so the policy hook's cost per request shows as
 the ratio of mesh CPU per request with and without it.
 All proxies share one Python process here, so the waypoint path's extra hop costs CPU from
-the same core as the tunnels: a conservative figure.
+the same core as the tunnels: a conservative figure. `--http2 --body-size 16384` is the
+benchmark's HTTP/2 case (the waypoint speaks HTTP/1.1 upstream, appProtocol http); the
+"upstream dials" column counts the CONNECTs the waypoint opened to backends in that run (pool
+churn shows there); `--log FILE` includes the access log's cost, as in a proxy process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -131,6 +136,7 @@ def _fixed(dst: tuple[str, int], _sock: object) -> tuple[str, int]:
 
 async def _serve() -> None:
     from certs.ca import CertificateAuthority
+    from mesh.apps.echo import HttpEcho
     from mesh.config.parse import parse_objects
     from mesh.config.snapshot import Snapshot
     from mesh.hbone import serve
@@ -139,27 +145,13 @@ async def _serve() -> None:
     from waypoint.proxy import Waypoint
     from ztunnel.proxy import InboundHbone, Node, Outbound
 
-    body = b"hello from backend\n"
-    resp = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-
-    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        await r.readexactly(int(line.split(b":", 1)[1]))
-                w.write(resp)
-                await w.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            w.close()
-
+    # The lab's own app (HTTP/1.1, or h2c by prior knowledge): an HTTP/2 client reaches it
+    # directly on the L4 path, and through the waypoint as HTTP/1.1 (appProtocol http).
     loop = asyncio.get_running_loop()
-    b1 = await asyncio.start_server(backend, "127.0.0.3", 0)
+    ident = {"pod": "backend", "namespace": "bench"}
+    b1 = await loop.create_server(lambda: HttpEcho(ident), "127.0.0.3", 0)
     bport = b1.sockets[0].getsockname()[1]
-    b2 = await asyncio.start_server(backend, "127.0.0.4", bport)
+    b2 = await loop.create_server(lambda: HttpEcho(ident), "127.0.0.4", bport)
     with tempfile.TemporaryDirectory() as tmp:
         ids = Identities(CertificateAuthority.init(Path(tmp) / "ca"))
         snap: list[Snapshot] = [Snapshot()]
@@ -183,16 +175,49 @@ async def _serve() -> None:
             )
             ports[name] = srv.sockets[0].getsockname()[1]
         print(json.dumps(ports), flush=True)
+
+        def stats() -> None:
+            # One line in, one JSON line out: the parent reads the waypoint's counters
+            # around each run (how many upstream CONNECTs a run cost, for one).
+            if not sys.stdin.readline():
+                loop.remove_reader(sys.stdin.fileno())
+                return
+            up = wp.upstreams
+            out = {"upstream_dials": up.dials, "upstream_idle_h1": up.idle_h1(),
+                   "hbone_streams": wp.inbound.streams}  # fmt: skip
+            print(json.dumps(out), flush=True)
+
+        with contextlib.suppress(OSError):  # stdin not pollable (run by hand): no stats
+            loop.add_reader(sys.stdin.fileno(), stats)
         await asyncio.Event().wait()
     b1.close()
     b2.close()
+
+
+def _log_to(path: str) -> None:
+    """stderr to `path` and logging at info, the way `mesh.process.run` sets a proxy up
+    (with the batched access-log writer where this tree has one)."""
+    import logging
+
+    from mesh import accesslog
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    writer = getattr(accesslog, "AccessLogWriter", None)
+    if writer is not None:
+        accesslog.install(writer(2))
 
 
 def _loadgen(port: int, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "benchmarks.loadgen", f"http://127.0.0.1:{port}/",
            "--rate", str(args.rate), "--duration", str(args.duration),
-           "--connections", str(args.connections)]  # fmt: skip
+           "--connections", str(args.connections), "--streams", str(args.streams),
+           "--body-size", str(args.body_size)]  # fmt: skip
+    if args.http2:
+        cmd.append("--http2")
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -223,12 +248,21 @@ def _via(port: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="the proxies log at info to FILE, access log included, as the processes do "
+        "(default: no logging, so the figures leave the access log out)",
+    )
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--rate", type=float, default=0, help="requests/s (0 = maximum, closed loop)")
     p.add_argument(
         "--policies", action="store_true", help="also measure the waypoint with L7 policies"
     )
+    p.add_argument("--http2", action="store_true", help="the client speaks HTTP/2 (h2c)")
+    p.add_argument("--streams", type=int, default=32, help="HTTP/2 streams per connection")
+    p.add_argument("--body-size", type=int, default=0, help="request body bytes (POST)")
     args = p.parse_args(argv)
     if args.serve:
         try:
@@ -237,16 +271,28 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
+        if args.log:
+            _log_to(args.log)
         asyncio.run(_serve())
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    log = ["--log", args.log] if args.log else []
     child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.waypoint_bench", "--serve"],
+        [sys.executable, "-m", "benchmarks.waypoint_bench", "--serve", *log],
         env=env,
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+
+    def stats() -> dict[str, int]:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write("\n")
+        child.stdin.flush()
+        out: dict[str, int] = json.loads(child.stdout.readline())
+        return out
+
     try:
         assert child.stdout is not None
         ports = json.loads(child.stdout.readline())
@@ -259,22 +305,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.policies:
             paths.append(("L7 + policies", ports["policies"]))
         for name, port in paths:
-            cpu0 = _cpu_seconds(child.pid)
+            cpu0, s0 = _cpu_seconds(child.pid), stats()
             r = _loadgen(port, args)
             r["mesh_cpu_s"] = _cpu_seconds(child.pid) - cpu0
+            s1 = stats()
+            r["waypoint"] = {k: s1[k] - s0[k] for k in ("upstream_dials", "hbone_streams")}
+            r["waypoint"]["upstream_idle_h1"] = s1["upstream_idle_h1"]
             rows.append((name, r))
     finally:
         child.terminate()
         child.wait(5)
     cols = f"{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'mesh CPU us/req':>17}"
-    print(f"{'path':<32}{cols}")
+    print(f"{'path':<32}{cols}{'upstream dials':>16}")
     for name, r in rows:
         pct = r.get("latency_ms", r)
         n = max(1, sum(r.get("statuses", {}).values()))
         print(
             f"{name:<32}{r.get('achieved_rate', 0):>10.0f}{pct.get('p50', float('nan')):>10.2f}"
             f"{pct.get('p99', float('nan')):>10.2f}{r.get('errors', 0):>8}"
-            f"{r['mesh_cpu_s'] / n * 1e6:>17.0f}"
+            f"{r['mesh_cpu_s'] / n * 1e6:>17.0f}{r['waypoint']['upstream_dials']:>16}"
         )
     l4, l7 = rows[0][1], rows[1][1]
     if l4.get("achieved_rate"):

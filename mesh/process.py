@@ -13,6 +13,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from mesh import accesslog
 from mesh.config.model import ConfigError
 from mesh.identity.svid import CertificateError
 
@@ -21,10 +22,34 @@ class EnvironmentUnfit(RuntimeError):
     """The machine lacks something the process needs; the message says what and the fix."""
 
 
-def run(prog: str, main: Coroutine[Any, Any, None], *, log_level: str = "info") -> int:
+def run(
+    prog: str,
+    main: Coroutine[Any, Any, None],
+    *,
+    log_level: str = "info",
+    access_line: accesslog.LineFormat = accesslog.text_line,
+) -> int:
+    """`access_line` renders access-log lines as the process's log format would (they are
+    written in batches beside the logger's output, to stderr, see `mesh.accesslog`)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by something fd-less
+        writer = None
+    else:
+        writer = accesslog.AccessLogWriter(fd, access_line)
+        accesslog.install(writer)
+    try:
+        return _run(prog, main)
+    finally:
+        if writer is not None:
+            accesslog.uninstall()
+            writer.close()
+
+
+def _run(prog: str, main: Coroutine[Any, Any, None]) -> int:
     try:
         import uvloop
 

@@ -33,7 +33,12 @@ from waypoint.wire import ClientExchange, RequestHead
 
 log = logging.getLogger("waypoint.upstream")
 
-MAX_IDLE_PER_KEY = 64
+# Idle HTTP/1.1 connections kept per (caller, pod): as many as requests that can be in flight
+# at once on one downstream HTTP/2 connection (and then some). A cap below that (it was 64)
+# made an HTTP/2 client with 128 streams in flight close and re-open upstream connections on
+# every request past the cap (a CONNECT, a dial at the destination, an accept at the app),
+# which cost CPU exactly when the waypoint was busiest: a small overload became a collapse.
+MAX_IDLE_PER_KEY = 1024
 IDLE_TIMEOUT = 60.0  # an unused upstream connection (and its CONNECT stream) is closed
 
 C = TypeVar("C", H1Client, H2Client)
@@ -59,7 +64,10 @@ class Upstreams:
         self.node_ports = dict(node_ports or {})
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self._timers: dict[H1Client, asyncio.TimerHandle] = {}
+        # When each idle HTTP/1.1 connection was parked (loop time): one sweep timer expires
+        # them, instead of a timer armed and cancelled around every request.
+        self._idle_since: dict[H1Client, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._h1: dict[Key, list[H1Client]] = {}
         self._h2: dict[Key, list[H2Client]] = {}
         self.dials = 0
@@ -120,9 +128,7 @@ class Upstreams:
         idle = self._h1.get(key)
         while idle and not fresh:
             old = idle.pop()
-            timer = self._timers.pop(old, None)
-            if timer is not None:
-                timer.cancel()
+            self._idle_since.pop(old, None)
             if old.reusable:
                 return old.start(head), True
         h1c = H1Client(on_free=lambda c: self._free(key, c), on_gone=self._gone_h1(key))
@@ -136,24 +142,39 @@ class Upstreams:
         idle = self._h1.setdefault(key, [])
         if len(idle) < MAX_IDLE_PER_KEY:
             idle.append(c)
-            self._timers[c] = asyncio.get_running_loop().call_later(
-                self.idle_timeout, self._expire, key, c
-            )
+            loop = asyncio.get_running_loop()
+            self._idle_since[c] = loop.time()
+            if self._sweep is None:
+                self._sweep = loop.call_later(self.idle_timeout, self._expire_idle)
         else:
             c.close_wire()
 
-    def _expire(self, key: Key, c: H1Client) -> None:
-        """Unused for idle_timeout: close it (the destination's ztunnel frees its socket too)."""
-        self._timers.pop(c, None)
-        self._drop(self._h1, key, c)
-        c.dead = True
-        c.close_wire()
+    def _expire_idle(self) -> None:
+        """Close what was unused for idle_timeout (the destination's ztunnel frees its socket
+        too); come back when the next one is due, while any are parked."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.idle_timeout
+        oldest: float | None = None
+        for key, conns in list(self._h1.items()):
+            for c in list(conns):
+                since = self._idle_since.get(c)
+                if since is None:
+                    continue
+                if since <= cutoff:
+                    self._idle_since.pop(c, None)
+                    self._drop(self._h1, key, c)
+                    c.dead = True
+                    c.close_wire()
+                elif oldest is None or since < oldest:
+                    oldest = since
+        if oldest is not None:
+            delay = max(oldest + self.idle_timeout - loop.time(), 0.05)
+            self._sweep = loop.call_later(delay, self._expire_idle)
 
     def _gone_h1(self, key: Key) -> Callable[[H1Client], None]:
         def gone(c: H1Client) -> None:
-            timer = self._timers.pop(c, None)
-            if timer is not None:
-                timer.cancel()
+            self._idle_since.pop(c, None)
             self._drop(self._h1, key, c)
 
         return gone
@@ -172,9 +193,10 @@ class Upstreams:
         return sum(len(v) for v in self._h1.values())
 
     def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._idle_since.clear()
         for conns in list(self._h1.values()):
             for c in conns:
                 c.close_wire()

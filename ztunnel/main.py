@@ -26,7 +26,7 @@ from typing import Any
 
 from bpf.events import DropEvent
 from certs.ca import CertificateAuthority
-from mesh import ktls, process
+from mesh import accesslog, ktls, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.flows import Flow, FlowRing, flows_route
 from mesh.hbone import serve
@@ -517,7 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = ZtunnelConfig.from_args(args, ktls_enabled=ktls_enabled)
     setup_logging(config.log_level, config.log_format)
-    return process.run("ztunnel", Ztunnel(config).run(), log_level=config.log_level)
+    line = accesslog.json_line if config.log_format == "json" else accesslog.text_line
+    return process.run(
+        "ztunnel", Ztunnel(config).run(), log_level=config.log_level, access_line=line
+    )
 
 
 if __name__ == "__main__":
