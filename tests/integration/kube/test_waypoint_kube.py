@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -201,10 +202,13 @@ async def test_waypoint_process_waits_for_the_api_then_serves_its_config(
         }
     )
     apiserver.missing = {"httproutes"}  # a required kind the server does not answer (yet)
+    with socket.socket() as s:  # readiness needs a known port: it answers before stdout says
+        s.bind(("127.0.0.1", 0))
+        ready_port = s.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "waypoint.main", "--namespace", "ns", "--kube",
         "--kubeconfig", str(kc), "--ca-dir", str(tmp_path / "ca"),
-        "--hbone-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
+        "--hbone-addr", "127.0.0.1:0", "--readiness-addr", f"127.0.0.1:{ready_port}",
         "--metrics-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
         "--log-level", "debug",
         env=ENV, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -219,6 +223,8 @@ async def test_waypoint_process_waits_for_the_api_then_serves_its_config(
                 break
         await asyncio.sleep(1.0)  # the watches keep failing on httproutes meanwhile
         assert proc.returncode is None
+        status, _ = await asyncio.to_thread(_get, ready_port, "/healthz/ready")
+        assert status == 503  # up, but without its routes and policies: not ready
         out = asyncio.create_task(proc.stdout.readline())
         await asyncio.sleep(0.5)
         assert not out.done(), "HBONE opened before the first snapshot"
@@ -229,7 +235,8 @@ async def test_waypoint_process_waits_for_the_api_then_serves_its_config(
             (await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(3)
         ]
         ports = {ln.split()[2]: int(ln.split()[4]) for ln in lines}
-        status, _ = await asyncio.to_thread(_get, ports["readiness"], "/healthz/ready")
+        assert ports["readiness"] == ready_port
+        status, _ = await asyncio.to_thread(_get, ready_port, "/healthz/ready")
         assert status == 200
         status, body = await asyncio.to_thread(_get, ports["admin"], "/config_dump")
         assert status == 200
