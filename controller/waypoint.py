@@ -12,6 +12,14 @@ Service running our `waypoint`, with status reported on the Gateway (as Istio's 
 * Waypoint pods are labelled `istio.io/dataplane-mode: none` (a waypoint is never redirected
   into ztunnel; it speaks HBONE itself) and with `gateway.networking.k8s.io/gateway-name`, the
   label the snapshot uses to find a waypoint's pods.
+* Each waypoint reads its config from the API server (`waypoint --kube`), so its
+  ServiceAccount needs read access cluster-wide: the ClusterRole `ambientmesh-waypoint`
+  (rendered by `meshctl install`) and one ClusterRoleBinding of the same name, whose subjects
+  the controller keeps equal to the ServiceAccounts of the current waypoint Gateways. A
+  cluster-scoped object cannot be owned by a namespaced Gateway, so the garbage collector
+  cannot remove a deleted waypoint's subject: the reconcile does, by updating the list
+  (the binding itself is never deleted). The pods also serve the read-only flow stream on
+  the flows port, which `meshctl observe --kube` reads through pods/proxy.
 * Status: `Accepted` once the Gateway is ours and valid, `Programmed` once the Service has an
   address (reported in `status.addresses`), with `observedGeneration`; conditions keep their
   `lastTransitionTime` while unchanged, so status writes happen only on real changes.
@@ -41,11 +49,19 @@ from mesh.config.model import (
     WAYPOINT_GATEWAY_CLASS,
 )
 from mesh.config.source import ConfigStore
-from mesh.ports import CA_PORT, HBONE_PORT, READINESS_PORT
+from mesh.ports import CA_PORT, FLOWS_PORT, HBONE_PORT, READINESS_PORT
 
 log = logging.getLogger("controller.waypoint")
 
-__all__ = ["CONTROLLER_NAME", "WaypointController", "desired_objects", "main"]
+__all__ = [
+    "CONTROLLER_NAME",
+    "WAYPOINT_CLUSTER_ROLE",
+    "WaypointController",
+    "binding_subjects",
+    "desired_binding",
+    "desired_objects",
+    "main",
+]
 
 CONTROLLER_NAME = "ambientmesh.io/waypoint-controller"
 HASH_ANNOTATION = "ambientmesh.io/config-hash"
@@ -55,6 +71,10 @@ DEFAULT_CA_ADDRESS = f"ambientmesh-ca.ambientmesh-system.svc:{CA_PORT}"
 CA_ROOT_CONFIGMAP = "ambientmesh-ca-root"  # in the mesh's namespace (see meshctl install)
 CA_ROOT_KEY = "root-cert.pem"
 CA_TOKEN_AUDIENCE = "ambientmesh-ca"
+# the ClusterRole `meshctl install` renders (meshctl.install.controller.WAYPOINT_CLUSTER_ROLE),
+# and the ClusterRoleBinding to it the controller keeps
+WAYPOINT_CLUSTER_ROLE = "ambientmesh-waypoint"
+RBAC_GROUP = "rbac.authorization.k8s.io"
 
 Obj = dict[str, Any]
 
@@ -162,6 +182,9 @@ def desired_objects(
                                 f"/etc/ambientmesh/ca-root/{CA_ROOT_KEY}",
                                 "--token-file",
                                 "/var/run/secrets/tokens/ca-token",
+                                "--kube",
+                                "--flows-addr",
+                                f"0.0.0.0:{FLOWS_PORT}",
                             ],
                             "volumeMounts": [
                                 {
@@ -178,6 +201,7 @@ def desired_objects(
                             "ports": [
                                 {"name": "hbone", "containerPort": port},
                                 {"name": "http-ready", "containerPort": READINESS_PORT},
+                                {"name": "http-flows", "containerPort": FLOWS_PORT},
                             ],
                             "readinessProbe": {
                                 "httpGet": {"path": "/healthz/ready", "port": READINESS_PORT},
@@ -228,6 +252,36 @@ def desired_objects(
     return [sa, dep, svc, root]
 
 
+def binding_subjects(gateways: Sequence[Mapping[str, Any]]) -> list[Obj]:
+    """The waypoint ServiceAccounts (named after their Gateway) of the waypoint Gateways, in a
+    stable order so an unchanged set is an unchanged binding."""
+    seen = set()
+    for gw in gateways:
+        meta = gw.get("metadata") or {}
+        if (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_GATEWAY_CLASS:
+            continue
+        ns, name = meta.get("namespace"), meta.get("name")
+        if isinstance(ns, str) and isinstance(name, str) and ns and name:
+            seen.add((ns, name))
+    return [{"kind": "ServiceAccount", "name": name, "namespace": ns} for ns, name in sorted(seen)]
+
+
+def desired_binding(gateways: Sequence[Mapping[str, Any]]) -> Obj:
+    """The ClusterRoleBinding giving every waypoint read access to its config."""
+    b: Obj = {
+        "apiVersion": f"{RBAC_GROUP}/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {
+            "name": WAYPOINT_CLUSTER_ROLE,
+            "labels": {"app.kubernetes.io/managed-by": "ambientmesh-waypoint-controller"},
+        },
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": WAYPOINT_CLUSTER_ROLE},
+        "subjects": binding_subjects(gateways),
+    }
+    b["metadata"]["annotations"] = {HASH_ANNOTATION: _hash(b)}
+    return b
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -265,6 +319,7 @@ class WaypointController:
         self.core = k8s.CoreV1Api(api_client)
         self.apps = k8s.AppsV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
+        self.rbac = k8s.RbacAuthorizationV1Api(api_client)
         self.store = ConfigStore()
         self.source = KubeSource(api_client, self.store, kinds=(GATEWAY_KIND,), debounce=debounce)
         self.reconciles = 0
@@ -296,7 +351,12 @@ class WaypointController:
 
     async def reconcile_all(self) -> None:
         self.reconciles += 1
-        for gw in list(self.source.objects_of("Gateway")):
+        gateways = list(self.source.objects_of("Gateway"))
+        try:
+            await self.reconcile_binding(gateways)
+        except (k8s.ApiException, OSError, ValueError) as exc:
+            log.error("ClusterRoleBinding %s: reconcile failed: %s", WAYPOINT_CLUSTER_ROLE, exc)
+        for gw in gateways:
             if gw.get("spec", {}).get("gatewayClassName") != WAYPOINT_GATEWAY_CLASS:
                 continue
             key = f"{gw['metadata'].get('namespace')}/{gw['metadata'].get('name')}"
@@ -356,10 +416,23 @@ class WaypointController:
         cluster_ip = (live_svc.get("spec") or {}).get("clusterIP")
         await self._status(gw, ns, cluster_ip if cluster_ip not in (None, "", "None") else None)
 
+    async def reconcile_binding(self, gateways: Sequence[Mapping[str, Any]]) -> None:
+        """Subjects = the current waypoints' ServiceAccounts: a new waypoint gains read access,
+        a deleted one loses it (a merge patch replaces the list wholesale)."""
+        await self._ensure(
+            desired_binding(gateways),
+            self.rbac.read_cluster_role_binding,
+            self.rbac.create_cluster_role_binding,
+            self.rbac.patch_cluster_role_binding,
+        )
+
     async def _ensure(self, want: Obj, read: Any, create: Any, patch: Any) -> Obj:
-        ns, name = want["metadata"]["namespace"], want["metadata"]["name"]
+        name = want["metadata"]["name"]
+        ns = want["metadata"].get("namespace")
+        where = (ns,) if ns is not None else ()  # cluster-scoped: no namespace argument
+        label = f"{ns}/{name}" if ns is not None else name
         try:
-            cur = await read(name, ns, _preload_content=False)
+            cur = await read(name, *where, _preload_content=False)
             cur_obj: Obj = json.loads(await cur.read())
             cur.release()
             if cur.status == 404:
@@ -369,24 +442,24 @@ class WaypointController:
         except k8s.ApiException as exc:
             if exc.status != 404:
                 raise
-            resp = await create(ns, want, _preload_content=False)
+            resp = await create(*where, want, _preload_content=False)
             created: Obj = json.loads(await resp.read())
             resp.release()
             if resp.status not in (200, 201):
                 raise k8s.ApiException(
                     status=resp.status, reason=str(created.get("message"))
                 ) from None
-            log.info("created %s %s/%s", want["kind"], ns, name)
+            log.info("created %s %s", want["kind"], label)
             return created
         have = (cur_obj.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
         if have == want["metadata"]["annotations"][HASH_ANNOTATION]:
             return cur_obj
-        resp = await patch(name, ns, want, _content_type=MERGE_PATCH, _preload_content=False)
+        resp = await patch(name, *where, want, _content_type=MERGE_PATCH, _preload_content=False)
         patched: Obj = json.loads(await resp.read())
         resp.release()
         if resp.status != 200:
             raise k8s.ApiException(status=resp.status, reason=str(patched.get("message")))
-        log.info("updated %s %s/%s", want["kind"], ns, name)
+        log.info("updated %s %s", want["kind"], label)
         return patched
 
     async def _status(self, gw: Mapping[str, Any], ns: str, address: str | None) -> None:

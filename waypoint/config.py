@@ -37,6 +37,8 @@ class WaypointConfig:
     name: str = "waypoint"
     service_account: str | None = None  # None: --name
     config: tuple[str, ...] = ()  # YAML files/dirs, reloaded live; none: no routes
+    kube: bool = False  # config from the Kubernetes API server instead of --config files
+    kubeconfig: str | None = None  # with kube: a kubeconfig file (None: in-cluster)
     trust_domain: str = "cluster.local"
     # the CA signing our SVID: a local directory, or the CA service with its trust bundle
     ca_dir: str | None = None
@@ -81,6 +83,12 @@ class WaypointConfig:
             addrs[flag] = _addr("--" + flag.replace("_", "-"), getattr(args, flag))
         if not 0 <= args.flow_buffer_size <= 1 << 20:
             raise WaypointConfigError("--flow-buffer-size must be 0 (off) .. 1048576")
+        if args.kube and args.config:
+            raise WaypointConfigError(
+                "give --kube or --config, not both (one source owns the config snapshot)"
+            )
+        if args.kubeconfig and not args.kube:
+            raise WaypointConfigError("--kubeconfig needs --kube")
         if bool(args.ca_dir) == bool(args.ca):
             raise WaypointConfigError("give --ca-dir or --ca (the CA signing our SVID)")
         ca: Addr | None = None
@@ -107,6 +115,8 @@ class WaypointConfig:
             name=args.name,
             service_account=args.service_account,
             config=tuple(args.config),
+            kube=bool(args.kube),
+            kubeconfig=args.kubeconfig,
             trust_domain=args.trust_domain,
             ca_dir=args.ca_dir,
             ca=ca,

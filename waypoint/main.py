@@ -8,7 +8,11 @@ backends reached over HBONE through their node's ztunnel, Prometheus metrics on
 `--admin-addr`. The limits a hostile client meets (`waypoint.limits`) are flags whose
 defaults are production values. Config comes from `--config` YAML files,
 reloaded live: a bad update is logged and the last good one keeps serving; a bad config at
-start is an error naming the object and field.
+start is an error naming the object and field. Or, on Kubernetes, from the API server
+(`--kube`): the same `KubeSource` as ztunnel's with the waypoint's kinds
+(`mesh.config.kube.WAYPOINT_KINDS`: ztunnel's plus RequestAuthentication and the ConfigMaps
+labelled `ambientmesh.io/jwks`); HBONE opens and readiness turns ready only once the first
+full snapshot is out, so a waypoint never serves a request without its routes and policies.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from certs.ca import CertificateAuthority
 from mesh import otlp, process
 from mesh.config.source import ConfigStore, FileSource
 from mesh.flows import FlowRing, flows_route
+from mesh.hbone.pool import Listener
 from mesh.identity.caclient import CaClient
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
@@ -34,6 +40,11 @@ from mesh.ports import FLOWS_PORT
 from waypoint.config import WaypointConfig, WaypointConfigError, host_port
 from waypoint.proxy import Waypoint
 
+if TYPE_CHECKING:
+    from mesh.config.kube import KubeSource
+
+log = logging.getLogger("waypoint")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="waypoint", description="ambientmesh namespace L7 proxy")
@@ -42,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", required=True)
     p.add_argument("--service-account", help="identity's service account (default: --name)")
     p.add_argument("--config", nargs="*", default=[], help="YAML files/dirs (mesh.config.parse)")
+    p.add_argument(
+        "--kube",
+        action="store_true",
+        help="watch the Kubernetes API server for config (instead of --config)",
+    )
+    p.add_argument("--kubeconfig", help="with --kube: a kubeconfig (default: in-cluster)")
     p.add_argument("--trust-domain", default=c.trust_domain)
     p.add_argument("--ca-dir", help="local CA directory (meshctl ca init) that signs our SVID")
     p.add_argument("--ca", help="CA service HOST:PORT (instead of --ca-dir; Kubernetes)")
@@ -136,10 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(config: WaypointConfig) -> None:
     store = ConfigStore()
-    source = None
+    source: FileSource | KubeSource | None = None
+    kube_api = None
     if config.config:
         source = FileSource(config.config, store, trust_domain=config.trust_domain)
         source.load_initial()
+    elif config.kube:
+        # imported here: kubernetes_asyncio is needed only on a cluster
+        from mesh.config.kube import WAYPOINT_KINDS, KubeSource, load_api_client
+
+        kube_api = await load_api_client(config.kubeconfig)
+        source = KubeSource(kube_api, store, trust_domain=config.trust_domain, kinds=WAYPOINT_KINDS)
+    try:
+        await _serve(config, store, source)
+    finally:
+        if kube_api is not None:
+            await kube_api.close()
+
+
+def _first_snapshot(source: FileSource | KubeSource | None) -> asyncio.Event | None:
+    """Files load before anything listens; the API server's first snapshot comes later."""
+    return None if source is None or isinstance(source, FileSource) else source.ready
+
+
+async def _serve(
+    config: WaypointConfig, store: ConfigStore, source: FileSource | KubeSource | None
+) -> None:
     ttl = timedelta(seconds=config.cert_ttl)
     if config.ca_dir:
         identities = Identities(CertificateAuthority.load(config.ca_dir), ttl)
@@ -183,8 +222,11 @@ async def run(config: WaypointConfig) -> None:
         trace_sampling=config.trace_sampling / 100.0,
         flows=flows,
     )
-    listener = await wp.listen(*config.hbone_addr)
-    ready = ObservabilityServer(*config.readiness_addr, ready=lambda: True)
+    listener: Listener | None = None
+    first = _first_snapshot(source)
+    ready = ObservabilityServer(
+        *config.readiness_addr, ready=lambda: first is None or first.is_set()
+    )
     met = ObservabilityServer(*config.metrics_addr, metrics=metrics)
     admin = ObservabilityServer(
         *config.admin_addr,
@@ -200,6 +242,12 @@ async def run(config: WaypointConfig) -> None:
         async with ready, met, admin, asyncio.TaskGroup() as tg:
             if flows_srv is not None:
                 await flows_srv.start()
+            if source is not None:
+                tg.create_task(source.run())
+            if first is not None:
+                log.info("waiting for the first config snapshot from the API server")
+                await first.wait()
+            listener = await wp.listen(*config.hbone_addr)
             tag = f"waypoint {config.namespace}/{config.name}"
             print(f"{tag}: hbone on {wp.port} as {wp.identity}", flush=True)
             print(f"{tag}: readiness on {ready.port}", flush=True)
@@ -207,15 +255,14 @@ async def run(config: WaypointConfig) -> None:
             print(f"{tag}: admin on {admin.port}", flush=True)
             if flows_srv is not None:
                 print(f"{tag}: flows on {flows_srv.port}", flush=True)
-            logging.getLogger("waypoint").info("limits: %s", wp.limits.as_dict())
-            if source is not None:
-                tg.create_task(source.run())
+            log.info("limits: %s", wp.limits.as_dict())
             tg.create_task(identities.run())
             await asyncio.Event().wait()
     finally:
         if flows_srv is not None:
             await flows_srv.close()
-        listener.close()
+        if listener is not None:
+            listener.close()
         await wp.close()
         if exporter is not None:
             await asyncio.to_thread(exporter.close)

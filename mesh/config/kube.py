@@ -52,6 +52,8 @@ log = logging.getLogger("mesh.config.kube")
 
 __all__ = [
     "DEFAULT_KINDS",
+    "JWKS_CONFIGMAP_LABEL",
+    "WAYPOINT_KINDS",
     "Backoff",
     "KubeSource",
     "WatchedKind",
@@ -71,6 +73,9 @@ class WatchedKind:
     # An optional kind's API may be absent (its CRD not installed): then it counts as listed
     # and empty, so the other kinds still publish, and the source asks again now and then.
     optional: bool = False
+    # A server-side label selector: only the labelled objects cross the wire and are held
+    # (ConfigMaps: the few that carry JWKS, not every ConfigMap's data in the cluster).
+    label_selector: str | None = None
 
     @property
     def group(self) -> str:
@@ -98,6 +103,26 @@ DEFAULT_KINDS: tuple[WatchedKind, ...] = (
     # Only where Cilium's CRDs are installed; elsewhere "no CiliumNetworkPolicies", not a retry
     # loop.
     WatchedKind("CiliumNetworkPolicy", "cilium.io/v2", "ciliumnetworkpolicies", optional=True),
+)
+
+# A ConfigMap a RequestAuthentication's `jwksUri: configmap://<ns>/<name>/<key>` names must
+# carry this label (any value) for a waypoint on Kubernetes to see it: the waypoint watches
+# ConfigMaps through this selector only, so the rest of the cluster's ConfigMaps (large, and
+# none of our business) are never sent to it or held in its memory.
+JWKS_CONFIGMAP_LABEL = "ambientmesh.io/jwks"
+
+# What a waypoint watches: everything ztunnel does (the routes, policies and workloads its L7
+# decisions read), plus RequestAuthentication (optional: Istio's CRD may be absent) and the
+# labelled JWKS ConfigMaps.
+WAYPOINT_KINDS: tuple[WatchedKind, ...] = (
+    *DEFAULT_KINDS,
+    WatchedKind(
+        "RequestAuthentication",
+        "security.istio.io/v1",
+        "requestauthentications",
+        optional=True,
+    ),
+    WatchedKind("ConfigMap", "v1", "configmaps", label_selector=JWKS_CONFIGMAP_LABEL),
 )
 
 
@@ -215,6 +240,7 @@ class KubeSource:
                 "nodes": core.list_node,
                 "pods": core.list_pod_for_all_namespaces,
                 "services": core.list_service_for_all_namespaces,
+                "configmaps": core.list_config_map_for_all_namespaces,
             }
             fn: Callable[..., Awaitable[Any]] = table[wk.plural]
             return fn
@@ -231,6 +257,8 @@ class KubeSource:
         fs = self._field_selector(wk)
         if fs:
             kw["field_selector"] = fs
+        if wk.label_selector:
+            kw["label_selector"] = wk.label_selector
         resp: aiohttp.ClientResponse = await self._call(wk)(_preload_content=False, **kw)
         if resp.status == 410:
             resp.release()

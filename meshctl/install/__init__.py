@@ -22,8 +22,14 @@ What gets installed, and why it looks the way it does:
 * waypoint controller Deployment: Gateway (class `waypoint`) → Deployment + Service, and a
   copy of the trust bundle ConfigMap beside it (pods mount their own namespace's only); the
   waypoint gets its SVID from the CA with its projected service-account token.
-* RBAC, least privilege: ztunnel and the CA only read (the CA also creates TokenReviews); only
-  the controller writes, and only Deployments, Services, ServiceAccounts and Gateway status.
+* RBAC, least privilege: ztunnel, the waypoints (ClusterRole `ambientmesh-waypoint`) and the
+  CA only read (the CA also creates TokenReviews); only the controller writes, and only
+  Deployments, Services, ServiceAccounts, ConfigMaps, Gateway status and the one
+  ClusterRoleBinding `ambientmesh-waypoint` (with `bind` on that role only), whose subjects
+  it keeps equal to the waypoints' ServiceAccounts.
+* ztunnel serves the read-only flow stream on `observe.flowsPort` (15030; 0/off: not at all
+  beyond its loopback admin port) for `meshctl observe --kube`; hostNetwork makes that the
+  node's port, which says who talks to whom (see the README's ports).
   RBAC cannot scope by field, so "pods on this node" is enforced by the CA, not by RBAC.
 * CRDs for Istio's AuthorizationPolicy and PeerAuthentication (security.istio.io, v1 and
   v1beta1, structural schemas, the same fields as Istio's): skip them with

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from mesh.config.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN
-from mesh.ports import CA_PORT
+from mesh.ports import CA_PORT, FLOWS_PORT
 from meshctl.errors import UsageError
 
 Obj = dict[str, Any]
@@ -52,6 +52,13 @@ DEFAULT_VALUES: Obj = {
             "requests": {"cpu": "100m", "memory": "128Mi"},
             "limits": {"memory": "512Mi"},
         },
+    },
+    "observe": {
+        # ztunnel's read-only flow stream (`meshctl observe --kube` reads it through the API
+        # server's pods/proxy, on this port). ztunnel is hostNetwork, so anyone who can reach
+        # a node can read which workloads talk there: 0 or off serves it on localhost's admin
+        # port only.
+        "flowsPort": FLOWS_PORT,
     },
     "controller": {
         "replicas": 1,

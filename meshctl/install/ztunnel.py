@@ -6,7 +6,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from mesh.ports import HBONE_PORT, METRICS_PORT, READINESS_PORT
+from mesh.ports import FLOWS_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT
+from meshctl.errors import UsageError
 from meshctl.install.objects import (
     CA_ROOT_CONFIGMAP,
     ENROL_SOCKET_DIR,
@@ -91,10 +92,30 @@ def _volumes(v: Mapping[str, Any]) -> tuple[list[Obj], list[Obj]]:
     return volumes, mounts
 
 
+def flows_port(v: Mapping[str, Any]) -> int | None:
+    """`observe.flowsPort`: the port ztunnel serves /flows on to the network, None for off
+    (0, false, off); `on`/true is the default port. Anything else is refused, not guessed."""
+    p = v["observe"]["flowsPort"]
+    if p is None or p is False or p == 0 or p == "off":
+        return None
+    if p is True or p == "on":
+        return FLOWS_PORT
+    if isinstance(p, int) and 1 <= p <= 65535:
+        return p
+    raise UsageError(f"observe.flowsPort {p!r}: expected a port (1-65535), or 0/off")
+
+
 def _ztunnel_container(v: Mapping[str, Any], mounts: list[Obj]) -> Obj:
     ns = v["namespace"]
     zt = v["ztunnel"]
     ca_addr = f"ambientmesh-ca.{ns}.svc:{v['ca']['port']}"
+    fport = flows_port(v)
+    flows_args = ["--flows-addr", f"0.0.0.0:{fport}"] if fport is not None else []
+    flows_ports = (
+        [{"name": "http-flows", "containerPort": fport, "protocol": "TCP"}]
+        if fport is not None
+        else []
+    )
     return {
         "name": "ztunnel",
         "image": image(v),
@@ -118,6 +139,7 @@ def _ztunnel_container(v: Mapping[str, Any], mounts: list[Obj]) -> Obj:
             f"{ENROL_SOCKET_DIR}/enrol.sock",
             "--log-level",
             v["logLevel"],
+            *flows_args,
             *zt["extraArgs"],
         ],
         "env": [
@@ -131,6 +153,7 @@ def _ztunnel_container(v: Mapping[str, Any], mounts: list[Obj]) -> Obj:
             {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},
             {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             {"name": "http-ready", "containerPort": READINESS_PORT, "protocol": "TCP"},
+            *flows_ports,
         ],
         **probes(),
         "resources": copy.deepcopy(zt["resources"]),

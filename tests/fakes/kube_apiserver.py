@@ -5,11 +5,11 @@ It speaks the real protocol over real HTTP on 127.0.0.1 (port 0) so the real
 list responses with a collection resourceVersion, chunked `?watch=1` streams of JSON lines
 (ADDED / MODIFIED / DELETED / BOOKMARK / ERROR), one global resourceVersion counter, an event
 history that can be compacted (so a too-old resourceVersion gets a 410 ERROR event, as etcd
-compaction causes), `fieldSelector=spec.nodeName=...`, create / replace / merge-patch / delete,
-the `status` subresource, the `pods/{name}[:port]/proxy/...` subresource (GET, streamed, to
-the pod's `status.podIP`, loopback only), and TokenReview. Tests reach in through methods
-(`put`, `delete`, `compact`, `drop_watches`, `bookmark`) to make the cluster change under the
-client.
+compaction causes), `fieldSelector=spec.nodeName=...`, equality `labelSelector`s,
+create / replace / merge-patch / delete, the `status` subresource, the
+`pods/{name}[:port]/proxy/...` subresource (GET, streamed, to the pod's `status.podIP`,
+loopback only), and TokenReview. Tests reach in through methods (`put`, `delete`, `compact`,
+`drop_watches`, `bookmark`) to make the cluster change under the client.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("gateway.networking.k8s.io/v1", "grpcroutes"): ("GRPCRoute", True),
     ("security.istio.io/v1", "authorizationpolicies"): ("AuthorizationPolicy", True),
     ("security.istio.io/v1", "peerauthentications"): ("PeerAuthentication", True),
+    ("security.istio.io/v1", "requestauthentications"): ("RequestAuthentication", True),
+    ("rbac.authorization.k8s.io/v1", "clusterroles"): ("ClusterRole", False),
+    ("rbac.authorization.k8s.io/v1", "clusterrolebindings"): ("ClusterRoleBinding", False),
     ("networking.k8s.io/v1", "networkpolicies"): ("NetworkPolicy", True),
     ("cilium.io/v2", "ciliumnetworkpolicies"): ("CiliumNetworkPolicy", True),
 }
@@ -102,6 +105,27 @@ def _field_matches(obj: Mapping[str, Any], selector: str | None) -> bool:
             cur = cur.get(part) if isinstance(cur, Mapping) else None
         have = "" if cur is None else str(cur)
         if (have == want) == negate:
+            return False
+    return True
+
+
+def _labels_match(obj: Mapping[str, Any], selector: str | None) -> bool:
+    """`labelSelector` equality terms: `key`, `key=value`, `key!=value` (no set syntax)."""
+    if not selector:
+        return True
+    meta = obj.get("metadata")
+    labels = (meta.get("labels") if isinstance(meta, Mapping) else None) or {}
+    for term in selector.split(","):
+        term = term.strip()
+        if "!=" in term:
+            key, _, want = term.partition("!=")
+            if labels.get(key) == want:
+                return False
+        elif "=" in term:
+            key, _, want = term.partition("=")
+            if labels.get(key) != want.lstrip("="):
+                return False
+        elif term not in labels:
             return False
     return True
 
@@ -308,10 +332,11 @@ class FakeApiServer:
         self, request: web.Request, resource: tuple[str, str], ns: str | None
     ) -> web.Response:
         fsel = request.query.get("fieldSelector")
+        lsel = request.query.get("labelSelector")
         items = [
             copy.deepcopy(o)
             for (ons, _), o in sorted(self.objects[resource].items())
-            if (ns is None or ons == ns) and _field_matches(o, fsel)
+            if (ns is None or ons == ns) and _field_matches(o, fsel) and _labels_match(o, lsel)
         ]
         for it in items:  # list items carry no kind/apiVersion, as the real server does
             it.pop("kind", None)
@@ -331,6 +356,7 @@ class FakeApiServer:
     ) -> web.StreamResponse:
         self.watch_count += 1
         fsel = request.query.get("fieldSelector")
+        lsel = request.query.get("labelSelector")
         rv_param = request.query.get("resourceVersion", "")
         bookmarks = request.query.get("allowWatchBookmarks") in ("true", "1", "True")
         timeout = request.query.get("timeoutSeconds")
@@ -347,7 +373,7 @@ class FakeApiServer:
                 return False
             if ns is not None and o["metadata"].get("namespace") != ns:
                 return False
-            return _field_matches(o, fsel)
+            return _field_matches(o, fsel) and _labels_match(o, lsel)
 
         async def send(typ: str, obj: Mapping[str, Any]) -> None:
             line = json.dumps({"type": typ, "object": obj}) + "\n"

@@ -171,3 +171,51 @@ async def test_missing_bundle_is_reported_not_guessed(
             assert apiserver.get("Deployment", "waypoint", "shop") is None
         finally:
             task.cancel()
+
+
+async def test_waypoint_reads_its_config_from_the_api_and_serves_flows(
+    apiserver: FakeApiServer, controller: WaypointController
+) -> None:
+    apiserver.put(gateway("waypoint"))
+    dep = await until(lambda: apiserver.get("Deployment", "waypoint", "shop"))
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert "--kube" in args and "--config" not in args
+    assert args[args.index("--flows-addr") + 1] == "0.0.0.0:15030"
+    assert {"name": "http-flows", "containerPort": 15030} in c["ports"]
+
+
+async def test_cluster_role_binding_subjects_follow_the_waypoint_gateways(
+    apiserver: FakeApiServer, controller: WaypointController
+) -> None:
+    """A cluster object cannot be owned by a namespaced Gateway: the controller keeps the
+    binding's subjects equal to the waypoints that exist, adding and removing."""
+
+    def subjects() -> list[tuple[str, str]]:
+        b = apiserver.get("ClusterRoleBinding", "ambientmesh-waypoint")
+        if b is None:
+            return [("", "absent")]
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                "kind": "ClusterRole", "name": "ambientmesh-waypoint"}  # fmt: skip
+        return [(s["namespace"], s["name"]) for s in b.get("subjects") or []]
+
+    await until(lambda: subjects() == [])  # created, empty, before any waypoint
+    apiserver.put(gateway("waypoint"))
+    apiserver.put(gateway("wp2", ns="other"))
+    apiserver.put(gateway("ingress", cls="istio"))  # not a waypoint: no access
+    await until(lambda: subjects() == [("other", "wp2"), ("shop", "waypoint")])
+    for s in apiserver.get("ClusterRoleBinding", "ambientmesh-waypoint")["subjects"]:  # type: ignore[index]
+        assert s["kind"] == "ServiceAccount"
+    apiserver.delete("Gateway", "waypoint", "shop")
+    await until(lambda: subjects() == [("other", "wp2")])
+    g = apiserver.get("Gateway", "wp2", "other")
+    assert g is not None
+    g["spec"]["gatewayClassName"] = "istio"  # no longer a waypoint
+    apiserver.put(g)
+    await until(lambda: subjects() == [])
+    # steady state: resyncs with nothing changed write nothing to the binding
+    start = controller.reconciles
+    writes = [r for r in apiserver.requests if r[0] != "GET" and "clusterrolebindings" in r[1]]
+    await until(lambda: controller.reconciles >= start + 2)
+    assert [r for r in apiserver.requests
+            if r[0] != "GET" and "clusterrolebindings" in r[1]] == writes  # fmt: skip

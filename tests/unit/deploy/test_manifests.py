@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mesh.config.kube import DEFAULT_KINDS
+from mesh.config.kube import DEFAULT_KINDS, WAYPOINT_KINDS
 from meshctl.errors import UsageError
 from meshctl.install import crds, merge_values, parse_set, render, render_yaml
 
@@ -153,7 +153,23 @@ def test_rbac_is_least_privilege() -> None:
                 "services",
                 "serviceaccounts",
                 "configmaps",  # the trust bundle copied beside each waypoint
+                "clusterrolebindings",  # the waypoints' read access (subjects only)
             }
+        if "clusterrolebindings" in r["resources"] and set(r["verbs"]) != {"create"}:
+            assert r["resourceNames"] == ["ambientmesh-waypoint"]  # no other binding
+    # `bind` (needed to bind a role one does not hold), on the waypoints' role only
+    (bind,) = [r for r in ctl if "bind" in r["verbs"]]
+    assert bind["resources"] == ["clusterroles"] and bind["verbs"] == ["bind"]
+    assert bind["resourceNames"] == ["ambientmesh-waypoint"]
+    # waypoints only read, and exactly what their KubeSource watches
+    wp = roles["ambientmesh-waypoint"]
+    assert all(set(r["verbs"]) == {"get", "list", "watch"} for r in wp)
+    wp_readable = {(g, res) for r in wp for g in r["apiGroups"] for res in r["resources"]}
+    assert wp_readable == {(k.group, k.plural) for k in WAYPOINT_KINDS}
+    assert wp_readable == readable | {
+        ("security.istio.io", "requestauthentications"),
+        ("", "configmaps"),
+    }
     assert not any("secrets" in r["resources"] for rules in roles.values() for r in rules)
     assert all(
         "*" not in r["verbs"] and "*" not in r["resources"]
@@ -202,6 +218,42 @@ def test_ztunnel_daemonset_has_what_a_node_proxy_needs() -> None:
     assert {t.get("operator") for t in pod["tolerations"]} == {"Exists"}
     token = next(v for v in pod["volumes"] if v["name"] == "ca-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "ambientmesh-ca"
+
+
+def _ztunnel(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    ds = one("DaemonSet", "ztunnel", render(values))
+    c: dict[str, Any] = next(
+        c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "ztunnel"
+    )
+    return c
+
+
+def test_ztunnel_serves_flows_on_15030_unless_switched_off() -> None:
+    """`meshctl observe --kube` reads ztunnel's /flows through pods/proxy; on a hostNetwork
+    pod that port is the node's, so `observe.flowsPort` can turn it off."""
+    zt = _ztunnel()
+    assert zt["args"][zt["args"].index("--flows-addr") + 1] == "0.0.0.0:15030"
+    assert {"name": "http-flows", "containerPort": 15030, "protocol": "TCP"} in zt["ports"]
+    for off in ("0", "off", "false"):
+        zt = _ztunnel(parse_set(f"observe.flowsPort={off}"))
+        assert "--flows-addr" not in zt["args"]
+        assert all(p["containerPort"] != 15030 for p in zt["ports"])
+    zt = _ztunnel(parse_set("observe.flowsPort=15031"))
+    assert zt["args"][zt["args"].index("--flows-addr") + 1] == "0.0.0.0:15031"
+    for bad in ("70000", "-1", "sometimes"):
+        with pytest.raises(UsageError, match=r"observe\.flowsPort"):
+            render(parse_set(f"observe.flowsPort={bad}"))
+
+
+def test_the_waypoint_role_is_the_one_the_controller_binds() -> None:
+    from controller.waypoint import WAYPOINT_CLUSTER_ROLE
+
+    role = one("ClusterRole", WAYPOINT_CLUSTER_ROLE)
+    assert role["rules"]
+    # the binding is the controller's (its subjects follow the Gateways), not the render's
+    assert not [
+        b for b in objs("ClusterRoleBinding") if b["metadata"]["name"] == "ambientmesh-waypoint"
+    ]
 
 
 def test_every_workload_has_probes_resources_and_a_budget() -> None:

@@ -67,3 +67,12 @@ def test_a_missing_bundle_is_refused_at_start(tmp_path: Path) -> None:
 def test_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         WaypointConfig(namespace="a").namespace = "b"  # type: ignore[misc]
+
+
+def test_kube_is_one_source_or_the_other() -> None:
+    c = config("--ca-dir", "/ca", "--kube", "--kubeconfig", "/kc")
+    assert (c.kube, c.kubeconfig, c.config) == (True, "/kc", ())
+    with pytest.raises(WaypointConfigError, match="give --kube or --config, not both"):
+        config("--ca-dir", "/ca", "--kube", "--config", "a.yaml")
+    with pytest.raises(WaypointConfigError, match="--kubeconfig needs --kube"):
+        config("--ca-dir", "/ca", "--kubeconfig", "/kc")
