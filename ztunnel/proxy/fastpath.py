@@ -26,10 +26,13 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import termios
 from collections.abc import Coroutine
+from pathlib import Path
 
-from bpf.fastpath import FastPathMaps, cookie
+from bpf.fastpath import FastPathMaps, cookie, pin_dir
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
 from mesh.telemetry import Accounting
@@ -290,6 +293,10 @@ class FastPath:
         self.fallbacks = 0
         self._refusal_logged = False
 
+    def dump(self) -> dict[str, object]:
+        """For the admin status: is it on, and how often did it pair or fall back."""
+        return {"mode": "on", "engaged": self.engaged, "fallbacks": self.fallbacks}
+
     async def splice(self, down: TcpEndpoint, up: TcpEndpoint, acct: Accounting) -> None:
         """`node.splice`, with the legs paired in the kernel when it accepts them."""
         acct.connected()
@@ -371,3 +378,36 @@ class FastPath:
         up.join(_Gate(pair, pair.legs[1]))
         self.engaged += 1
         return pair
+
+
+FASTPATH_MODES = ("auto", "on", "off")
+
+
+def open_fastpath(mode: str, pin_root: str) -> FastPath | None:
+    """`--fastpath`: off, or compile and pin the verdict in a child (as the redirect loader
+    does: LLVM never enters ztunnel) and open its maps. `auto` takes it when this kernel and
+    host can load it and goes without otherwise (logged); `on` refuses to start without it.
+    Why `auto` does not time both paths at start: the README's figures (fastpath_bench)."""
+    if mode == "off":
+        return None
+    from bpf.loader import BpfUnavailable
+
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "bpf.fastpath", "load", "--pin-root", pin_root],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if res.returncode != 0:
+            lines = res.stderr.strip().splitlines()
+            raise BpfUnavailable(f"fast path: {lines[-1] if lines else 'loader failed'}")
+        fast = FastPath(FastPathMaps.open_pinned(pin_root))
+    except (BpfUnavailable, OSError, subprocess.TimeoutExpired) as exc:
+        if mode == "on":
+            raise BpfUnavailable(f"--fastpath on: {exc}") from None
+        log.info("same-node fast path off: %s", exc)
+        return None
+    log.info("same-node fast path on (pins %s)", pin_dir(pin_root))
+    return fast
