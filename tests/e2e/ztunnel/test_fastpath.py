@@ -271,3 +271,13 @@ def test_off_and_missing_program(maps: FastPathMaps) -> None:
     assert open_fastpath("auto", nowhere) is None
     with pytest.raises(BpfUnavailable, match="--fastpath on"):
         open_fastpath("on", nowhere)
+
+
+def test_auto_probe_measures_both_paths_and_leaves_nothing(maps: FastPathMaps) -> None:
+    """`auto`'s start-up measurement: both paths carry bytes, nothing stays in the sockhash."""
+    from ztunnel.proxy.fastpath import probe
+
+    user, kernel = probe(maps, budget=0.05)
+    print(f"probe: user space {user:.0f} MiB/s, sockhash {kernel:.0f} MiB/s")
+    assert user > 0 and kernel > 0
+    assert maps.in_sockhash() == 0
