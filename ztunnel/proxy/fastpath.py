@@ -150,6 +150,12 @@ def _has_input(sock: socket.socket) -> bool:
         s.detach()
 
 
+def _unwatch(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    loop.remove_reader(fd)
+    os.close(fd)
+
+
+_WATCH_BACKSTOP = 1.0  # s: a wakeup missed is noticed by then
 _TCP_CLOSE = 7
 _FIN_SEEN = frozenset({6, 7, 8, 9, 11})  # TIME_WAIT CLOSE CLOSE_WAIT LAST_ACK CLOSING
 
@@ -246,34 +252,51 @@ class _Pair:
     async def watch(self) -> None:
         """Paired sockets are not read by ztunnel (a read would race the verdict), so their
         end is watched here: a FIN is handed on once the bytes before it are out, a reset
-        resets the partner, as the slow path's reader would."""
+        resets the partner, as the slow path's reader would.
+
+        Woken by the socket's own readiness (a FIN or reset wakes pollers; the bytes the
+        verdict takes do not) through a duplicate of its fd, since the transport owns the
+        original; a slow timer backs it up. Bytes passed to user space instead (the partner
+        has gone) send that direction back to the transport's reader."""
         eps = (self.down, self.up)
         for leg, ep in zip(self.legs, eps, strict=True):
             if _has_input(leg.inp) and not self.unpair(leg, ep):
                 return
-        seen = [not leg.paired for leg in self.legs]  # unpaired: its reader sees the end
-        delay = 0.001
-        while not all(seen):
-            for i, (leg, ep) in enumerate(zip(self.legs, eps, strict=True)):
-                t = ep.transport
-                if t is None or t.is_closing():
-                    return
-                if seen[i]:
-                    continue
-                try:
-                    state, err = _state(leg.inp)
-                except (OSError, ValueError):
-                    return  # closed under us: the endpoints' own ends finish the splice
-                if state == _TCP_CLOSE and err:
-                    self.abort()  # reset (or failed): the partner is reset too
-                    return
-                if state in _FIN_SEEN:
-                    seen[i] = True
-                    delay = 0.001
-                    await _drained(self.maps, leg)
-                    ep.eof_received()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        watched: dict[int, int] = {}  # leg index -> our duplicate fd
+        try:
+            for i, leg in enumerate(self.legs):
+                if leg.paired:
+                    watched[i] = os.dup(leg.inp.fileno())
+                    loop.add_reader(watched[i], wake.set)
+            while watched:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _WATCH_BACKSTOP)
+                wake.clear()
+                for i in list(watched):
+                    leg, ep = self.legs[i], eps[i]
+                    t = ep.transport
+                    if t is None or t.is_closing():
+                        return
+                    try:
+                        state, err = _state(leg.inp)
+                    except (OSError, ValueError):
+                        return  # closed under us: the endpoints' own ends finish the splice
+                    if state == _TCP_CLOSE and err:
+                        self.abort()  # reset (or failed): the partner is reset too
+                        return
+                    if state in _FIN_SEEN:
+                        _unwatch(loop, watched.pop(i))
+                        await _drained(self.maps, leg)
+                        ep.eof_received()
+                    elif _has_input(leg.inp):
+                        _unwatch(loop, watched.pop(i))
+                        if not self.unpair(leg, ep):
+                            return
+        finally:
+            for fd in watched.values():
+                _unwatch(loop, fd)
 
     def settle(self) -> None:
         """Closed: unpair what is still paired and count what the kernel moved."""

@@ -281,3 +281,46 @@ def test_auto_probe_measures_both_paths_and_leaves_nothing(maps: FastPathMaps) -
     print(f"probe: user space {user:.0f} MiB/s, sockhash {kernel:.0f} MiB/s")
     assert user > 0 and kernel > 0
     assert maps.in_sockhash() == 0
+
+
+def test_a_reset_from_the_app_reaches_the_other_side(maps: FastPathMaps) -> None:
+    """Pod A resets its paired connection: ztunnel is not reading it, yet B must see the end
+    promptly (and the sockhash empties), as when ztunnel's reader sees the reset."""
+    import socket
+    import struct
+
+    fast = FastPath(maps)
+
+    async def run() -> float:
+        ended = asyncio.Event()
+
+        async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while await r.read(1 << 16):
+                    pass
+            ended.set()
+            w.close()
+
+        srv = await asyncio.start_server(sink, "127.0.0.1", 0)
+        relay = await _relay(fast, srv.sockets[0].getsockname()[1], [])
+        _r, w = await asyncio.open_connection("127.0.0.1", relay.sockets[0].getsockname()[1])
+        w.write(b"y" * 50_000)
+        await w.drain()
+        for _ in range(200):
+            if fast.engaged:
+                break
+            await asyncio.sleep(0.01)
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        t0 = asyncio.get_running_loop().time()
+        w.transport.abort()  # RST
+        await asyncio.wait_for(ended.wait(), 10)
+        took = asyncio.get_running_loop().time() - t0
+        await _finish(relay)
+        srv.close()
+        return took
+
+    took = asyncio.run(run())
+    assert fast.engaged == 1
+    assert maps.in_sockhash() == 0
+    print(f"reset reached the server after {took * 1000:.1f} ms")
