@@ -199,11 +199,19 @@ class _Gate:
     def abort(self) -> None:
         self.leg.dst.abort()
 
+    def _reads_own(self) -> bool:
+        """Back-pressure may move the partner's reading only while ztunnel reads it (its
+        direction unpaired): a paired socket's transport stays paused for good."""
+        other = self.pair.legs[1] if self.leg is self.pair.legs[0] else self.pair.legs[0]
+        return not other.paired
+
     def pause_reading(self) -> None:
-        self.leg.dst.pause_reading()
+        if self._reads_own():
+            self.leg.dst.pause_reading()
 
     def resume_reading(self) -> None:
-        self.leg.dst.resume_reading()
+        if self._reads_own():
+            self.leg.dst.resume_reading()
 
     @property
     def done(self) -> asyncio.Future[None]:
