@@ -371,15 +371,16 @@ class Ztunnel:
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
 
-            redirector = await asyncio.to_thread(build_redirector, config)
-            # auto: with BPF redirect only (its loader compiles anyway); on: whatever the redirect
+            # the fast path's compile runs beside the redirect's (each in its own child);
+            # auto only with the BPF redirect (whose loader compiles anyway)
             fp_mode = config.fastpath
-            if fp_mode == "auto" and redirector is None:
+            if fp_mode == "auto" and config.redirect == "none":
                 fp_mode = "off"
-            node.fastpath = await asyncio.to_thread(
-                open_fastpath, fp_mode, getattr(redirector, "pin_root", None)
-                or os.path.join(config.bpf_pin_root or DEFAULT_PIN_ROOT, config.node),
-            )  # fmt: skip
+            fp_pins = os.path.join(config.bpf_pin_root or DEFAULT_PIN_ROOT, config.node)
+            redirector, node.fastpath = await asyncio.gather(
+                asyncio.to_thread(build_redirector, config),
+                asyncio.to_thread(open_fastpath, fp_mode, fp_pins),
+            )
             state = enrol_state_path(config.enrol_socket) if config.enrol_socket else None
             policy = getattr(redirector, "policy", None)  # kernel egress policy, with BPF
             manager = WorkloadManager(
