@@ -495,8 +495,6 @@ async def _probe(maps: FastPathMaps, budget: float) -> tuple[float, float]:
 async def _probe_one(fast: FastPath | None, budget: float) -> float:
     import threading
 
-    from ztunnel.proxy.node import splice
-
     loop = asyncio.get_running_loop()
     sink = socket.create_server(("127.0.0.1", 0))
     counted: list[int] = []
@@ -514,8 +512,12 @@ async def _probe_one(fast: FastPath | None, budget: float) -> float:
     async def serve(down: TcpEndpoint) -> None:
         try:
             _, up = await loop.create_connection(TcpEndpoint, *sink.getsockname()[:2])
-            quiet = cast(Accounting, _Silent())
-            await (fast.splice(down, up, quiet) if fast else splice(down, up, quiet))
+            if fast is not None:
+                await fast.splice(down, up, cast(Accounting, _Silent()))
+            else:  # node.splice without the telemetry
+                down.join(up)
+                up.join(down)
+                await asyncio.gather(down.done, up.done)
         finally:
             if not done.done():
                 done.set_result(None)
