@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fastpath",
         default=d.fastpath,
         choices=["auto", "on", "off"],
-        help="same-node plaintext splices carried by the kernel (sockmap): auto (when this "
-        "kernel loads it), on (or refuse to start), off",
+        help="same-node plaintext splices carried by the kernel (sockmap): on (or refuse to "
+        "start), off; auto: what is faster here (user space: see the README)",
     )
     p.add_argument(
         "--ktls",
@@ -371,15 +371,12 @@ class Ztunnel:
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
 
-            # the fast path's compile runs beside the redirect's (each in its own child);
-            # auto only with the BPF redirect (whose loader compiles anyway)
-            fp_mode = config.fastpath
-            if fp_mode == "auto" and config.redirect == "none":
-                fp_mode = "off"
+            # the fast path's compile (--fastpath on) runs beside the redirect's, each in its
+            # own child
             fp_pins = os.path.join(config.bpf_pin_root or DEFAULT_PIN_ROOT, config.node)
             redirector, node.fastpath = await asyncio.gather(
                 asyncio.to_thread(build_redirector, config),
-                asyncio.to_thread(open_fastpath, fp_mode, fp_pins),
+                asyncio.to_thread(open_fastpath, config.fastpath, fp_pins),
             )
             state = enrol_state_path(config.enrol_socket) if config.enrol_socket else None
             policy = getattr(redirector, "policy", None)  # kernel egress policy, with BPF
