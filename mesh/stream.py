@@ -80,6 +80,12 @@ class EndpointState:
     def bytes_sent(self) -> int:
         return self._sent
 
+    def count_offloaded(self, received: int, sent: int) -> None:
+        """Bytes the kernel moved for this endpoint without it seeing them (ztunnel's sockmap
+        fast path): the counters must still say what crossed the wire."""
+        self._recv += received
+        self._sent += sent
+
 
 class EndpointBase(EndpointState):
     """What every proxied endpoint does the same way: holding bytes that arrive before `join`.

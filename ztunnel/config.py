@@ -61,6 +61,7 @@ class ZtunnelConfig:
     log_format: str = "text"
     # kTLS: the operator's choice, and what it resolved to on this kernel at start
     ktls: str = "auto"
+    fastpath: str = "auto"  # same-node sockmap splice: auto | on | off
     ktls_enabled: bool = False
 
     @classmethod
@@ -105,5 +106,6 @@ class ZtunnelConfig:
             log_level=args.log_level,
             log_format=args.log_format,
             ktls=args.ktls,
+            fastpath=args.fastpath,
             ktls_enabled=ktls_enabled,
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf.events import DropEvent
+from bpf.loader import DEFAULT_PIN_ROOT
 from certs.ca import CertificateAuthority
 from mesh import accesslog, ktls, process
 from mesh.config.source import ConfigStore, FileSource
@@ -42,6 +43,7 @@ from ztunnel.inpod.policy import drop_flow_fields
 from ztunnel.inpod.protocol import EnrolServer
 from ztunnel.inpod.workloadmanager import Redirector, WorkloadManager
 from ztunnel.proxy import InboundHbone, InboundPlaintext, Node, Outbound
+from ztunnel.proxy.fastpath import open_fastpath
 
 log = logging.getLogger("ztunnel")
 
@@ -169,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
     )
     p.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
+    p.add_argument(
+        "--fastpath",
+        default=d.fastpath,
+        choices=["auto", "on", "off"],
+        help="same-node plaintext splices carried by the kernel (sockmap): on (or refuse to "
+        "start), off; auto: what is faster here (user space: see the README)",
+    )
     p.add_argument(
         "--ktls",
         default=d.ktls,
@@ -362,7 +371,13 @@ class Ztunnel:
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
 
-            redirector = await asyncio.to_thread(build_redirector, config)
+            # the fast path's compile (--fastpath on) runs beside the redirect's, each in its
+            # own child
+            fp_pins = os.path.join(config.bpf_pin_root or DEFAULT_PIN_ROOT, config.node)
+            redirector, node.fastpath = await asyncio.gather(
+                asyncio.to_thread(build_redirector, config),
+                asyncio.to_thread(open_fastpath, config.fastpath, fp_pins),
+            )
             state = enrol_state_path(config.enrol_socket) if config.enrol_socket else None
             policy = getattr(redirector, "policy", None)  # kernel egress policy, with BPF
             manager = WorkloadManager(
@@ -422,6 +437,7 @@ class Ztunnel:
                     "workloads_enrolled": manager.dump(),
                     "hbone_pool": node.pool.stats(),
                     "redirect": config.redirect,
+                    "fastpath": node.fastpath.dump() if node.fastpath else {"mode": "off"},
                     "limits": {
                         **node.limits.dump(),
                         "max_pending_dials": node.max_pending_dials,

@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mesh.accesslog import AccessRecord, log_access
 from mesh.config.snapshot import Snapshot
@@ -31,6 +32,9 @@ from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
 from mesh.telemetry import Accounting
+
+if TYPE_CHECKING:
+    from ztunnel.proxy.fastpath import FastPath
 
 log = logging.getLogger("ztunnel")
 
@@ -110,6 +114,7 @@ class Node:
     egress_isolation: EgressIsolation = field(default_factory=EgressIsolation)
     live_inbound: set[LiveInbound] = field(default_factory=set, init=False)
     flows: FlowRing | None = None  # the recent flows (`/flows`); None: not recorded
+    fastpath: FastPath | None = None  # same-node sockmap splice (`--fastpath`); None: off
     pool: HbonePool = field(init=False)
     gate: ConnectionGate = field(init=False)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

@@ -238,8 +238,20 @@ class Outbound(Redirected):
             ep.abort()
             acct.refused("error", "DC")
             raise
+        # Same node, plaintext both ways: the kernel may carry the bytes (decided above).
+        fast = node.fastpath
+        if (
+            fast is not None
+            and isinstance(upstream, TcpEndpoint)
+            and r.kind == "passthrough"
+            and r.dst_pod is not None
+            and r.dst_pod.node == node.name
+        ):
+            joined = fast.splice(ep, upstream, acct)
+        else:
+            joined = splice(ep, upstream, acct)
         if self.live is None or self.pod_key is None:
-            await splice(ep, upstream, acct)
+            await joined
             return
 
         def close() -> None:
@@ -248,6 +260,6 @@ class Outbound(Redirected):
 
         token = self.live.add(self.pod_key, dst_ip, dst_port, r, close)
         try:
-            await splice(ep, upstream, acct)
+            await joined
         finally:
             self.live.discard(token)
