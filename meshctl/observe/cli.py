@@ -38,6 +38,14 @@ def _address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    """Where the UI listens: like `_address`, and port 0 means any free port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT (port 0: any free one)")
+    return host or "127.0.0.1", int(port)
+
+
 def add_source_args(p: argparse.ArgumentParser) -> None:
     from meshctl.lab.names import DEFAULT_LAB, STATE_ROOT
 
@@ -257,7 +265,7 @@ def register(subparsers: Any) -> None:
     add_filter_args(u)
     u.add_argument(
         "--listen",
-        type=_address,
+        type=_listen_address,
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
         help="where to serve the page (default: loopback, any free port)",
