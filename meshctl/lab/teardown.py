@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def teardown(p: LabPaths, say: Callable[[str], None]) -> list[str]:
     if p.lab_cgroup.exists():
         say(f"removing cgroups {p.lab_cgroup}")
         step("cgroups", lambda: cgroup_remove_tree(p.lab_cgroup))
-    step("state dir", lambda: shutil.rmtree(p.state_dir, ignore_errors=True))
+    step("state dir", lambda: _remove_settled(p.state_dir))
     if not problems:
         step("state file", lambda: p.state_file.unlink(missing_ok=True))
     # the shared parents (/sys/fs/bpf/ambientmesh, the cgroup, /run/ambientmesh) go with
@@ -89,6 +90,17 @@ def teardown(p: LabPaths, say: Callable[[str], None]) -> list[str]:
         with contextlib.suppress(OSError):
             parent.rmdir()
     return problems
+
+
+def _remove_settled(d: Path, tries: int = 5, pause: float = 0.2) -> None:
+    """rmtree, again while something still puts files there: a `lab up` killed mid-way can
+    leave a child in flight (a CNI plugin writing its result) that writes after the first pass
+    and would keep the state root from going."""
+    for _ in range(tries):
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            return
+        time.sleep(pause)
 
 
 @contextlib.contextmanager
