@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from benchmarks.envoy_xds import hbone_cluster, mesh_tls
 from mesh.ports import ADMIN_PORT, HBONE_PORT
 
 _T = "type.googleapis.com/envoy.extensions."
@@ -59,20 +60,7 @@ class Svid:
 
 
 def _tls(svid: Svid, san: dict[str, str]) -> dict[str, Any]:
-    return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "tls_certificates": [
-            {"certificate_chain": {"filename": svid.chain}, "private_key": {"filename": svid.key}}
-        ],
-        "validation_context": {
-            "trusted_ca": {"filename": svid.bundle},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san}],
-        },
-        "alpn_protocols": ["h2"],
-    }
+    return mesh_tls(svid.chain, svid.key, svid.bundle, san)
 
 
 def _router() -> list[dict[str, Any]]:
@@ -219,12 +207,6 @@ def listeners(
 
 
 def clusters(backends: list[Backend], svid: Svid) -> list[dict[str, Any]]:
-    h2 = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
     out: list[dict[str, Any]] = [
         {
             "@type": CLUSTER,
@@ -242,41 +224,9 @@ def clusters(backends: list[Backend], svid: Svid) -> list[dict[str, Any]]:
                 "load_assignment": _internal_endpoint(f"svc|{b.service}", f"originate|{b.service}"),
             }
         )
-        out.append(
-            {
-                "@type": CLUSTER,
-                "name": f"hbone|{b.service}",
-                "type": "STATIC",
-                "connect_timeout": "5s",
-                "load_assignment": {
-                    "cluster_name": f"hbone|{b.service}",
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {
-                                    "endpoint": {
-                                        "address": {
-                                            "socket_address": {
-                                                "address": b.node_ip,
-                                                "port_value": HBONE_PORT,
-                                            }
-                                        }
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                },
-                "typed_extension_protocol_options": h2,
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.tls",
-                    "typed_config": {
-                        "@type": _T + "transport_sockets.tls.v3.UpstreamTlsContext",
-                        "common_tls_context": _tls(svid, {"exact": b.node_identity}),
-                    },
-                },
-            }
-        )
+        tls = _tls(svid, {"exact": b.node_identity})
+        hbone = hbone_cluster(f"hbone|{b.service}", b.node_ip, tls)
+        out.append({"@type": CLUSTER, **hbone})
     return out
 
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.envoy_xds import hbone_cluster, mesh_tls
 from bpf.loader import NODE_PROGRAMS, POD_PROGRAMS, BpfRedirector, BpfUnavailable
 from certs.ca import CertificateAuthority
 from mesh.ports import ADMIN_PORT, HBONE_PORT, OUTBOUND_PORT
@@ -103,22 +104,7 @@ def _tag(key: str) -> str:
 
 
 def _tls(chain: str, key: str, bundle: str, trust_domain: str) -> dict[str, Any]:
-    return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "tls_certificates": [
-            {"certificate_chain": {"filename": chain}, "private_key": {"filename": key}}
-        ],
-        "validation_context": {
-            "trusted_ca": {"filename": bundle},
-            "match_typed_subject_alt_names": [
-                {"san_type": "URI", "matcher": {"prefix": f"spiffe://{trust_domain}/"}}
-            ],
-        },
-        "alpn_protocols": ["h2"],
-    }
+    return mesh_tls(chain, key, bundle, {"prefix": f"spiffe://{trust_domain}/"})
 
 
 def out_cluster(pod: PodInfo, svc: ServiceRoute) -> str:
@@ -131,52 +117,12 @@ def clusters(
     """HBONE clusters (one per source pod and Service: each presents its own pod's SVID and
     keeps its own HTTP/2 connections, as ztunnel pools per source identity), and the inbound
     cluster that connects to the app the CONNECT named."""
-    h2 = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
     out: list[dict[str, Any]] = []
     for pod in pods:
         for svc in services:
             name = out_cluster(pod, svc)
-            out.append(
-                {
-                    "name": name,
-                    "type": "STATIC",
-                    "connect_timeout": "5s",
-                    "load_assignment": {
-                        "cluster_name": name,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": svc.endpoint_ip,
-                                                    "port_value": HBONE_PORT,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                    "typed_extension_protocol_options": h2,
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": {
-                            "@type": _T + "transport_sockets.tls.v3.UpstreamTlsContext",
-                            "common_tls_context": _tls(
-                                pod.chain, pod.private_key, bundle, trust_domain
-                            ),
-                        },
-                    },
-                }
-            )
+            tls = _tls(pod.chain, pod.private_key, bundle, trust_domain)
+            out.append(hbone_cluster(name, svc.endpoint_ip, tls))
     out.append(
         {
             # the app at the address the CONNECT's authority names (copied into the header

@@ -36,12 +36,15 @@ def _str(v: str | None) -> str:
     return "null" if v is None else _quote(v)
 
 
-class _UtcSecond:
-    """`time.strftime` of the current second, computed once per second, not once per line."""
+class _SecondText:
+    """`time.strftime` of the current second, computed once per second, not once per line:
+    every access line carries a timestamp, and strftime is the dearest part of a short line."""
 
-    __slots__ = ("sec", "text")
+    __slots__ = ("convert", "fmt", "sec", "text")
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]) -> None:
+        self.fmt = fmt
+        self.convert = convert
         self.sec = -1
         self.text = ""
 
@@ -49,11 +52,11 @@ class _UtcSecond:
         sec = int(now)
         if sec != self.sec:
             self.sec = sec
-            self.text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec))
+            self.text = time.strftime(self.fmt, self.convert(sec))
         return self.text
 
 
-_utc = _UtcSecond()
+_utc = _SecondText("%Y-%m-%dT%H:%M:%SZ", time.gmtime)
 
 
 def _num(x: float) -> str:
@@ -163,22 +166,7 @@ def json_line(created: float, msg: str) -> str:
     return f'{head},"level":"info","logger":"mesh.access",{rest}\n'
 
 
-class _LocalSecond:
-    __slots__ = ("sec", "text")
-
-    def __init__(self) -> None:
-        self.sec = -1
-        self.text = ""
-
-    def __call__(self, now: float) -> str:
-        sec = int(now)
-        if sec != self.sec:
-            self.sec = sec
-            self.text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-        return self.text
-
-
-_local_second = _LocalSecond()
+_local_second = _SecondText("%Y-%m-%d %H:%M:%S", time.localtime)
 
 
 class AccessLogWriter:

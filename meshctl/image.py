@@ -71,11 +71,11 @@ USER_NAME = "ambientmesh"
 USER_ID = 1337  # the manifests' runAsUser for the CA, the controller and the waypoint
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Run in the finished tree: every console script starts (all its imports resolve) and BCC's
-# Python binding loads its library (and so LLVM's).
+# Python binding loads its library (and so LLVM's), and the waypoint's OTLP exporter imports.
 SMOKE_CHECK = (
     "set -e; for c in ztunnel waypoint meshctl ambientmesh-cni; do command -v $c >/dev/null; done;"
     " ztunnel --help >/dev/null; waypoint --help >/dev/null; meshctl --help >/dev/null;"
-    " python3 -c 'import bcc'"
+    " python3 -c 'import bcc'; python3 -c 'import mesh.otlp as o; o.require()'"
 )
 MERGED_USR_HOOKS = "/usr/share/mmdebstrap/hooks/merged-usr"
 # Bump when the way the Debian layer is made changes, so cached layers are not reused.
@@ -613,6 +613,11 @@ def _source_tree(root: Path, dest: Path) -> None:
         shutil.copy2(src, target, follow_symlinks=False)
 
 
+# The optional extras the image ships: a production waypoint's `--otlp-endpoint` must work
+# from the published image, where nobody can `pip install` an extra afterwards.
+IMAGE_EXTRAS = "otlp"
+
+
 def _constraints() -> str:
     """Pin every dependency to the version this interpreter has (the one the tests ran with),
     so the image carries what was tested and a rebuild picks the same wheels.
@@ -658,7 +663,7 @@ def build_wheels(root: Path, work: Path, log: Log) -> Path:
             str(wheels),
             "-c",
             str(cons),
-            str(ours),
+            f"{ours}[{IMAGE_EXTRAS}]",
         ],
         "pip wheel (dependencies)",
         log,
@@ -724,7 +729,7 @@ def install_app(rootfs: Path, wheels: Path, work: Path, *, epoch: int, log: Log)
                 "--root-user-action=ignore",
                 "--break-system-packages",
                 "--find-links=/tmp/ambientmesh-build/wheels",
-                "ambientmesh",
+                f"ambientmesh[{IMAGE_EXTRAS}]",
             ],
             "pip install in the image",
             log,
