@@ -130,3 +130,23 @@ def test_guest_entry_writes_json_even_when_it_cannot_measure(tmp_path: Path) -> 
     )  # fmt: skip
     assert p.returncode == 1
     assert json.loads(out.read_text())["status"] == "failed"
+
+
+def test_guest_saves_as_it_goes_and_host_keeps_a_partial_run(tmp_path: Path) -> None:
+    """A guest too slow for the host's patience still leaves the runs it finished."""
+    if ktls.probe().available:
+        pytest.skip("this kernel has kTLS")
+    saved: list[dict[str, Any]] = []
+    K.guest_run(TINY, modes=("nomesh", "userspace"), say=lambda _m: None,
+                save=lambda r: saved.append(json.loads(json.dumps(r))))  # fmt: skip
+    assert [s["status"] for s in saved] == ["partial", "partial", "partial", "ok"]
+    first = saved[0]
+    assert len(first["cells"]) == 1 and first["planned_runs"] == 4
+    src = tmp_path / "partial.json"
+    src.write_text(json.dumps(saved[1]))
+    slow = stand_in(tmp_path, f'cp {src} "$3"\nexec sleep 60\n')
+    res = K.host_run(tmp_path / "out", True, lambda _m: None, timeout=3, script=slow)
+    assert res["status"] == "ok"
+    assert "took over 3s after 2 of 4 runs" in res["reason"]
+    assert res["summary"]["modes"]["userspace"]["repeats"] == 1
+    assert "after 2 of 4 runs" in report.ktls_guest_section({"ktls_guest": res})
