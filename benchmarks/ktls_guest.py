@@ -406,6 +406,32 @@ def run_raw(ca: Any, mib: int) -> dict[str, Any]:
         return {"mode": "raw", "ok": False, "error": f"raw sockets: {type(exc).__name__}: {exc}"}
 
 
+def crypto_facts(proc: Path = Path("/proc")) -> dict[str, Any]:
+    """What the (emulated) CPU offers AES-GCM and which implementation the kernel picked for
+    it: under TCG the crypto is emulated too, and these say how (read, not assumed)."""
+    out: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        for line in (proc / "cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                wanted = ("aes", "pclmulqdq", "avx", "avx2", "vaes", "vpclmulqdq")
+                out["cpu_crypto_flags"] = [f for f in wanted if f in have]
+                break
+    with contextlib.suppress(OSError):
+        best: tuple[int, str] | None = None
+        for block in (proc / "crypto").read_text().split("\n\n"):
+            entry = dict((k.strip(), v.strip()) for k, _, v in
+                         (ln.partition(":") for ln in block.splitlines()))  # fmt: skip
+            prio = entry.get("priority", "")
+            if entry.get("name") == "gcm(aes)" and "driver" in entry:
+                rank = int(prio) if prio.isdigit() else 0
+                if best is None or rank > best[0]:
+                    best = (rank, entry["driver"])
+        if best is not None:
+            out["kernel_gcm_aes_driver"] = best[1]
+    return out
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)  # the host shows these lines as they come
 
@@ -470,6 +496,7 @@ def guest_run(
                 cell["repeat"] = rnd
                 add(cell)
                 say(f"[guest] raw sockets {rnd}/{p.repeats}: {cell.get('raw') or cell}")
+    result.update(crypto_facts())  # after the runs: the kernel lists gcm(aes) once it is used
     return _finish(result, cells, t_start, planned)
 
 

@@ -600,6 +600,13 @@ def ktls_guest_section(results: Result) -> str:
         ]
     if g.get("ktls_ciphers"):
         lines += ["", f"Ciphers the guest kernel offloads: {', '.join(g['ktls_ciphers'])}."]
+    if "cpu_crypto_flags" in g or "kernel_gcm_aes_driver" in g:
+        lines += [
+            "",
+            "The emulated CPU's crypto flags: "
+            f"{', '.join(g.get('cpu_crypto_flags') or []) or 'none'}; the guest kernel's"
+            f" gcm(aes): {g.get('kernel_gcm_aes_driver', 'not listed')}.",
+        ]
     if g.get("reason"):
         lines += ["", f"Some repeats failed: {g['reason']}"]
     return "\n".join(lines)

@@ -150,3 +150,17 @@ def test_guest_saves_as_it_goes_and_host_keeps_a_partial_run(tmp_path: Path) -> 
     assert "took over 3s after 2 of 4 runs" in res["reason"]
     assert res["summary"]["modes"]["userspace"]["repeats"] == 1
     assert "after 2 of 4 runs" in report.ktls_guest_section({"ktls_guest": res})
+
+
+def test_crypto_facts_read_from_proc(tmp_path: Path) -> None:
+    (tmp_path / "cpuinfo").write_text("processor : 0\nflags : fpu sse2 aes pclmulqdq avx\n")
+    (tmp_path / "crypto").write_text(
+        "name         : gcm(aes)\ndriver       : generic-gcm-aesni\npriority     : 400\n\n"
+        "name         : gcm(aes)\ndriver       : gcm_base(ctr(aes-generic),ghash-generic)\n"
+        "priority     : 100\n\nname         : sha256\ndriver       : sha256-avx2\n"
+        "priority     : 900\n"
+    )
+    facts = K.crypto_facts(tmp_path)
+    assert facts == {"cpu_crypto_flags": ["aes", "pclmulqdq", "avx"],
+                     "kernel_gcm_aes_driver": "generic-gcm-aesni"}  # fmt: skip
+    assert K.crypto_facts(tmp_path / "missing") == {}

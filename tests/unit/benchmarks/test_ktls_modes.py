@@ -81,3 +81,12 @@ def test_modes_pass_their_ztunnel_flags_to_the_lab(tmp_path: Path) -> None:
     for mode in ("ambient", "ambient-ktls"):
         args = build_parser().parse_args([*base, *M.MODES[mode].ztunnel_args])
         assert args.ktls == M.MODES[mode].ztunnel_args[1]
+
+
+def test_bench_has_a_flag_to_leave_the_guest_out() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    suite.register(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["bench", "--no-guest"]).no_guest is True
+    assert parser.parse_args(["bench"]).no_guest is False
