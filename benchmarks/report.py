@@ -565,7 +565,7 @@ def ktls_guest_section(results: Result) -> str:
         head,
         "",
         f"One boot of the guest kernel ({g.get('cpus', '?')} vCPUs, emulated: everything runs"
-        " about 10x slower than on the host, so compare only within this table). The rig is"
+        " tens of times slower than on the host, so compare only within this table). The rig is"
         f" {g.get('rig', 'not recorded')}: ztunnel's own outbound, HBONE and inbound code for"
         " two nodes, forked into one process of its own (its CPU is 'mesh CPU'), on loopback,"
         " with no BPF capture; the load generator, echo server and bulk sink run in the"
@@ -579,6 +579,11 @@ def ktls_guest_section(results: Result) -> str:
         "",
         markdown(ratio_rows),
     ]
+    negotiated = [f"{m.get('title', '?')}: {', '.join(m['hbone_ciphers'])}"
+                  for m in modes.values() if m.get("hbone_ciphers")]  # fmt: skip
+    if negotiated:
+        lines += ["", "HBONE cipher as each mode negotiated it (ztunnel's own choice, not"
+                  f" forced): {'; '.join(negotiated)}."]  # fmt: skip
     raw = summ.get("raw") or {}
     if raw:
         figs = ", ".join(
