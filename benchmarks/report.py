@@ -579,6 +579,17 @@ def ktls_guest_section(results: Result) -> str:
         "",
         markdown(ratio_rows),
     ]
+    split = [
+        f"{m.get('title', '?')}: bulk {fmt_num(m.get('bulk_mesh_sys_s_per_gib'), 2)} of"
+        f" {fmt_num(m.get('bulk_mesh_cpu_s_per_gib'), 2)} s/GiB, requests"
+        f" {fmt_num(m.get('mesh_sys_ms_per_request'), 3)} of"
+        f" {fmt_num(m.get('mesh_cpu_ms_per_request'), 3)} ms"
+        for m in modes.values()
+        if m.get("bulk_mesh_sys_s_per_gib") is not None
+    ]
+    if split:
+        lines += ["", "Mesh CPU in the kernel (system time; kTLS's crypto is there, user-space"
+                  f" TLS's is not): {'; '.join(split)}."]  # fmt: skip
     negotiated = [f"{m.get('title', '?')}: {', '.join(m['hbone_ciphers'])}"
                   for m in modes.values() if m.get("hbone_ciphers")]  # fmt: skip
     if negotiated:
