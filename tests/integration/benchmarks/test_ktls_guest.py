@@ -51,13 +51,10 @@ def test_real_small_run_has_every_figure(measured: dict[str, Any]) -> None:
     # the pair ran in its own process, which is what was charged, and it stayed in user space
     assert all(c["hbone_offloaded"] == [False] for c in u)
     assert all(c["latency"]["mesh_cpu_s"] is not None for c in u)
-    # its kernel share is a part of its CPU, never more
+    # its kernel share is a part of its CPU, never more (one tick: two reads of /proc)
+    one_tick = 0.01 / (TINY.bulk_mib / 1024)
     for c in u:
-        assert (
-            0
-            <= c["bulk"]["mesh_sys_s_per_gib"]
-            <= c["bulk"]["mesh_cpu_s_per_gib"] + 0.01 / (4 / 1024)
-        )
+        assert 0 <= c["bulk"]["mesh_sys_s_per_gib"] <= c["bulk"]["mesh_cpu_s_per_gib"] + one_tick
     s = measured["summary"]["modes"]
     assert s["nomesh"]["bulk_fraction_of_nomesh"] == 1.0
     assert 0 < s["userspace"]["bulk_fraction_of_nomesh"] < 1.5
