@@ -90,3 +90,17 @@ def test_bench_has_a_flag_to_leave_the_guest_out() -> None:
     suite.register(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["bench", "--no-guest"]).no_guest is True
     assert parser.parse_args(["bench"]).no_guest is False
+
+
+def test_guest_part_runs_only_for_the_ktls_mode(tmp_path: Path) -> None:
+    import argparse
+
+    def part(no_guest: bool, modes: list[str]) -> dict[str, Any]:
+        args = argparse.Namespace(no_guest=no_guest, quick=True)
+        return suite.guest_part(args, modes, tmp_path, lambda _m: None)
+
+    assert part(True, list(M.MODES)) == {"status": "skipped", "reason": "--no-guest"}
+    assert part(False, ["nomesh", "ambient"]) == {
+        "status": "skipped",
+        "reason": "ambient-ktls is not among --modes",
+    }
