@@ -516,6 +516,118 @@ def repeats_note(results: Result) -> str:
     )
 
 
+def ktls_guest_section(results: Result) -> str:
+    """`meshctl bench`'s guest part (benchmarks.ktls_guest): no mesh, user-space TLS and kTLS
+    in one boot of a kernel that has kTLS, with the ratios kTLS / user space. A guest part that
+    did not run says why in one line, under the same heading."""
+    g = results.get("ktls_guest")
+    if not g:
+        return ""
+    kernel = g.get("kernel")
+    head = f"## kTLS (guest kernel {kernel} under QEMU/TCG)" if kernel else "## kTLS (guest kernel)"
+    if g.get("status") != "ok":
+        return "\n".join([head, "", f"{str(g.get('status', 'failed')).capitalize()}: "
+                          f"{g.get('reason', 'no reason recorded')}"])  # fmt: skip
+    summ = g.get("summary") or {}
+    modes = summ.get("modes") or {}
+    pre = g.get("preset") or {}
+    rate = pre.get("rate")
+    rows = [["mode", "bulk MiB/s", "of no mesh", "mesh CPU s/GiB", f"p50 ms @{rate:g}/s"
+             if isinstance(rate, (int, float)) else "p50 ms", "p99 ms", "achieved rps",
+             "mesh CPU ms / req", "all CPU ms / req"]]  # fmt: skip
+    for m in modes.values():
+        frac = m.get("bulk_fraction_of_nomesh")
+        rows.append([
+            str(m.get("title", "?")),
+            fmt_num(m.get("bulk_mib_per_s"), 1),
+            "-" if frac is None else f"{frac:.2f}",
+            fmt_num(m.get("bulk_mesh_cpu_s_per_gib"), 2),
+            fmt_ms(m.get("p50_ms")),
+            fmt_ms(m.get("p99_ms")),
+            fmt_num(m.get("achieved_rate"), 1),
+            fmt_num(m.get("mesh_cpu_ms_per_request"), 3),
+            fmt_num(m.get("all_cpu_ms_per_request"), 3),
+        ])  # fmt: skip
+    r = summ.get("ktls_over_userspace") or {}
+
+    def x(key: str) -> str:
+        v = r.get(key)
+        return "-" if v is None else f"{v:.2f}x"
+
+    ratio_rows = [
+        ["kTLS / user-space TLS", "bulk MiB/s", "mesh CPU per GiB", "p50", "p99",
+         "mesh CPU per request"],
+        ["ratio", x("bulk_mib_per_s"), x("bulk_mesh_cpu_s_per_gib"), x("p50_ms"), x("p99_ms"),
+         x("mesh_cpu_ms_per_request")],
+    ]  # fmt: skip
+    n = pre.get("repeats", "?")
+    lines = [
+        head,
+        "",
+        f"One boot of the guest kernel ({g.get('cpus', '?')} vCPUs, emulated: everything runs"
+        " tens of times slower than on the host, so compare only within this table). The rig is"
+        f" {g.get('rig', 'not recorded')}: ztunnel's own outbound, HBONE and inbound code for"
+        " two nodes, forked into one process of its own (its CPU is 'mesh CPU'), on loopback,"
+        " with no BPF capture; the load generator, echo server and bulk sink run in the"
+        f" parent ('all CPU' adds theirs). Each mode ran {n} times, interleaved; medians. Bulk:"
+        f" one stream of {pre.get('bulk_mib', '?')} MiB. Latency: open-loop HTTP/1.1 over"
+        f" {pre.get('connections', '?')} connections for {pre.get('duration', '?')} s. The"
+        " kTLS rows are checked: every HBONE connection was offloaded to the kernel (and none"
+        " in the user-space rows).",
+        "",
+        markdown(rows),
+        "",
+        markdown(ratio_rows),
+    ]
+    split = [
+        f"{m.get('title', '?')}: bulk {fmt_num(m.get('bulk_mesh_sys_s_per_gib'), 2)} of"
+        f" {fmt_num(m.get('bulk_mesh_cpu_s_per_gib'), 2)} s/GiB, requests"
+        f" {fmt_num(m.get('mesh_sys_ms_per_request'), 3)} of"
+        f" {fmt_num(m.get('mesh_cpu_ms_per_request'), 3)} ms"
+        for m in modes.values()
+        if m.get("bulk_mesh_sys_s_per_gib") is not None
+    ]
+    if split:
+        lines += ["", "Mesh CPU in the kernel (system time; kTLS's crypto is there, user-space"
+                  f" TLS's is not): {'; '.join(split)}."]  # fmt: skip
+    negotiated = [f"{m.get('title', '?')}: {', '.join(m['hbone_ciphers'])}"
+                  for m in modes.values() if m.get("hbone_ciphers")]  # fmt: skip
+    if negotiated:
+        lines += ["", "HBONE cipher as each mode negotiated it (ztunnel's own choice, not"
+                  f" forced): {'; '.join(negotiated)}."]  # fmt: skip
+    raw = summ.get("raw") or {}
+    if raw:
+        figs = ", ".join(
+            f"{name} {fmt_num(v.get('mib_per_s'), 1)} MiB/s ({fmt_num(v.get('cpu_s_per_gib'), 2)}"
+            " CPU s/GiB"
+            + (f", {v['fraction_of_plaintext']:.2f} of plaintext" if "fraction_of_plaintext" in v
+               else "")
+            + ")"
+            for name, v in raw.items()
+        )  # fmt: skip
+        lines += [
+            "",
+            f"The record layer alone (raw loopback sockets, no ztunnel, both ends in one"
+            f" process, {pre.get('bulk_mib', '?')} MiB, TLS_AES_256_GCM_SHA384 for both): {figs};"
+            f" kTLS / user space: throughput {x('raw_mib_per_s')}, CPU per GiB"
+            f" {x('raw_cpu_s_per_gib')}. A TLS path's fraction of plaintext here bounds the"
+            " ztunnel rows' fraction of no mesh in this guest (the pair adds its own work on"
+            " top of the record layer).",
+        ]
+    if g.get("ktls_ciphers"):
+        lines += ["", f"Ciphers the guest kernel offloads: {', '.join(g['ktls_ciphers'])}."]
+    if "cpu_crypto_flags" in g or "kernel_gcm_aes_driver" in g:
+        lines += [
+            "",
+            "The emulated CPU's crypto flags: "
+            f"{', '.join(g.get('cpu_crypto_flags') or []) or 'none'}; the guest kernel's"
+            f" gcm(aes): {g.get('kernel_gcm_aes_driver', 'not listed')}.",
+        ]
+    if g.get("reason"):
+        lines += ["", f"Some repeats failed: {g['reason']}"]
+    return "\n".join(lines)
+
+
 def render(results: Result, *, reference_rate: float, densities: Sequence[int]) -> str:
     """The whole markdown report."""
     meta = results.get("meta", {})
@@ -568,6 +680,9 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
     bulk = bulk_fractions(results)
     if bulk:
         parts += [bulk, ""]
+    guest = ktls_guest_section(results)
+    if guest:
+        parts += [guest, ""]
     parts += ["## All latency runs", "", detail_table(results), "", "## Other measures", ""]
     parts += [other_table(results), ""]
     return "\n".join(parts)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchmarks import envoy_waypoint, node_envoy, procstat, report, sidecar
+from benchmarks import envoy_waypoint, ktls_guest, node_envoy, procstat, report, sidecar
 from benchmarks import modes as M
 from benchmarks.node_envoy import NodeEnvoys
 from meshctl.errors import UsageError
@@ -447,7 +447,7 @@ class Roots:
             pin_root=self.pin_root,
         )
         out = (lambda m: say(f"  lab: {m}")) if self.verbose else (lambda _m: None)
-        return Lab(paths, mesh=mode.mesh, out=out)
+        return Lab(paths, mesh=mode.mesh, out=out, ztunnel_args=mode.ztunnel_args)
 
 
 @contextlib.contextmanager
@@ -768,6 +768,18 @@ def preset_from(args: argparse.Namespace) -> Preset:
     return p
 
 
+def guest_part(
+    args: argparse.Namespace, names: Sequence[str], out: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The ambient-ktls mode's stand-in where the host kernel lacks kTLS (benchmarks.ktls_guest):
+    run when that mode is asked for, unless --no-guest."""
+    if args.no_guest:
+        return {"status": "skipped", "reason": "--no-guest"}
+    if "ambient-ktls" not in names:
+        return {"status": "skipped", "reason": "ambient-ktls is not among --modes"}
+    return ktls_guest.host_run(out, bool(args.quick), say)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     names = parse_modes(args.modes)
     p = preset_from(args)
@@ -826,6 +838,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     (out / "results.json").write_text(json.dumps(results, indent=1))
         for name in names:
             finish_mode(results["modes"][name])
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        g = results["ktls_guest"] = guest_part(args, names, out, say)
+        say(f"kTLS guest: {g['status']}" + (f" ({g['reason']})" if g.get("reason") else ""))
     except KeyboardInterrupt:
         say("interrupted; labs torn down, partial results kept")
         for name in results["modes"]:
@@ -870,6 +885,11 @@ def register(subparsers: Any) -> None:
         "--repeats",
         type=int,
         help="runs of each latency point, interleaved across modes (default 3; --quick 1)",
+    )
+    p.add_argument(
+        "--no-guest",
+        action="store_true",
+        help="skip the kTLS part in a QEMU guest kernel (run where the host kernel lacks kTLS)",
     )
     p.add_argument("--verbose", action="store_true", help="show the lab's own progress lines")
     p.add_argument("--name", default="bench", help="lab name prefix (labs are <name><n>)")

@@ -3,15 +3,31 @@
 # this machine's files (virtme-ng), and returns the guest pytest's exit status. With --demo it
 # also runs `meshctl lab demo` there (a machine no earlier run touched: no bpffs mounted,
 # unified cgroup v2, kTLS on the HBONE connections), with --bench benchmarks/ktls_bench.py,
-# all in the same boot. Exits 0 with "SKIPPED: ..." only
-# where QEMU cannot run at all; a missing guest kernel or vng is a setup error (scripts/setup.sh).
+# all in the same boot. With --bench-json PATH it runs `meshctl bench`'s guest part
+# (benchmarks/ktls_guest.py; --quick for its short preset) and writes the figures to PATH, which
+# the guest may write (the one directory shared read-write); --no-tests leaves the tests out.
+# Exits 0 with "SKIPPED: ..." only where QEMU cannot run at all; a missing guest kernel or vng
+# is a setup error (scripts/setup.sh).
 #
-#   scripts/ktls-guest.sh [--demo] [--bench] [extra pytest args...]
+#   scripts/ktls-guest.sh [--no-tests] [--demo] [--bench] [--bench-json PATH [--quick]]
+#                         [extra pytest args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 flags=""
-while [ "${1:-}" = "--bench" ] || [ "${1:-}" = "--demo" ]; do flags="$flags $1"; shift; done
+vngargs=()
+while :; do
+  case "${1:-}" in
+    --bench|--demo|--no-tests|--quick) flags="$flags $1"; shift ;;
+    --bench-json)
+      [ $# -ge 2 ] || { echo "ktls-guest: --bench-json needs a path" >&2; exit 2; }
+      out=$(realpath -m "$2") && mkdir -p "$(dirname "$out")" || exit 2
+      flags="$flags --bench-json $(printf %q "$out")"
+      vngargs+=(--rwdir "$(dirname "$out")")
+      shift 2 ;;
+    *) break ;;
+  esac
+done
 
 skip() { echo "SKIPPED: QEMU cannot run here: $1"; exit 0; }
 fail() { echo "ktls-guest: $1" >&2; exit 1; }
@@ -36,7 +52,8 @@ guest="modprobe tls 2>/dev/null; cd $(printf %q "$root") && PYTHONPATH=$(printf 
 
 echo "ktls-guest: booting $(basename "$kernel") under QEMU (TCG, no KVM)"
 start=$(date +%s)
-"$vng" --run "$kernel" --user root --disable-kvm --cpus 2 --memory 2G --exec "$guest" 2>&1 | tee
+"$vng" --run "$kernel" --user root --disable-kvm --cpus 2 --memory 2G ${vngargs[@]+"${vngargs[@]}"} \
+  --exec "$guest" 2>&1 | tee
 rc=${PIPESTATUS[0]}
 echo "ktls-guest: guest finished with status $rc in $(( $(date +%s) - start )) s"
 exit "$rc"

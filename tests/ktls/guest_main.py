@@ -1,5 +1,7 @@
 """What scripts/ktls-guest.sh runs inside the guest: the kTLS tests, then (with --demo) the
-lab demo, then (with --bench) the kTLS benchmark, in one interpreter. Under QEMU's emulation
+lab demo, then (with --bench) the kTLS benchmark, then (with --bench-json PATH) `meshctl
+bench`'s guest part (benchmarks.ktls_guest: figures to PATH), in one interpreter; --no-tests
+leaves the tests out (the bench's boot), --quick shortens the guest part. Under QEMU's emulation
 a Python start with our imports costs about a minute, so one process does all.
 
 The guest is also the one machine state no earlier run has touched: nothing is mounted at
@@ -7,7 +9,8 @@ The guest is also the one machine state no earlier run has touched: nothing is m
 kernel has kTLS. So the demo there proves the README's main job on a fresh machine, with
 kTLS on the HBONE connections, and checks that each node says so.
 
-    python -m tests.ktls.guest_main [--demo] [--bench] [-- pytest args...]
+    python -m tests.ktls.guest_main [--no-tests] [--demo] [--bench] [--bench-json PATH [--quick]]
+                                    [-- pytest args...]
 """
 
 from __future__ import annotations
@@ -60,13 +63,26 @@ def run_demo() -> int:
 
 
 def main(argv: list[str]) -> int:
-    import pytest
-
     bench = "--bench" in argv
     demo = "--demo" in argv
-    extra = [a for a in argv if a not in ("--bench", "--demo")]
-    rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "ktls", "--durations=8",
-                          "tests/ktls", *extra]))  # fmt: skip
+    tests = "--no-tests" not in argv
+    quick = "--quick" in argv
+    bench_json: str | None = None
+    if "--bench-json" in argv:
+        i = argv.index("--bench-json")
+        if i + 1 >= len(argv):
+            print("guest_main: --bench-json needs a path", file=sys.stderr)
+            return 2
+        bench_json = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    ours = ("--bench", "--demo", "--no-tests", "--quick")
+    extra = [a for a in argv if a not in ours]
+    rc = 0
+    if tests:
+        import pytest  # only here: an import costs seconds under TCG
+
+        rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "ktls", "--durations=8",
+                              "tests/ktls", *extra]))  # fmt: skip
     if demo:
         rc = run_demo() or rc
     if bench:
@@ -83,6 +99,10 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # a broken benchmark must not pass silently
             print(f"ktls_bench failed: {exc!r}", file=sys.stderr)
             rc = rc or 1
+    if bench_json is not None:
+        from benchmarks import ktls_guest
+
+        rc = ktls_guest.guest_main(bench_json, quick) or rc
     return rc
 
 
