@@ -17,8 +17,12 @@ sits between the two pods changes:
   `istio.io/use-waypoint` on the namespace). It runs only when the waypoint in this tree can
   take part in the lab (probe below); otherwise it is skipped with the reason printed.
 - `envoy-waypoint`: the same, with Envoy as the waypoint (`benchmarks.envoy_waypoint`).
-- `ambient-sockmap`, `ambient-ktls`: the faster ambient paths, when this tree and this kernel
-  have them; otherwise skipped with the reason.
+- `nomesh-samenode`, `ambient-samenode-hbone`, `ambient-samenode`, `ambient-sockmap`: the
+  server on the client's node (`Mode.same_node`): no mesh; ambient over HBONE from ztunnel to
+  itself (`--local-delivery off`, the old path); ambient with local delivery in user space;
+  and with the splice in the sockhash (`--fastpath on`). The report sets them side by side.
+- `ambient-ktls`: the faster ambient path, when this tree and this kernel have it; otherwise
+  skipped with the reason.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class Mode:
     name: str
     title: str
     description: str
+    # the server pod beside the client, on node 1 (node 1 then holds one pod more)
+    same_node: bool = False
     mesh: bool = False  # the lab runs ztunnels
     ambient: bool = False  # namespace labelled istio.io/dataplane-mode=ambient
     waypoint: bool = False
@@ -74,6 +80,7 @@ class Mode:
     node_envoy: bool = False  # one Envoy per node behind our eBPF capture
     envoy_waypoint: bool = False  # the waypoint pod runs Envoy instead of ours
     needs: tuple[str, ...] = ()  # probes that must pass (names in PROBES)
+    ztunnel_args: tuple[str, ...] = ()  # extra flags for every node's ztunnel in this mode
 
     @property
     def proxied(self) -> bool:
@@ -133,12 +140,41 @@ MODES: dict[str, Mode] = {
             needs=("envoy",),
         ),
         Mode(
-            "ambient-sockmap",
-            "ambient + sockmap",
-            "ambient with the sockops/sk_msg fast path between local sockets",
+            "nomesh-samenode",
+            "no mesh, same node",
+            "client pod -> server pod on the same node, plain TCP (the same-node modes' baseline)",
+            same_node=True,
+        ),
+        Mode(
+            "ambient-samenode-hbone",
+            "ambient, same node, HBONE to itself",
+            "both pods enrolled on one node, ztunnel --local-delivery off: HBONE mTLS from"
+            " ztunnel to itself, as before local delivery",
+            same_node=True,
             mesh=True,
             ambient=True,
-            needs=("sockmap",),
+            ztunnel_args=("--local-delivery", "off", "--fastpath", "off"),
+        ),
+        Mode(
+            "ambient-samenode",
+            "ambient, same node, local delivery",
+            "both pods enrolled on one node: ztunnel delivers locally (inbound policy and"
+            " telemetry applied, no HBONE) and splices in user space (--fastpath off)",
+            same_node=True,
+            mesh=True,
+            ambient=True,
+            ztunnel_args=("--local-delivery", "on", "--fastpath", "off"),
+        ),
+        Mode(
+            "ambient-sockmap",
+            "ambient, same node, local delivery + sockmap",
+            "as ambient-samenode, with both legs of the splice in the sockhash (--fastpath on):"
+            " the kernel's sk_skb verdict moves the bytes",
+            same_node=True,
+            mesh=True,
+            ambient=True,
+            needs=("bpf", "sockmap"),
+            ztunnel_args=("--local-delivery", "on", "--fastpath", "on"),
         ),
         Mode(
             "ambient-ktls",
@@ -203,16 +239,12 @@ def _probe_sockmap() -> str | None:
     from ztunnel.main import build_parser
 
     text = build_parser().format_help()
-    if "--fastpath" not in text and "--sockmap" not in text:
+    if "--fastpath" not in text or "--local-delivery" not in text:
         return (
-            "ztunnel has no option to turn the sockmap fast path on (bpf.loader has it, ztunnel "
-            "does not expose it); the lab's client and server are on different nodes anyway"
+            "this ztunnel cannot pair meshed same-node connections in the sockhash (it needs "
+            "--fastpath and --local-delivery)"
         )
-    return (
-        "ztunnel --fastpath pairs only same-node plaintext passthrough (meshed pods on one node "
-        "still talk over HBONE), and the lab's client and server are on different nodes: "
-        "python -m benchmarks.fastpath_bench measures ztunnel's splice against the sockmap"
-    )
+    return None
 
 
 def _probe_ktls() -> str | None:
@@ -315,7 +347,8 @@ def manifest(
         pod("server", NODES[1], "server", echo, {"app": "server", "version": "v1"})
         pod("server-v2", NODES[1], "server", echo, {"app": "server", "version": "v2"})
     else:
-        pod("server", NODES[1], "server", echo, {"app": "server"})
+        server_node = NODES[0] if mode.same_node else NODES[1]
+        pod("server", server_node, "server", echo, {"app": "server"})
     for name, node in filler_pods(pods_per_node, waypoint=mode.waypoint):
         pod(name, node, "idle", idle, {"app": "idle"})
     docs.append(

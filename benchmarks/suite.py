@@ -447,7 +447,7 @@ class Roots:
             pin_root=self.pin_root,
         )
         out = (lambda m: say(f"  lab: {m}")) if self.verbose else (lambda _m: None)
-        return Lab(paths, mesh=mode.mesh, out=out)
+        return Lab(paths, mesh=mode.mesh, out=out, ztunnel_args=mode.ztunnel_args)
 
 
 @contextlib.contextmanager

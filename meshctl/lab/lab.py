@@ -45,10 +45,12 @@ class Lab:
         mesh: bool = True,
         capture: str = "auto",
         image: Path | None = None,
+        ztunnel_args: Sequence[str] = (),
     ) -> None:
         """`image`: an archive from `meshctl image build`; each node's ztunnel and the
         waypoints then run from it with an OCI runtime (meshctl.lab.container) instead of
-        from this tree on the host."""
+        from this tree on the host. `ztunnel_args`: extra flags for every node's ztunnel
+        (the benchmark's per-mode switches, such as `--ktls off|on`)."""
         check_lab_name(paths.lab)
         if capture not in ("auto", "enrol", "node"):
             raise ValueError(f"capture {capture!r}: expected auto, enrol or node")
@@ -57,7 +59,7 @@ class Lab:
         self.image = image
         self.topology = Topology(self.ctx)
         self.procs = Processes(self.ctx)
-        self.ztunnels = Ztunnels(self.ctx, self.procs)
+        self.ztunnels = Ztunnels(self.ctx, self.procs, ztunnel_args)
         self.mesh_cni = MeshCni(self.ctx)
 
     @property

@@ -56,9 +56,12 @@ class ZtunnelFeatures:
 
 
 class Ztunnels:
-    def __init__(self, ctx: LabContext, procs: Processes) -> None:
+    def __init__(self, ctx: LabContext, procs: Processes, extra_args: Sequence[str] = ()) -> None:
+        """`extra_args`: appended to every ztunnel's command line (a benchmark mode's own
+        flags, e.g. `--ktls on`), so one lab shape serves every variant of ztunnel."""
         self.ctx = ctx
         self.procs = procs
+        self.extra_args = tuple(extra_args)
 
     def choose_capture(self, requested: str) -> str:
         if not self.ctx.mesh:
@@ -118,7 +121,7 @@ class Ztunnels:
         elif capture == "node":
             args += ["--outbound-addr", f"0.0.0.0:{OUTBOUND_PORT}", "--inbound-plaintext-addr",
                      f"0.0.0.0:{INBOUND_PLAINTEXT_PORT}"]  # fmt: skip
-        return args
+        return [*args, *self.extra_args]
 
     def start(self, node: str, feats: ZtunnelFeatures | None = None) -> int:
         p, st = self.ctx.paths, self.ctx.state
