@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fastpath",
         default=d.fastpath,
         choices=["auto", "on", "off"],
-        help="same-node plaintext splices carried by the kernel (sockmap): on (or refuse to "
-        "start), off; auto: what is faster here (user space: see the README)",
+        help="same-node splices (plaintext passthrough, local delivery) carried by the kernel "
+        "(sockmap): on (or refuse to start), off; auto: what is faster here (user space: see "
+        "the README)",
     )
     p.add_argument(
         "--local-delivery",

@@ -1,5 +1,6 @@
-"""The same-node fast path: after ztunnel has authorized a plaintext connection between two
-pods on this node, both legs of its splice go into the sockhash (`bpf.fastpath`), and the
+"""The same-node fast path: after ztunnel has authorized a connection between two pods on this
+node that it splices in plaintext (a passthrough, or a local delivery between two meshed pods:
+`ztunnel.proxy.local`), both legs of its splice go into the sockhash (`bpf.fastpath`), and the
 kernel sends each leg's received bytes straight out of the other leg.
 
 What stays in user space, so nothing changes for policy or telemetry: the decision (made
@@ -436,7 +437,7 @@ def open_fastpath(mode: str, pin_root: str) -> FastPath | None:
         if mode == "auto":
             log.info(
                 "same-node fast path off (auto: user space is faster on bulk here; "
-                "--fastpath on pairs same-node plaintext splices in the kernel)"
+                "--fastpath on pairs same-node splices in the kernel)"
             )
         return None
     from bpf.loader import BpfUnavailable
