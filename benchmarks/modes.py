@@ -459,6 +459,34 @@ def restore_text(rules: list[list[str]]) -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
+def same_node_evidence(lab: Lab, mode: Mode) -> dict[str, Any]:
+    """From node 1's ztunnel (its admin config dump): did the same-node mode take the path it
+    names? HBONE to itself leaves pooled HBONE connections, local delivery none, and the
+    sockmap mode counts the splices it paired. `ok` is the verdict."""
+    import json
+
+    from mesh.ports import ADMIN_PORT
+
+    ns = str(lab.state.nodes[NODES[0]]["netns"])
+    dump = json.loads(http_get_in_netns(ns, "127.0.0.1", ADMIN_PORT, "/config_dump"))
+    pool = dump.get("hbone_pool") or []
+    streams = sum(int(c.get("streams_opened", 0)) for c in pool)
+    engaged = int((dump.get("fastpath") or {}).get("engaged", 0))
+    local = bool(dump.get("local_delivery"))
+    if "--local-delivery" in mode.ztunnel_args and not local:
+        ok = streams > 0  # HBONE to itself
+    else:
+        ok = local and streams == 0 and (engaged > 0 or _fp(mode) != ("--fastpath", "on"))
+    return {"same_node_ok": ok, "hbone_streams": streams, "local_delivery": local,
+            "fastpath_engaged": engaged}  # fmt: skip
+
+
+def _fp(mode: Mode) -> tuple[str, str]:
+    a = mode.ztunnel_args
+    i = a.index("--fastpath") if "--fastpath" in a else -1
+    return (a[i], a[i + 1]) if i >= 0 else ("--fastpath", "auto")
+
+
 # -- mesh processes --------------------------------------------------------------------------
 
 
