@@ -26,6 +26,7 @@ from mesh.hbone import serve
 from mesh.identity.manager import Identities
 from mesh.metrics import MeshMetrics
 from mesh.netns import NetNs
+from tests.e2e.ztunnel.test_egress_live import _egress
 from tests.e2e.ztunnel.test_fastpath import pins  # noqa: F401 (fixture)
 from tests.e2e.ztunnel.test_inpod import (  # noqa: F401 (fixtures)
     APP_PORT,
@@ -230,6 +231,23 @@ async def test_ingress_network_policy_is_enforced_and_cuts_live_connections(one:
     writer.write(b"one")
     assert await asyncio.wait_for(reader.readexactly(3), 10) == b"one"
     one.publish(echo_ingress([APP_PORT + 1]))  # no longer allowed: the live one is cut
+    try:
+        rest = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        rest = b""
+    assert rest == b""
+    writer.close()
+    assert not one.n1.live_inbound
+
+
+async def test_egress_policy_change_cuts_a_live_local_connection(one: One) -> None:
+    p = one.pods
+    one.publish(_egress([APP_PORT]))
+    await asyncio.sleep(0.1)
+    reader, writer = await _open(p)
+    writer.write(b"one")
+    assert await asyncio.wait_for(reader.readexactly(3), 10) == b"one"
+    one.publish(_egress([APP_PORT + 1]))  # web may no longer reach echo's port
     try:
         rest = await asyncio.wait_for(reader.read(), 10)
     except ConnectionError:
