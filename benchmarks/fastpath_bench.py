@@ -2,6 +2,12 @@
 (`on`), in one run with interleaved repeats; prints bulk MiB/s, request latency p50/p99 at a
 fixed rate, the relay's CPU per request, and the ratios. Root only. Not a test: no thresholds.
 
+With `--hbone`, a third relay joins the rotation: what a meshed same-node connection cost
+before local delivery (`--local-delivery off`): ztunnel's outbound HBONE client (pool, mTLS,
+h2 CONNECT) to its own inbound HBONE server in the same process, which dials the server. The
+other two are then what local delivery costs in user space and with the sockmap (local
+delivery's policy decisions are per connection, made once before this splice).
+
 The relay is ztunnel's own code (TcpEndpoint, `node.splice` or `FastPath.splice`, uvloop as
 ztunnel runs it) in its own process, between a client and a server process on loopback: the
 two legs ztunnel has for two pods on one node, without the lab around them (policy and the
@@ -21,9 +27,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.procstat import CLK_TCK, cpu_ticks
+
+if TYPE_CHECKING:
+    from mesh.stream import Endpoint
+    from mesh.telemetry import Accounting
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -47,14 +59,21 @@ def relay(mode: str, pins: str, upstream: int) -> None:
         metrics = MeshMetrics()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def serve(down: TcpEndpoint) -> None:
-            _, up = await loop.create_connection(TcpEndpoint, "127.0.0.1", upstream)
-            acct = Accounting(
+        def acct() -> Accounting:
+            return Accounting(
                 metrics, ConnectionLabels.build(reporter="source"), reporter="source",
                 src="127.0.0.1", dst=f"127.0.0.1:{upstream}", src_identity=None,
                 dst_identity=None, service=None, mtls=False,
             )  # fmt: skip
-            await (fast.splice if fast is not None else splice)(down, up, acct)
+
+        dial = await _hbone_to_self(upstream, acct) if mode == "hbone" else None
+
+        async def serve(down: TcpEndpoint) -> None:
+            if dial is not None:
+                await splice(down, await dial(), acct())
+                return
+            _, up = await loop.create_connection(TcpEndpoint, "127.0.0.1", upstream)
+            await (fast.splice if fast is not None else splice)(down, up, acct())
 
         def made(ep: TcpEndpoint) -> None:
             t = loop.create_task(serve(ep))
@@ -68,6 +87,48 @@ def relay(mode: str, pins: str, upstream: int) -> None:
             print(f"engaged={fast.engaged} fallbacks={fast.fallbacks}", file=sys.stderr)
 
     uvloop.run(run())
+
+
+async def _hbone_to_self(
+    upstream: int, acct: Callable[[], Accounting]
+) -> Callable[[], Awaitable[Endpoint]]:
+    """ztunnel's HBONE path on one node: an inbound HBONE listener (mTLS, h2) that dials
+    `upstream`, and a dialer that opens a CONNECT to it through ztunnel's pool, as the
+    outbound side does with `--local-delivery off`."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from certs.ca import CertificateAuthority
+    from mesh.hbone import ConnectRequest, serve
+    from mesh.hbone.pool import HbonePool
+    from mesh.identity.manager import Identities
+    from mesh.identity.spiffe import node_id
+    from mesh.tcp import TcpEndpoint
+    from ztunnel.proxy.node import splice
+
+    loop = asyncio.get_running_loop()
+    td = "cluster.local"
+    ca_dir = tempfile.mkdtemp(prefix="fpbench-ca-")
+    atexit.register(shutil.rmtree, ca_dir, True)  # the relay's own, gone when it exits
+    ids = Identities(CertificateAuthority.init(Path(ca_dir)))
+    me, src = node_id(td, "n1"), f"spiffe://{td}/ns/bench/sa/client"
+    await ids.ensure(me)
+    await ids.ensure(src)
+
+    async def inbound(req: ConnectRequest) -> None:
+        _, app = await loop.create_connection(TcpEndpoint, "127.0.0.1", upstream)
+        await splice(req.accept(), app, acct())
+
+    srv = await serve("127.0.0.1", 0, ids.listener_context(me), inbound, trust_domain=td)
+    port = srv.sockets[0].getsockname()[1]
+    pool = HbonePool(ids.client_context_async, trust_domain=td)
+
+    async def dial() -> Endpoint:
+        return await pool.connect(src, ("127.0.0.1", port), f"127.0.0.1:{upstream}",
+                                  expected_peers=frozenset({me}))  # fmt: skip
+
+    return dial
 
 
 def server() -> None:
@@ -177,12 +238,20 @@ def one(mode: str, pins: str, up: int, mib: int, rate: int, n: int) -> dict[str,
     }  # fmt: skip
 
 
+def _div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = argparse.ArgumentParser(prog="python -m benchmarks.fastpath_bench")
     a.add_argument("--mib", type=int, default=256, help="bulk transfer size per run")
     a.add_argument("--rate", type=int, default=500, help="requests per second (latency)")
     a.add_argument("--requests", type=int, default=2000)
     a.add_argument("--repeats", type=int, default=3, help="off/on pairs, interleaved")
+    a.add_argument(
+        "--hbone", action="store_true",
+        help="also HBONE from the relay to itself (meshed same node before local delivery)",
+    )  # fmt: skip
     args = a.parse_args(argv)
     if os.geteuid() != 0:
         print("fastpath_bench: needs root (BPF)", file=sys.stderr)
@@ -195,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assert srv.stdout is not None
         up = int(srv.stdout.readline())
-        res: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+        order = ("hbone", "off", "on") if args.hbone else ("off", "on")
+        res: dict[str, list[dict[str, float]]] = {m: [] for m in order}
         for _ in range(args.repeats):
-            for mode in ("off", "on"):
+            for mode in order:
                 res[mode].append(one(mode, pins, up, args.mib, args.rate, args.requests))
     finally:
         srv.kill()  # our own child, by its PID
@@ -206,15 +276,21 @@ def main(argv: list[str] | None = None) -> int:
                        env=ENV, check=False)  # fmt: skip
         if os.path.isdir(pins):
             os.rmdir(pins)
-    print(f"{'':22}{'userspace':>12}{'fastpath':>12}{'ratio':>8}")
+    hb = args.hbone
+    head = f"{'':22}" + (f"{'hbone':>12}" if hb else "") + f"{'userspace':>12}{'fastpath':>12}"
+    print(head + f"{'on/off':>8}" + (f"{'off/hb':>8}{'on/hb':>8}" if hb else ""))
     for key, label in (("mibs", "bulk MiB/s"), ("bulk_cpu_s_per_gib", "relay CPU s/GiB"),
                        ("p50_us", f"p50 us @{args.rate}/s"), ("p99_us", "p99 us"),
                        ("cpu_us_per_req", "relay CPU us/req"),
                        ("host_cpu_s_per_gib", "host CPU s/GiB"),
                        ("host_cpu_us_per_req", "host CPU us/req")):  # fmt: skip
-        off = statistics.median(r[key] for r in res["off"])
-        on = statistics.median(r[key] for r in res["on"])
-        print(f"{label:22}{off:12.1f}{on:12.1f}{on / off if off else float('nan'):8.2f}")
+        med = {m: statistics.median(r[key] for r in res[m]) for m in order}
+        off, on = med["off"], med["on"]
+        line = f"{label:22}" + (f"{med['hbone']:12.1f}" if hb else "")
+        line += f"{off:12.1f}{on:12.1f}{_div(on, off):8.2f}"
+        if hb:
+            line += f"{_div(off, med['hbone']):8.2f}{_div(on, med['hbone']):8.2f}"
+        print(line)
     print(f"(medians of {args.repeats} interleaved runs; {args.mib} MiB bulk, "
           f"{args.requests} x {REQ} B requests)")  # fmt: skip
     return 0

@@ -17,8 +17,12 @@ sits between the two pods changes:
   `istio.io/use-waypoint` on the namespace). It runs only when the waypoint in this tree can
   take part in the lab (probe below); otherwise it is skipped with the reason printed.
 - `envoy-waypoint`: the same, with Envoy as the waypoint (`benchmarks.envoy_waypoint`).
-- `ambient-sockmap`, `ambient-ktls`: the faster ambient paths, when this tree and this kernel
-  have them; otherwise skipped with the reason.
+- `nomesh-samenode`, `ambient-samenode-hbone`, `ambient-samenode`, `ambient-sockmap`: the
+  server on the client's node (`Mode.same_node`): no mesh; ambient over HBONE from ztunnel to
+  itself (`--local-delivery off`, the old path); ambient with local delivery in user space;
+  and with the splice in the sockhash (`--fastpath on`). The report sets them side by side.
+- `ambient-ktls`: the faster ambient path, when this tree and this kernel have it; otherwise
+  skipped with the reason.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class Mode:
     name: str
     title: str
     description: str
+    # the server pod beside the client, on node 1 (node 1 then holds one pod more)
+    same_node: bool = False
     mesh: bool = False  # the lab runs ztunnels
     ambient: bool = False  # namespace labelled istio.io/dataplane-mode=ambient
     waypoint: bool = False
@@ -136,12 +142,41 @@ MODES: dict[str, Mode] = {
             needs=("envoy",),
         ),
         Mode(
-            "ambient-sockmap",
-            "ambient + sockmap",
-            "ambient with the sockops/sk_msg fast path between local sockets",
+            "nomesh-samenode",
+            "no mesh, same node",
+            "client pod -> server pod on the same node, plain TCP (the same-node modes' baseline)",
+            same_node=True,
+        ),
+        Mode(
+            "ambient-samenode-hbone",
+            "ambient, same node, HBONE to itself",
+            "both pods enrolled on one node, ztunnel --local-delivery off: HBONE mTLS from"
+            " ztunnel to itself, as before local delivery",
+            same_node=True,
             mesh=True,
             ambient=True,
-            needs=("sockmap",),
+            ztunnel_args=("--local-delivery", "off", "--fastpath", "off"),
+        ),
+        Mode(
+            "ambient-samenode",
+            "ambient, same node, local delivery",
+            "both pods enrolled on one node: ztunnel delivers locally (inbound policy and"
+            " telemetry applied, no HBONE) and splices in user space (--fastpath off)",
+            same_node=True,
+            mesh=True,
+            ambient=True,
+            ztunnel_args=("--local-delivery", "on", "--fastpath", "off"),
+        ),
+        Mode(
+            "ambient-sockmap",
+            "ambient, same node, local delivery + sockmap",
+            "as ambient-samenode, with both legs of the splice in the sockhash (--fastpath on):"
+            " the kernel's sk_skb verdict moves the bytes",
+            same_node=True,
+            mesh=True,
+            ambient=True,
+            needs=("bpf", "sockmap"),
+            ztunnel_args=("--local-delivery", "on", "--fastpath", "on"),
         ),
         Mode(
             "ambient-ktls",
@@ -207,16 +242,12 @@ def _probe_sockmap() -> str | None:
     from ztunnel.main import build_parser
 
     text = build_parser().format_help()
-    if "--fastpath" not in text and "--sockmap" not in text:
+    if "--fastpath" not in text or "--local-delivery" not in text:
         return (
-            "ztunnel has no option to turn the sockmap fast path on (bpf.loader has it, ztunnel "
-            "does not expose it); the lab's client and server are on different nodes anyway"
+            "this ztunnel cannot pair meshed same-node connections in the sockhash (it needs "
+            "--fastpath and --local-delivery)"
         )
-    return (
-        "ztunnel --fastpath pairs only same-node plaintext passthrough (meshed pods on one node "
-        "still talk over HBONE), and the lab's client and server are on different nodes: "
-        "python -m benchmarks.fastpath_bench measures ztunnel's splice against the sockmap"
-    )
+    return None
 
 
 def _probe_ktls() -> str | None:
@@ -319,7 +350,8 @@ def manifest(
         pod("server", NODES[1], "server", echo, {"app": "server", "version": "v1"})
         pod("server-v2", NODES[1], "server", echo, {"app": "server", "version": "v2"})
     else:
-        pod("server", NODES[1], "server", echo, {"app": "server"})
+        server_node = NODES[0] if mode.same_node else NODES[1]
+        pod("server", server_node, "server", echo, {"app": "server"})
     for name, node in filler_pods(pods_per_node, waypoint=mode.waypoint):
         pod(name, node, "idle", idle, {"app": "idle"})
     docs.append(
@@ -428,6 +460,34 @@ def restore_text(rules: list[list[str]]) -> str:
             raise ValueError(f"capture rule outside the nat table: {r}")
         lines.append(" ".join(r[2:]))
     return "\n".join([*lines, "COMMIT", ""])
+
+
+def same_node_evidence(lab: Lab, mode: Mode) -> dict[str, Any]:
+    """From node 1's ztunnel (its admin config dump): did the same-node mode take the path it
+    names? HBONE to itself leaves pooled HBONE connections, local delivery none, and the
+    sockmap mode counts the splices it paired. `ok` is the verdict."""
+    import json
+
+    from mesh.ports import ADMIN_PORT
+
+    ns = str(lab.state.nodes[NODES[0]]["netns"])
+    dump = json.loads(http_get_in_netns(ns, "127.0.0.1", ADMIN_PORT, "/config_dump"))
+    pool = dump.get("hbone_pool") or []
+    streams = sum(int(c.get("streams_opened", 0)) for c in pool)
+    engaged = int((dump.get("fastpath") or {}).get("engaged", 0))
+    local = bool(dump.get("local_delivery"))
+    if "--local-delivery" in mode.ztunnel_args and not local:
+        ok = streams > 0  # HBONE to itself
+    else:
+        ok = local and streams == 0 and (engaged > 0 or _fp(mode) != ("--fastpath", "on"))
+    return {"same_node_ok": ok, "hbone_streams": streams, "local_delivery": local,
+            "fastpath_engaged": engaged}  # fmt: skip
+
+
+def _fp(mode: Mode) -> tuple[str, str]:
+    a = mode.ztunnel_args
+    i = a.index("--fastpath") if "--fastpath" in a else -1
+    return (a[i], a[i + 1]) if i >= 0 else ("--fastpath", "auto")
 
 
 # -- mesh processes --------------------------------------------------------------------------

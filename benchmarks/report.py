@@ -501,6 +501,70 @@ def bulk_fractions(results: Result) -> str:
     return ("Bulk (one stream) as a fraction of no mesh: " + ", ".join(cells)) if cells else ""
 
 
+SAME_NODE = ("nomesh-samenode", "ambient-samenode-hbone", "ambient-samenode", "ambient-sockmap")
+# (ours, before, what the ratio says) for the same-node table
+SAME_NODE_RATIOS = (
+    ("ambient-samenode", "ambient-samenode-hbone", "local delivery / HBONE to itself"),
+    ("ambient-sockmap", "ambient-samenode", "sockmap / user-space splice"),
+    ("ambient-sockmap", "ambient-samenode-hbone", "local delivery + sockmap / HBONE to itself"),
+)
+
+
+def same_node_section(results: Result, *, reference_rate: float) -> str:
+    """The same-node modes side by side (client and server pods on one node), with their own
+    no-mesh baseline (the main table's is cross-node), and the ratios that say what local
+    delivery and the sockmap each buy: latency and mesh CPU per request at the reference rate,
+    one-stream bulk."""
+    modes = results.get("modes", {})
+    ran = [n for n in SAME_NODE if (modes.get(n) or {}).get("status") == "ok"]
+    if not ran:
+        return ""
+
+    def figures(m: Result) -> dict[str, float | None]:
+        run = find_run(m, protocol="http/1.1", body_size=0, rate=reference_rate)
+        b = m.get("bulk") or {}
+        return {
+            "p50": latency(run, "p50"),
+            "p99": latency(run, "p99"),
+            "p99_spread": spread(run, "p99"),
+            "cpu": cpu_per_1k(m, reference_rate),
+            "max": max_rate(m),
+            "bulk": float(b["mib_per_s"]) if b.get("ok") else None,
+        }
+
+    f = {n: figures(modes[n]) for n in ran}
+    base = f.get(SAME_NODE[0], {}).get("bulk")
+    rows = [["mode", f"p50 ms @{reference_rate:g}/s", "p99 ms (spread)", "mesh CPU s / 1k req",
+             "max req/s", "bulk MiB/s", "bulk / same-node no mesh"]]  # fmt: skip
+    for n in ran:
+        v = f[n]
+        frac = ratio(v["bulk"], base) if base else None
+        rows.append([
+            str(modes[n].get("title", n)), fmt_ms(v["p50"]),
+            fmt_ms(v["p99"]) + ("" if v["p99_spread"] is None else f" ({v['p99_spread']:.2f})"),
+            fmt_num(v["cpu"], 3), fmt_num(v["max"]), fmt_num(v["bulk"], 1),
+            "-" if frac is None else f"{frac:.2f}",
+        ])  # fmt: skip
+    out = ["## Same node", "", "Client and server pods on node 1 (node 1 holds one pod more than"
+           " in the other modes). Figures from this run; ratios below 1x mean ours is lower"
+           " (for bulk and max req/s, higher is better); a p99 ratio whose difference is inside"
+           " the spread across repeats is marked (noise).", "", markdown(rows)]  # fmt: skip
+    rrows = [["ratio", "p50", "p99", "mesh CPU per request", "max req/s", "bulk MiB/s"]]
+    for ours, before, label in SAME_NODE_RATIOS:
+        if ours in f and before in f:
+            a, b = f[ours], f[before]
+            cells = [("-" if c is None else f"{c:.2f}x") for c in
+                     (ratio(a[k], b[k]) for k in ("p50", "p99", "cpu", "max", "bulk"))]  # fmt: skip
+            ref_a, ref_b = (find_run(modes[n], protocol="http/1.1", body_size=0,
+                                     rate=reference_rate) for n in (ours, before))  # fmt: skip
+            if cells[1] != "-" and is_noise(ref_a, ref_b):
+                cells[1] += " (noise)"
+            rrows.append([label, *cells])
+    if len(rrows) > 1:
+        out += ["", markdown(rrows)]
+    return "\n".join(out)
+
+
 def repeats_note(results: Result) -> str:
     n = int(results.get("meta", {}).get("repeats", 1))
     if n <= 1:
@@ -677,6 +741,9 @@ def render(results: Result, *, reference_rate: float, densities: Sequence[int]) 
             " noise), or no mesh did not run.",
             "",
         ]
+    same = same_node_section(results, reference_rate=reference_rate)
+    if same:
+        parts += [same, ""]
     bulk = bulk_fractions(results)
     if bulk:
         parts += [bulk, ""]

@@ -394,6 +394,10 @@ class Bench:
                         reporter="destination",
                     )
             out: dict[str, Any] = {"ok": n > 0, "ztunnel_mtls_connections": n}
+            if self.mode.same_node:
+                ev = M.same_node_evidence(self.lab, self.mode)
+                took_path = bool(ev.pop("same_node_ok"))
+                out.update(ev, ok=n > 0 and took_path)
             if self.mode.envoy_waypoint:
                 st = M.envoy_waypoint_stats(self.lab)
                 connects = st.get(f"http.{envoy_waypoint.IN_STATS}.downstream_rq_total", 0)

@@ -62,6 +62,7 @@ class ZtunnelConfig:
     # kTLS: the operator's choice, and what it resolved to on this kernel at start
     ktls: str = "auto"
     fastpath: str = "auto"  # same-node sockmap splice: auto | on | off
+    local_delivery: bool = True  # meshed same-node connections skip HBONE
     ktls_enabled: bool = False
 
     @classmethod
@@ -107,5 +108,6 @@ class ZtunnelConfig:
             log_format=args.log_format,
             ktls=args.ktls,
             fastpath=args.fastpath,
+            local_delivery=args.local_delivery == "on",
             ktls_enabled=ktls_enabled,
         )

@@ -175,8 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--fastpath",
         default=d.fastpath,
         choices=["auto", "on", "off"],
-        help="same-node plaintext splices carried by the kernel (sockmap): on (or refuse to "
-        "start), off; auto: what is faster here (user space: see the README)",
+        help="same-node splices (plaintext passthrough, local delivery) carried by the kernel "
+        "(sockmap): on (or refuse to start), off; auto: what is faster here (user space: see "
+        "the README)",
+    )
+    p.add_argument(
+        "--local-delivery",
+        default="on" if d.local_delivery else "off",
+        choices=["on", "off"],
+        help="meshed connections between two pods on this node: on, delivered by ztunnel "
+        "without HBONE (the inbound side's policy and telemetry applied here); off, over HBONE "
+        "to itself",
     )
     p.add_argument(
         "--ktls",
@@ -367,6 +376,7 @@ class Ztunnel:
                 stream_cap=config.stream_cap, idle_timeout=config.pool_idle,
                 limits=config.limits, max_pending_dials=config.max_pending_dials,
                 flows=self.flows if self.flows.enabled else None,
+                local_delivery=config.local_delivery,
             )  # fmt: skip
             await ids.ensure(node.identity)
             bg.append(tg.create_task(ids.run()))
@@ -438,6 +448,7 @@ class Ztunnel:
                     "hbone_pool": node.pool.stats(),
                     "redirect": config.redirect,
                     "fastpath": node.fastpath.dump() if node.fastpath else {"mode": "off"},
+                    "local_delivery": node.local_delivery,
                     "limits": {
                         **node.limits.dump(),
                         "max_pending_dials": node.max_pending_dials,

@@ -1,5 +1,6 @@
-"""The same-node fast path: after ztunnel has authorized a plaintext connection between two
-pods on this node, both legs of its splice go into the sockhash (`bpf.fastpath`), and the
+"""The same-node fast path: after ztunnel has authorized a connection between two pods on this
+node that it splices in plaintext (a passthrough, or a local delivery between two meshed pods:
+`ztunnel.proxy.local`), both legs of its splice go into the sockhash (`bpf.fastpath`), and the
 kernel sends each leg's received bytes straight out of the other leg.
 
 What stays in user space, so nothing changes for policy or telemetry: the decision (made
@@ -431,12 +432,16 @@ def open_fastpath(mode: str, pin_root: str) -> FastPath | None:
     host CPU per GiB, and gains only small-request latency (p50 0.67-0.77x). A start-up
     timing inside ztunnel's process was tried and disagreed with that (it put both at
     parity, its sender and receiver sharing the interpreter with the relay) and flipped from
-    run to run; a wrong pick costs every same-node connection for the process's life."""
+    run to run; a wrong pick costs every same-node connection for the process's life.
+    Local delivery (meshed same-node pairs) did not change the verdict: bulk at 0.76x of user
+    space alone (`fastpath_bench --hbone`) and 0.90-1.08x in the lab (`meshctl bench`'s
+    same-node modes), while p50 (0.6-0.9x) and ztunnel CPU per request (0.2-0.4x) improve:
+    what `--fastpath on` is for. `auto` also keeps BCC's compile out of every start."""
     if mode != "on":
         if mode == "auto":
             log.info(
                 "same-node fast path off (auto: user space is faster on bulk here; "
-                "--fastpath on pairs same-node plaintext splices in the kernel)"
+                "--fastpath on pairs same-node splices in the kernel)"
             )
         return None
     from bpf.loader import BpfUnavailable

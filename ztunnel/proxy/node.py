@@ -115,6 +115,8 @@ class Node:
     live_inbound: set[LiveInbound] = field(default_factory=set, init=False)
     flows: FlowRing | None = None  # the recent flows (`/flows`); None: not recorded
     fastpath: FastPath | None = None  # same-node sockmap splice (`--fastpath`); None: off
+    # meshed same-node connections skip HBONE (`ztunnel.proxy.local`; `--local-delivery`)
+    local_delivery: bool = True
     pool: HbonePool = field(init=False)
     gate: ConnectionGate = field(init=False)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

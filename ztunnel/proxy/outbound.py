@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from mesh.config.model import Pod, Service
@@ -27,7 +27,8 @@ from mesh.ports import HBONE_PORT
 from mesh.stream import Endpoint
 from mesh.tcp import TcpEndpoint
 from mesh.telemetry import Accounting
-from ztunnel.proxy.node import DialRefused, Redirected, splice
+from ztunnel.proxy.local import LocalAdmission, admit_local, dial_local
+from ztunnel.proxy.node import DialRefused, LiveInbound, Redirected, splice
 
 log = logging.getLogger("ztunnel.outbound")
 
@@ -46,6 +47,7 @@ class Route:
     service: Service | None = None
     dst_pod: Pod | None = None
     reason: str = ""
+    waypoint: bool = False  # the HBONE goes to the service's waypoint, not to `dst_pod`
 
     @property
     def authority(self) -> str:
@@ -76,7 +78,9 @@ def route_outbound(
             assert w.ip is not None
             # The waypoint terminates HBONE itself (its pods are not captured): dial it
             # directly, with the VIP as the authority so it can route by service.
-            return Route("hbone", ip, port, (w.ip, wp.port), snap.identity(w), svc, w)
+            return Route(
+                "hbone", ip, port, (w.ip, wp.port), snap.identity(w), svc, w, waypoint=True
+            )
         eps = snap.endpoints(svc, sp.port)
         if not eps:
             return Route("refuse", service=svc, reason=f"service {svc.key} has no ready endpoints")
@@ -156,10 +160,28 @@ def _peer_port(ep: TcpEndpoint) -> int | None:
 class Outbound(Redirected):
     """The outbound role. Node-level listener: the source pod is found by the connection's
     source address. In-pod listener (`pod_key`): the source is that pod, whatever address the
-    redirected socket shows (BPF connects come from 127.0.0.1)."""
+    redirected socket shows (BPF connects come from 127.0.0.1).
+
+    A meshed destination enrolled on this node, reached without a waypoint, is delivered
+    locally (`ztunnel.proxy.local`) unless `node.local_delivery` is off: the inbound side's
+    decisions and record are made here, and no HBONE is spoken."""
 
     role = "outbound"
     live: LiveOutbound | None = None  # set for enrolled pods: egress policy is enforced
+
+    def _local_target(self, r: Route) -> Pod | None:
+        """The destination pod when this connection can be delivered locally: over HBONE it
+        would reach this very ztunnel's inbound side (the pod is on this node and, for in-pod
+        listeners, enrolled here), and no waypoint stands in between."""
+        node = self.node
+        dst = r.dst_pod
+        if not node.local_delivery or r.kind != "hbone" or r.waypoint or dst is None:
+            return None
+        if dst.node != node.name or dst.ip != r.ip:
+            return None
+        if self.netns is not None and node.netns_of(dst.key) is None:
+            return None  # in-pod capture, destination not enrolled with us: not ours to serve
+        return dst
 
     async def handle(self, ep: TcpEndpoint, src_ip: str, dst_ip: str, dst_port: int) -> None:
         node = self.node
@@ -173,6 +195,7 @@ class Outbound(Redirected):
             src_ip = src.ip
         r = route_outbound(snap, src, dst_ip, dst_port, node.hbone_port)
         mtls = r.kind == "hbone"
+        local = self._local_target(r) if src is not None else None
         acct = Accounting(
             node.metrics,
             ConnectionLabels.build(
@@ -195,6 +218,7 @@ class Outbound(Redirected):
             src_port=_peer_port(ep) if node.flows is not None else None,
         )  # fmt: skip
         upstream: Endpoint
+        admitted: LocalAdmission | None = None
         try:
             if r.kind == "refuse":
                 raise HboneError(503, r.reason)
@@ -209,7 +233,16 @@ class Outbound(Redirected):
                 if not d.allowed:
                     node.metrics.policy_denied(d.policy or "-", "egress", "ztunnel")
                     raise HboneError(403, f"{d.reason} ({d.policy})")
-            if r.kind == "passthrough":
+            if local is not None:
+                assert src is not None
+                admitted = admit_local(node, snap, src, src_ip, local, r.ip, r.port)
+                if admitted.status:
+                    log.info("local %s (%s) -> %s:%s %s", snap.identity(src), src_ip, r.ip,
+                             r.port, admitted.reason)  # fmt: skip
+                    admitted.acct.refused("deny", "DENY")
+                    raise HboneError(admitted.status, admitted.reason)
+                upstream = await dial_local(node, local, r.ip, r.port)
+            elif r.kind == "passthrough":
                 upstream = await node.connect_tcp(r.ip, r.port, self.netns)
             else:
                 assert src is not None
@@ -222,6 +255,8 @@ class Outbound(Redirected):
         except DialRefused as exc:
             log.info("outbound %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, exc)
             ep.abort()
+            if admitted is not None:
+                admitted.acct.refused("error", exc.flag)
             acct.refused("error", exc.flag)
             return
         except (HboneError, OSError) as exc:
@@ -229,6 +264,8 @@ class Outbound(Redirected):
             denied = status in (401, 403)
             log.info("outbound %s -> %s:%s refused: %s", src_ip, dst_ip, dst_port, exc)
             ep.abort()
+            if admitted is not None:
+                admitted.acct.refused("error", "UF")  # a no-op after its own denial
             acct.refused(
                 "deny" if denied else "error", "DENY" if denied else "UF",
                 reason="no route" if r.kind == "refuse" else None,
@@ -236,20 +273,25 @@ class Outbound(Redirected):
             return
         except asyncio.CancelledError:
             ep.abort()
+            if admitted is not None:
+                admitted.acct.refused("error", "DC")
             acct.refused("error", "DC")
             raise
-        # Same node, plaintext both ways: the kernel may carry the bytes (decided above).
+        # Same node, plaintext both ways (a passthrough, or a local delivery): the kernel may
+        # carry the bytes (decided above).
         fast = node.fastpath
         if (
             fast is not None
             and isinstance(upstream, TcpEndpoint)
-            and r.kind == "passthrough"
+            and (r.kind == "passthrough" or admitted is not None)
             and r.dst_pod is not None
             and r.dst_pod.node == node.name
         ):
             joined = fast.splice(ep, upstream, acct)
         else:
             joined = splice(ep, upstream, acct)
+        if admitted is not None:
+            joined = self._as_inbound(joined, admitted, src_ip, r, ep, upstream)
         if self.live is None or self.pod_key is None:
             await joined
             return
@@ -263,3 +305,22 @@ class Outbound(Redirected):
             await joined
         finally:
             self.live.discard(token)
+
+    async def _as_inbound(
+        self,
+        joined: Coroutine[object, object, None],
+        admitted: LocalAdmission,
+        src_ip: str,
+        r: Route,
+        ep: Endpoint,
+        upstream: Endpoint,
+    ) -> None:
+        """The splice, seen also as the inbound side would see it: registered for ingress
+        re-decisions on policy change (`Node.revalidate_inbound`), and recorded."""
+        admitted.acct.connected()
+        live = LiveInbound(src_ip, r.ip, r.port, True, admitted.via_waypoint, ep, upstream)
+        try:
+            with self.node.serving_inbound(live):
+                await joined
+        finally:
+            admitted.acct.finished(ep)
