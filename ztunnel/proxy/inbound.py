@@ -178,6 +178,6 @@ class InboundHbone:
             acct.refused("error", "DC")
             raise
         down = req.accept()
-        live = LiveInbound(src_ip, host, port, True, vouches, down, app)
+        live = LiveInbound(src_ip, host, port, True, vouches, down, app, principal, src_ns)
         with node.serving_inbound(live):
             await splice(down, app, acct)

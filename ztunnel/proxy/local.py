@@ -49,6 +49,8 @@ class LocalAdmission:
     status: int  # 0: allowed; else the HBONE answer inbound would give (401 authz, 403 netpol)
     reason: str
     via_waypoint: bool
+    principal: str  # what AuthorizationPolicy decided on, again at each policy change
+    src_namespace: str | None
 
 
 def admit_local(
@@ -94,10 +96,11 @@ def admit_local(
         flows=node.flows, source=src, destination=dst,
     )  # fmt: skip
     if netpol is not None:
-        return LocalAdmission(acct, 403, f"denied by {netpol.policy}: {netpol.reason}", vouches)
+        why = f"denied by {netpol.policy}: {netpol.reason}"
+        return LocalAdmission(acct, 403, why, vouches, principal, src_ns)
     if not decision.allowed:
-        return LocalAdmission(acct, 401, f"denied: {decision.reason}", vouches)
-    return LocalAdmission(acct, 0, "", vouches)
+        return LocalAdmission(acct, 401, f"denied: {decision.reason}", vouches, principal, src_ns)
+    return LocalAdmission(acct, 0, "", vouches, principal, src_ns)
 
 
 async def dial_local(node: Node, dst: Pod, dst_ip: str, port: int) -> TcpEndpoint:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mesh.accesslog import AccessRecord, log_access
+from mesh.authz import AuthzRequest, authorize
+from mesh.config.model import MtlsMode
 from mesh.config.snapshot import Snapshot
 from mesh.flows import REASONS, Flow, FlowRing
 from mesh.hbone.limits import ConnectionGate, HboneLimits
@@ -89,6 +91,9 @@ class LiveInbound:
     via_waypoint: bool
     down: Endpoint
     up: Endpoint
+    # the AuthorizationPolicy facts it was admitted on (None: plaintext, no identity)
+    principal: str | None = None
+    src_namespace: str | None = None
 
 
 @dataclass
@@ -222,28 +227,45 @@ class Node:
 
     def revalidate_inbound(self, snap: Snapshot) -> int:
         """Decide every live inbound connection again under `snap` and cut (reset both ends)
-        those NetworkPolicy/CNP no longer allow, as Istio's ztunnel does when its policies
-        change: a policy written to stop a peer must stop the peer's open connections too,
-        not only its next ones. Returns how many were cut."""
+        those it no longer allows: NetworkPolicy/CNP, AuthorizationPolicy (L4, from the
+        identity the connection was admitted with) and, for plaintext, PeerAuthentication
+        STRICT. Istio's ztunnel does the same when its policies change: a policy written to
+        stop a peer must stop the peer's open connections too, not only its next ones.
+        Returns how many were cut."""
         cut = 0
         for c in list(self.live_inbound):
-            d = self.ingress_denied(
-                snap, c.src_ip, c.dst_ip, c.dst_port,
-                authenticated=c.authenticated, via_waypoint=c.via_waypoint,
-            )  # fmt: skip
-            if d is None:
+            why = self._no_longer_allowed(snap, c)
+            if why is None:
                 continue
-            log.info("closing %s -> %s:%s: no longer allowed by %s: %s",
-                     c.src_ip, c.dst_ip, c.dst_port, d.policy, d.reason)  # fmt: skip
+            log.info("closing %s -> %s:%s: no longer allowed: %s",
+                     c.src_ip, c.dst_ip, c.dst_port, why)  # fmt: skip
             self.live_inbound.discard(c)
             c.down.abort()
             c.up.abort()
             cut += 1
         return cut
 
+    def _no_longer_allowed(self, snap: Snapshot, c: LiveInbound) -> str | None:
+        d = self.ingress_denied(
+            snap, c.src_ip, c.dst_ip, c.dst_port,
+            authenticated=c.authenticated, via_waypoint=c.via_waypoint,
+        )  # fmt: skip
+        if d is not None:
+            return f"{d.policy}: {d.reason}"
+        pod = snap.pod_by_ip(c.dst_ip)
+        if pod is None:  # gone from the snapshot: its own teardown closes what it served
+            return None
+        if not c.authenticated and snap.mtls_mode(pod, c.dst_port) is MtlsMode.STRICT:
+            return "PeerAuthentication STRICT"
+        req = AuthzRequest(c.principal, c.src_namespace, c.src_ip, c.dst_port)
+        decision = authorize(snap.policies_for(pod), req, l7=False)
+        if decision.allowed:
+            return None
+        return f"{decision.policy or 'AuthorizationPolicy'}: {decision.reason}"
+
     async def revalidate_on_change(self, snapshots: Callable[[], AsyncIterator[Snapshot]]) -> None:
         """Runs for ztunnel's lifetime: each new snapshot re-decides the live inbound
-        connections (a dict miss each when no policy isolates their destination)."""
+        connections (a few dict lookups each when no policy applies to their destination)."""
         async for snap in snapshots():
             if self.live_inbound:
                 self.revalidate_inbound(snap)

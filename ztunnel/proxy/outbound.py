@@ -318,7 +318,10 @@ class Outbound(Redirected):
         """The splice, seen also as the inbound side would see it: registered for ingress
         re-decisions on policy change (`Node.revalidate_inbound`), and recorded."""
         admitted.acct.connected()
-        live = LiveInbound(src_ip, r.ip, r.port, True, admitted.via_waypoint, ep, upstream)
+        live = LiveInbound(
+            src_ip, r.ip, r.port, True, admitted.via_waypoint, ep, upstream,
+            admitted.principal, admitted.src_namespace,
+        )  # fmt: skip
         try:
             with self.node.serving_inbound(live):
                 await joined

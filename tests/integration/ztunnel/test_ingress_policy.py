@@ -280,3 +280,37 @@ async def test_published_snapshot_cuts_through_the_store(rig: Rig) -> None:
         writer.close()
     finally:
         watcher.cancel()
+
+
+async def test_authorization_policy_change_cuts_the_peers_live_connections(rig: Rig) -> None:
+    """An AuthorizationPolicy that DENYs web's identity arrives while web's HBONE stream is
+    flowing: the stream is cut, decided on the identity it was admitted with. The plaintext
+    connection from the same address carries no identity, so that DENY (by principal) leaves
+    it alone, until PeerAuthentication STRICT arrives, which cuts it too."""
+    reader, writer = await asyncio.open_connection("127.0.0.2", rig.plaintext_port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    stream = await rig.client.pool.connect(
+        WEB, ("127.0.0.2", rig.hbone_port), f"{ECHO_IP}:{rig.echo_port}",
+        expected_peers=frozenset({rig.node.identity}),
+    )  # fmt: skip
+    assert len(rig.node.live_inbound) == 2
+
+    rig.snap[0] = parse_objects(two_nodes(rig.echo_port, deny=True))
+    assert rig.node.revalidate_inbound(rig.snap[0]) == 1
+    await asyncio.wait_for(stream.done, 10)
+    assert [c.authenticated for c in rig.node.live_inbound] == [False]
+    writer.write(b"pong")  # the plaintext connection still flows
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"pong"
+
+    rig.snap[0] = parse_objects(two_nodes(rig.echo_port, deny=True, strict=True))
+    assert rig.node.revalidate_inbound(rig.snap[0]) == 1
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    for _ in range(100):
+        if rig.closed[0] == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert rig.closed[0] == 2, "the application still holds a connection policy now denies"
+    assert not rig.node.live_inbound
+    writer.close()
