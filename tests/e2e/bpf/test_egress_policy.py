@@ -70,11 +70,12 @@ FORWARDER = textwrap.dedent(
             try: s.shutdown(socket.SHUT_RDWR)
             except OSError: pass
     while True:
-        c, _ = l.accept(); raw = c.getsockopt(socket.SOL_IP, 80, 16)
-        port, = struct.unpack("!H", raw[2:4])
-        try:
+        c, _ = l.accept()
+        try:  # a connect-only client may be gone already: its original dst with it
+            raw = c.getsockopt(socket.SOL_IP, 80, 16)
+            port, = struct.unpack("!H", raw[2:4])
             u = socket.create_connection((socket.inet_ntoa(raw[4:8]), port), timeout=2)
-        except OSError:
+        except (OSError, struct.error):
             c.close(); continue
         threading.Thread(target=pipe, args=(c, u), daemon=True).start()
         threading.Thread(target=pipe, args=(u, c), daemon=True).start()
