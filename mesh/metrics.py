@@ -233,6 +233,30 @@ class MeshMetrics:
         )
         self.kernel_drops = _KernelDrops()
         r.register(self.kernel_drops)
+        # The waypoint's own: created with the rest so every registry has them (tests build
+        # several handlers on one MeshMetrics) and a scrape of a proxy that never used them
+        # shows them at zero. ztunnel never increments them.
+        self.waypoint_refused_c = Counter(
+            "ambientmesh_waypoint_refused",
+            "Requests, streams and connections the waypoint refused past a limit or as malformed",
+            ("reason", "response_flags"),
+            registry=r,
+        )
+        # Requests an AUDIT AuthorizationPolicy matched, by policy.
+        self.waypoint_audited_c = Counter(
+            "ambientmesh_waypoint_audited_requests",
+            "Requests matched by an AUDIT AuthorizationPolicy (the decision is unaffected)",
+            ("policy",),
+            registry=r,
+        )
+        # Would-be results of dry-run policies (Envoy's istio_dry_run_* shadow stats), by the
+        # dry-run policy that matched ("-" when none did) and result.
+        self.waypoint_dry_run_c = Counter(
+            "ambientmesh_waypoint_dry_run_requests",
+            "Requests evaluated against dry-run AuthorizationPolicies (never enforced)",
+            ("policy", "result"),
+            registry=r,
+        )
         self._tcp: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
         self._http: dict[tuple[ConnectionLabels, int], tuple[Any, Any, Any, Any]] = {}
 

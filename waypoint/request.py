@@ -31,8 +31,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter
-
 from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, RequestAuth, authorize
 from mesh.config.model import BackendRef, HeaderModifier, RouteRetry, RouteTimeouts, Service
@@ -199,7 +197,7 @@ class RequestHandler:
         # costs more than the rest of the accounting, and the set of combinations is small.
         self._labels: dict[tuple[object, ...], ConnectionLabels] = {}
         self._labels_snap: object = None
-        self.refused_c = _refused_counter(metrics)
+        self.refused_c = metrics.waypoint_refused_c
 
     async def __call__(self, ctx: StreamContext, ex: ServerExchange) -> None:
         t0 = time.monotonic()
@@ -353,10 +351,10 @@ class RequestHandler:
             out.policy = decision.policy
             if decision.audit_policy is not None:
                 out.audit_policy = decision.audit_policy
-                _audited_counter(self.metrics).labels(decision.audit_policy).inc()
+                self.metrics.waypoint_audited_c.labels(decision.audit_policy).inc()
             if decision.shadow is not None:
                 out.shadow, out.shadow_policy = decision.shadow, decision.shadow_policy
-                _dry_run_counter(self.metrics).labels(
+                self.metrics.waypoint_dry_run_c.labels(
                     decision.shadow_policy or "-", decision.shadow
                 ).inc()
             if not decision.allowed:
@@ -859,49 +857,6 @@ class RequestHandler:
                 latency_ms=None if latency is None else max(0.0, latency) * 1000.0,
                 bytes_sent=sent, bytes_received=received,
         )  # fmt: skip
-
-
-def _refused_counter(metrics: MeshMetrics) -> Any:
-    """One counter per registry, however many handlers share it (tests build several)."""
-    c = getattr(metrics, "_waypoint_refused", None)
-    if c is None:
-        c = Counter(
-            "ambientmesh_waypoint_refused",
-            "Requests, streams and connections the waypoint refused past a limit or as malformed",
-            ("reason", "response_flags"),
-            registry=metrics.registry,
-        )
-        metrics._waypoint_refused = c  # type: ignore[attr-defined]
-    return c
-
-
-def _audited_counter(metrics: MeshMetrics) -> Any:
-    """Requests an AUDIT AuthorizationPolicy matched, by policy (one counter per registry)."""
-    c = getattr(metrics, "_waypoint_audited", None)
-    if c is None:
-        c = Counter(
-            "ambientmesh_waypoint_audited_requests",
-            "Requests matched by an AUDIT AuthorizationPolicy (the decision is unaffected)",
-            ("policy",),
-            registry=metrics.registry,
-        )
-        metrics._waypoint_audited = c  # type: ignore[attr-defined]
-    return c
-
-
-def _dry_run_counter(metrics: MeshMetrics) -> Any:
-    """Would-be results of dry-run policies (Envoy's istio_dry_run_* shadow stats), by the
-    dry-run policy that matched ("-" when none did) and result."""
-    c = getattr(metrics, "_waypoint_dry_run", None)
-    if c is None:
-        c = Counter(
-            "ambientmesh_waypoint_dry_run_requests",
-            "Requests evaluated against dry-run AuthorizationPolicies (never enforced)",
-            ("policy", "result"),
-            registry=metrics.registry,
-        )
-        metrics._waypoint_dry_run = c  # type: ignore[attr-defined]
-    return c
 
 
 async def _stop(pump: asyncio.Task[None] | None) -> None:
