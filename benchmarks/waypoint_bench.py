@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,17 @@ def _policies() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _manifest(wp_port: int, backend_port: int, wp_ip: str = "127.0.0.9") -> list[dict[str, Any]]:
+def _manifest(
+    wp_port: int, backend_port: int, wp_ips: tuple[str, ...] = ("127.0.0.9",)
+) -> list[dict[str, Any]]:
     amb = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
 
-    def pod(name: str, ip: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
+    def pod(
+        name: str, ip: str, node: str, labels: dict[str, str], sa: str | None = None
+    ) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "bench", "labels": labels},
-                "spec": {"nodeName": node, "serviceAccountName": name},
+                "spec": {"nodeName": node, "serviceAccountName": sa or name},
                 "status": {"podIP": ip}}  # fmt: skip
 
     def svc(
@@ -110,9 +115,9 @@ def _manifest(wp_port: int, backend_port: int, wp_ip: str = "127.0.0.9") -> list
          "spec": {"gatewayClassName": "waypoint",
                   "listeners": [{"name": "mesh", "port": wp_port, "protocol": "HBONE"}]}},
         pod("client", "127.0.0.1", "n1", {"app": "client"}),
-        pod("waypoint", wp_ip, "n1",
-            {"gateway.networking.k8s.io/gateway-name": "waypoint",
-             "istio.io/dataplane-mode": "none"}),
+        *(pod("waypoint" if i == 0 else f"waypoint-{i}", ip, "n1",
+              {"gateway.networking.k8s.io/gateway-name": "waypoint",
+               "istio.io/dataplane-mode": "none"}, "waypoint") for i, ip in enumerate(wp_ips)),
         pod("backend-v1", "127.0.0.3", "n2", {"app": "backend", "version": "v1"}),
         pod("backend-v2", "127.0.0.4", "n2", {"app": "backend", "version": "v2"}),
         svc("backend", WP_VIP, {"app": "backend"}),
@@ -197,11 +202,13 @@ async def _serve() -> None:
 WAYPOINT_IPS = ("127.0.0.9", "127.0.0.10")  # one per tree in an A/B run, swapped per run
 
 
-async def _serve_split(workdir: Path, wp_port: int) -> None:
+async def _serve_split(workdir: Path, wp_port: int, pods: dict[str, tuple[str, ...]]) -> None:
     """The mesh without the waypoint, for `--ab`: the waypoints are real `waypoint.main`
     processes (one per tree, started by the parent) reading the config and CA written here,
     so their CPU is measured on its own. Which one the client's ztunnel dials is the
-    snapshot's choice: the parent swaps it with a `use IP` line on stdin."""
+    snapshot's choice: the parent swaps it with a `use LABEL` line on stdin. A label with
+    several pods (`--new-pods`) is one waypoint of several processes, as a Deployment with
+    replicas is: the ztunnel picks one per connection."""
     import yaml
 
     from certs.ca import CertificateAuthority
@@ -219,11 +226,13 @@ async def _serve_split(workdir: Path, wp_port: int) -> None:
     bport = b1.sockets[0].getsockname()[1]
     await loop.create_server(lambda: HttpEcho(ident), "127.0.0.4", bport)
     ids = Identities(CertificateAuthority.init(workdir / "ca"))
-    snaps = {ip: parse_objects(_manifest(wp_port, bport, ip) + _policies()) for ip in WAYPOINT_IPS}
+    snaps = {
+        k: parse_objects(_manifest(wp_port, bport, ips) + _policies()) for k, ips in pods.items()
+    }
     (workdir / "mesh.yaml").write_text(
         yaml.safe_dump_all(_manifest(wp_port, bport) + _policies(), sort_keys=False)
     )
-    snap: list[Snapshot] = [snaps[WAYPOINT_IPS[0]]]
+    snap: list[Snapshot] = [next(iter(snaps.values()))]
     n2 = Node("n2", lambda: snap[0], ids, MeshMetrics())
     h2srv = await serve("127.0.0.2", 0, ids.server_context(n2.identity), InboundHbone(n2),
                         trust_domain="cluster.local")  # fmt: skip
@@ -242,9 +251,9 @@ async def _serve_split(workdir: Path, wp_port: int) -> None:
         if not line:
             loop.remove_reader(sys.stdin.fileno())
             return
-        ip = line.split()[-1]
-        snap[0] = snaps[ip]
-        print(json.dumps({"using": ip}), flush=True)
+        label = line.split()[-1]
+        snap[0] = snaps[label]
+        print(json.dumps({"using": label}), flush=True)
 
     loop.add_reader(sys.stdin.fileno(), command)
     await asyncio.Event().wait()
@@ -297,7 +306,7 @@ def ab_main(args: argparse.Namespace) -> int:
     case by case and repeat by repeat behind the same ztunnels and backends; medians."""
     import statistics
 
-    trees = {"new": ROOT, "base": Path(args.ab).resolve()}
+    trees = {"new": Path(args.new).resolve() if args.new else ROOT, "base": Path(args.ab).resolve()}
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
         if c not in AB_CASES:
@@ -306,6 +315,9 @@ def ab_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="wpbench-") as tmp:
         workdir = Path(tmp)
         wp_port = _free_port(WAYPOINT_IPS[0])
+        # new: 127.0.0.9 (+ .11, .12, ... with --new-pods); base: 127.0.0.10
+        extra = tuple(f"127.0.0.{11 + i}" for i in range(args.new_pods - 1))
+        pods = {"new": (WAYPOINT_IPS[0], *extra), "base": (WAYPOINT_IPS[1],)}
         mesh = subprocess.Popen(
             [
                 sys.executable,
@@ -315,6 +327,8 @@ def ab_main(args: argparse.Namespace) -> int:
                 tmp,
                 "--wp-port",
                 str(wp_port),
+                "--pods",
+                json.dumps(pods),
             ],
             env=env,
             cwd=ROOT,
@@ -322,18 +336,23 @@ def ab_main(args: argparse.Namespace) -> int:
             stdout=subprocess.PIPE,
             text=True,
         )
-        wps: dict[str, subprocess.Popen[str]] = {}
+        wps: dict[str, list[subprocess.Popen[str]]] = {}
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
         try:
             assert mesh.stdin is not None and mesh.stdout is not None
             ports = json.loads(mesh.stdout.readline())
-            ips = dict(zip(trees, WAYPOINT_IPS, strict=True))
             for label, tree in trees.items():
-                wps[label] = _start_waypoint(tree, ips[label], wp_port, workdir, ports["hbone"])
+                wps[label] = [
+                    _start_waypoint(tree, ip, wp_port, workdir, ports["hbone"])
+                    for ip in pods[label]
+                ]
+
+            def wp_cpu(label: str) -> float:
+                return sum(_cpu_seconds(w.pid) for w in wps[label])
 
             def use(label: str) -> None:
                 assert mesh.stdin is not None and mesh.stdout is not None
-                mesh.stdin.write(f"use {ips[label]}\n")
+                mesh.stdin.write(f"use {label}\n")
                 mesh.stdin.flush()
                 mesh.stdout.readline()
 
@@ -354,9 +373,11 @@ def ab_main(args: argparse.Namespace) -> int:
                             body_size=body,
                             http2=http2,
                         )
-                        w0, m0 = _cpu_seconds(wps[label].pid), _cpu_seconds(mesh.pid)
+                        w0, m0 = wp_cpu(label), _cpu_seconds(mesh.pid)
+                        t0 = time.monotonic()
                         r = _loadgen(ports["waypoint"], run)
-                        w1, m1 = _cpu_seconds(wps[label].pid), _cpu_seconds(mesh.pid)
+                        wall = time.monotonic() - t0
+                        w1, m1 = wp_cpu(label), _cpu_seconds(mesh.pid)
                         n = max(1, sum(r.get("statuses", {}).values()))
                         lat = r.get("latency_ms", r)
                         row = {
@@ -366,6 +387,9 @@ def ab_main(args: argparse.Namespace) -> int:
                             "errors": float(r.get("errors", 0)),
                             "wp_us": (w1 - w0) / n * 1e6,
                             "ztunnels_us": (m1 - m0) / n * 1e6,
+                            # share of one core the waypoint used: near 1.0 at max, it is
+                            # the bottleneck; well below, the generator or ztunnels are
+                            "wp_core": (w1 - w0) / wall,
                         }
                         samples.setdefault((case, label), []).append(row)
                         print(
@@ -375,17 +399,18 @@ def ab_main(args: argparse.Namespace) -> int:
                             flush=True,
                         )
         finally:
-            for proc in (*wps.values(), mesh):
+            procs = [*(w for ws in wps.values() for w in ws), mesh]
+            for proc in procs:
                 proc.terminate()
-            for proc in (*wps.values(), mesh):
+            for proc in procs:
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    print(f"waypoint A/B, medians of {args.repeats}: new = {ROOT}, base = {trees['base']}")
+    print(f"waypoint A/B, medians of {args.repeats}: new = {trees['new']}, base = {trees['base']}")
     head = f"{'case':<11}{'tree':<6}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-    print(f"{head}{'waypoint us/req':>17}{'ztunnels us/req':>17}")
+    print(f"{head}{'waypoint us/req':>17}{'ztunnels us/req':>17}{'wp cores':>10}")
     med: dict[tuple[str, str], dict[str, float]] = {}
     for case in cases:
         for label in trees:
@@ -396,6 +421,7 @@ def ab_main(args: argparse.Namespace) -> int:
                 print(
                     f"{case:<11}{label:<6}{m['rate']:>8.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}"
                     f"{m['errors']:>8.0f}{m['wp_us']:>17.0f}{m['ztunnels_us']:>17.0f}"
+                    f"{m['wp_core']:>10.2f}"
                 )
     print("new/base ratios (median of each):")
     for case in cases:
@@ -485,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
         help="A/B: this tree's waypoint process against TREE's (a checkout of the base "
         "commit), alternately, --repeats times over --cases; waypoint-only CPU per request",
     )
+    p.add_argument("--new", metavar="TREE", help="with --ab: the 'new' side (default: this tree)")
+    p.add_argument(
+        "--new-pods",
+        type=int,
+        default=1,
+        help="with --ab: the new side runs as this many waypoint processes (pods of one "
+        "waypoint; the ztunnel spreads connections): CPU per request sums them",
+    )
+    p.add_argument("--pods", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3, help="with --ab: rounds of all cases")
     p.add_argument("--cases", default=",".join(AB_CASES), help="with --ab: which cases")
     args = p.parse_args(argv)
@@ -495,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(_serve_split(Path(args.serve_split), args.wp_port))
+        pods = {k: tuple(v) for k, v in json.loads(args.pods).items()}
+        asyncio.run(_serve_split(Path(args.serve_split), args.wp_port, pods))
         return 0
     if args.ab:
         return ab_main(args)

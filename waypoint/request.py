@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,27 +98,50 @@ def with_request_identity(
     the caller's `traceparent`/`tracestate` are replaced by the ones naming our span (see
     `mesh.tracecontext`). Added before routing, so route header matches and filters see them
     as a backend will."""
-    hs = list(req.headers)
-    if not any(k == "x-request-id" and v for k, v in hs):
+    # One pass over the caller's headers (this runs for every request): what we replace is
+    # collected on the way, the rest kept in order.
+    has_id = False
+    xff: list[str] = []
+    prior: list[str] = []
+    hs: list[tuple[str, str]] = []
+    for k, v in req.headers:
+        if k[:1] == "x":
+            if k == "x-forwarded-proto":
+                continue
+            if k == "x-forwarded-for" and client_ip:
+                xff.append(v)
+                continue
+            if k == "x-request-id" and v:
+                has_id = True
+        elif k == "forwarded" and forwarded_by is not None:
+            prior.append(v)
+            continue
+        hs.append((k, v))
+    if not has_id:
         hs = [(k, v) for k, v in hs if k != "x-request-id"]
-        hs.append(("x-request-id", str(uuid.uuid4())))
+        hs.append(("x-request-id", _request_id()))
     if client_ip:
-        xff = [v for k, v in hs if k == "x-forwarded-for"]
-        hs = [(k, v) for k, v in hs if k != "x-forwarded-for"]
-        hs.append(("x-forwarded-for", ", ".join([*xff, client_ip])))
+        xff.append(client_ip)
+        hs.append(("x-forwarded-for", ", ".join(xff)))
     proto = scheme if scheme in ("http", "https") else "http"
-    hs = [(k, v) for k, v in hs if k != "x-forwarded-proto"]
     hs.append(("x-forwarded-proto", proto))
     if forwarded_by is not None:
         element = f"by={forwarded_node(forwarded_by)};proto={proto}"
         if client_ip:
             element = f"for={forwarded_node(client_ip)};{element}"
-        prior = [v for k, v in hs if k == "forwarded"]
-        hs = [(k, v) for k, v in hs if k != "forwarded"]
-        hs.append(("forwarded", ", ".join([*prior, element])))
+        prior.append(element)
+        hs.append(("forwarded", ", ".join(prior)))
     if trace is not None:
         hs = with_trace(hs, trace)
-    return dataclasses.replace(req, headers=tuple(hs))
+    return Request(req.method, req.path, req.query, tuple(hs), req.host, req.scheme, req.port)
+
+
+def _request_id() -> str:
+    """A random (version 4) UUID, as Envoy makes for `x-request-id`. It has to be unique, not
+    secret: drawn from `random` like the trace ids, without uuid4's getrandom(2) per request."""
+    x = random.getrandbits(128) & ~(0xF000 << 64 | 0xC << 60) | (0x4000 << 64 | 0x8 << 60)
+    h = f"{x:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def forwarded_node(node: str) -> str:
