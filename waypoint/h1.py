@@ -148,7 +148,9 @@ class H1ServerExchange(ExchangeState):
         self.started = False  # the handler has it: from here on it may be forwarded
         self.refusal: Refusal | None = None  # set when the connection refused it mid-way
 
-    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
+    async def send_head(
+        self, head: ResponseHead, first: bytes = b"", *, last: bool = False
+    ) -> None:
         if self.conn.error is not None:
             # The request turned out malformed (a bad chunk after the head): whatever the
             # backend answered belongs to a request it never fully got. The 400 goes instead.
@@ -183,6 +185,10 @@ class H1ServerExchange(ExchangeState):
         if first and not self._no_body:
             self._sent += len(first)
             out += _chunk(first) if self._chunked else first
+        if last:
+            self.finished = True
+            if self._chunked:
+                out += _last_chunk(None)
         self.conn.send(out)
         await self.conn.drain()
 

@@ -531,8 +531,12 @@ class RequestHandler:
         out.head_at = time.monotonic()
         up = att.up
         first = b"" if resp.end_stream else up.body.read_nowait()
-        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first)
-        if resp.end_stream:
+        # The usual small response is all here by now: it goes out whole, head, body and end
+        # in one write, without the read loop and its timeout below.
+        body = up.body
+        last = not resp.end_stream and body.ended and not body.buffered and not body.trailers
+        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first, last=last)
+        if resp.end_stream or last:
             return
         try:
             async with asyncio.timeout_at(att.deadline):
