@@ -239,7 +239,7 @@ async def test_whole_body_at_hand_ends_on_its_own_data_frame() -> None:
                 frames.append((len(e.data), e.stream_ended is not None))
         return events
 
-    link.peer.receive_data = spy  # type: ignore[method-assign]
+    link.peer.receive_data = spy  # type: ignore[method-assign,assignment]
     sid = link.peer.get_next_available_stream_id()
     link.peer.send_headers(sid, request("/small"), end_stream=True)
     events = await link.exchange()
