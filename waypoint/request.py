@@ -407,7 +407,9 @@ class RequestHandler:
         loop = asyncio.get_running_loop()
         overall = loop.time() + timeouts.request if timeouts.request else None
         try:
-            async with asyncio.timeout(timeouts.request):
+            # (no route timeout, the usual case: no Timeout object and its bookkeeping)
+            limit = asyncio.timeout(timeouts.request) if timeouts.request is not None else _NO_LIMIT
+            async with limit:
                 while True:
                     try:
                         att = await self._attempt(
@@ -883,6 +885,9 @@ class RequestHandler:
                 latency_ms=None if latency is None else max(0.0, latency) * 1000.0,
                 bytes_sent=sent, bytes_received=received,
         )  # fmt: skip
+
+
+_NO_LIMIT: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 async def _stop(pump: asyncio.Task[None] | None) -> None:
