@@ -431,6 +431,19 @@ def ab_main(args: argparse.Namespace) -> int:
                 f"  {case:<11} waypoint CPU/req {a['wp_us'] / b['wp_us']:.2f}"
                 f"  req/s {a['rate'] / b['rate']:.2f}  p99 {a['p99'] / b['p99']:.2f}"
             )
+    # Each repeat ran the two trees back to back: the ratio within a repeat cancels the
+    # machine's drift (other work comes and goes), so its median is the steadier figure.
+    print("new/base paired ratios (median over repeats of the ratio within each repeat):")
+    for case in cases:
+        new, base = samples.get((case, "new"), []), samples.get((case, "base"), [])
+        pairs = list(zip(new, base, strict=False))  # (a run cut short leaves one side longer)
+        cpu = [n["wp_us"] / b["wp_us"] for n, b in pairs if b["wp_us"]]
+        rate = [n["rate"] / b["rate"] for n, b in pairs if b["rate"]]
+        if cpu and rate:
+            print(
+                f"  {case:<11} waypoint CPU/req {statistics.median(cpu):.2f}"
+                f" (range {min(cpu):.2f}-{max(cpu):.2f})  req/s {statistics.median(rate):.2f}"
+            )
     return 0
 
 
