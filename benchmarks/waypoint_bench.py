@@ -437,12 +437,12 @@ def ab_main(args: argparse.Namespace) -> int:
     for case in cases:
         new, base = samples.get((case, "new"), []), samples.get((case, "base"), [])
         pairs = list(zip(new, base, strict=False))  # (a run cut short leaves one side longer)
-        cpu = [n["wp_us"] / b["wp_us"] for n, b in pairs if b["wp_us"]]
-        rate = [n["rate"] / b["rate"] for n, b in pairs if b["rate"]]
-        if cpu and rate:
+        cpus = [n["wp_us"] / b["wp_us"] for n, b in pairs if b["wp_us"]]
+        rates = [n["rate"] / b["rate"] for n, b in pairs if b["rate"]]
+        if cpus and rates:
             print(
-                f"  {case:<11} waypoint CPU/req {statistics.median(cpu):.2f}"
-                f" (range {min(cpu):.2f}-{max(cpu):.2f})  req/s {statistics.median(rate):.2f}"
+                f"  {case:<11} waypoint CPU/req {statistics.median(cpus):.2f}"
+                f" (range {min(cpus):.2f}-{max(cpus):.2f})  req/s {statistics.median(rates):.2f}"
             )
     return 0
 
