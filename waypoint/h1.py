@@ -392,17 +392,25 @@ class H1Server(WireConn):
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise HttpError(400, "bad_framing", f"HTTP/{version} is not supported")
-        te = [v for k, v in hs if k == "transfer-encoding"]
+        te: list[str] = []
+        lengths = hosts = 0
+        for k, v in hs:  # one pass: this runs for every request
+            if k == "content-length":
+                lengths += 1
+            elif k == "host":
+                hosts += 1
+            elif k == "transfer-encoding":
+                te.append(v)
         if te:
             if version == "1.0":
                 raise HttpError(400, "bad_framing", "Transfer-Encoding in an HTTP/1.0 request")
             if len(te) != 1 or te[0].strip().lower() != "chunked":
                 raise HttpError(400, "bad_framing", "Transfer-Encoding other than chunked")
-            if any(k == "content-length" for k, _ in hs):
+            if lengths:
                 raise HttpError(400, "bad_framing", "Content-Length with Transfer-Encoding")
-        if sum(1 for k, _ in hs if k == "content-length") > 1:
+        if lengths > 1:
             raise HttpError(400, "bad_framing", "more than one Content-Length")
-        if sum(1 for k, _ in hs if k == "host") > 1:
+        if hosts > 1:
             raise HttpError(400, "bad_request", "more than one Host")
 
     def on_headers_complete(self) -> None:
