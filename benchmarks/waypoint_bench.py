@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        pods = {k: tuple(v) for k, v in json.loads(args.pods).items()}
+        given = json.loads(args.pods) if args.pods else {"new": [WAYPOINT_IPS[0]]}
+        pods = {k: tuple(v) for k, v in given.items()}
         asyncio.run(_serve_split(Path(args.serve_split), args.wp_port, pods))
         return 0
     if args.ab:
