@@ -18,6 +18,18 @@ the same core as the tunnels: a conservative figure. `--http2 --body-size 16384`
 benchmark's HTTP/2 case (the waypoint speaks HTTP/1.1 upstream, appProtocol http); the
 "upstream dials" column counts the CONNECTs the waypoint opened to backends in that run (pool
 churn shows there); `--log FILE` includes the access log's cost, as in a proxy process.
+
+`--ab TREE` is the waypoint's own A/B (issue 15): the same ztunnels and backends, and two real
+`waypoint.main` processes (this tree's and TREE's, e.g. a `git worktree` of the base commit,
+or `--new OTHER` for any two), each on its own address; the client's ztunnel is pointed at
+one or the other case by case, alternating which goes first, for `--repeats` rounds of
+`--cases` (HTTP/1.1 and h2c at 1,000 req/s, h2c with 16 KiB bodies, and both at maximum,
+closed loop). Figures per tree: the waypoint process's CPU per request (its own /proc time:
+the ztunnels' shown apart), the share of a core it used (near 1 at max: it is the limit;
+below: the generator or the ztunnels are), rate and latency; medians, and the median of the
+new/base ratio within each round, which cancels the machine's drift. `--new-pods N` runs the
+new side as N processes behind one waypoint (replicas; the ztunnel spreads connections), the
+measurement behind "one process or several" on a given machine.
 """
 
 from __future__ import annotations
