@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import h2.config
@@ -53,11 +53,11 @@ MAX_FRAME = 1 << 16
 MAX_STREAMS = 1000
 
 
-def _split(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
+def _split(headers: Iterable[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
     pseudo: dict[str, str] = {}
     regular: Headers = []
     for k, v in headers:
-        if k.startswith(":"):
+        if k[:1] == ":":
             pseudo[k] = v
         else:
             regular.append((k, v))
@@ -525,7 +525,9 @@ class H2Server(H2Conn):
             self.refused += 1
             self._check_resets()
             return
-        pseudo, regular = _split([(str(k), str(v)) for k, v in ev.headers])
+        # h2 hands names and values over as str already (header_encoding is set): no copy
+        hs: Any = ev.headers
+        pseudo, regular = _split(hs)
         if len(regular) + len(pseudo) > self.limits.max_headers:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.send_headers(sid, [(":status", "431")], end_stream=True)

@@ -225,7 +225,9 @@ class RequestHandler:
         t0 = time.monotonic()
         wall0 = time.time_ns()
         head = ex.head
-        req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
+        req = Request.from_target(
+            head.method, head.target, head.headers, host=head.authority, lowered=True
+        )
         # The waypoint is a hop of the trace: the backend's parent span is ours.
         tc = continue_trace(head.headers, self.trace_sampling)
         req = with_request_identity(req, ctx.src_ip, head.scheme, self.forwarded_by, tc)
