@@ -349,7 +349,6 @@ class ReplayableBody:
         self.source = source
         self.limit = limit
         self.rec = Recorded()
-        self._changed = asyncio.Event()
 
     @property
     def replayable(self) -> bool:
