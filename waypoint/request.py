@@ -116,6 +116,8 @@ def with_request_identity(
         elif k == "forwarded" and forwarded_by is not None:
             prior.append(v)
             continue
+        elif trace is not None and (k == "traceparent" or k == "tracestate"):
+            continue  # replaced below
         hs.append((k, v))
     if not has_id:
         hs = [(k, v) for k, v in hs if k != "x-request-id"]
@@ -132,7 +134,7 @@ def with_request_identity(
         prior.append(element)
         hs.append(("forwarded", ", ".join(prior)))
     if trace is not None:
-        hs = with_trace(hs, trace)
+        hs.extend(with_trace([], trace))  # (the caller's were skipped above)
     return Request(req.method, req.path, req.query, tuple(hs), req.host, req.scheme, req.port)
 
 

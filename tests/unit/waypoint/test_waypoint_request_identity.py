@@ -110,3 +110,18 @@ def test_generated_request_ids_are_version_4_uuids() -> None:
     for rid in ids:
         u = uuid.UUID(rid)
         assert (u.version, u.variant, str(u)) == (4, uuid.RFC_4122, rid)
+
+
+def test_callers_trace_headers_are_replaced_by_ours_at_the_end() -> None:
+    from mesh.tracecontext import continue_trace
+
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    hs = [("traceparent", tp), ("accept", "*/*"), ("tracestate", "k=v")]
+    tc = continue_trace(hs)
+    req = Request.from_target("GET", "/", hs, host="svc")
+    out = with_request_identity(req, "10.0.0.7", "http", None, tc).headers
+    assert [k for k, _ in out] == ["accept", "x-request-id", "x-forwarded-for",
+                                   "x-forwarded-proto", "traceparent", "tracestate"]  # fmt: skip
+    d = dict(out)
+    assert d["traceparent"] == f"00-{tc.trace_id}-{tc.span_id}-01" and tc.trace_id in tp
+    assert d["tracestate"] == "k=v" and tc.span_id not in tp
