@@ -281,8 +281,10 @@ class RequestHandler:
         timeouts, retry = RouteTimeouts(), RouteRetry()
         resp_mods: list[HeaderModifier] = []
         backend: BackendRef | None = None
-        fwd = Forward(req.path, req.query, req.host, list(req.headers))
-        if route is not None and route.rule is not None and route.chooser is not None:
+        fwd: Forward
+        if route is None or route.rule is None or route.chooser is None:
+            fwd = Forward(req.path, req.query, req.host, list(req.headers))
+        else:
             rule = route.rule
             timeouts, retry = rule.timeouts, rule.retry
             res = apply_filters(rule.filters, req, route.matched_prefix)
