@@ -18,6 +18,18 @@ the same core as the tunnels: a conservative figure. `--http2 --body-size 16384`
 benchmark's HTTP/2 case (the waypoint speaks HTTP/1.1 upstream, appProtocol http); the
 "upstream dials" column counts the CONNECTs the waypoint opened to backends in that run (pool
 churn shows there); `--log FILE` includes the access log's cost, as in a proxy process.
+
+`--ab TREE` is the waypoint's own A/B (issue 15): the same ztunnels and backends, and two real
+`waypoint.main` processes (this tree's and TREE's, e.g. a `git worktree` of the base commit,
+or `--new OTHER` for any two), each on its own address; the client's ztunnel is pointed at
+one or the other case by case, alternating which goes first, for `--repeats` rounds of
+`--cases` (HTTP/1.1 and h2c at 1,000 req/s, h2c with 16 KiB bodies, and both at maximum,
+closed loop). Figures per tree: the waypoint process's CPU per request (its own /proc time:
+the ztunnels' shown apart), the share of a core it used (near 1 at max: it is the limit;
+below: the generator or the ztunnels are), rate and latency; medians, and the median of the
+new/base ratio within each round, which cancels the machine's drift. `--new-pods N` runs the
+new side as N processes behind one waypoint (replicas; the ztunnel spreads connections), the
+measurement behind "one process or several" on a given machine.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +93,17 @@ def _policies() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _manifest(wp_port: int, backend_port: int) -> list[dict[str, Any]]:
+def _manifest(
+    wp_port: int, backend_port: int, wp_ips: tuple[str, ...] = ("127.0.0.9",)
+) -> list[dict[str, Any]]:
     amb = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
 
-    def pod(name: str, ip: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
+    def pod(
+        name: str, ip: str, node: str, labels: dict[str, str], sa: str | None = None
+    ) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "bench", "labels": labels},
-                "spec": {"nodeName": node, "serviceAccountName": name},
+                "spec": {"nodeName": node, "serviceAccountName": sa or name},
                 "status": {"podIP": ip}}  # fmt: skip
 
     def svc(
@@ -110,9 +127,9 @@ def _manifest(wp_port: int, backend_port: int) -> list[dict[str, Any]]:
          "spec": {"gatewayClassName": "waypoint",
                   "listeners": [{"name": "mesh", "port": wp_port, "protocol": "HBONE"}]}},
         pod("client", "127.0.0.1", "n1", {"app": "client"}),
-        pod("waypoint", "127.0.0.9", "n1",
-            {"gateway.networking.k8s.io/gateway-name": "waypoint",
-             "istio.io/dataplane-mode": "none"}),
+        *(pod("waypoint" if i == 0 else f"waypoint-{i}", ip, "n1",
+              {"gateway.networking.k8s.io/gateway-name": "waypoint",
+               "istio.io/dataplane-mode": "none"}, "waypoint") for i, ip in enumerate(wp_ips)),
         pod("backend-v1", "127.0.0.3", "n2", {"app": "backend", "version": "v1"}),
         pod("backend-v2", "127.0.0.4", "n2", {"app": "backend", "version": "v2"}),
         svc("backend", WP_VIP, {"app": "backend"}),
@@ -194,6 +211,254 @@ async def _serve() -> None:
     b2.close()
 
 
+WAYPOINT_IPS = ("127.0.0.9", "127.0.0.10")  # one per tree in an A/B run, swapped per run
+
+
+async def _serve_split(workdir: Path, wp_port: int, pods: dict[str, tuple[str, ...]]) -> None:
+    """The mesh without the waypoint, for `--ab`: the waypoints are real `waypoint.main`
+    processes (one per tree, started by the parent) reading the config and CA written here,
+    so their CPU is measured on its own. Which one the client's ztunnel dials is the
+    snapshot's choice: the parent swaps it with a `use LABEL` line on stdin. A label with
+    several pods (`--new-pods`) is one waypoint of several processes, as a Deployment with
+    replicas is: the ztunnel picks one per connection."""
+    import yaml
+
+    from certs.ca import CertificateAuthority
+    from mesh.apps.echo import HttpEcho
+    from mesh.config.parse import parse_objects
+    from mesh.config.snapshot import Snapshot
+    from mesh.hbone import serve
+    from mesh.identity.manager import Identities
+    from mesh.metrics import MeshMetrics
+    from ztunnel.proxy import InboundHbone, Node, Outbound
+
+    loop = asyncio.get_running_loop()
+    ident = {"pod": "backend", "namespace": "bench"}
+    b1 = await loop.create_server(lambda: HttpEcho(ident), "127.0.0.3", 0)
+    bport = b1.sockets[0].getsockname()[1]
+    await loop.create_server(lambda: HttpEcho(ident), "127.0.0.4", bport)
+    ids = Identities(CertificateAuthority.init(workdir / "ca"))
+    snaps = {
+        k: parse_objects(_manifest(wp_port, bport, ips) + _policies()) for k, ips in pods.items()
+    }
+    (workdir / "mesh.yaml").write_text(
+        yaml.safe_dump_all(_manifest(wp_port, bport) + _policies(), sort_keys=False)
+    )
+    snap: list[Snapshot] = [next(iter(snaps.values()))]
+    n2 = Node("n2", lambda: snap[0], ids, MeshMetrics())
+    h2srv = await serve("127.0.0.2", 0, ids.server_context(n2.identity), InboundHbone(n2),
+                        trust_domain="cluster.local")  # fmt: skip
+    h2port = h2srv.sockets[0].getsockname()[1]
+    n1 = Node("n1", lambda: snap[0], ids, MeshMetrics(), hbone_port=h2port)
+    ports = {"hbone": h2port}
+    for name, vip in (("waypoint", WP_VIP), ("l4", L4_VIP), ("policies", POL_VIP)):
+        srv = await loop.create_server(
+            Outbound(n1, functools.partial(_fixed, (vip, 80))).protocol, "127.0.0.1", 0
+        )
+        ports[name] = srv.sockets[0].getsockname()[1]
+    print(json.dumps(ports), flush=True)
+
+    def command() -> None:
+        line = sys.stdin.readline()
+        if not line:
+            loop.remove_reader(sys.stdin.fileno())
+            return
+        label = line.split()[-1]
+        snap[0] = snaps[label]
+        print(json.dumps({"using": label}), flush=True)
+
+    loop.add_reader(sys.stdin.fileno(), command)
+    await asyncio.Event().wait()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _start_waypoint(
+    tree: Path, ip: str, port: int, workdir: Path, hbone: int
+) -> subprocess.Popen[str]:
+    """The tree's own waypoint process, as production runs it (`waypoint.main`: uvloop, the
+    batched access log to stderr at info), its log to a file beside the config."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    log = open(workdir / f"waypoint-{ip}.log", "w")  # noqa: SIM115  (closed by the child's exit)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "waypoint.main", "--namespace", "bench", "--name", "waypoint",
+         "--config", str(workdir / "mesh.yaml"), "--ca-dir", str(workdir / "ca"),
+         "--hbone-addr", f"{ip}:{port}", "--upstream-hbone-port", str(hbone),
+         "--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0",
+         "--admin-addr", "127.0.0.1:0"],
+        env=env, cwd=tree, stdout=subprocess.PIPE, stderr=log, text=True,
+    )  # fmt: skip
+    log.close()
+    assert proc.stdout is not None
+    while "hbone on" not in (line := proc.stdout.readline()):
+        if not line:
+            raise RuntimeError(f"waypoint from {tree} exited: see {workdir}/waypoint-{ip}.log")
+    return proc
+
+
+# (name, http2, body bytes, rate; 0 = maximum, closed loop)
+AB_CASES = {
+    "h1-1k": (False, 0, 1000.0),
+    "h2-1k": (True, 0, 1000.0),
+    "h2-16k-1k": (True, 16384, 1000.0),
+    "h1-max": (False, 0, 0.0),
+    "h2-max": (True, 0, 0.0),
+}
+
+
+def ab_main(args: argparse.Namespace) -> int:
+    """Waypoint CPU per request (its own process only) and rates, this tree against
+    `--ab TREE` (e.g. a `git worktree` of the base commit), the two waypoints run alternately
+    case by case and repeat by repeat behind the same ztunnels and backends; medians."""
+    import statistics
+
+    trees = {"new": Path(args.new).resolve() if args.new else ROOT, "base": Path(args.ab).resolve()}
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in AB_CASES:
+            raise SystemExit(f"--cases: unknown case {c!r} (known: {', '.join(AB_CASES)})")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with tempfile.TemporaryDirectory(prefix="wpbench-") as tmp:
+        workdir = Path(tmp)
+        wp_port = _free_port(WAYPOINT_IPS[0])
+        # new: 127.0.0.9 (+ .11, .12, ... with --new-pods); base: 127.0.0.10
+        extra = tuple(f"127.0.0.{11 + i}" for i in range(args.new_pods - 1))
+        pods = {"new": (WAYPOINT_IPS[0], *extra), "base": (WAYPOINT_IPS[1],)}
+        mesh = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.waypoint_bench",
+                "--serve-split",
+                tmp,
+                "--wp-port",
+                str(wp_port),
+                "--pods",
+                json.dumps(pods),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        wps: dict[str, list[subprocess.Popen[str]]] = {}
+        samples: dict[tuple[str, str], list[dict[str, float]]] = {}
+        try:
+            assert mesh.stdin is not None and mesh.stdout is not None
+            ports = json.loads(mesh.stdout.readline())
+            for label, tree in trees.items():
+                wps[label] = [
+                    _start_waypoint(tree, ip, wp_port, workdir, ports["hbone"])
+                    for ip in pods[label]
+                ]
+
+            def wp_cpu(label: str) -> float:
+                return sum(_cpu_seconds(w.pid) for w in wps[label])
+
+            def use(label: str) -> None:
+                assert mesh.stdin is not None and mesh.stdout is not None
+                mesh.stdin.write(f"use {label}\n")
+                mesh.stdin.flush()
+                mesh.stdout.readline()
+
+            for label in trees:  # warm up: pools, TLS sessions, imports
+                use(label)
+                assert _via(ports["waypoint"]) == "waypoint"
+            for rep in range(args.repeats):
+                for case in cases:
+                    http2, body, rate = AB_CASES[case]
+                    order = list(trees) if rep % 2 == 0 else list(reversed(trees))
+                    for label in order:
+                        use(label)
+                        run = argparse.Namespace(
+                            rate=rate,
+                            duration=args.duration,
+                            connections=args.connections,
+                            streams=args.streams,
+                            body_size=body,
+                            http2=http2,
+                        )
+                        w0, m0 = wp_cpu(label), _cpu_seconds(mesh.pid)
+                        t0 = time.monotonic()
+                        r = _loadgen(ports["waypoint"], run)
+                        wall = time.monotonic() - t0
+                        w1, m1 = wp_cpu(label), _cpu_seconds(mesh.pid)
+                        n = max(1, sum(r.get("statuses", {}).values()))
+                        lat = r.get("latency_ms", r)
+                        row = {
+                            "rate": float(r.get("achieved_rate", 0.0)),
+                            "p50": float(lat.get("p50", float("nan"))),
+                            "p99": float(lat.get("p99", float("nan"))),
+                            "errors": float(r.get("errors", 0)),
+                            "wp_us": (w1 - w0) / n * 1e6,
+                            "ztunnels_us": (m1 - m0) / n * 1e6,
+                            # share of one core the waypoint used: near 1.0 at max, it is
+                            # the bottleneck; well below, the generator or ztunnels are
+                            "wp_core": (w1 - w0) / wall,
+                        }
+                        samples.setdefault((case, label), []).append(row)
+                        print(
+                            f"# rep {rep} {case:<10} {label:<5} "
+                            + " ".join(f"{k}={v:.1f}" for k, v in row.items()),
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        finally:
+            procs = [*(w for ws in wps.values() for w in ws), mesh]
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    print(f"waypoint A/B, medians of {args.repeats}: new = {trees['new']}, base = {trees['base']}")
+    head = f"{'case':<11}{'tree':<6}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+    print(f"{head}{'waypoint us/req':>17}{'ztunnels us/req':>17}{'wp cores':>10}")
+    med: dict[tuple[str, str], dict[str, float]] = {}
+    for case in cases:
+        for label in trees:
+            rows = samples.get((case, label), [])
+            m = {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
+            med[(case, label)] = m
+            if m:
+                print(
+                    f"{case:<11}{label:<6}{m['rate']:>8.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}"
+                    f"{m['errors']:>8.0f}{m['wp_us']:>17.0f}{m['ztunnels_us']:>17.0f}"
+                    f"{m['wp_core']:>10.2f}"
+                )
+    print("new/base ratios (median of each):")
+    for case in cases:
+        a, b = med.get((case, "new")), med.get((case, "base"))
+        if a and b and b["wp_us"] and b["rate"]:
+            print(
+                f"  {case:<11} waypoint CPU/req {a['wp_us'] / b['wp_us']:.2f}"
+                f"  req/s {a['rate'] / b['rate']:.2f}  p99 {a['p99'] / b['p99']:.2f}"
+            )
+    # Each repeat ran the two trees back to back: the ratio within a repeat cancels the
+    # machine's drift (other work comes and goes), so its median is the steadier figure.
+    print("new/base paired ratios (median over repeats of the ratio within each repeat):")
+    for case in cases:
+        new, base = samples.get((case, "new"), []), samples.get((case, "base"), [])
+        pairs = list(zip(new, base, strict=False))  # (a run cut short leaves one side longer)
+        cpus = [n["wp_us"] / b["wp_us"] for n, b in pairs if b["wp_us"]]
+        rates = [n["rate"] / b["rate"] for n, b in pairs if b["rate"]]
+        if cpus and rates:
+            print(
+                f"  {case:<11} waypoint CPU/req {statistics.median(cpus):.2f}"
+                f" (range {min(cpus):.2f}-{max(cpus):.2f})  req/s {statistics.median(rates):.2f}"
+            )
+    return 0
+
+
 def _log_to(path: str) -> None:
     """stderr to `path` and logging at info, the way `mesh.process.run` sets a proxy up
     (with the batched access-log writer where this tree has one)."""
@@ -263,7 +528,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http2", action="store_true", help="the client speaks HTTP/2 (h2c)")
     p.add_argument("--streams", type=int, default=32, help="HTTP/2 streams per connection")
     p.add_argument("--body-size", type=int, default=0, help="request body bytes (POST)")
+    p.add_argument("--serve-split", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--wp-port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--ab",
+        metavar="TREE",
+        help="A/B: this tree's waypoint process against TREE's (a checkout of the base "
+        "commit), alternately, --repeats times over --cases; waypoint-only CPU per request",
+    )
+    p.add_argument("--new", metavar="TREE", help="with --ab: the 'new' side (default: this tree)")
+    p.add_argument(
+        "--new-pods",
+        type=int,
+        default=1,
+        help="with --ab: the new side runs as this many waypoint processes (pods of one "
+        "waypoint; the ztunnel spreads connections): CPU per request sums them",
+    )
+    p.add_argument("--pods", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help="with --ab: rounds of all cases")
+    p.add_argument("--cases", default=",".join(AB_CASES), help="with --ab: which cases")
     args = p.parse_args(argv)
+    if args.serve_split:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        given = json.loads(args.pods) if args.pods else {"new": [WAYPOINT_IPS[0]]}
+        pods = {k: tuple(v) for k, v in given.items()}
+        asyncio.run(_serve_split(Path(args.serve_split), args.wp_port, pods))
+        return 0
+    if args.ab:
+        return ab_main(args)
     if args.serve:
         try:
             import uvloop

@@ -64,8 +64,13 @@ def _num(x: float) -> str:
     return repr(float(x)) if math.isfinite(x) else json.dumps(x)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AccessRecord:
+    """One line of the access log. Not frozen on purpose: one is built per request or
+    connection, and a frozen dataclass' __init__ (object.__setattr__ per field) costs three
+    times as much for these 25 fields (measured 6.4 vs 2.1 us); nothing changes one after
+    it is made."""
+
     src: str  # "ip:port"
     dst: str
     src_identity: str | None

@@ -148,7 +148,9 @@ class H1ServerExchange(ExchangeState):
         self.started = False  # the handler has it: from here on it may be forwarded
         self.refusal: Refusal | None = None  # set when the connection refused it mid-way
 
-    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
+    async def send_head(
+        self, head: ResponseHead, first: bytes = b"", *, last: bool = False
+    ) -> None:
         if self.conn.error is not None:
             # The request turned out malformed (a bad chunk after the head): whatever the
             # backend answered belongs to a request it never fully got. The 400 goes instead.
@@ -183,6 +185,10 @@ class H1ServerExchange(ExchangeState):
         if first and not self._no_body:
             self._sent += len(first)
             out += _chunk(first) if self._chunked else first
+        if last:
+            self.finished = True
+            if self._chunked:
+                out += _last_chunk(None)
         self.conn.send(out)
         await self.conn.drain()
 
@@ -242,7 +248,10 @@ class H1Server(WireConn):
         self._last = loop.time()
         # The first request's head must come within headers_timeout of the connection (a
         # client that connects and says nothing is a slowloris too); idle time is checked from
-        # then on between requests.
+        # then on between requests. The deadline moves per request; the timer does not: it
+        # is armed once and, when it fires early (an earlier head came in time), re-armed
+        # for the deadline then current, so a request costs no timer of its own.
+        self._head_deadline: float | None = self._last + limits.headers_timeout
         self._head_timer: asyncio.TimerHandle | None = loop.call_later(
             limits.headers_timeout, self._head_timeout
         )
@@ -313,6 +322,15 @@ class H1Server(WireConn):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # no head on its way: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        if left > 0:
+            self._head_timer = loop.call_later(left, self._head_timeout)
+            return
+        self._head_deadline = None
         if self.error is None and not self.closed:
             self._bad(
                 HttpError(408, "headers_timeout", "request head not received in time", TIMEOUT)
@@ -324,7 +342,7 @@ class H1Server(WireConn):
             return
         loop = asyncio.get_running_loop()
         left = self._last + self.limits.idle_timeout - loop.time()
-        if self._queue or self._head_timer is not None or left > 0:
+        if self._queue or self._head_deadline is not None or left > 0:
             # Busy, or a head on its way (the headers timer watches that): look again later.
             self._idle_timer = loop.call_later(max(left, 1.0), self._idle_check)
             return
@@ -338,6 +356,7 @@ class H1Server(WireConn):
             if t is not None:
                 t.cancel()
         self._head_timer = self._idle_timer = None
+        self._head_deadline = None
 
     def _kick(self) -> None:
         if self._wake is not None and not self._wake.done():
@@ -368,10 +387,12 @@ class H1Server(WireConn):
 
     def on_message_begin(self) -> None:
         self._p = _Parse(self.limits)
-        if self._head_timer is None:
-            self._head_timer = asyncio.get_running_loop().call_later(
-                self.limits.headers_timeout, self._head_timeout
-            )
+        if self._head_deadline is None:  # (the first head's deadline counts from the connect)
+            self._head_deadline = self._last + self.limits.headers_timeout
+            if self._head_timer is None:
+                self._head_timer = asyncio.get_running_loop().call_later(
+                    self.limits.headers_timeout, self._head_timeout
+                )
 
     def on_url(self, url: bytes) -> None:
         self._p.url += url
@@ -386,23 +407,29 @@ class H1Server(WireConn):
         version = self._parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise HttpError(400, "bad_framing", f"HTTP/{version} is not supported")
-        te = [v for k, v in hs if k == "transfer-encoding"]
+        te: list[str] = []
+        lengths = hosts = 0
+        for k, v in hs:  # one pass: this runs for every request
+            if k == "content-length":
+                lengths += 1
+            elif k == "host":
+                hosts += 1
+            elif k == "transfer-encoding":
+                te.append(v)
         if te:
             if version == "1.0":
                 raise HttpError(400, "bad_framing", "Transfer-Encoding in an HTTP/1.0 request")
             if len(te) != 1 or te[0].strip().lower() != "chunked":
                 raise HttpError(400, "bad_framing", "Transfer-Encoding other than chunked")
-            if any(k == "content-length" for k, _ in hs):
+            if lengths:
                 raise HttpError(400, "bad_framing", "Content-Length with Transfer-Encoding")
-        if sum(1 for k, _ in hs if k == "content-length") > 1:
+        if lengths > 1:
             raise HttpError(400, "bad_framing", "more than one Content-Length")
-        if sum(1 for k, _ in hs if k == "host") > 1:
+        if hosts > 1:
             raise HttpError(400, "bad_request", "more than one Host")
 
     def on_headers_complete(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_deadline = None  # (its timer stays armed: see __init__)
         p = self._parser
         hs = self._p.headers
         self._p.in_trailers = True

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import h2.config
@@ -53,11 +53,11 @@ MAX_FRAME = 1 << 16
 MAX_STREAMS = 1000
 
 
-def _split(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
+def _split(headers: Iterable[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
     pseudo: dict[str, str] = {}
     regular: Headers = []
     for k, v in headers:
-        if k.startswith(":"):
+        if k[:1] == ":":
             pseudo[k] = v
         else:
             regular.append((k, v))
@@ -145,7 +145,9 @@ class H2Conn(WireConn):
             self.h2.acknowledge_received_data(n, sid)
             self.schedule_flush()
 
-    async def send_data(self, st: H2Stream, data: bytes) -> None:
+    async def send_data(self, st: H2Stream, data: bytes, *, end: bool = False) -> None:
+        """`data` as DATA frames, as the flow-control windows allow; with `end`, the last
+        frame carries END_STREAM."""
         view = memoryview(data)
         off, total = 0, len(data)
         while off < total:
@@ -167,7 +169,7 @@ class H2Conn(WireConn):
             n = min(window, total - off)
             chunk = data if n == total else view[off : off + n].tobytes()
             try:
-                self.h2.send_data(st.sid, chunk)
+                self.h2.send_data(st.sid, chunk, end_stream=end and off + n == total)
             except h2.exceptions.ProtocolError as exc:
                 raise StreamReset(f"stream {st.sid}: {exc}") from exc
             off += n
@@ -333,19 +335,27 @@ class H2ServerExchange(ExchangeState):
         self._sent = 0
         self.finished = False
 
-    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
+    async def send_head(
+        self, head: ResponseHead, first: bytes = b"", *, last: bool = False
+    ) -> None:
         self._head_sent = True
         hs = [(":status", str(head.status)), *_out_headers(head.headers)]
+        end = head.end_stream or (last and not first)
         try:
-            self.conn.h2.send_headers(self.st.sid, hs, end_stream=head.end_stream)
+            self.conn.h2.send_headers(self.st.sid, hs, end_stream=end)
         except h2.exceptions.ProtocolError as exc:
             raise StreamReset(f"stream {self.st.sid}: {exc}") from exc
-        if head.end_stream:
+        if end:
             self.finished = True
             self.conn._local_ended(self.st.sid)
         self.conn.schedule_flush()
-        if first:
-            await self.send_data(first)  # frames of one loop turn leave in one write anyway
+        if first and not self.finished:
+            # frames of one loop turn leave in one write anyway
+            self._sent += len(first)
+            await self.conn.send_data(self.st, first, end=last)
+            if last:
+                self.finished = True
+                self.conn._local_ended(self.st.sid)
         await self.conn.drain()
 
     async def send_data(self, data: bytes) -> None:
@@ -515,7 +525,9 @@ class H2Server(H2Conn):
             self.refused += 1
             self._check_resets()
             return
-        pseudo, regular = _split([(str(k), str(v)) for k, v in ev.headers])
+        # h2 hands names and values over as str already (header_encoding is set): no copy
+        hs: Any = ev.headers
+        pseudo, regular = _split(hs)
         if len(regular) + len(pseudo) > self.limits.max_headers:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.send_headers(sid, [(":status", "431")], end_stream=True)

@@ -27,11 +27,8 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
-
-from prometheus_client import Counter
 
 from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, RequestAuth, authorize
@@ -101,27 +98,52 @@ def with_request_identity(
     the caller's `traceparent`/`tracestate` are replaced by the ones naming our span (see
     `mesh.tracecontext`). Added before routing, so route header matches and filters see them
     as a backend will."""
-    hs = list(req.headers)
-    if not any(k == "x-request-id" and v for k, v in hs):
+    # One pass over the caller's headers (this runs for every request): what we replace is
+    # collected on the way, the rest kept in order.
+    has_id = False
+    xff: list[str] = []
+    prior: list[str] = []
+    hs: list[tuple[str, str]] = []
+    for k, v in req.headers:
+        if k[:1] == "x":
+            if k == "x-forwarded-proto":
+                continue
+            if k == "x-forwarded-for" and client_ip:
+                xff.append(v)
+                continue
+            if k == "x-request-id" and v:
+                has_id = True
+        elif k == "forwarded" and forwarded_by is not None:
+            prior.append(v)
+            continue
+        elif trace is not None and (k == "traceparent" or k == "tracestate"):
+            continue  # replaced below
+        hs.append((k, v))
+    if not has_id:
         hs = [(k, v) for k, v in hs if k != "x-request-id"]
-        hs.append(("x-request-id", str(uuid.uuid4())))
+        hs.append(("x-request-id", _request_id()))
     if client_ip:
-        xff = [v for k, v in hs if k == "x-forwarded-for"]
-        hs = [(k, v) for k, v in hs if k != "x-forwarded-for"]
-        hs.append(("x-forwarded-for", ", ".join([*xff, client_ip])))
+        xff.append(client_ip)
+        hs.append(("x-forwarded-for", ", ".join(xff)))
     proto = scheme if scheme in ("http", "https") else "http"
-    hs = [(k, v) for k, v in hs if k != "x-forwarded-proto"]
     hs.append(("x-forwarded-proto", proto))
     if forwarded_by is not None:
         element = f"by={forwarded_node(forwarded_by)};proto={proto}"
         if client_ip:
             element = f"for={forwarded_node(client_ip)};{element}"
-        prior = [v for k, v in hs if k == "forwarded"]
-        hs = [(k, v) for k, v in hs if k != "forwarded"]
-        hs.append(("forwarded", ", ".join([*prior, element])))
+        prior.append(element)
+        hs.append(("forwarded", ", ".join(prior)))
     if trace is not None:
-        hs = with_trace(hs, trace)
-    return dataclasses.replace(req, headers=tuple(hs))
+        hs.extend(with_trace([], trace))  # (the caller's were skipped above)
+    return Request(req.method, req.path, req.query, tuple(hs), req.host, req.scheme, req.port)
+
+
+def _request_id() -> str:
+    """A random (version 4) UUID, as Envoy makes for `x-request-id`. It has to be unique, not
+    secret: drawn from `random` like the trace ids, without uuid4's getrandom(2) per request."""
+    x = random.getrandbits(128) & ~(0xF000 << 64 | 0xC << 60) | (0x4000 << 64 | 0x8 << 60)
+    h = f"{x:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def forwarded_node(node: str) -> str:
@@ -199,13 +221,15 @@ class RequestHandler:
         # costs more than the rest of the accounting, and the set of combinations is small.
         self._labels: dict[tuple[object, ...], ConnectionLabels] = {}
         self._labels_snap: object = None
-        self.refused_c = _refused_counter(metrics)
+        self.refused_c = metrics.waypoint_refused_c
 
     async def __call__(self, ctx: StreamContext, ex: ServerExchange) -> None:
         t0 = time.monotonic()
         wall0 = time.time_ns()
         head = ex.head
-        req = Request.from_target(head.method, head.target, head.headers, host=head.authority)
+        req = Request.from_target(
+            head.method, head.target, head.headers, host=head.authority, lowered=True
+        )
         # The waypoint is a hop of the trace: the backend's parent span is ours.
         tc = continue_trace(head.headers, self.trace_sampling)
         req = with_request_identity(req, ctx.src_ip, head.scheme, self.forwarded_by, tc)
@@ -257,8 +281,10 @@ class RequestHandler:
         timeouts, retry = RouteTimeouts(), RouteRetry()
         resp_mods: list[HeaderModifier] = []
         backend: BackendRef | None = None
-        fwd = Forward(req.path, req.query, req.host, list(req.headers))
-        if route is not None and route.rule is not None and route.chooser is not None:
+        fwd: Forward
+        if route is None or route.rule is None or route.chooser is None:
+            fwd = Forward(req.path, req.query, req.host, list(req.headers))
+        else:
             rule = route.rule
             timeouts, retry = rule.timeouts, rule.retry
             res = apply_filters(rule.filters, req, route.matched_prefix)
@@ -353,10 +379,10 @@ class RequestHandler:
             out.policy = decision.policy
             if decision.audit_policy is not None:
                 out.audit_policy = decision.audit_policy
-                _audited_counter(self.metrics).labels(decision.audit_policy).inc()
+                self.metrics.waypoint_audited_c.labels(decision.audit_policy).inc()
             if decision.shadow is not None:
                 out.shadow, out.shadow_policy = decision.shadow, decision.shadow_policy
-                _dry_run_counter(self.metrics).labels(
+                self.metrics.waypoint_dry_run_c.labels(
                     decision.shadow_policy or "-", decision.shadow
                 ).inc()
             if not decision.allowed:
@@ -387,7 +413,9 @@ class RequestHandler:
         loop = asyncio.get_running_loop()
         overall = loop.time() + timeouts.request if timeouts.request else None
         try:
-            async with asyncio.timeout(timeouts.request):
+            # (no route timeout, the usual case: no Timeout object and its bookkeeping)
+            limit = asyncio.timeout(timeouts.request) if timeouts.request is not None else _NO_LIMIT
+            async with limit:
                 while True:
                     try:
                         att = await self._attempt(
@@ -511,8 +539,12 @@ class RequestHandler:
         out.head_at = time.monotonic()
         up = att.up
         first = b"" if resp.end_stream else up.body.read_nowait()
-        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first)
-        if resp.end_stream:
+        # The usual small response is all here by now: it goes out whole, head, body and end
+        # in one write, without the read loop and its timeout below.
+        body = up.body
+        last = not resp.end_stream and body.ended and not body.buffered and not body.trailers
+        await ex.send_head(ResponseHead(resp.status, headers, resp.end_stream), first, last=last)
+        if resp.end_stream or last:
             return
         try:
             async with asyncio.timeout_at(att.deadline):
@@ -861,47 +893,7 @@ class RequestHandler:
         )  # fmt: skip
 
 
-def _refused_counter(metrics: MeshMetrics) -> Any:
-    """One counter per registry, however many handlers share it (tests build several)."""
-    c = getattr(metrics, "_waypoint_refused", None)
-    if c is None:
-        c = Counter(
-            "ambientmesh_waypoint_refused",
-            "Requests, streams and connections the waypoint refused past a limit or as malformed",
-            ("reason", "response_flags"),
-            registry=metrics.registry,
-        )
-        metrics._waypoint_refused = c  # type: ignore[attr-defined]
-    return c
-
-
-def _audited_counter(metrics: MeshMetrics) -> Any:
-    """Requests an AUDIT AuthorizationPolicy matched, by policy (one counter per registry)."""
-    c = getattr(metrics, "_waypoint_audited", None)
-    if c is None:
-        c = Counter(
-            "ambientmesh_waypoint_audited_requests",
-            "Requests matched by an AUDIT AuthorizationPolicy (the decision is unaffected)",
-            ("policy",),
-            registry=metrics.registry,
-        )
-        metrics._waypoint_audited = c  # type: ignore[attr-defined]
-    return c
-
-
-def _dry_run_counter(metrics: MeshMetrics) -> Any:
-    """Would-be results of dry-run policies (Envoy's istio_dry_run_* shadow stats), by the
-    dry-run policy that matched ("-" when none did) and result."""
-    c = getattr(metrics, "_waypoint_dry_run", None)
-    if c is None:
-        c = Counter(
-            "ambientmesh_waypoint_dry_run_requests",
-            "Requests evaluated against dry-run AuthorizationPolicies (never enforced)",
-            ("policy", "result"),
-            registry=metrics.registry,
-        )
-        metrics._waypoint_dry_run = c  # type: ignore[attr-defined]
-    return c
+_NO_LIMIT: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 async def _stop(pump: asyncio.Task[None] | None) -> None:

@@ -49,10 +49,17 @@ class Request:
 
     @staticmethod
     def from_target(
-        method: str, target: str, headers: Sequence[tuple[str, str]] = (), host: str = ""
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]] = (),
+        host: str = "",
+        *,
+        lowered: bool = False,
     ) -> Request:
+        """`lowered`: the names are lower-case already (a `RequestHead`'s are, by contract),
+        so they are not lowered again on every request."""
         path, _, query = target.partition("?")
-        hs = tuple((k.lower(), v) for k, v in headers)
+        hs = tuple(headers) if lowered else tuple((k.lower(), v) for k, v in headers)
         if not host:
             host = next((v for k, v in hs if k == "host"), "")
         return Request(method.upper(), path or "/", query, hs, host)

@@ -43,6 +43,8 @@ class ServiceRoutes:
         self.snapshot = snapshot
         self._tables: dict[tuple[str, int, str | None], RouteTable] = {}
         self._rr = itertools.count()
+        # (service key, port) -> (the Service object, its targets): see `_targets_of`
+        self._targets: dict[tuple[str, int], tuple[Service, tuple[Target, ...]]] = {}
         self.errors: list[str] = []  # routes this snapshot could not compile, for logs/config dump
 
     def for_authority(
@@ -102,13 +104,27 @@ class ServiceRoutes:
             if found is None:
                 raise NoBackend(f"backend service {ref.namespace}/{ref.name} does not exist")
             svc, port = found, ref.port if ref.port is not None else default_port
-        eps = self.snapshot.endpoints(svc, port)
-        if not eps:
-            raise NoBackend(f"service {svc.key} port {port} has no ready endpoints")
-        ep = eps[next(self._rr) % len(eps)]
-        assert ep.pod.ip is not None  # endpoints only hold pods with an IP
+        key = (svc.key, port)
+        cached = self._targets.get(key)
+        if cached is not None and cached[0] is svc:
+            targets = cached[1]
+        else:
+            targets = self._targets_of(svc, port)
+            if not targets:
+                raise NoBackend(f"service {svc.key} port {port} has no ready endpoints")
+            self._targets[key] = (svc, targets)
+        return targets[next(self._rr) % len(targets)]
+
+    def _targets_of(self, svc: Service, port: int) -> tuple[Target, ...]:
+        """A service port's targets, built once per snapshot (this object lives as long as
+        its snapshot) rather than once per request."""
         sp = next((p for p in svc.ports if p.port == port), None)
-        return Target(ep.pod.ip, ep.port, ep.pod.node, svc.key, ep.pod, port_protocol(sp), port)
+        protocol = port_protocol(sp)
+        out = []
+        for ep in self.snapshot.endpoints(svc, port):
+            assert ep.pod.ip is not None  # endpoints only hold pods with an IP
+            out.append(Target(ep.pod.ip, ep.port, ep.pod.node, svc.key, ep.pod, protocol, port))
+        return tuple(out)
 
 
 _H2_NAMES = frozenset({"grpc", "grpc-web", "http2", "h2c", "kubernetes.io/h2c"})

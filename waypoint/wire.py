@@ -201,8 +201,13 @@ class ServerExchange(Protocol):
     body: Body
     protocol: str  # "http/1.1" | "h2"
 
-    async def send_head(self, head: ResponseHead, first: bytes = b"") -> None:
-        """The response head and, when already at hand, the first body bytes (one write)."""
+    async def send_head(
+        self, head: ResponseHead, first: bytes = b"", *, last: bool = False
+    ) -> None:
+        """The response head and, when already at hand, the first body bytes (one write).
+        With `last`, `first` is all of the body and the response ends with it, as `finish()`
+        would end it, in the same write (HTTP/2: END_STREAM on that DATA frame instead of an
+        empty one after it)."""
 
     async def send_data(self, data: bytes) -> None: ...
 
@@ -344,7 +349,6 @@ class ReplayableBody:
         self.source = source
         self.limit = limit
         self.rec = Recorded()
-        self._changed = asyncio.Event()
 
     @property
     def replayable(self) -> bool:

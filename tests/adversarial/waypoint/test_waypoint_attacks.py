@@ -148,6 +148,49 @@ async def test_slowloris_head_is_408(wp: Waypoint, baseline: tuple[int, int]) ->
     await _clean(wp, baseline)
 
 
+async def test_later_heads_on_a_connection_get_their_own_headers_timeout(
+    wp: Waypoint, baseline: tuple[int, int]
+) -> None:
+    """One head timer per connection, re-armed lazily: a keep-alive connection's later head
+    has the full --headers-timeout (1 s) from its own first byte, never the connect's or an
+    earlier head's deadline, and a later head that dribbles is still 408."""
+    st = await wp.stream()
+    loop = asyncio.get_running_loop()
+
+    async def responses(n: int) -> None:
+        async with asyncio.timeout(10):
+            while bytes(st.inner.data).count(b"HTTP/1.1 ") < n:
+                st.inner.changed.clear()
+                await st.inner.changed.wait()
+
+    try:
+        t0 = loop.time()
+        st.send(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+        await responses(1)
+        # The second head starts 0.7 s after the connect and takes 0.6 s: past the connect's
+        # deadline (1 s), inside its own.
+        await asyncio.sleep(max(0.0, t0 + 0.7 - loop.time()))
+        begun = loop.time()
+        st.send(b"GET / HTTP/1.1\r\n")
+        await asyncio.sleep(0.6)
+        st.send(b"host: web\r\n\r\n")
+        took = loop.time() - begun
+        await responses(2)
+        got = bytes(st.inner.data)
+        if took < 0.9:  # (a machine this loaded cannot tell: nothing to assert)
+            assert got.count(b"HTTP/1.1 200") == 2 and b" 408 " not in got, got[-300:]
+        st.send(b"GET / HTTP/1.1\r\nhost: web\r\n")
+        t1 = loop.time()
+        while not st.inner.eof.is_set() and loop.time() - t1 < 15:
+            st.send(b"x")
+            await asyncio.sleep(0.2)
+        assert st.inner.eof.is_set(), "still open after 15 s"
+        assert b"HTTP/1.1 408" in bytes(st.inner.data)
+    finally:
+        st.close()
+    await _clean(wp, baseline)
+
+
 async def test_silent_connection_is_closed(wp: Waypoint, baseline: tuple[int, int]) -> None:
     """A stream that never says a byte is a slowloris too."""
     st = await wp.stream()

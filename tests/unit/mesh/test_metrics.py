@@ -86,3 +86,50 @@ def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
     assert line["src.addr"] == "10.0.1.5:4321" and line["verdict"] == "deny"
     assert line["policy"] == "shop/deny-all" and line["duration_ms"] == 250.0
     assert line["bytes_recv"] == 4000 and "status" not in line
+
+
+def test_request_series_expose_what_prometheus_clients_own_types_did() -> None:
+    """The request counter and histograms are kept as plain numbers and rendered at scrape
+    time: the exposition must be line for line what prometheus_client's Counter and
+    Histogram wrote for the same requests (bucket edges included), `_created` aside."""
+    import dataclasses
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from mesh import metrics as mm
+
+    ref = CollectorRegistry()
+    names = (*mm.LABEL_NAMES, "response_code")
+    counter = Counter("istio_requests", "HTTP requests", names, registry=ref)
+    hists = [
+        Histogram(n, doc, names, buckets=b, registry=ref)
+        for n, doc, b in (
+            ("istio_request_duration_milliseconds", "HTTP request duration", mm._DURATION_BUCKETS),
+            ("istio_request_bytes", "HTTP request sizes", mm._SIZE_BUCKETS),
+            ("istio_response_bytes", "HTTP response sizes", mm._SIZE_BUCKETS),
+        )
+    ]
+    m = MeshMetrics()
+    a = ConnectionLabels.build(reporter="waypoint", source=SRC, destination=DST, service=SVC,
+                               protocol="http", mtls=True)  # fmt: skip
+    b = ConnectionLabels(reporter="waypoint", request_protocol="grpc")
+    # edges: exactly on a bound, just over it, zero, past the last bound
+    cases = [(a, 200, 0.0005, 0, 10), (a, 200, 0.001, 1, 11), (a, 200, 0.0010001, 100, 0),
+             (a, 503, 45.0, 10**8, 1000), (b, 200, 0.0, 100000, 100001),
+             (a, 200, 0.004, 7, 7)]  # fmt: skip
+    for labels, code, dur, req, resp in cases:
+        m.request_done(labels, code, dur, req, resp)
+        values = (*dataclasses.astuple(labels), str(code))
+        counter.labels(*values).inc()
+        for h, v in zip(hists, (dur * 1000.0, req, resp), strict=True):
+            h.labels(*values).observe(v)
+
+    def text(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        keep = ("istio_request", "# HELP istio_re", "# TYPE istio_re")
+        out = [re.sub(r"(_created\{.*\}) .*", r"\1 T", x) for x in lines if x.startswith(keep)]
+        return sorted(out)
+
+    assert text(m.registry) == text(ref)
+    assert len(text(ref)) > 100

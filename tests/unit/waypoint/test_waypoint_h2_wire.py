@@ -209,6 +209,61 @@ async def test_response_never_exceeds_the_clients_window() -> None:
     assert of(events, h2.events.StreamEnded)
 
 
+async def test_whole_body_at_hand_ends_on_its_own_data_frame() -> None:
+    """`send_head(..., last=True)`: the body's DATA frame carries END_STREAM (no empty DATA
+    frame after it), also when the client's window splits the body; an empty body ends on
+    the HEADERS frame."""
+    size = 70_000  # over the client's default windows of 65,535
+
+    async def handler(ex: H2ServerExchange) -> None:
+        body = (
+            b"hi"
+            if ex.head.target == "/small"
+            else b""
+            if ex.head.target == "/empty"
+            else bytes(size)
+        )
+        await ex.send_head(ResponseHead(200, []), body, last=True)
+        assert ex.finished
+        await ex.finish()  # a no-op now
+
+    link, srv, _ = server(handler)
+    await settled(link)
+    frames: list[tuple[int, bool]] = []  # (DATA length, END_STREAM) per frame, in order
+    raw = link.peer.receive_data
+
+    def spy(data: bytes) -> list[Any]:
+        events = raw(data)
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                frames.append((len(e.data), e.stream_ended is not None))
+        return events
+
+    link.peer.receive_data = spy  # type: ignore[method-assign,assignment]
+    sid = link.peer.get_next_available_stream_id()
+    link.peer.send_headers(sid, request("/small"), end_stream=True)
+    events = await link.exchange()
+    assert frames == [(2, True)] and of(events, h2.events.StreamEnded)
+    frames.clear()
+    sid = link.peer.get_next_available_stream_id()
+    link.peer.send_headers(sid, request("/empty"), end_stream=True)
+    events = await link.exchange()
+    (resp,) = of(events, h2.events.ResponseReceived)
+    assert frames == [] and resp.stream_ended is not None
+    frames.clear()
+    sid = link.peer.get_next_available_stream_id()
+    link.peer.send_headers(sid, request("/big"), end_stream=True)
+    await link.exchange()
+    assert 0 < sum(n for n, _ in frames) < size and not any(end for _, end in frames)
+    link.peer.increment_flow_control_window(size)
+    link.peer.increment_flow_control_window(size, stream_id=sid)
+    await link.exchange()
+    assert sum(n for n, _ in frames) == size
+    assert frames[-1][1] and [end for _, end in frames].count(True) == 1
+    await settled(link)
+    assert srv.streams == {}
+
+
 async def test_stream_past_the_limit_is_refused_and_the_connection_kept() -> None:
     hold = asyncio.Event()
 

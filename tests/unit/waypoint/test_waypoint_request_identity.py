@@ -82,3 +82,46 @@ def test_forwarded_node_quoting() -> None:
     assert forwarded_node("_hidden") == "_hidden"
     assert forwarded_node('we"ird\\') == '"we\\"ird\\\\"'
     assert forwarded_node("naïve") == '"naïve"'  # not a token: quoted
+
+
+def test_one_pass_keeps_the_callers_order_and_appends_ours_last() -> None:
+    """What the single pass over the headers must produce, pinned: the caller's own headers
+    in their order, then x-request-id (when generated), x-forwarded-for, x-forwarded-proto,
+    forwarded."""
+    hs = [("accept", "*/*"), ("x-forwarded-for", "1.1.1.1"), ("x-request-id", ""),
+          ("forwarded", "for=1.1.1.1"), ("x-forwarded-proto", "https"), ("x-b3", "1")]  # fmt: skip
+    req = Request.from_target("GET", "/x", hs, host="svc")
+    out = with_request_identity(req, "10.0.0.7", "http", "_wp.ns").headers
+    assert [k for k, _ in out] == [
+        "accept", "x-b3", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "forwarded"
+    ]  # fmt: skip
+    d = dict(out)
+    assert d["forwarded"] == "for=1.1.1.1, for=10.0.0.7;by=_wp.ns;proto=http"
+    assert d["x-forwarded-for"] == "1.1.1.1, 10.0.0.7"
+    kept = with_request_identity(
+        Request.from_target("GET", "/", [("x-request-id", "r1")]), "", "http"
+    )
+    assert [k for k, _ in kept.headers] == ["x-request-id", "x-forwarded-proto"]
+
+
+def test_generated_request_ids_are_version_4_uuids() -> None:
+    ids = {headers([])["x-request-id"] for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in ids:
+        u = uuid.UUID(rid)
+        assert (u.version, u.variant, str(u)) == (4, uuid.RFC_4122, rid)
+
+
+def test_callers_trace_headers_are_replaced_by_ours_at_the_end() -> None:
+    from mesh.tracecontext import continue_trace
+
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    hs = [("traceparent", tp), ("accept", "*/*"), ("tracestate", "k=v")]
+    tc = continue_trace(hs)
+    req = Request.from_target("GET", "/", hs, host="svc")
+    out = with_request_identity(req, "10.0.0.7", "http", None, tc).headers
+    assert [k for k, _ in out] == ["accept", "x-request-id", "x-forwarded-for",
+                                   "x-forwarded-proto", "traceparent", "tracestate"]  # fmt: skip
+    d = dict(out)
+    assert d["traceparent"] == f"00-{tc.trace_id}-{tc.span_id}-01" and tc.trace_id in tp
+    assert d["tracestate"] == "k=v" and tc.span_id not in tp
