@@ -14,6 +14,10 @@ machine is shared and noisy; medians are reported:
   `--seconds` s (req/s, p50/p99 latency);
 - the CPU seconds each ztunnel process used (utime + stime from /proc) per GiB and per 1,000
   requests.
+- http (`--loads http`): HTTP/1.1 keep-alive 0 B requests from `benchmarks.loadgen` (open
+  loop) at each of `--http-rates` (0 = max, closed loop): ztunnel CPU µs per request, the
+  figure of issue #15's "ztunnel per request"; `--strace DIR` adds, after the measured rounds,
+  one traced load per rate with each ztunnel's `strace -c -f` (syscalls per request).
 Ratios against `direct` in the same run are printed; nothing is judged.
 
 `--base DIR` adds a second ztunnel pair running the code found in DIR (e.g. an earlier commit
@@ -22,6 +26,8 @@ exported with `git archive`), measured interleaved with the first: before/after 
     python -m benchmarks.tunnel_bench [--rounds 3] [--bulk-mib 1024] [--seconds 5]
     python -m benchmarks.tunnel_bench --base /tmp/before   # before/after
     python -m benchmarks.tunnel_bench --profile /tmp/prof  # py-spy stacks of each ztunnel
+    python -m benchmarks.tunnel_bench --base /tmp/before --loads http --rounds 10 \
+        --http-seconds 3                                    # CPU per request, before/after
 
 Needs root (network namespace, netfilter).
 """
