@@ -14,6 +14,10 @@ machine is shared and noisy; medians are reported:
   `--seconds` s (req/s, p50/p99 latency);
 - the CPU seconds each ztunnel process used (utime + stime from /proc) per GiB and per 1,000
   requests.
+- http (`--loads http`): HTTP/1.1 keep-alive 0 B requests from `benchmarks.loadgen` (open
+  loop) at each of `--http-rates` (0 = max, closed loop): ztunnel CPU µs per request, the
+  figure of issue #15's "ztunnel per request"; `--strace DIR` adds, after the measured rounds,
+  one traced load per rate with each ztunnel's `strace -c -f` (syscalls per request).
 Ratios against `direct` in the same run are printed; nothing is judged.
 
 `--base DIR` adds a second ztunnel pair running the code found in DIR (e.g. an earlier commit
@@ -22,6 +26,8 @@ exported with `git archive`), measured interleaved with the first: before/after 
     python -m benchmarks.tunnel_bench [--rounds 3] [--bulk-mib 1024] [--seconds 5]
     python -m benchmarks.tunnel_bench --base /tmp/before   # before/after
     python -m benchmarks.tunnel_bench --profile /tmp/prof  # py-spy stacks of each ztunnel
+    python -m benchmarks.tunnel_bench --base /tmp/before --loads http --rounds 10 \
+        --http-seconds 3                                    # CPU per request, before/after
 
 Needs root (network namespace, netfilter).
 """
@@ -56,13 +62,18 @@ MSG = 1024
 # -- the echo server (its own process) ----------------------------------------------------
 
 
+HTTP_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
 class EchoProtocol(asyncio.Protocol):
     """First byte picks the mode: b'B' = bulk sink that answers the byte count at EOF,
-    b'R' = echo everything back."""
+    b'R' = echo everything back, b'G' = an HTTP/1.1 keep-alive server answering every
+    bodiless request with an empty 200 (the per-request load, as loadgen sends it)."""
 
     def __init__(self) -> None:
         self.mode = 0
         self.total = 0
+        self.head = b""  # HTTP: the start of a request whose end has not arrived
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,9 +85,17 @@ class EchoProtocol(asyncio.Protocol):
         assert self.transport is not None
         if not self.mode:
             self.mode = data[0]
-            data = data[1:]
+            if self.mode != ord("G"):
+                data = data[1:]
         if self.mode == ord("B"):
             self.total += len(data)
+        elif self.mode == ord("G"):
+            buf = self.head + data
+            n = buf.count(b"\r\n\r\n")
+            if n:
+                self.transport.write(HTTP_OK * n)
+                buf = buf[buf.rfind(b"\r\n\r\n") + 4 :]
+            self.head = buf
         elif data:
             self.transport.write(data)
 
@@ -236,6 +255,7 @@ class Mode:
     pids: tuple[int, ...] = ()
     bulk: list[dict[str, Any]] = field(default_factory=list)
     rr: list[dict[str, Any]] = field(default_factory=list)
+    http: dict[float, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def spawn(args: list[str], pythonpath: Path) -> subprocess.Popen[str]:
@@ -253,23 +273,56 @@ def wait_line(proc: subprocess.Popen[str], what: str) -> str:
     return line
 
 
-def run_load(mode: Mode, kind: str, a: argparse.Namespace) -> dict[str, Any]:
+def load_command(mode: Mode, kind: str, a: argparse.Namespace, rate: float) -> list[str]:
+    if kind == "http":
+        # loadgen's open loop: request i is due at t0 + i/rate whatever happened before
+        return [sys.executable, "-m", "benchmarks.loadgen", f"http://{mode.host}:{mode.port}/",
+                "--rate", f"{rate:g}", "--duration", str(a.http_seconds),
+                "--connections", str(a.http_conns)]  # fmt: skip
     extra = (
         ["--bulk-mib", str(a.bulk_mib), "--bulk-seconds", str(a.bulk_seconds)]
         if kind == "bulk"
         else ["--seconds", str(a.seconds), "--conns", str(a.conns)]
     )
+    return [sys.executable, "-m", "benchmarks.tunnel_bench", "--role", kind,
+            "--target", f"{mode.host}:{mode.port}", *extra]  # fmt: skip
+
+
+def run_load(
+    mode: Mode, kind: str, a: argparse.Namespace, rate: float = 0.0, strace: Path | None = None
+) -> dict[str, Any]:
+    """One load against one mode; the CPU each ztunnel used meanwhile. `strace`: count the
+    ztunnels' syscalls (strace -c -f) into that directory instead (its CPU is then not the
+    proxy's own: such a run is never one of the measured rounds)."""
+    tracers: list[subprocess.Popen[bytes]] = []
+    if strace is not None:
+        for node, pid in zip(("n1", "n2"), mode.pids, strict=True):
+            out_file = strace / f"{mode.name}-{node}-{kind}-{rate:g}.txt"
+            tracers.append(subprocess.Popen(
+                ["strace", "-c", "-f", "-p", str(pid), "-o", str(out_file)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        time.sleep(1.0)  # attached to every thread before the load starts
     before = [cpu_seconds(p) for p in mode.pids]
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.tunnel_bench", "--role", kind,
-         "--target", f"{mode.host}:{mode.port}", *extra],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    try:
+        out = subprocess.run(
+            load_command(mode, kind, a, rate),
+            env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        for t in tracers:  # strace writes its summary when it detaches on SIGINT
+            t.send_signal(signal.SIGINT)
+            t.wait(30)
     if out.returncode != 0:
         raise SystemExit(f"{kind} load on {mode.name} failed: {out.stderr.strip()}")
     res: dict[str, Any] = json.loads(out.stdout)
     res["cpu"] = [cpu_seconds(p) - b for p, b in zip(mode.pids, before, strict=True)]
+    if kind == "http":
+        if res["errors"]:
+            raise SystemExit(f"http load on {mode.name}: {res['errors']} errors")
+        res["requests"] = res["completed"]
+        res["seconds"] = res["duration_s"]
     return res
 
 
@@ -317,15 +370,29 @@ def inside_main(a: argparse.Namespace) -> None:
                              "--rate", "200", "--nonblocking", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         ))  # fmt: skip
+            loads = set(a.loads.split(","))
             for m in modes:  # warm-up: pooled HBONE connection, TLS, windows, caches
                 run_load(m, "bulk", argparse.Namespace(bulk_mib=64, bulk_seconds=5))
                 run_load(m, "rr", argparse.Namespace(seconds=0.5, conns=a.conns))
             for r in range(a.rounds):
-                for m in modes:
-                    m.bulk.append(run_load(m, "bulk", a))
-                for m in modes:
-                    m.rr.append(run_load(m, "rr", a))
+                if "bulk" in loads:
+                    for m in modes:
+                        m.bulk.append(run_load(m, "bulk", a))
+                if "rr" in loads:
+                    for m in modes:
+                        m.rr.append(run_load(m, "rr", a))
+                if "http" in loads:
+                    for rate in a.http_rates:
+                        for m in modes:
+                            m.http.setdefault(rate, []).append(run_load(m, "http", a, rate))
                 print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+            if a.strace:  # after the measured rounds: tracing costs the traced CPU
+                Path(a.strace).mkdir(parents=True, exist_ok=True)
+                for rate in a.http_rates if "http" in loads else ():
+                    for m in modes[1:]:
+                        s = run_load(m, "http", a, rate, strace=Path(a.strace))
+                        print(f"strace {m.name} http@{rate:g}: {s['requests']} requests",
+                              file=sys.stderr)  # fmt: skip
         finally:
             for spy in spies:  # py-spy writes its profile on SIGINT
                 spy.send_signal(signal.SIGINT)
@@ -341,6 +408,46 @@ def inside_main(a: argparse.Namespace) -> None:
 
 
 def report(modes: list[Mode], a: argparse.Namespace) -> None:
+    if modes[0].bulk or modes[0].rr:
+        report_stream(modes, a)
+    if modes[0].http:
+        report_http(modes, a)
+    if a.json:
+        print(json.dumps([m.__dict__ for m in modes], default=str))
+
+
+def report_http(modes: list[Mode], a: argparse.Namespace) -> None:
+    """CPU µs per request of each ztunnel, per rate; the ratio of this tree to the base."""
+    med = statistics.median
+    print(
+        f"http/1.1 keep-alive 0 B (loadgen, open loop; rate 0 = max, closed loop), "
+        f"{a.http_conns} conns, {a.http_seconds:g} s, medians of {a.rounds} interleaved "
+        "rounds; CPU = µs per request, ztunnel client (n1) + server (n2)"
+    )
+    print(f"{'path':7} {'rate':>6} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'n1 µs':>7} {'n2 µs':>7} {'sum µs':>7}")  # fmt: skip
+    sums: dict[tuple[str, float], float] = {}
+    for rate in a.http_rates:
+        for m in modes:
+            runs = m.http[rate]
+            rps = med(r["achieved_rate"] for r in runs)
+            p50 = med(r["latency_ms"]["p50"] for r in runs)
+            p99 = med(r["latency_ms"]["p99"] for r in runs)
+            if m.pids:
+                us = [med(r["cpu"][k] / r["requests"] * 1e6 for r in runs) for k in (0, 1)]
+                tot = med(sum(r["cpu"]) / r["requests"] * 1e6 for r in runs)
+                sums[(m.name, rate)] = tot
+                cpu = f"{us[0]:7.1f} {us[1]:7.1f} {tot:7.1f}"
+            else:
+                cpu = f"{'-':>7} {'-':>7} {'-':>7}"
+            print(f"{m.name:7} {rate:6g} {rps:8.0f} {p50:7.3f} {p99:7.3f} {cpu}")
+    for rate in a.http_rates:
+        if ("base", rate) in sums:
+            ratio = sums[("hbone", rate)] / sums[("base", rate)]
+            print(f"hbone/base CPU per request at rate {rate:g}: {ratio:.3f}x")
+
+
+def report_stream(modes: list[Mode], a: argparse.Namespace) -> None:
     med = statistics.median
     rows = []
     for m in modes:
@@ -381,8 +488,6 @@ def report(modes: list[Mode], a: argparse.Namespace) -> None:
             f"CPU/GiB {sum(h[5] or ()) / sum(b[5] or (1,)):.2f}x  "
             f"CPU/1k req {sum(h[6] or ()) / sum(b[6] or (1,)):.2f}x"
         )
-    if a.json:
-        print(json.dumps([m.__dict__ for m in modes]))
 
 
 # -- the outer process: the namespace and the redirect ------------------------------------
@@ -428,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bulk-seconds", type=float, default=10.0)
     p.add_argument("--seconds", type=float, default=5.0, help="request/response duration")
     p.add_argument("--conns", type=int, default=16)
+    p.add_argument("--loads", default="bulk,rr", help="any of bulk,rr,http (comma-separated)")
+    p.add_argument("--http-rates", type=lambda v: [float(x) for x in v.split(",")],
+                   default=[1000.0, 0.0], help="http loads' request rates; 0 = max")  # fmt: skip
+    p.add_argument("--http-seconds", type=float, default=5.0)
+    p.add_argument("--http-conns", type=int, default=16)
+    p.add_argument("--strace", help="a directory for strace -c of each ztunnel (http loads)")
     p.add_argument("--base", help="a source tree to run as a second ztunnel pair (before)")
     p.add_argument("--profile", help="a directory for py-spy profiles of each ztunnel (raw)")
     p.add_argument("--json", action="store_true", help="also print every sample as JSON")

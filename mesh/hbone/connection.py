@@ -90,7 +90,7 @@ class HboneStream(EndpointBase):
         self.handler_task: asyncio.Task[None] | None = None
         self._accepted = False
         self.response: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
-            asyncio.get_running_loop().create_future()
+            conn._loop.create_future()
         )
 
     @property
@@ -131,6 +131,14 @@ class HboneStream(EndpointBase):
         super().join(peer)
         if self._st.reset:
             peer.abort()
+        else:
+            self._st.sink = self._deliver
+
+    def _deliver(self, data: memoryview, n: int) -> None:
+        """The per-chunk path: the core hands received DATA straight here (see
+        StreamState.sink), saving the event object and its dispatch on every chunk."""
+        self._peer.write(data)  # type: ignore[union-attr]  # set before the sink is
+        self.conn.core.consume(self._st, n)
 
     # -- Endpoint --------------------------------------------------------------------------
 
@@ -234,7 +242,9 @@ class HboneConnection(asyncio.Protocol):
         self._streams: dict[int, HboneStream] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        loop = asyncio.get_running_loop()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call
+        # (CPython 3.11 checks for a fork), which strace showed once per request.
+        self._loop = loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -395,7 +405,7 @@ class HboneConnection(asyncio.Protocol):
         req = ConnectRequest(
             stream, ev.authority, ev.headers, self.peer_identity, self.peer_address
         )
-        task = asyncio.get_running_loop().create_task(self._handle(req))
+        task = self._loop.create_task(self._handle(req))
         stream.handler_task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -423,7 +433,7 @@ class HboneConnection(asyncio.Protocol):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """One write per event-loop turn: all frames, as one buffer, so TLS makes full-size
@@ -458,9 +468,7 @@ class HboneConnection(asyncio.Protocol):
         (a peer cannot park connections forever)."""
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.limits.idle_timeout, self._idle_expired
-        )
+        self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._idle_expired)
 
     def _idle_expired(self) -> None:
         self._idle_timer = None

@@ -529,3 +529,15 @@ def test_closed_streams_are_remembered_within_a_bound() -> None:
         p.to_peer()
         assert sid == req.stream_id
     assert 0 < len(p.core.h2._closed_streams) <= 1024
+
+
+def test_has_output_follows_h2s_buffer() -> None:
+    """HboneCore skips h2's data_to_send when `has_output` says there is nothing, which reads
+    h2's private buffer: a different h2 would lose frames here first."""
+    core = HboneCore(client_side=True, limits=HboneLimits(), serving=False)
+    assert not core.h2.has_output()
+    core.initiate("spiffe://cluster.local/ns/a/sa/b")
+    assert core.h2.has_output()  # the preface and SETTINGS
+    assert core.data_to_send()
+    assert not core.h2.has_output()
+    assert core.data_to_send() == []
