@@ -10,18 +10,21 @@ touch disk (DESIGN.md §2).
 from __future__ import annotations
 
 import asyncio
+import logging
 import mmap
 import os
 import socket
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography import x509
 
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.svid import Svid
+
+log = logging.getLogger("mesh.tls")
 
 ALPN_H2 = "h2"
 
@@ -118,6 +121,8 @@ class _TlsProtocol(sslproto.SSLProtocol):
     connection's life. Here it is an anonymous mapping instead: a page costs memory only once
     ciphertext has been read into it, so an idle connection holds none of it."""
 
+    _fast: ClassVar[bool | None] = None  # the fast path below usable on this Python (once known)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # An instance value, deliberately shadowing asyncio's class one: its __init__
         # allocates (and zero-fills) that much, and get_buffer reads at most that much.
@@ -126,6 +131,11 @@ class _TlsProtocol(sslproto.SSLProtocol):
         self.max_size = TLS_READ_BUFFER  # type: ignore[misc]
         self._ssl_buffer = mmap.mmap(-1, TLS_READ_BUFFER)
         self._ssl_buffer_view = memoryview(self._ssl_buffer)
+        cls = type(self)
+        if cls._fast is None:  # once: does this Python's asyncio have what the fast path reads?
+            cls._fast = all(hasattr(self, a) for a in _ASYNCIO_INTERNALS)
+            if not cls._fast:
+                log.warning("asyncio's TLS internals differ from Python 3.11's: TLS fast path off")
 
     # The steady state's hot path. A profile of ztunnel at 1,000 req/s (one request per
     # wakeup) found asyncio's TLS layer the largest share of its Python work: per read about
@@ -142,7 +152,8 @@ class _TlsProtocol(sslproto.SSLProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         p: Any = self  # asyncio's private attributes: not in the stubs
         if (
-            p._state is not _WRAPPED
+            not self._fast
+            or p._state is not _WRAPPED
             or p._app_reading_paused
             or p._app_protocol_is_buffer
             or p._sslobj is None
@@ -195,7 +206,8 @@ class _TlsProtocol(sslproto.SSLProtocol):
     def _write_appdata(self, list_of_data: Any) -> None:
         p: Any = self  # asyncio's private attributes: not in the stubs
         if (
-            p._state is not _WRAPPED
+            not self._fast
+            or p._state is not _WRAPPED
             or p._write_backlog
             or p._ssl_writing_paused
             or type(list_of_data) is not tuple
@@ -215,11 +227,21 @@ class _TlsProtocol(sslproto.SSLProtocol):
         data = p._outgoing.read()
         if data:
             p._transport.write(data)
-        if p._app_reading_paused:
+        if p._app_writing_paused:  # nothing is buffered now: let asyncio resume the app
             p._control_app_writing()
 
 
 TLS_READ_BUFFER = 256 * 1024
+# What the fast path reads and calls of asyncio's SSLProtocol (Python 3.11's; checked once on
+# the first connection, and asyncio's own path taken throughout where any is missing).
+_ASYNCIO_INTERNALS = (
+    "_state", "_app_reading_paused", "_app_writing_paused", "_app_protocol_is_buffer",
+    "_sslobj", "_incoming", "_outgoing", "_write_backlog", "_write_buffer_size",
+    "_outgoing_high_water", "_incoming_high_water", "_ssl_reading_paused",
+    "_ssl_writing_paused", "_transport", "_app_protocol", "_do_write", "_process_outgoing",
+    "_control_app_writing", "_control_ssl_reading", "_call_eof_received", "_start_shutdown",
+    "_fatal_error",
+)  # fmt: skip
 _WRAPPED = sslproto.SSLProtocolState.WRAPPED
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLSyscallError)  # asyncio's SSLAgainErrors
 
