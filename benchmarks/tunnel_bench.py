@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -447,8 +449,14 @@ def report_http(modes: list[Mode], a: argparse.Namespace) -> None:
             print(f"hbone/base CPU per request at rate {rate:g}: {ratio:.3f}x")
 
 
+def _med(xs: Iterable[float]) -> float:
+    """The median, NaN (printed "nan") for a load that was not run (`--loads bulk` alone)."""
+    got = list(xs)
+    return statistics.median(got) if got else math.nan
+
+
 def report_stream(modes: list[Mode], a: argparse.Namespace) -> None:
-    med = statistics.median
+    med = _med
     rows = []
     for m in modes:
         mib_s = med(b["bytes"] / b["seconds"] / (1 << 20) for b in m.bulk)
