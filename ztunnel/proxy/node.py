@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from mesh.accesslog import AccessRecord, log_access
 from mesh.authz import AuthzRequest, authorize
 from mesh.config.model import MtlsMode
-from mesh.config.snapshot import Snapshot
+from mesh.config.snapshot import PolicySet, Snapshot
 from mesh.flows import REASONS, Flow, FlowRing
 from mesh.hbone.limits import ConnectionGate, HboneLimits
 from mesh.hbone.pool import CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_STREAM_CAP, HbonePool
@@ -233,8 +233,10 @@ class Node:
         stop a peer must stop the peer's open connections too, not only its next ones.
         Returns how many were cut."""
         cut = 0
+        policies: dict[str, PolicySet] = {}  # per destination pod, once per pass: the
+        # selector scan costs as much as at accept, and a node may hold thousands of these
         for c in list(self.live_inbound):
-            why = self._no_longer_allowed(snap, c)
+            why = self._no_longer_allowed(snap, c, policies)
             if why is None:
                 continue
             log.info("closing %s -> %s:%s: no longer allowed: %s",
@@ -245,7 +247,9 @@ class Node:
             cut += 1
         return cut
 
-    def _no_longer_allowed(self, snap: Snapshot, c: LiveInbound) -> str | None:
+    def _no_longer_allowed(
+        self, snap: Snapshot, c: LiveInbound, policies: dict[str, PolicySet]
+    ) -> str | None:
         d = self.ingress_denied(
             snap, c.src_ip, c.dst_ip, c.dst_port,
             authenticated=c.authenticated, via_waypoint=c.via_waypoint,
@@ -257,8 +261,11 @@ class Node:
             return None
         if not c.authenticated and snap.mtls_mode(pod, c.dst_port) is MtlsMode.STRICT:
             return "PeerAuthentication STRICT"
+        pols = policies.get(pod.key)
+        if pols is None:
+            pols = policies[pod.key] = snap.policies_for(pod)
         req = AuthzRequest(c.principal, c.src_namespace, c.src_ip, c.dst_port)
-        decision = authorize(snap.policies_for(pod), req, l7=False)
+        decision = authorize(pols, req, l7=False)
         if decision.allowed:
             return None
         return f"{decision.policy or 'AuthorizationPolicy'}: {decision.reason}"
